@@ -1,0 +1,20 @@
+"""Linear forward models y = A x + sigma_y * n for posterior sampling (batch-first tensors)."""
+
+from .base import LinearOperator
+from .denoising import Denoising
+from .inpainting import Inpainting, box_mask, random_mask
+from .linalg import CGInfo, conjugate_gradient
+from .matrix import MatrixOperator
+from .super_resolution import SuperResolution
+
+__all__ = [
+    "LinearOperator",
+    "Denoising",
+    "SuperResolution",
+    "Inpainting",
+    "MatrixOperator",
+    "box_mask",
+    "random_mask",
+    "conjugate_gradient",
+    "CGInfo",
+]

@@ -1,0 +1,146 @@
+"""Linear forward models y = A x + sigma_y * n, n ~ N(0, I).
+
+Tensors are batch-first: x has shape (B, *x_shape) and y = A x has shape (B, *y_shape).
+An operator is a torch Module so `.to(device)` moves its buffers (masks, matrices).
+
+Besides A and its adjoint, an operator offers the solve the averaged likelihood needs,
+
+    (sigma_y^2 I + r A A^T) v = u,
+
+in closed form where A A^T is diagonal (denoising, inpainting, average-pool
+super-resolution, dense matrices) and by conjugate gradient otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .linalg import conjugate_gradient
+
+Shape = tuple[int, ...]
+
+
+def check_sigma(sigma: float) -> float:
+    """Validate a measurement noise level sigma_y (>= 0, finite) and return it as float."""
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma must be a non-negative number, got {sigma!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    return value
+
+
+def per_sample(values: Tensor | float, like: Tensor) -> Tensor | float:
+    """Reshape a (B,) tensor to (B, 1, ..., 1) to broadcast against `like`; floats pass."""
+    if isinstance(values, Tensor) and values.dim() > 0:
+        if values.shape[0] != like.shape[0]:
+            raise ValueError(f"r has {values.shape[0]} entries but the batch has {like.shape[0]} samples")
+        return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+    return values
+
+
+class LinearOperator(nn.Module):
+    """A linear forward model with Gaussian noise of standard deviation `sigma`.
+
+    Subclasses implement `A`, `A_adjoint` and `output_shape`/`input_shape`; they override
+    `solve` when (sigma^2 I + r A A^T) has a closed-form inverse and `gram_diagonal` is
+    not enough.
+    """
+
+    def __init__(self, sigma: float = 0.0):
+        super().__init__()
+        self.sigma = check_sigma(sigma)
+
+    # -- the forward model ------------------------------------------------------------
+    def A(self, x: Tensor) -> Tensor:
+        """Apply A to x of shape (B, *x_shape); returns (B, *y_shape)."""
+        raise NotImplementedError
+
+    def A_adjoint(self, y: Tensor) -> Tensor:
+        """Apply A^T to y of shape (B, *y_shape); returns (B, *x_shape)."""
+        raise NotImplementedError
+
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
+        """y_shape for one x of shape `input_shape` (no batch); ValueError if A cannot act on it."""
+        raise NotImplementedError
+
+    def input_shape(self, output_shape: Sequence[int]) -> Shape:
+        """x_shape that produces one measurement of shape `output_shape` (no batch)."""
+        raise NotImplementedError
+
+    def measure(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw y = A x + sigma * n for x of shape (B, *x_shape)."""
+        clean = self.A(x)
+        if self.sigma == 0:
+            return clean
+        return clean + self.sigma * self.noise_like(clean, generator)
+
+    def noise_like(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise in measurement space, shape of y (drawn on the generator's device)."""
+        device = generator.device if generator is not None else y.device
+        noise = torch.randn(y.shape, generator=generator, device=device, dtype=y.dtype)
+        return noise.to(y.device)
+
+    # -- the solve the averaged likelihood needs --------------------------------------
+    def gram_diagonal(self, y_like: Tensor) -> Tensor | None:
+        """The diagonal of A A^T as a tensor broadcastable to y, when A A^T is diagonal; else None.
+
+        Operators whose A A^T is diagonal return it here and inherit a closed-form `solve`.
+        """
+        return None
+
+    @property
+    def has_closed_form_solve(self) -> bool:
+        """True when `solve` is exact and costs no iterations (A A^T diagonal, or overridden)."""
+        overridden = type(self).solve is not LinearOperator.solve
+        return overridden or self.gram_diagonal(torch.zeros(1)) is not None
+
+    def solve(self, u: Tensor, r: Tensor | float, *, tol: float = 1e-6, max_iter: int = 200) -> Tensor:
+        """Solve (sigma^2 I + r A A^T) v = u for v.
+
+        Args:
+            u: right-hand side in measurement space, shape (B, *y_shape).
+            r: scalar or per-sample tensor of shape (B,), r >= 0.
+            tol, max_iter: conjugate-gradient settings, used only without a closed form.
+        Returns:
+            v, shape (B, *y_shape). Components where sigma^2 + r (A A^T)_ii = 0 carry no
+            information (for example the holes of an inpainting mask) and get v = 0.
+        """
+        gram = self.gram_diagonal(u)
+        if gram is None:
+            return self.solve_cg(u, r, tol=tol, max_iter=max_iter)
+        denominator = self.sigma**2 + per_sample(r, u) * gram
+        return torch.where(denominator > 0, u / torch.where(denominator > 0, denominator, 1.0), 0.0)
+
+    def solve_cg(self, u: Tensor, r: Tensor | float, *, tol: float = 1e-6, max_iter: int = 200) -> Tensor:
+        """Solve (sigma^2 I + r A A^T) v = u by conjugate gradient (any operator)."""
+        r_b = per_sample(r, u)
+
+        def matvec(v: Tensor) -> Tensor:
+            return self.sigma**2 * v + r_b * self.A(self.A_adjoint(v))
+
+        solution, _ = conjugate_gradient(matvec, u, tol=tol, max_iter=max_iter)
+        return solution
+
+    # -- helpers ------------------------------------------------------------------------
+    def to_matrix(self, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The dense matrix of A for inputs of shape `input_shape`: (prod y_shape, prod x_shape)."""
+        input_shape = tuple(input_shape)
+        d = math.prod(input_shape)
+        device = next((b.device for b in self.buffers()), torch.device("cpu"))
+        basis = torch.eye(d, dtype=dtype, device=device).reshape(d, *input_shape)
+        return self.A(basis).reshape(d, -1).T
+
+    def check_input(self, x: Tensor, name: str = "x") -> None:
+        """Raise ValueError naming `name` unless x of shape (B, *x_shape) fits this operator."""
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have a batch dimension, got a scalar")
+        self.output_shape(tuple(x.shape[1:]))
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}"

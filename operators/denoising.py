@@ -1,0 +1,32 @@
+"""Denoising: A = I, so y = x + sigma_y * n and A A^T = I."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import LinearOperator, Shape
+
+
+class Denoising(LinearOperator):
+    """The identity forward model with Gaussian noise of standard deviation `sigma`.
+
+    Acts on x of any shape (B, *x_shape); y has the same shape.
+    """
+
+    def A(self, x: Tensor) -> Tensor:
+        return x
+
+    def A_adjoint(self, y: Tensor) -> Tensor:
+        return y
+
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
+        return tuple(input_shape)
+
+    def input_shape(self, output_shape: Sequence[int]) -> Shape:
+        return tuple(output_shape)
+
+    def gram_diagonal(self, y_like: Tensor) -> Tensor:
+        return torch.ones((), dtype=y_like.dtype, device=y_like.device)

@@ -1,0 +1,97 @@
+"""Batched conjugate gradient for symmetric positive-definite systems.
+
+Solves M v = b independently for every sample of a batch: b has shape (B, *), M acts
+sample-wise (its action on sample i depends on sample i only), and every inner product,
+step length and stopping test is taken per sample. A sample stops changing once its
+relative residual ||b - M v|| / ||b|| falls under `tol`; the loop stops when every sample
+has, or after `max_iter` iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class CGInfo:
+    """What a conjugate-gradient solve did.
+
+    iterations: matrix-vector products spent (one per iteration, shared by the batch).
+    relative_residual: ||b - M v|| / ||b|| per sample, shape (B,).
+    """
+
+    iterations: int
+    relative_residual: Tensor
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product <a_i, b_i> of two (B, *) tensors, shape (B,)."""
+    return (a * b).flatten(1).sum(dim=1)
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """Reshape (B,) to (B, 1, ..., 1) so it broadcasts against `like` of shape (B, *)."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+def conjugate_gradient(
+    matvec: MatVec,
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    preconditioner: MatVec | None = None,
+    tol: float = 1e-5,
+    max_iter: int = 100,
+) -> tuple[Tensor, CGInfo]:
+    """Solve M v = b per sample by (preconditioned) conjugate gradient.
+
+    Args:
+        matvec: v -> M v for a (B, *) tensor; M symmetric positive definite per sample.
+        b: right-hand side, shape (B, *).
+        x0: starting guess, shape (B, *); zeros when None.
+        preconditioner: u -> P^{-1} u with P symmetric positive definite, or None.
+        tol: relative residual ||b - M v|| / ||b|| at which a sample is done.
+        max_iter: cap on matrix-vector products.
+
+    Returns:
+        v of shape (B, *) and a CGInfo. A sample whose curvature p^T M p is not positive
+        (M not positive definite along p, possible for a learned Jacobian) stops where it is
+        rather than diverging.
+    """
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    precond = preconditioner if preconditioner is not None else (lambda u: u)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    b_norm = batch_dot(b, b).sqrt()
+    # A zero right-hand side is solved by zero: treat its norm as 1 to avoid 0/0.
+    scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+    residual = b - matvec(x) if x0 is not None else b.clone()
+    iterations = 1 if x0 is not None else 0
+    z = precond(residual)
+    direction = z.clone()
+    rz = batch_dot(residual, z)
+    active = batch_dot(residual, residual).sqrt() / scale > tol
+    while bool(active.any()) and iterations < max_iter:
+        m_dir = matvec(direction)
+        iterations += 1
+        curvature = batch_dot(direction, m_dir)
+        active = active & (curvature > 0)
+        step = torch.where(active, rz / torch.where(active, curvature, torch.ones_like(curvature)), 0.0)
+        x = x + _per_sample(step, x) * direction
+        residual = residual - _per_sample(step, x) * m_dir
+        z = precond(residual)
+        rz_new = batch_dot(residual, z)
+        beta = torch.where(active, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), 0.0)
+        direction = z + _per_sample(beta, x) * direction
+        rz = rz_new
+        active = active & (batch_dot(residual, residual).sqrt() / scale > tol)
+    relative = batch_dot(residual, residual).sqrt() / scale
+    return x, CGInfo(iterations=iterations, relative_residual=relative)

@@ -1,0 +1,114 @@
+"""Super-resolution: y = downsample_s(x) + sigma_y * n on the last two (H, W) dimensions.
+
+kernel="average": the mean over s x s blocks. Its adjoint spreads each value over its
+block divided by s^2, so A A^T = I / s^2 and the regularised solve is closed form.
+
+kernel="bicubic": antialiased bicubic downsampling (Keys kernel, a = -0.5, stretched by s
+as MATLAB's imresize does), borders replicated. A A^T is a general filter, so solves use
+conjugate gradient; the adjoint is taken by automatic differentiation of the linear A,
+which makes it exact by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import LinearOperator, Shape
+
+KERNELS = ("average", "bicubic")
+
+
+def keys_cubic(u: Tensor, a: float = -0.5) -> Tensor:
+    """The Keys cubic convolution kernel at offsets u (in pixels of the coarse grid)."""
+    u = u.abs()
+    near = ((a + 2) * u - (a + 3)) * u * u + 1
+    far = ((a * u - 5 * a) * u + 8 * a) * u - 4 * a
+    return torch.where(u <= 1, near, torch.where(u < 2, far, torch.zeros_like(u)))
+
+
+def bicubic_taps(factor: int) -> Tensor:
+    """1-D antialiased bicubic weights for downsampling by `factor` (sum to 1).
+
+    The taps sit at the fine-pixel offsets from a coarse pixel's centre: half-integers for
+    even factors, integers for odd ones, covering the kernel support of 2 coarse pixels.
+    """
+    size = 4 * factor if factor % 2 == 0 else 4 * factor + 1
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    weights = keys_cubic(offsets / factor)
+    return weights / weights.sum()
+
+
+class SuperResolution(LinearOperator):
+    """Downsampling by an integer `factor` on the last two dimensions of x.
+
+    Args:
+        factor: integer s >= 1; H and W of x must be multiples of s.
+        sigma: measurement noise sigma_y, >= 0.
+        kernel: "average" (block mean) or "bicubic" (antialiased bicubic).
+
+    x has shape (B, *lead, H, W) and y has shape (B, *lead, H / s, W / s).
+    """
+
+    def __init__(self, factor: int, sigma: float = 0.0, kernel: str = "average"):
+        super().__init__(sigma)
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.factor = factor
+        self.kernel = kernel
+        self.register_buffer("taps", bicubic_taps(factor).float(), persistent=False)
+
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
+        shape = tuple(input_shape)
+        if len(shape) < 2:
+            raise ValueError(f"x must have at least two (H, W) dimensions per sample, got shape {shape}")
+        H, W = shape[-2:]
+        if H % self.factor or W % self.factor:
+            raise ValueError(f"x has size {H}x{W}, which is not a multiple of the factor {self.factor}")
+        return (*shape[:-2], H // self.factor, W // self.factor)
+
+    def input_shape(self, output_shape: Sequence[int]) -> Shape:
+        shape = tuple(output_shape)
+        if len(shape) < 2:
+            raise ValueError(f"y must have at least two (H, W) dimensions per sample, got shape {shape}")
+        return (*shape[:-2], shape[-2] * self.factor, shape[-1] * self.factor)
+
+    def A(self, x: Tensor) -> Tensor:
+        y_shape = self.output_shape(x.shape[1:])
+        planes = x.reshape(-1, 1, *x.shape[-2:])
+        if self.kernel == "average":
+            low = F.avg_pool2d(planes, self.factor)
+        else:
+            low = self._bicubic(planes)
+        return low.reshape(x.shape[0], *y_shape)
+
+    def _bicubic(self, planes: Tensor) -> Tensor:
+        taps = self.taps.to(planes.dtype)
+        pad = (taps.numel() - self.factor) // 2
+        padded = F.pad(planes, (pad, pad, pad, pad), mode="replicate")
+        rows = F.conv2d(padded, taps.reshape(1, 1, -1, 1), stride=(self.factor, 1))
+        return F.conv2d(rows, taps.reshape(1, 1, 1, -1), stride=(1, self.factor))
+
+    def A_adjoint(self, y: Tensor) -> Tensor:
+        x_shape = self.input_shape(y.shape[1:])
+        if self.kernel == "average":
+            s = self.factor
+            return y.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1) / s**2
+        # A is linear, so A^T y is the gradient of <A x, y> at any x (here x = 0).
+        with torch.enable_grad():
+            x = torch.zeros((y.shape[0], *x_shape), dtype=y.dtype, device=y.device, requires_grad=True)
+            (adjoint,) = torch.autograd.grad(self.A(x), x, grad_outputs=y, create_graph=y.requires_grad)
+        return adjoint
+
+    def gram_diagonal(self, y_like: Tensor) -> Tensor | None:
+        if self.kernel == "average":
+            return torch.full((), 1.0 / self.factor**2, dtype=y_like.dtype, device=y_like.device)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}, kernel={self.kernel!r}, sigma={self.sigma}"

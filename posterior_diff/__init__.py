@@ -1,0 +1,37 @@
+"""posterior-diff: posterior sampling for inverse problems with unconditional diffusion priors.
+
+    from posterior_diff import restore, GaussianPrior
+    from operators import SuperResolution
+    result = restore(y, SuperResolution(2, sigma=0.05), GaussianPrior(mean, cov), num_samples=8)
+"""
+
+from .denoisers import Denoiser, ModuleDenoiser
+from .guidance import COVARIANCES, AveragedLikelihoodGuidance
+from .priors import GaussianMixturePrior, GaussianPrior
+from .restore import Restoration, restore
+from .samplers import SOLVERS, NonFiniteSampleError, sample
+from .schedules import DiscreteSchedule, RectifiedFlow, Schedule, SubVPSchedule, VESchedule, VPSchedule
+from .time_grids import GRIDS, time_grid
+
+__all__ = [
+    "restore",
+    "Restoration",
+    "Denoiser",
+    "ModuleDenoiser",
+    "GaussianPrior",
+    "GaussianMixturePrior",
+    "AveragedLikelihoodGuidance",
+    "sample",
+    "NonFiniteSampleError",
+    "time_grid",
+    "Schedule",
+    "VPSchedule",
+    "VESchedule",
+    "SubVPSchedule",
+    "RectifiedFlow",
+    "DiscreteSchedule",
+    "COVARIANCES",
+    "SOLVERS",
+    "GRIDS",
+]
+__version__ = "0.1.0"

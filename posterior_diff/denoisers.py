@@ -1,0 +1,158 @@
+r"""The denoiser contract: (x_t, t) -> D(x_t, t) = E[x_0 | x_t], in the model's own units.
+
+A network may predict the noise, the velocity, the clean signal or the score; they are
+exact conversions of one another (THEORY section 2):
+
+    score   = -(x - alpha D) / sigma^2
+    eps     = (x - alpha D) / sigma               (diffusers "epsilon")
+    D       = (x - sigma eps) / alpha             (diffusers "sample")
+    v       = alpha eps - sigma D,  D = (alpha x - sigma v) / (alpha^2 + sigma^2)   ("v_prediction")
+
+Every sampler and the guidance only ever ask a Denoiser for D; the score follows from it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import DiscreteSchedule, Schedule
+
+PREDICTIONS = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "v_prediction": "v_prediction",
+    "v": "v_prediction",
+    "sample": "sample",
+    "x0": "sample",
+    "score": "score",
+}
+
+
+def as_time(t: Tensor | float, x: Tensor) -> Tensor:
+    """Times as a (B,) tensor on x's device and dtype, from a float, a 0-d or a (B,) tensor."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.dim() == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
+def expand_as_batch(values: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (B,) tensor to (B, 1, ..., 1) so it broadcasts against x of shape (B, *)."""
+    return values.reshape(values.shape[0], *([1] * (x.dim() - 1)))
+
+
+def x0_from_epsilon(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (x - sigma * eps) / alpha
+
+
+def x0_from_v(x: Tensor, v: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (alpha * x - sigma * v) / (alpha**2 + sigma**2)
+
+
+def x0_from_score(x: Tensor, score: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (x + sigma**2 * score) / alpha
+
+
+def epsilon_from_x0(x: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return (x - alpha * x0) / sigma
+
+
+def v_from_x0(x: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha * epsilon_from_x0(x, x0, alpha, sigma) - sigma * x0
+
+
+def score_from_x0(x: Tensor, x0: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    return -(x - alpha * x0) / sigma**2
+
+
+_TO_X0 = {
+    "epsilon": x0_from_epsilon,
+    "v_prediction": x0_from_v,
+    "sample": lambda x, out, alpha, sigma: out,
+    "score": x0_from_score,
+}
+
+
+def prediction_to_x0(prediction: str, x: Tensor, output: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Convert a network output of the given prediction type to D = E[x_0 | x_t]."""
+    return _TO_X0[canonical_prediction(prediction)](x, output, alpha, sigma)
+
+
+def canonical_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {sorted(set(PREDICTIONS))}, got {prediction!r}")
+    return PREDICTIONS[prediction]
+
+
+class Denoiser(nn.Module):
+    """(x_t, t) -> E[x_0 | x_t]. Subclasses implement `forward`.
+
+    Attributes:
+        schedule: the Schedule giving alpha(t), sigma(t) for this model.
+        event_shape: the shape of one x (no batch), or None if the model takes any shape.
+    """
+
+    schedule: Schedule
+    event_shape: tuple[int, ...] | None = None
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """D(x_t, t) for x_t of shape (B, *event) and t a float or a (B,) tensor in [0, 1]."""
+        raise NotImplementedError
+
+    def score(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """grad_x log p_t(x_t) = -(x_t - alpha D) / sigma^2, shape of x_t."""
+        t = as_time(t, x_t)
+        alpha = expand_as_batch(self.schedule.alpha(t), x_t)
+        sigma = expand_as_batch(self.schedule.sigma(t), x_t)
+        return score_from_x0(x_t, self(x_t, t), alpha, sigma)
+
+    def reference_tensor(self) -> Tensor | None:
+        """A parameter or buffer of the model: where it lives decides device and dtype."""
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            if tensor.is_floating_point():
+                return tensor
+        return None
+
+
+class ModuleDenoiser(Denoiser):
+    """Wrap a torch module that predicts eps, v, x0 or the score into a Denoiser.
+
+    Args:
+        module: called as `module(x_t, time_input)`; may return a tensor or an object with
+            a `.sample` tensor (diffusers models).
+        schedule: the schedule the module was trained with.
+        prediction: "epsilon" (or "eps"), "v_prediction" ("v"), "sample" ("x0") or "score".
+        time_input: maps the (B,) continuous times to what the module expects. Defaults to
+            the training timestep T t - 1 for a DiscreteSchedule and to t itself otherwise.
+        event_shape: the shape of one x, if the module only accepts one.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        schedule: Schedule,
+        prediction: str = "epsilon",
+        time_input: Callable[[Tensor], Tensor] | None = None,
+        event_shape: tuple[int, ...] | None = None,
+    ):
+        super().__init__()
+        self.module = module
+        self.schedule = schedule
+        self.prediction = canonical_prediction(prediction)
+        if time_input is None:
+            time_input = schedule.timestep if isinstance(schedule, DiscreteSchedule) else (lambda t: t)
+        self.time_input = time_input
+        self.event_shape = None if event_shape is None else tuple(event_shape)
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        t = as_time(t, x_t)
+        output = self.module(x_t, self.time_input(t))
+        output = getattr(output, "sample", output)
+        alpha = expand_as_batch(self.schedule.alpha(t), x_t)
+        sigma = expand_as_batch(self.schedule.sigma(t), x_t)
+        return prediction_to_x0(self.prediction, x_t, output, alpha, sigma)

@@ -1,0 +1,171 @@
+r"""Analytic priors whose denoiser E[x_0 | x_t] is exact: a Gaussian and a Gaussian mixture.
+
+For x_0 ~ N(mu, Sigma) and x_t = alpha x_0 + sigma eps, with Sigma = U diag(lambda) U^T,
+
+    D(x_t, t) = mu + U diag(alpha lambda / (alpha^2 lambda + sigma^2)) U^T (x_t - alpha mu),
+    Cov[x_0 | x_t] = (sigma^2 / alpha) dD/dx_t,
+
+so the averaged likelihood with the Tweedie covariance is exact and posterior samples are
+exact up to the time discretisation: the sharpest end-to-end test of the package. A
+mixture weighs its components' denoisers by their responsibilities
+w_k(x_t) ∝ pi_k N(x_t; alpha mu_k, alpha^2 Sigma_k + sigma^2 I).
+
+Both are batched and differentiable in x_t, follow any Schedule, and draw prior samples.
+They hold their tensors in the dtype they are given (use float64 for exactness studies).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .denoisers import Denoiser, as_time, expand_as_batch
+from .schedules import Schedule, VPSchedule
+
+
+def _eigen(cov: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of symmetric PSD matrices (..., d, d)."""
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(f"{name} contains non-finite values")
+    scale = cov.abs().amax().clamp_min(torch.finfo(cov.dtype).tiny)
+    if bool(((cov - cov.transpose(-1, -2)).abs() > 1e-6 * scale).any()):
+        raise ValueError(f"{name} must be symmetric")
+    values, vectors = torch.linalg.eigh((cov + cov.transpose(-1, -2)) / 2)
+    if bool((values < -1e-6 * scale).any()):
+        raise ValueError(f"{name} must be positive semi-definite (smallest eigenvalue {values.min().item():.3g})")
+    return values.clamp_min(0), vectors
+
+
+def _floating(tensor: Tensor | Sequence, name: str) -> Tensor:
+    tensor = torch.as_tensor(tensor)
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.get_default_dtype())
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains non-finite values")
+    return tensor
+
+
+class GaussianPrior(Denoiser):
+    """x_0 ~ N(mean, cov) as an exact denoiser.
+
+    Args:
+        mean: the mean, of the shape of one x (e.g. (d,) or (1, 8, 8)).
+        cov: the covariance, shape (d, d) with d = mean.numel(); symmetric PSD.
+        schedule: the noising schedule (VP by default).
+    """
+
+    def __init__(self, mean: Tensor, cov: Tensor, schedule: Schedule | None = None):
+        super().__init__()
+        mean = _floating(mean, "mean")
+        cov = _floating(cov, "cov").to(mean.dtype)
+        d = mean.numel()
+        if mean.dim() == 0:
+            raise ValueError("mean must have the shape of one x, e.g. (d,), got a scalar")
+        if cov.shape != (d, d):
+            raise ValueError(f"cov must have shape ({d}, {d}) for a mean with {d} entries, got {tuple(cov.shape)}")
+        values, vectors = _eigen(cov, "cov")
+        self.schedule = schedule if schedule is not None else VPSchedule()
+        self.event_shape = tuple(mean.shape)
+        self.register_buffer("mean", mean)
+        self.register_buffer("cov", cov)
+        self.register_buffer("eigenvalues", values)
+        self.register_buffer("eigenvectors", vectors)
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        t = as_time(t, x_t)
+        alpha, sigma = self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]
+        offset = (x_t - alpha.reshape(-1, *[1] * len(self.event_shape)) * self.mean).flatten(1)
+        denominator = alpha**2 * self.eigenvalues + sigma**2
+        gain = torch.where(denominator > 0, alpha * self.eigenvalues / denominator.clamp_min(1e-300), 0.0)
+        coordinates = (offset @ self.eigenvectors) * gain
+        return self.mean + (coordinates @ self.eigenvectors.T).reshape(x_t.shape)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Exact draws from N(mean, cov), shape (num_samples, *event_shape)."""
+        z = _randn((num_samples, self.mean.numel()), generator, self.mean)
+        draws = (z * self.eigenvalues.sqrt()) @ self.eigenvectors.T
+        return self.mean + draws.reshape(num_samples, *self.event_shape)
+
+    def posterior(self, operator, y: Tensor) -> "GaussianPrior":
+        """The exact posterior N(m, C) of x_0 given one measurement y = A x_0 + sigma_y n.
+
+        m = mu + Sigma A^T G^+ (y - A mu), C = Sigma - Sigma A^T G^+ A Sigma, G = A Sigma A^T + sigma_y^2 I.
+        Materialises A as a dense matrix, so it is meant for small problems (tests, benchmarks).
+        """
+        matrix = operator.to_matrix(self.event_shape, dtype=self.mean.dtype).to(self.mean.device)
+        y_flat = torch.as_tensor(y, dtype=self.mean.dtype, device=self.mean.device).flatten()
+        if y_flat.numel() != matrix.shape[0]:
+            raise ValueError(f"y has {y_flat.numel()} entries but the operator produces {matrix.shape[0]}")
+        sigma_a = self.cov @ matrix.T
+        gram = matrix @ sigma_a + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        gain = sigma_a @ torch.linalg.pinv(gram, hermitian=True)
+        mean = self.mean.flatten() + gain @ (y_flat - matrix @ self.mean.flatten())
+        cov = self.cov - gain @ sigma_a.T
+        return GaussianPrior(mean.reshape(self.event_shape), (cov + cov.T) / 2, self.schedule)
+
+
+class GaussianMixturePrior(Denoiser):
+    """x_0 ~ sum_k weights_k N(means_k, covs_k) as an exact denoiser.
+
+    Args:
+        weights: mixture weights, shape (K,), non-negative (normalised here).
+        means: component means, shape (K, *event_shape).
+        covs: component covariances, shape (K, d, d) with d = prod(event_shape).
+        schedule: the noising schedule (VP by default).
+    """
+
+    def __init__(self, weights: Tensor, means: Tensor, covs: Tensor, schedule: Schedule | None = None):
+        super().__init__()
+        means = _floating(means, "means")
+        weights = _floating(weights, "weights").to(means.dtype)
+        covs = _floating(covs, "covs").to(means.dtype)
+        if weights.dim() != 1 or weights.numel() < 1:
+            raise ValueError(f"weights must have shape (K,), got {tuple(weights.shape)}")
+        K = weights.numel()
+        if means.dim() < 2 or means.shape[0] != K:
+            raise ValueError(f"means must have shape ({K}, *event_shape), got {tuple(means.shape)}")
+        d = math.prod(means.shape[1:])
+        if covs.shape != (K, d, d):
+            raise ValueError(f"covs must have shape ({K}, {d}, {d}), got {tuple(covs.shape)}")
+        if bool((weights < 0).any()) or float(weights.sum()) <= 0:
+            raise ValueError("weights must be non-negative with a positive sum")
+        values, vectors = _eigen(covs, "covs")
+        self.schedule = schedule if schedule is not None else VPSchedule()
+        self.event_shape = tuple(means.shape[1:])
+        self.register_buffer("weights", weights / weights.sum())
+        self.register_buffer("means", means)
+        self.register_buffer("covs", covs)
+        self.register_buffer("eigenvalues", values)
+        self.register_buffer("eigenvectors", vectors)
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        t = as_time(t, x_t)
+        alpha = self.schedule.alpha(t)[:, None, None]  # (B, 1, 1) against (B, K, d)
+        sigma = self.schedule.sigma(t)[:, None, None]
+        means = self.means.flatten(1)  # (K, d)
+        offset = x_t.flatten(1)[:, None, :] - alpha * means  # (B, K, d)
+        coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
+        variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
+        log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
+        responsibilities = torch.softmax(log_likelihood + self.weights.log(), dim=-1)  # (B, K)
+        component_x0 = means + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
+        x0 = (responsibilities[..., None] * component_x0).sum(1)
+        return x0.reshape(x_t.shape)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Exact draws from the mixture, shape (num_samples, *event_shape)."""
+        device = generator.device if generator is not None else self.weights.device
+        components = torch.multinomial(self.weights.to(device), num_samples, replacement=True, generator=generator)
+        components = components.to(self.weights.device)
+        z = _randn((num_samples, self.means[0].numel()), generator, self.means)
+        scaled = torch.einsum("nd,nde->ne", z * self.eigenvalues[components].sqrt(), self.eigenvectors[components].transpose(1, 2))
+        return (self.means.flatten(1)[components] + scaled).reshape(num_samples, *self.event_shape)
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """Standard normal draws on the generator's device, returned on `like`'s device and dtype."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)

@@ -1,0 +1,179 @@
+"""`restore(y, operator, model)`: posterior samples of x given one measurement y = A x + noise.
+
+The one-call API. It checks every argument before any work (a clear ValueError or
+TypeError naming the argument), repeats y for `num_samples` samples, wraps the model in
+the averaged-likelihood guidance and runs a reverse-time sampler; it returns the samples
+with their mean, standard deviation, the network work done and the wall-clock time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from operators import LinearOperator
+
+from .denoisers import Denoiser
+from .guidance import COVARIANCES, AveragedLikelihoodGuidance
+from .samplers import SOLVERS, check_eta, sample
+from .time_grids import GRIDS
+
+
+@dataclass
+class Restoration:
+    """The result of `restore`.
+
+    Attributes:
+        samples: posterior samples, shape (num_samples, *x_shape).
+        mean: their mean, shape x_shape (the posterior-mean estimate).
+        std: their standard deviation per entry, shape x_shape (zeros for one sample).
+        nfe: network (denoiser) forward evaluations per sample batch.
+        vjps: vector-Jacobian products the guidance spent.
+        seconds: wall-clock time of the sampling.
+        settings: the sampler settings used.
+    """
+
+    samples: Tensor
+    mean: Tensor
+    std: Tensor
+    nfe: int
+    vjps: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _choice(value, options, name: str) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def _as_measurement(y) -> Tensor:
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(np.ascontiguousarray(y))
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor or numpy array, got {type(y).__name__}")
+    if not y.is_floating_point():
+        y = y.to(torch.get_default_dtype())
+    if y.dim() == 0:
+        raise ValueError("y must be one measurement of shape y_shape (no batch dimension), got a scalar")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError("y contains NaN or infinite values")
+    return y
+
+
+def restore(
+    y,
+    operator: LinearOperator,
+    model: Denoiser | None = None,
+    *,
+    num_samples: int = 1,
+    steps: int = 100,
+    covariance: str = "tweedie",
+    eta: float = 1.0,
+    solver: str = "multistep",
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    grid: str = "log-snr",
+    cg_tol: float = 1e-4,
+    cg_max_iter: int = 50,
+    batch_size: int | None = None,
+) -> Restoration:
+    """Draw posterior samples of x from one measurement y = A x + sigma_y n.
+
+    Args:
+        y: one measurement, shape y_shape (no batch dimension), in the model's units.
+        operator: the forward model A with its noise level (an `operators.LinearOperator`).
+        model: the prior, a Denoiser (e.g. GaussianPrior, or ModuleDenoiser around a network).
+        num_samples: how many posterior samples to draw.
+        steps: grid times of the sampler (network evaluations for the default solver).
+        covariance: V_t in the averaged likelihood: "zero", "isotropic", "diagonal", "tweedie".
+        eta: noise level in [0, 1]; 1 = reverse SDE, 0 = probability-flow ODE.
+        solver: "multistep" (second order, default), "euler", "heun" (eta=0), "pc", "euler_maruyama".
+        guidance_scale: multiplier on the likelihood gradient (1 = Bayes' rule).
+        generator: torch.Generator for reproducible draws.
+        device: where to sample; default: where the model lives. The model is moved there.
+        progress: show a progress bar.
+        grid: time grid, "log-snr" (default), "uniform" or "karras".
+        cg_tol, cg_max_iter: stopping rule of the Tweedie conjugate gradient.
+        batch_size: samples drawn per sampler run (all at once by default).
+
+    Returns:
+        A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
+    """
+    if model is None:
+        raise ValueError(
+            "model is required: pass a Denoiser, e.g. posterior_diff.GaussianPrior(mean, cov) or "
+            "posterior_diff.ModuleDenoiser(network, schedule, prediction='epsilon')"
+        )
+    if not isinstance(model, Denoiser):
+        raise TypeError(f"model must be a posterior_diff.Denoiser, got {type(model).__name__}")
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(f"operator must be an operators.LinearOperator, got {type(operator).__name__}")
+    num_samples = _positive_int(num_samples, "num_samples")
+    steps = _positive_int(steps, "steps")
+    batch_size = num_samples if batch_size is None else _positive_int(batch_size, "batch_size")
+    _choice(covariance, COVARIANCES, "covariance")
+    _choice(solver, SOLVERS, "solver")
+    _choice(grid, GRIDS, "grid")
+    eta = check_eta(eta, solver)
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+    y = _as_measurement(y)
+    try:
+        x_shape = operator.input_shape(tuple(y.shape))
+        expected = operator.output_shape(x_shape)
+    except ValueError as error:
+        raise ValueError(f"y of shape {tuple(y.shape)} does not fit the operator: {error}") from None
+    if expected != tuple(y.shape):
+        raise ValueError(f"y has shape {tuple(y.shape)} but the operator produces {expected}")
+    if model.event_shape is not None and tuple(model.event_shape) != x_shape:
+        raise ValueError(f"y implies images of shape {x_shape} but the model takes {tuple(model.event_shape)}")
+
+    reference = model.reference_tensor()
+    device = torch.device(device) if device is not None else (reference.device if reference is not None else y.device)
+    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    model.to(device)
+    # Operators are small: work on a copy so the caller's stays where it was.
+    operator = copy.deepcopy(operator).to(device)
+    y = y.to(device=device, dtype=dtype)
+
+    start = time.perf_counter()
+    chunks, nfe, vjps = [], 0, 0
+    for first in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - first)
+        guided = AveragedLikelihoodGuidance(
+            model, operator, y.expand(count, *y.shape), covariance, guidance_scale, cg_tol, cg_max_iter
+        )
+        samples, evaluations = sample(
+            guided, (count, *x_shape), steps=steps, eta=eta, solver=solver, grid=grid,
+            generator=generator, device=device, dtype=dtype, progress=progress,
+        )
+        chunks.append(samples)
+        nfe += evaluations
+        vjps += guided.vjp_count
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    samples = torch.cat(chunks)
+    std = samples.std(dim=0) if num_samples > 1 else torch.zeros_like(samples[0])
+    settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid,
+                    guidance_scale=guidance_scale, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
+    return Restoration(samples, samples.mean(dim=0), std, nfe, vjps, seconds, settings)

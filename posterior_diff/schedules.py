@@ -1,0 +1,220 @@
+r"""Noise schedules: x_t = alpha(t) x_0 + sigma(t) eps on continuous time t in [0, 1].
+
+Every schedule gives alpha(t) and sigma(t) with alpha(0) = 1, sigma(0) = 0 and a
+signal-to-noise ratio alpha^2 / sigma^2 that decreases in t, and the coefficients of the
+linear SDE whose marginals they are (THEORY section 1):
+
+    dx = f(t) x dt + g(t) dw,    f = alpha' / alpha,    g^2 = alpha^2 d/dt (sigma^2 / alpha^2).
+
+Samplers work with the noise ratio s(t) = sigma(t) / alpha(t) (the VE form of any
+schedule); `time_for_ratio` inverts it.
+
+| schedule            | alpha                     | sigma                                   |
+|---------------------|---------------------------|-----------------------------------------|
+| VPSchedule          | exp(-1/2 int_0^t beta)    | sqrt(1 - alpha^2)                        |
+| VESchedule          | 1                         | s_min sqrt((s_max / s_min)^(2t) - 1)     |
+| SubVPSchedule       | exp(-1/2 int_0^t beta)    | 1 - alpha^2                              |
+| RectifiedFlow       | 1 - t                     | t                                        |
+| DiscreteSchedule    | from alphas_cumprod       | sqrt(1 - alpha^2)                        |
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class Schedule:
+    """Base class: subclasses define alpha, sigma, f and g2 as functions of a tensor t.
+
+    Attributes:
+        t_max: the latest time samplers start from (1, or just under 1 where alpha(1) = 0).
+    """
+
+    t_max: float = 1.0
+
+    def alpha(self, t: Tensor) -> Tensor:
+        """Signal scale alpha(t), same shape as t."""
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """Noise scale sigma(t), same shape as t."""
+        raise NotImplementedError
+
+    def f(self, t: Tensor) -> Tensor:
+        """Drift coefficient f(t) = alpha'(t) / alpha(t)."""
+        raise NotImplementedError
+
+    def g2(self, t: Tensor) -> Tensor:
+        """Squared diffusion coefficient g(t)^2 = alpha^2 d/dt (sigma^2 / alpha^2)."""
+        raise NotImplementedError
+
+    def ratio(self, t: Tensor) -> Tensor:
+        """Noise ratio s(t) = sigma(t) / alpha(t), increasing from 0 at t = 0."""
+        return self.sigma(t) / self.alpha(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """log(alpha^2 / sigma^2), decreasing in t."""
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def time_for_ratio(self, s: Tensor, iterations: int = 64) -> Tensor:
+        """The time t in [0, t_max] with s(t) = s, by bisection (s is monotone in t)."""
+        s = torch.as_tensor(s, dtype=torch.float64)
+        low = torch.zeros_like(s)
+        high = torch.full_like(s, self.t_max)
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            above = self.ratio(middle) > s
+            high = torch.where(above, middle, high)
+            low = torch.where(above, low, middle)
+        return (low + high) / 2
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class _LinearBeta(Schedule):
+    """Shared part of VP and sub-VP: beta(t) = beta_min + t (beta_max - beta_min)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 <= beta_min <= beta_max or beta_max <= 0:
+            raise ValueError(f"need 0 <= beta_min <= beta_max and beta_max > 0, got {beta_min}, {beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, t: Tensor) -> Tensor:
+        """int_0^t beta(u) du."""
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(-0.5 * self.integrated_beta(t))
+
+    def f(self, t: Tensor) -> Tensor:
+        return -0.5 * self.beta(t)
+
+
+class VPSchedule(_LinearBeta):
+    """Variance preserving (DDPM): alpha^2 + sigma^2 = 1, dx = -1/2 beta x dt + sqrt(beta) dw."""
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(-self.integrated_beta(t)))
+
+    def g2(self, t: Tensor) -> Tensor:
+        return self.beta(t)
+
+
+class SubVPSchedule(_LinearBeta):
+    """Sub-VP: sigma = 1 - alpha^2, g^2 = beta (1 - alpha^4)."""
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.expm1(-self.integrated_beta(t))
+
+    def g2(self, t: Tensor) -> Tensor:
+        return self.beta(t) * -torch.expm1(-2 * self.integrated_beta(t))
+
+
+class VESchedule(Schedule):
+    """Variance exploding (SMLD): alpha = 1, sigma geometric between sigma_min and sigma_max.
+
+    sigma(t)^2 = sigma_min^2 ((sigma_max / sigma_min)^(2t) - 1) is the variance that
+    dx = sigma_min (sigma_max / sigma_min)^t sqrt(2 log(sigma_max / sigma_min)) dw
+    accumulates from t = 0, so sigma(0) = 0 exactly and sigma ~ sigma_max at t = 1.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+
+    def _log_ratio(self) -> float:
+        return math.log(self.sigma_max / self.sigma_min)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.sqrt(torch.expm1(2 * t * self._log_ratio()))
+
+    def f(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def g2(self, t: Tensor) -> Tensor:
+        return 2 * self._log_ratio() * self.sigma_min**2 * torch.exp(2 * t * self._log_ratio())
+
+
+class RectifiedFlow(Schedule):
+    """Rectified flow: alpha = 1 - t, sigma = t. alpha(1) = 0, so samplers start at t_max < 1."""
+
+    def __init__(self, t_max: float = 0.999):
+        if not 0 < t_max < 1:
+            raise ValueError(f"t_max must be in (0, 1), got {t_max}")
+        self.t_max = float(t_max)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def f(self, t: Tensor) -> Tensor:
+        return -1 / (1 - t)
+
+    def g2(self, t: Tensor) -> Tensor:
+        return 2 * t / (1 - t)
+
+
+class DiscreteSchedule(Schedule):
+    """A VP schedule from a discrete DDPM `alphas_cumprod` (what diffusers schedulers expose).
+
+    With T training steps, timestep n sits at t_n = (n + 1) / T, so t = 0 is the clean data
+    (alpha = 1) and t = 1 the last training step. log alpha^2 is interpolated linearly in t
+    between the knots, which makes beta(t) = -d/dt log alpha^2 piecewise constant and equal
+    to T * (-log(1 - beta_n)) ~= T * beta_n on step n (THEORY section 1).
+    """
+
+    def __init__(self, alphas_cumprod: Tensor):
+        values = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if values.numel() < 2:
+            raise ValueError("alphas_cumprod needs at least two entries")
+        if not bool(((values > 0) & (values <= 1)).all()):
+            raise ValueError("alphas_cumprod must lie in (0, 1]")
+        if not bool((values[1:] < values[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        self.num_train_timesteps = values.numel()
+        # Knots at t = 0, 1/T, ..., 1 holding log alpha^2 (0 at t = 0).
+        self._log_alpha2 = torch.cat([torch.zeros(1, dtype=torch.float64), values.log()])
+
+    def _interpolate(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """log alpha^2 at t and its slope d/dt log alpha^2."""
+        knots = self._log_alpha2.to(t.device)
+        position = t.to(torch.float64).clamp(0, 1) * self.num_train_timesteps
+        index = position.floor().clamp(max=self.num_train_timesteps - 1).long()
+        slope = (knots[index + 1] - knots[index]) * self.num_train_timesteps
+        value = knots[index] + (position - index) * (knots[index + 1] - knots[index])
+        return value.to(t.dtype), slope.to(t.dtype)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(0.5 * self._interpolate(t)[0])
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(self._interpolate(t)[0]))
+
+    def f(self, t: Tensor) -> Tensor:
+        return 0.5 * self._interpolate(t)[1]
+
+    def g2(self, t: Tensor) -> Tensor:
+        return -self._interpolate(t)[1]
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The model's (fractional) training timestep n = T t - 1 at time t, as a float tensor."""
+        return t * self.num_train_timesteps - 1
+
+    def __repr__(self) -> str:
+        return f"DiscreteSchedule(num_train_timesteps={self.num_train_timesteps})"
