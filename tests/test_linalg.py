@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from operators import conjugate_gradient
+
+
+def random_spd(batch, n, condition, generator):
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=generator, dtype=torch.float64))
+    values = torch.logspace(0, torch.log10(torch.tensor(condition)).item(), n, dtype=torch.float64)
+    return q @ torch.diag_embed(values.expand(batch, n)) @ q.transpose(1, 2)
+
+
+def test_cg_solves_each_sample_of_a_batch(generator):
+    matrices = random_spd(4, 12, 100.0, generator)
+    b = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+    v, info = conjugate_gradient(lambda u: (matrices @ u[..., None])[..., 0], b, tol=1e-10, max_iter=100)
+    assert torch.allclose(v, torch.linalg.solve(matrices, b), atol=1e-8)
+    assert bool((info.relative_residual < 1e-10).all())
+    assert info.iterations <= 16  # n = 12 in exact arithmetic, a few more in floating point
+
+
+def test_cg_stops_at_the_tolerance_and_the_cap(generator):
+    matrices = random_spd(2, 30, 1e4, generator)
+    b = torch.randn(2, 30, generator=generator, dtype=torch.float64)
+    matvec = lambda u: (matrices @ u[..., None])[..., 0]  # noqa: E731
+    _, loose = conjugate_gradient(matvec, b, tol=1e-2, max_iter=200)
+    _, tight = conjugate_gradient(matvec, b, tol=1e-9, max_iter=200)
+    _, capped = conjugate_gradient(matvec, b, tol=1e-12, max_iter=3)
+    assert loose.iterations < tight.iterations
+    assert bool((loose.relative_residual <= 1e-2).all())
+    assert capped.iterations == 3 and bool((capped.relative_residual > 1e-12).any())
+
+
+def test_cg_preconditioner_and_zero_right_hand_side(generator):
+    diagonal = torch.logspace(0, 4, 20, dtype=torch.float64).expand(3, 20)
+    b = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    b[1] = 0
+    v, info = conjugate_gradient(lambda u: diagonal * u, b, preconditioner=lambda u: u / diagonal, tol=1e-12)
+    assert info.iterations <= 2  # an exact preconditioner converges at once
+    assert torch.allclose(v, b / diagonal) and bool((v[1] == 0).all())
+
+
+def test_cg_rejects_bad_settings():
+    with pytest.raises(ValueError, match="tol"):
+        conjugate_gradient(lambda u: u, torch.ones(1, 2), tol=0)

@@ -1,0 +1,149 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from operators import Denoising, Inpainting, LinearOperator, MatrixOperator, SuperResolution, box_mask, random_mask
+
+DOUBLE = torch.float64
+
+
+def adjointness_gap(operator, x):
+    y = torch.randn_like(operator.A(x))
+    lhs = (operator.A(x) * y).sum()
+    rhs = (x * operator.A_adjoint(y)).sum()
+    return float((lhs - rhs).abs() / (lhs.abs() + rhs.abs() + 1e-12))
+
+
+image_shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), shape=image_shapes, factor=st.integers(1, 4), kernel=st.sampled_from(["average", "bicubic"]), seed=st.integers(0, 2**16))
+def test_super_resolution_is_adjoint(batch, shape, factor, kernel, seed):
+    channels, h, w = shape
+    x = torch.randn(batch, channels, h * factor, w * factor, dtype=DOUBLE, generator=torch.Generator().manual_seed(seed))
+    assert adjointness_gap(SuperResolution(factor, 0.1, kernel), x) < 1e-10
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), fraction=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_inpainting_and_denoising_are_adjoint(batch, shape, fraction, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, dtype=DOUBLE, generator=generator)
+    mask = random_mask(shape, fraction, generator=generator).to(DOUBLE)
+    assert adjointness_gap(Inpainting(mask, 0.1), x) < 1e-10
+    assert adjointness_gap(Denoising(0.1), x) < 1e-10
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), m=st.integers(1, 6), d=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_matrix_operator_is_adjoint(batch, m, d, seed):
+    generator = torch.Generator().manual_seed(seed)
+    operator = MatrixOperator(torch.randn(m, d, dtype=DOUBLE, generator=generator), 0.1)
+    assert adjointness_gap(operator, torch.randn(batch, d, dtype=DOUBLE, generator=generator)) < 1e-10
+
+
+def all_operators():
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "denoising": (Denoising(0.3), (2, 8, 8)),
+        "inpainting": (Inpainting(random_mask((2, 8, 8), 0.6, generator=generator).to(DOUBLE), 0.1), (2, 8, 8)),
+        "sr-average": (SuperResolution(2, 0.05), (2, 8, 8)),
+        "sr-bicubic": (SuperResolution(2, 0.05, "bicubic"), (2, 8, 8)),
+        "matrix": (MatrixOperator(torch.randn(5, 7, dtype=DOUBLE, generator=generator), 0.2), (7,)),
+    }
+
+
+@pytest.mark.parametrize("name", list(all_operators()))
+def test_solve_agrees_with_conjugate_gradient_and_dense_algebra(name):
+    operator, x_shape = all_operators()[name]
+    generator = torch.Generator().manual_seed(1)
+    u = operator.A(torch.randn(3, *x_shape, dtype=DOUBLE, generator=generator))
+    r = torch.tensor([0.0, 0.3, 4.0], dtype=DOUBLE)
+    closed = operator.solve(u, r)
+    iterative = LinearOperator.solve_cg(operator, u, r, tol=1e-12, max_iter=500)
+    scale = float(closed.abs().max())
+    assert torch.allclose(closed, iterative, rtol=1e-5, atol=1e-6 * scale)
+    # And both solve the dense system on the range of A.
+    matrix = operator.to_matrix(x_shape)
+    for i in range(3):
+        system = operator.sigma**2 * torch.eye(matrix.shape[0], dtype=DOUBLE) + r[i] * matrix @ matrix.T
+        assert torch.allclose(system @ closed[i].flatten(), u[i].flatten(), atol=1e-5 * float(u.abs().max()))
+
+
+def test_closed_form_flags():
+    ops = all_operators()
+    assert ops["denoising"][0].has_closed_form_solve and ops["sr-average"][0].has_closed_form_solve
+    assert ops["inpainting"][0].has_closed_form_solve and ops["matrix"][0].has_closed_form_solve
+    assert not ops["sr-bicubic"][0].has_closed_form_solve
+
+
+def test_average_pooling_gram_is_scaled_identity():
+    matrix = SuperResolution(3, 0.0).to_matrix((1, 6, 6))
+    assert torch.allclose(matrix @ matrix.T, torch.eye(4, dtype=DOUBLE) / 9)
+
+
+def test_bicubic_preserves_constants_and_smooth_images():
+    operator = SuperResolution(4, 0.0, "bicubic")
+    assert torch.allclose(operator.A(torch.full((1, 1, 16, 16), 0.7)), torch.full((1, 1, 4, 4), 0.7), atol=1e-6)
+    # A symmetric kernel maps a linear ramp to its value at each block centre (away from the
+    # replicated borders, which the kernel's support of 2 coarse pixels reaches).
+    ramp = torch.linspace(0, 1, 32, dtype=DOUBLE).expand(1, 1, 32, 32)
+    low = operator.A(ramp)[0, 0, 4]
+    centres = (ramp[0, 0, 0, 4 * torch.arange(8)] + ramp[0, 0, 0, 4 * torch.arange(8) + 3]) / 2
+    assert torch.allclose(low[2:6], centres[2:6], atol=1e-12)
+
+
+def test_measure_adds_noise_of_the_right_size_and_is_reproducible():
+    operator = SuperResolution(2, 0.1)
+    x = torch.zeros(1, 3, 64, 64, dtype=DOUBLE)
+    y1 = operator.measure(x, torch.Generator().manual_seed(5))
+    y2 = operator.measure(x, torch.Generator().manual_seed(5))
+    assert torch.equal(y1, y2) and y1.shape == (1, 3, 32, 32)
+    assert abs(float(y1.std()) - 0.1) < 0.01
+
+
+def test_inpainting_measures_only_observed_pixels():
+    mask = box_mask((1, 8, 8), 2, 3, 4, 2)
+    assert mask.sum() == 64 - 8 and bool((mask[0, 2:6, 3:5] == 0).all())
+    y = Inpainting(mask, 0.5).measure(torch.ones(2, 1, 8, 8), torch.Generator().manual_seed(0))
+    assert bool((y[:, mask == 0] == 0).all()) and bool((y[:, mask == 1] != 1).all())
+
+
+def test_random_mask_removes_the_exact_fraction_of_pixels():
+    mask = random_mask((3, 10, 10), 0.7, generator=torch.Generator().manual_seed(0))
+    assert int((mask[0] == 0).sum()) == 70
+    assert torch.equal(mask[0], mask[2])  # whole pixels, all channels together
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Denoising(-0.1), "sigma"),
+        (lambda: SuperResolution(2, float("nan")), "sigma"),
+        (lambda: SuperResolution(0, 0.1), "factor"),
+        (lambda: SuperResolution(2, 0.1, kernel="lanczos"), "kernel"),
+        (lambda: Inpainting(torch.full((4, 4), 0.5)), "mask"),
+        (lambda: MatrixOperator(torch.ones(3)), "matrix"),
+        (lambda: box_mask((8, 8), 6, 0, 4, 4), "box"),
+        (lambda: random_mask((8, 8), 1.5), "missing_fraction"),
+    ],
+)
+def test_bad_construction_is_a_clear_error(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_shape_mismatches_are_clear_errors():
+    with pytest.raises(ValueError, match="mask has shape"):
+        Inpainting(torch.ones(1, 8, 8)).A(torch.zeros(2, 1, 8, 9))
+    with pytest.raises(ValueError, match="not a multiple of the factor 4"):
+        SuperResolution(4).A(torch.zeros(1, 1, 10, 12))
+    with pytest.raises(ValueError, match=r"x must have shape \(7,\)"):
+        MatrixOperator(torch.ones(2, 7)).A(torch.zeros(3, 6))
+
+
+def test_operators_move_with_to():
+    operator = Inpainting(torch.ones(1, 4, 4)).to(torch.float64)
+    assert operator.mask.dtype == torch.float64

@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch.func import jacrev, vmap
+
+from operators import SuperResolution
+from posterior_diff import GaussianMixturePrior, GaussianPrior, SubVPSchedule, VESchedule, VPSchedule
+from posterior_diff.metrics import sample_moments
+
+DOUBLE = torch.float64
+
+
+def random_cov(d, generator, jitter=0.1):
+    root = torch.randn(d, d, generator=generator, dtype=DOUBLE)
+    return root @ root.T / d + jitter * torch.eye(d, dtype=DOUBLE)
+
+
+@pytest.mark.parametrize("schedule", [VPSchedule(), VESchedule(), SubVPSchedule()], ids=["vp", "ve", "subvp"])
+def test_gaussian_denoiser_and_tweedie_covariance_are_exact(schedule, generator):
+    d = 5
+    cov = random_cov(d, generator)
+    mean = torch.randn(d, generator=generator, dtype=DOUBLE)
+    prior = GaussianPrior(mean, cov, schedule)
+    t = torch.tensor(0.4, dtype=DOUBLE)
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    x = torch.randn(3, d, generator=generator, dtype=DOUBLE)
+    marginal = alpha**2 * cov + sigma**2 * torch.eye(d, dtype=DOUBLE)
+    expected = mean + (alpha * cov @ torch.linalg.solve(marginal, (x - alpha * mean).T)).T
+    assert torch.allclose(prior(x, t), expected, atol=1e-10)
+    # Second-order Tweedie: (sigma^2 / alpha) dD/dx = Cov[x_0 | x_t].
+    jacobian = vmap(jacrev(lambda xi: prior(xi[None], t)[0]))(x)
+    posterior_cov = cov - alpha**2 * cov @ torch.linalg.solve(marginal, cov)
+    assert torch.allclose(sigma**2 / alpha * jacobian[0], posterior_cov, atol=1e-10)
+
+
+def test_mixture_denoiser_is_tweedie_of_the_exact_marginal(generator):
+    """D(x) = (x + sigma^2 grad log p_t(x)) / alpha with p_t the noised mixture density."""
+    K, d = 3, 2
+    means = 2 * torch.randn(K, d, generator=generator, dtype=DOUBLE)
+    covs = torch.stack([random_cov(d, generator) for _ in range(K)])
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=DOUBLE)
+    prior = GaussianMixturePrior(weights, means, covs)
+    t = torch.tensor(0.3, dtype=DOUBLE)
+    alpha, sigma = prior.schedule.alpha(t), prior.schedule.sigma(t)
+    components = torch.distributions.MultivariateNormal(alpha * means, alpha**2 * covs + sigma**2 * torch.eye(d, dtype=DOUBLE))
+
+    def log_density(x):
+        return torch.logsumexp(components.log_prob(x[:, None, :]) + weights.log(), dim=1).sum()
+
+    x = torch.randn(7, d, generator=generator, dtype=DOUBLE).requires_grad_(True)
+    (score,) = torch.autograd.grad(log_density(x), x)
+    assert torch.allclose(prior(x.detach(), t), (x.detach() + sigma**2 * score) / alpha, atol=1e-10)
+
+
+def test_one_component_mixture_equals_the_gaussian(generator):
+    cov = random_cov(4, generator)
+    mean = torch.randn(1, 2, 2, generator=generator, dtype=DOUBLE)
+    gaussian = GaussianPrior(mean, cov)
+    mixture = GaussianMixturePrior(torch.ones(1), mean[None], cov[None])
+    x = torch.randn(3, 1, 2, 2, generator=generator, dtype=DOUBLE)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=DOUBLE)
+    assert torch.allclose(mixture(x, t), gaussian(x, t), atol=1e-10)
+
+
+def test_prior_samples_have_the_prior_moments(generator):
+    cov = random_cov(3, generator)
+    prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0, 0, 1], [1.0, 1, 0]], dtype=DOUBLE), torch.stack([cov, 2 * cov]))
+    draws = prior.sample(40000, generator)
+    mean, _ = sample_moments(draws)
+    assert torch.allclose(mean, 0.3 * prior.means[0] + 0.7 * prior.means[1], atol=0.05)
+    assert draws.shape == (40000, 3)
+
+
+def test_gaussian_posterior_is_bayes_rule(generator):
+    cov = random_cov(16, generator)
+    prior = GaussianPrior(torch.zeros(1, 4, 4, dtype=DOUBLE), cov)
+    operator = SuperResolution(2, 0.1)
+    y = torch.randn(1, 2, 2, generator=generator, dtype=DOUBLE)
+    posterior = prior.posterior(operator, y)
+    A = operator.to_matrix((1, 4, 4))
+    precision = torch.linalg.inv(cov) + A.T @ A / 0.01
+    assert torch.allclose(posterior.cov, torch.linalg.inv(precision), atol=1e-9)
+    assert torch.allclose(posterior.mean.flatten(), torch.linalg.solve(precision, A.T @ y.flatten() / 0.01), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: GaussianPrior(torch.zeros(3), torch.eye(2)), "cov must have shape"),
+        (lambda: GaussianPrior(torch.zeros(2), torch.tensor([[1.0, 2.0], [0.0, 1.0]])), "symmetric"),
+        (lambda: GaussianPrior(torch.zeros(2), -torch.eye(2)), "positive semi-definite"),
+        (lambda: GaussianPrior(torch.zeros(2), torch.full((2, 2), float("nan"))), "non-finite"),
+        (lambda: GaussianMixturePrior(torch.ones(2), torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2)), "means must have shape"),
+        (lambda: GaussianMixturePrior(torch.tensor([1.0, -1.0]), torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2)), "non-negative"),
+    ],
+)
+def test_bad_priors_are_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from posterior_diff import DiscreteSchedule, RectifiedFlow, SubVPSchedule, VESchedule, VPSchedule
+
+DOUBLE = torch.float64
+# diffusers' default DDPM betas: linear from 1e-4 to 0.02 over 1000 steps.
+DDPM_ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=DOUBLE), 0)
+
+SCHEDULES = {
+    "vp": VPSchedule(),
+    "ve": VESchedule(),
+    "subvp": SubVPSchedule(),
+    "rectified-flow": RectifiedFlow(),
+    "discrete": DiscreteSchedule(DDPM_ALPHAS_CUMPROD),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_clean_at_zero_and_snr_decreasing(name):
+    schedule = SCHEDULES[name]
+    zero = torch.zeros((), dtype=DOUBLE)
+    assert float(schedule.alpha(zero)) == pytest.approx(1.0, abs=1e-12)
+    assert float(schedule.sigma(zero)) == pytest.approx(0.0, abs=1e-12)
+    t = torch.linspace(1e-4, schedule.t_max, 2000, dtype=DOUBLE)
+    snr = schedule.alpha(t) ** 2 / schedule.sigma(t) ** 2
+    assert bool((snr[1:] < snr[:-1]).all())
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_f_and_g2_follow_from_alpha_and_sigma(name):
+    """f = alpha'/alpha and g^2 = alpha^2 d/dt(sigma^2/alpha^2), by central differences."""
+    schedule = SCHEDULES[name]
+    t = torch.linspace(0.05, 0.95 * schedule.t_max, 37, dtype=DOUBLE)
+    t = t[(t * 1000 - (t * 1000).round()).abs() > 0.01]  # away from the discrete schedule's knots
+    h = 1e-6
+    d_log_alpha = (schedule.alpha(t + h).log() - schedule.alpha(t - h).log()) / (2 * h)
+    ratio2 = lambda u: (schedule.sigma(u) / schedule.alpha(u)) ** 2  # noqa: E731
+    g2 = schedule.alpha(t) ** 2 * (ratio2(t + h) - ratio2(t - h)) / (2 * h)
+    assert torch.allclose(schedule.f(t), d_log_alpha, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(schedule.g2(t), g2, rtol=1e-5)
+
+
+def test_family_relations():
+    t = torch.linspace(0, 1, 101, dtype=DOUBLE)
+    vp, subvp, ve = VPSchedule(), SubVPSchedule(), VESchedule(0.01, 50.0)
+    assert torch.allclose(vp.alpha(t) ** 2 + vp.sigma(t) ** 2, torch.ones_like(t))
+    assert torch.allclose(subvp.sigma(t), 1 - subvp.alpha(t) ** 2)
+    assert torch.allclose(ve.alpha(t), torch.ones_like(t))
+    assert float(ve.sigma(torch.tensor(1.0, dtype=DOUBLE))) == pytest.approx(50.0, rel=1e-6)
+    assert float(vp.alpha(torch.tensor(1.0, dtype=DOUBLE))) == pytest.approx(math.exp(-0.5 * (0.1 + 0.5 * 19.9)))
+
+
+def test_discrete_schedule_hits_alphas_cumprod_at_its_timesteps():
+    schedule = DiscreteSchedule(DDPM_ALPHAS_CUMPROD)
+    n = torch.tensor([0, 1, 499, 999])
+    t = (n + 1).to(DOUBLE) / 1000
+    assert torch.allclose(schedule.alpha(t) ** 2, DDPM_ALPHAS_CUMPROD[n], rtol=1e-12)
+    assert torch.allclose(schedule.timestep(t), n.to(DOUBLE))
+    # beta(t) = -T log(1 - beta_n) ~= T beta_n on step n (THEORY section 1); t = 0.5005 is on step 500.
+    beta_500 = float(1 - DDPM_ALPHAS_CUMPROD[500] / DDPM_ALPHAS_CUMPROD[499])
+    assert float(schedule.g2(torch.tensor(0.5005, dtype=DOUBLE))) == pytest.approx(-1000 * math.log(1 - beta_500), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_forward_sde_reproduces_the_marginal_variance(name, generator):
+    """Euler–Maruyama on dx = f x dt + g dw from x_0 ~ N(0, 0.25) gives var alpha^2 0.25 + sigma^2."""
+    schedule = SCHEDULES[name]
+    end = 0.6 * schedule.t_max
+    steps, paths, start_variance = 2000, 20000, 0.25
+    x = math.sqrt(start_variance) * torch.randn(paths, generator=generator, dtype=DOUBLE)
+    dt = end / steps
+    for i in range(steps):
+        t = torch.tensor((i + 0.5) * dt, dtype=DOUBLE)  # midpoint coefficients
+        x = x + schedule.f(t) * x * dt + schedule.g2(t).sqrt() * math.sqrt(dt) * torch.randn(paths, generator=generator, dtype=DOUBLE)
+    t_end = torch.tensor(end, dtype=DOUBLE)
+    expected = float(schedule.alpha(t_end) ** 2 * start_variance + schedule.sigma(t_end) ** 2)
+    assert float(x.var()) == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_time_for_ratio_inverts_the_noise_ratio(name):
+    schedule = SCHEDULES[name]
+    t = torch.tensor([0.01, 0.3, 0.7, 0.95 * schedule.t_max], dtype=DOUBLE)
+    assert torch.allclose(schedule.time_for_ratio(schedule.ratio(t)), t, atol=1e-9)
+
+
+def test_bad_schedule_parameters_are_errors():
+    with pytest.raises(ValueError):
+        VESchedule(sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match="decreasing"):
+        DiscreteSchedule(torch.tensor([0.5, 0.9]))
