@@ -5,8 +5,8 @@ block divided by s^2, so A A^T = I / s^2 and the regularised solve is closed for
 
 kernel="bicubic": antialiased bicubic downsampling (Keys kernel, a = -0.5, stretched by s
 as MATLAB's imresize does), borders replicated. A A^T is a general filter, so solves use
-conjugate gradient; the adjoint is taken by automatic differentiation of the linear A,
-which makes it exact by construction.
+conjugate gradient. The adjoint runs the three stages backwards: transposed strided
+convolutions, then the replicated border folded back onto the edge pixels.
 """
 
 from __future__ import annotations
@@ -87,23 +87,31 @@ class SuperResolution(LinearOperator):
             low = self._bicubic(planes)
         return low.reshape(x.shape[0], *y_shape)
 
+    def _pad(self) -> int:
+        # Kernel length K = s + 2 pad, so H + 2 pad - K is a multiple of s: no pixel is left over.
+        return (self.taps.numel() - self.factor) // 2
+
     def _bicubic(self, planes: Tensor) -> Tensor:
         taps = self.taps.to(planes.dtype)
-        pad = (taps.numel() - self.factor) // 2
+        pad = self._pad()
         padded = F.pad(planes, (pad, pad, pad, pad), mode="replicate")
         rows = F.conv2d(padded, taps.reshape(1, 1, -1, 1), stride=(self.factor, 1))
         return F.conv2d(rows, taps.reshape(1, 1, 1, -1), stride=(1, self.factor))
+
+    def _bicubic_adjoint(self, planes: Tensor) -> Tensor:
+        taps = self.taps.to(planes.dtype)
+        pad = self._pad()
+        rows = F.conv_transpose2d(planes, taps.reshape(1, 1, 1, -1), stride=(1, self.factor))
+        padded = F.conv_transpose2d(rows, taps.reshape(1, 1, -1, 1), stride=(self.factor, 1))
+        return _fold_replicated_border(padded, pad)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
         x_shape = self.input_shape(y.shape[1:])
         if self.kernel == "average":
             s = self.factor
             return y.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1) / s**2
-        # A is linear, so A^T y is the gradient of <A x, y> at any x (here x = 0).
-        with torch.enable_grad():
-            x = torch.zeros((y.shape[0], *x_shape), dtype=y.dtype, device=y.device, requires_grad=True)
-            (adjoint,) = torch.autograd.grad(self.A(x), x, grad_outputs=y, create_graph=y.requires_grad)
-        return adjoint
+        planes = y.reshape(-1, 1, *y.shape[-2:])
+        return self._bicubic_adjoint(planes).reshape(y.shape[0], *x_shape)
 
     def gram_diagonal(self, y_like: Tensor) -> Tensor | None:
         if self.kernel == "average":
@@ -112,3 +120,17 @@ class SuperResolution(LinearOperator):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}, kernel={self.kernel!r}, sigma={self.sigma}"
+
+
+def _fold_replicated_border(padded: Tensor, pad: int) -> Tensor:
+    """Adjoint of replicate padding by `pad` on (N, 1, H + 2 pad, W + 2 pad): the border is
+    added back onto the edge row or column it copied."""
+    if pad == 0:
+        return padded
+    columns = padded[..., pad:-pad].clone()
+    columns[..., 0] += padded[..., :pad].sum(-1)
+    columns[..., -1] += padded[..., -pad:].sum(-1)
+    image = columns[..., pad:-pad, :].clone()
+    image[..., 0, :] += columns[..., :pad, :].sum(-2)
+    image[..., -1, :] += columns[..., -pad:, :].sum(-2)
+    return image

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from posterior_diff import GaussianMixturePrior, GaussianPrior, NonFiniteSampleError, RectifiedFlow, VESchedule, VPSchedule, sample
+from posterior_diff.metrics import sample_moments, sliced_wasserstein
+
+DOUBLE = torch.float64
+
+
+def mixture(schedule=None):
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=DOUBLE)
+    covs = torch.stack([torch.tensor([[0.3, 0.1], [0.1, 0.2]]), 0.1 * torch.eye(2), torch.tensor([[0.5, -0.2], [-0.2, 0.3]])]).to(DOUBLE)
+    return GaussianMixturePrior(torch.tensor([0.5, 0.3, 0.2]), means, covs, schedule)
+
+
+@pytest.mark.parametrize(
+    "schedule, solver, eta",
+    [
+        (VPSchedule(), "multistep", 1.0),
+        (VPSchedule(), "multistep", 0.0),
+        (VESchedule(0.01, 50.0), "multistep", 0.5),
+        (RectifiedFlow(), "multistep", 0.0),
+        (VPSchedule(), "heun", 0.0),
+        (VPSchedule(), "pc", 1.0),
+    ],
+    ids=["vp-sde", "vp-ode", "ve-eta0.5", "rf-ode", "heun", "pc"],
+)
+def test_unconditional_sampling_reproduces_a_mixture_prior(schedule, solver, eta):
+    """Sliced Wasserstein to exact draws is as small as between two sets of exact draws."""
+    prior = mixture(schedule)
+    n = 3000
+    drawn, _ = sample(prior, (n, 2), steps=60, eta=eta, solver=solver, generator=torch.Generator().manual_seed(0))
+    exact = prior.sample(n, torch.Generator().manual_seed(1))
+    exact_again = prior.sample(n, torch.Generator().manual_seed(2))
+    projections = torch.Generator().manual_seed(3)
+    floor = sliced_wasserstein(exact, exact_again, generator=projections)
+    distance = sliced_wasserstein(drawn, exact, generator=torch.Generator().manual_seed(3))
+    assert distance < 1.5 * floor + 0.01, (distance, floor)
+
+
+def test_a_too_coarse_sampler_is_detected_by_the_same_measure():
+    """The test above can fail: a first-order sampler with 4 steps misses the mixture."""
+    prior = mixture()
+    drawn, _ = sample(prior, (3000, 2), steps=4, eta=1.0, solver="euler_maruyama", generator=torch.Generator().manual_seed(0))
+    exact = prior.sample(3000, torch.Generator().manual_seed(1))
+    floor = sliced_wasserstein(exact, prior.sample(3000, torch.Generator().manual_seed(2)), generator=torch.Generator().manual_seed(3))
+    assert sliced_wasserstein(drawn, exact, generator=torch.Generator().manual_seed(3)) > 3 * floor
+
+
+@pytest.mark.parametrize("solver, eta", [("multistep", 1.0), ("euler", 0.5), ("heun", 0.0), ("pc", 1.0), ("euler_maruyama", 1.0)])
+def test_every_solver_gets_the_variance_of_a_gaussian_right(solver, eta):
+    prior = GaussianPrior(torch.tensor([0.5, -1.0], dtype=DOUBLE), torch.diag(torch.tensor([1.0, 0.04], dtype=DOUBLE)))
+    drawn, _ = sample(prior, (20000, 2), steps=200, eta=eta, solver=solver, generator=torch.Generator().manual_seed(0))
+    mean, cov = sample_moments(drawn)
+    assert torch.allclose(mean, prior.mean, atol=0.03)
+    assert torch.allclose(torch.diagonal(cov), torch.tensor([1.0, 0.04], dtype=DOUBLE), rtol=0.1)
+
+
+def test_nfe_counts_and_generator_reproducibility():
+    prior = mixture()
+    a, nfe = sample(prior, (5, 2), steps=12, generator=torch.Generator().manual_seed(7))
+    b, _ = sample(prior, (5, 2), steps=12, generator=torch.Generator().manual_seed(7))
+    c, _ = sample(prior, (5, 2), steps=12, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c) and nfe == 12
+    assert sample(prior, (5, 2), steps=12, eta=0.0, solver="heun")[1] == 23
+    assert sample(prior, (5, 2), steps=12, solver="pc")[1] == 23
+
+
+def test_non_finite_values_stop_the_sampler_naming_the_step():
+    class Exploding(GaussianPrior):
+        def forward(self, x_t, t):
+            out = super().forward(x_t, t)
+            return out / 0 if float(t[0]) < 0.5 else out
+
+    prior = Exploding(torch.zeros(2, dtype=DOUBLE), torch.eye(2, dtype=DOUBLE))
+    with pytest.raises(NonFiniteSampleError, match=r"step \d+ \(t="):
+        sample(prior, (3, 2), steps=10, eta=0.0, solver="euler")
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(eta=1.5), "eta"), (dict(solver="rk4"), "solver"), (dict(solver="heun", eta=1.0), "eta=0"), (dict(steps=0), "steps")])
+def test_bad_sampler_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(mixture(), (2, 2), **kwargs)
