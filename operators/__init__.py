@@ -3,7 +3,7 @@
 from .base import LinearOperator
 from .denoising import Denoising
 from .inpainting import Inpainting, box_mask, random_mask
-from .linalg import CGInfo, conjugate_gradient
+from .linalg import CGInfo, conjugate_gradient, per_sample
 from .matrix import MatrixOperator
 from .super_resolution import SuperResolution
 
@@ -17,4 +17,5 @@ __all__ = [
     "random_mask",
     "conjugate_gradient",
     "CGInfo",
+    "per_sample",
 ]

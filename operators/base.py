@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .linalg import conjugate_gradient
+from .linalg import conjugate_gradient, per_sample
 
 Shape = tuple[int, ...]
 
@@ -33,15 +33,6 @@ def check_sigma(sigma: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     return value
-
-
-def per_sample(values: Tensor | float, like: Tensor) -> Tensor | float:
-    """Reshape a (B,) tensor to (B, 1, ..., 1) to broadcast against `like`; floats pass."""
-    if isinstance(values, Tensor) and values.dim() > 0:
-        if values.shape[0] != like.shape[0]:
-            raise ValueError(f"r has {values.shape[0]} entries but the batch has {like.shape[0]} samples")
-        return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
-    return values
 
 
 class LinearOperator(nn.Module):

@@ -35,9 +35,16 @@ def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(dim=1)
 
 
-def _per_sample(values: Tensor, like: Tensor) -> Tensor:
-    """Reshape (B,) to (B, 1, ..., 1) so it broadcasts against `like` of shape (B, *)."""
-    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+def per_sample(values: Tensor | float, like: Tensor) -> Tensor | float:
+    """Reshape a (B,) tensor to (B, 1, ..., 1) so it broadcasts against `like` of shape (B, *).
+
+    Floats and 0-d tensors pass through unchanged.
+    """
+    if isinstance(values, Tensor) and values.dim() > 0:
+        if values.shape[0] != like.shape[0]:
+            raise ValueError(f"got {values.shape[0]} per-sample values for a batch of {like.shape[0]}")
+        return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+    return values
 
 
 def conjugate_gradient(
@@ -85,12 +92,12 @@ def conjugate_gradient(
         curvature = batch_dot(direction, m_dir)
         active = active & (curvature > 0)
         step = torch.where(active, rz / torch.where(active, curvature, torch.ones_like(curvature)), 0.0)
-        x = x + _per_sample(step, x) * direction
-        residual = residual - _per_sample(step, x) * m_dir
+        x = x + per_sample(step, x) * direction
+        residual = residual - per_sample(step, x) * m_dir
         z = precond(residual)
         rz_new = batch_dot(residual, z)
         beta = torch.where(active, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), 0.0)
-        direction = z + _per_sample(beta, x) * direction
+        direction = z + per_sample(beta, x) * direction
         rz = rz_new
         active = active & (batch_dot(residual, residual).sqrt() / scale > tol)
     relative = batch_dot(residual, residual).sqrt() / scale

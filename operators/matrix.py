@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import LinearOperator, Shape, per_sample
+from .base import LinearOperator, Shape
+from .linalg import per_sample
 
 
 class MatrixOperator(LinearOperator):

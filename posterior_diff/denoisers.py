@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from operators import per_sample
+
 from .schedules import DiscreteSchedule, Schedule
 
 PREDICTIONS = {
@@ -39,11 +41,6 @@ def as_time(t: Tensor | float, x: Tensor) -> Tensor:
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
     return t
-
-
-def expand_as_batch(values: Tensor, x: Tensor) -> Tensor:
-    """Reshape a (B,) tensor to (B, 1, ..., 1) so it broadcasts against x of shape (B, *)."""
-    return values.reshape(values.shape[0], *([1] * (x.dim() - 1)))
 
 
 def x0_from_epsilon(x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -107,8 +104,8 @@ class Denoiser(nn.Module):
     def score(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         """grad_x log p_t(x_t) = -(x_t - alpha D) / sigma^2, shape of x_t."""
         t = as_time(t, x_t)
-        alpha = expand_as_batch(self.schedule.alpha(t), x_t)
-        sigma = expand_as_batch(self.schedule.sigma(t), x_t)
+        alpha = per_sample(self.schedule.alpha(t), x_t)
+        sigma = per_sample(self.schedule.sigma(t), x_t)
         return score_from_x0(x_t, self(x_t, t), alpha, sigma)
 
     def reference_tensor(self) -> Tensor | None:
@@ -153,6 +150,16 @@ class ModuleDenoiser(Denoiser):
         t = as_time(t, x_t)
         output = self.module(x_t, self.time_input(t))
         output = getattr(output, "sample", output)
-        alpha = expand_as_batch(self.schedule.alpha(t), x_t)
-        sigma = expand_as_batch(self.schedule.sigma(t), x_t)
+        alpha = per_sample(self.schedule.alpha(t), x_t)
+        sigma = per_sample(self.schedule.sigma(t), x_t)
         return prediction_to_x0(self.prediction, x_t, output, alpha, sigma)
+
+
+def randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal draws of `shape` on like's device and dtype.
+
+    Drawn on the generator's own device, so a CPU generator reproduces the same numbers
+    whether sampling runs on the CPU or a GPU.
+    """
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)

@@ -35,10 +35,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from operators import LinearOperator, conjugate_gradient
-from operators.base import per_sample
+from operators import LinearOperator, conjugate_gradient, per_sample
 
-from .denoisers import Denoiser, as_time, expand_as_batch
+from .denoisers import Denoiser, as_time
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
 
@@ -107,7 +106,7 @@ class AveragedLikelihoodGuidance(Denoiser):
             residual = self.y - self.operator.A(x0.detach())
             weighted = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
             grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
-        step = expand_as_batch(sigma**2 / alpha, x_t) * self.guidance_scale
+        step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
         return (x0 + step * grad_log_likelihood).detach()
 
     def _apply_inverse_covariance(

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .denoisers import Denoiser, as_time, expand_as_batch
+from .denoisers import Denoiser, as_time, randn
 from .schedules import Schedule, VPSchedule
 
 
@@ -85,7 +85,7 @@ class GaussianPrior(Denoiser):
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact draws from N(mean, cov), shape (num_samples, *event_shape)."""
-        z = _randn((num_samples, self.mean.numel()), generator, self.mean)
+        z = randn((num_samples, self.mean.numel()), self.mean, generator)
         draws = (z * self.eigenvalues.sqrt()) @ self.eigenvectors.T
         return self.mean + draws.reshape(num_samples, *self.event_shape)
 
@@ -160,12 +160,7 @@ class GaussianMixturePrior(Denoiser):
         device = generator.device if generator is not None else self.weights.device
         components = torch.multinomial(self.weights.to(device), num_samples, replacement=True, generator=generator)
         components = components.to(self.weights.device)
-        z = _randn((num_samples, self.means[0].numel()), generator, self.means)
+        z = randn((num_samples, self.means[0].numel()), self.means, generator)
         scaled = torch.einsum("nd,nde->ne", z * self.eigenvalues[components].sqrt(), self.eigenvectors[components].transpose(1, 2))
         return (self.means.flatten(1)[components] + scaled).reshape(num_samples, *self.event_shape)
 
-
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
-    """Standard normal draws on the generator's device, returned on `like`'s device and dtype."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .denoisers import Denoiser
+from .denoisers import Denoiser, randn
 from .time_grids import time_grid
 
 SOLVERS = ("multistep", "euler", "heun", "pc", "euler_maruyama")
@@ -70,11 +70,6 @@ class _Coefficients:
         self.f = float(schedule.f(time))
         self.g2 = float(schedule.g2(time))
         self.log_ratio = math.log(self.sigma / self.alpha)
-
-
-def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def exponential_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
@@ -144,19 +139,19 @@ def sample(
 
     # Start from the forward marginal at t_max for data of unit variance.
     start = coefficients[0]
-    x = math.sqrt(start.alpha**2 + start.sigma**2) * torch.randn(shape, generator=generator, device=generator.device if generator else device, dtype=dtype).to(device)
+    x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, torch.empty(0, device=device, dtype=dtype), generator)
     previous_x0, previous_h = None, None
     bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})", leave=False)
     for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:])):
         x0 = denoise(x, now, step)
-        noise = _randn(x, generator) if eta > 0 or solver == "euler_maruyama" else None
+        noise = randn(x.shape, x, generator) if eta > 0 or solver == "euler_maruyama" else None
         if solver in ("multistep", "pc"):
             h = now.log_ratio - nxt.log_ratio  # step in log(sigma / alpha)
             x0_extrapolated = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * (h / (2 * previous_h))
             x = exponential_step(x, x0_extrapolated, now, nxt, eta, noise)
             previous_x0, previous_h = x0, h
             if solver == "pc":
-                x = _langevin_correct(x, denoise(x, nxt, step), nxt, snr, _randn(x, generator))
+                x = _langevin_correct(x, denoise(x, nxt, step), nxt, snr, randn(x.shape, x, generator))
         elif solver == "euler":
             x = exponential_step(x, x0, now, nxt, eta, noise)
         elif solver == "heun":
