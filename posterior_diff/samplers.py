@@ -141,7 +141,7 @@ def sample(
     start = coefficients[0]
     x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, torch.empty(0, device=device, dtype=dtype), generator)
     previous_x0, previous_h = None, None
-    bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})", leave=False)
+    bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})")
     for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:])):
         x0 = denoise(x, now, step)
         noise = randn(x.shape, x, generator) if eta > 0 or solver == "euler_maruyama" else None

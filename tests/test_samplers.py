@@ -81,3 +81,8 @@ def test_non_finite_values_stop_the_sampler_naming_the_step():
 def test_bad_sampler_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample(mixture(), (2, 2), **kwargs)
+
+
+def test_progress_bar_reports_every_step(capsys):
+    sample(mixture(), (2, 2), steps=7, progress=True)
+    assert "7/7" in capsys.readouterr().err
