@@ -155,11 +155,11 @@ class ModuleDenoiser(Denoiser):
         return prediction_to_x0(self.prediction, x_t, output, alpha, sigma)
 
 
-def randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal draws of `shape` on like's device and dtype.
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal draws of `shape`, returned on `device` in `dtype`.
 
     Drawn on the generator's own device, so a CPU generator reproduces the same numbers
     whether sampling runs on the CPU or a GPU.
     """
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)

@@ -85,7 +85,7 @@ class GaussianPrior(Denoiser):
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact draws from N(mean, cov), shape (num_samples, *event_shape)."""
-        z = randn((num_samples, self.mean.numel()), self.mean, generator)
+        z = randn((num_samples, self.mean.numel()), generator, self.mean.device, self.mean.dtype)
         draws = (z * self.eigenvalues.sqrt()) @ self.eigenvectors.T
         return self.mean + draws.reshape(num_samples, *self.event_shape)
 
@@ -160,7 +160,7 @@ class GaussianMixturePrior(Denoiser):
         device = generator.device if generator is not None else self.weights.device
         components = torch.multinomial(self.weights.to(device), num_samples, replacement=True, generator=generator)
         components = components.to(self.weights.device)
-        z = randn((num_samples, self.means[0].numel()), self.means, generator)
+        z = randn((num_samples, self.means[0].numel()), generator, self.means.device, self.means.dtype)
         scaled = torch.einsum("nd,nde->ne", z * self.eigenvalues[components].sqrt(), self.eigenvectors[components].transpose(1, 2))
         return (self.means.flatten(1)[components] + scaled).reshape(num_samples, *self.event_shape)
 

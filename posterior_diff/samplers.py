@@ -139,19 +139,19 @@ def sample(
 
     # Start from the forward marginal at t_max for data of unit variance.
     start = coefficients[0]
-    x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, torch.empty(0, device=device, dtype=dtype), generator)
+    x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, generator, device, dtype)
     previous_x0, previous_h = None, None
     bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})")
     for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:])):
         x0 = denoise(x, now, step)
-        noise = randn(x.shape, x, generator) if eta > 0 or solver == "euler_maruyama" else None
+        noise = randn(x.shape, generator, device, dtype) if eta > 0 else None
         if solver in ("multistep", "pc"):
             h = now.log_ratio - nxt.log_ratio  # step in log(sigma / alpha)
             x0_extrapolated = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * (h / (2 * previous_h))
             x = exponential_step(x, x0_extrapolated, now, nxt, eta, noise)
             previous_x0, previous_h = x0, h
             if solver == "pc":
-                x = _langevin_correct(x, denoise(x, nxt, step), nxt, snr, randn(x.shape, x, generator))
+                x = _langevin_correct(x, denoise(x, nxt, step), nxt, snr, randn(x.shape, generator, device, dtype))
         elif solver == "euler":
             x = exponential_step(x, x0, now, nxt, eta, noise)
         elif solver == "heun":
@@ -190,9 +190,10 @@ def _langevin_correct(x: Tensor, x0: Tensor, c: _Coefficients, snr: float, noise
     return x + step * score + math.sqrt(2 * step) * noise
 
 
-def _euler_maruyama_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor) -> Tensor:
+def _euler_maruyama_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
     """Textbook Euler–Maruyama on the eta-family SDE in (x, t) (THEORY section 3)."""
     dt = now.t - nxt.t
     score = -(x - now.alpha * x0) / now.sigma**2
     drift = now.f * x - 0.5 * (1 + eta**2) * now.g2 * score
-    return x - drift * dt + eta * math.sqrt(now.g2 * dt) * noise
+    x_next = x - drift * dt
+    return x_next if noise is None else x_next + eta * math.sqrt(now.g2 * dt) * noise
