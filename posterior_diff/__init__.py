@@ -6,6 +6,7 @@
 """
 
 from .denoisers import Denoiser, ModuleDenoiser
+from .models import UNetDenoiser, default_model, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore
@@ -21,6 +22,9 @@ __all__ = [
     "GaussianPrior",
     "GaussianMixturePrior",
     "AveragedLikelihoodGuidance",
+    "UNetDenoiser",
+    "load_model",
+    "default_model",
     "sample",
     "NonFiniteSampleError",
     "time_grid",

@@ -4,6 +4,11 @@ The one-call API. It checks every argument before any work (a clear ValueError o
 TypeError naming the argument), repeats y for `num_samples` samples, wraps the model in
 the averaged-likelihood guidance and runs a reverse-time sampler; it returns the samples
 with their mean, standard deviation, the network work done and the wall-clock time.
+
+Units: image models (those with a `data_range`, such as the default model) take y and
+sigma_y in [0, 1] and return images in [0, 1], clamped; the conversion to the model's
+[-1, 1] happens in `posterior_diff.images`, and nowhere else. Analytic priors (Gaussian,
+mixture) have no image range: y and the samples stay in the prior's own units.
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from operators import LinearOperator
 
 from .denoisers import Denoiser
+from .images import from_model_range, measurement_to_model_units, to_image_tensor
+from .models import default_model, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .samplers import SOLVERS, check_eta, sample
 from .time_grids import GRIDS
@@ -60,7 +69,9 @@ def _choice(value, options, name: str) -> str:
     return value
 
 
-def _as_measurement(y) -> Tensor:
+def _as_measurement(y, image_model: bool) -> Tensor:
+    if image_model and (isinstance(y, np.ndarray) or isinstance(y, Image.Image)):
+        return to_image_tensor(y, "y")  # numpy (H, W[, C]) and PIL images, in [0, 1]
     if isinstance(y, np.ndarray):
         y = torch.from_numpy(np.ascontiguousarray(y))
     if not isinstance(y, Tensor):
@@ -77,7 +88,7 @@ def _as_measurement(y) -> Tensor:
 def restore(
     y,
     operator: LinearOperator,
-    model: Denoiser | None = None,
+    model: Denoiser | str | None = None,
     *,
     num_samples: int = 1,
     steps: int = 100,
@@ -96,9 +107,13 @@ def restore(
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
 
     Args:
-        y: one measurement, shape y_shape (no batch dimension), in the model's units.
-        operator: the forward model A with its noise level (an `operators.LinearOperator`).
-        model: the prior, a Denoiser (e.g. GaussianPrior, or ModuleDenoiser around a network).
+        y: one measurement (no batch dimension). For image models an image in [0, 1]: a
+            tensor (C, h, w), a numpy array (h, w[, C]) or a PIL image; for analytic priors a
+            tensor or array of shape y_shape in the prior's units.
+        operator: the forward model A with its noise level (an `operators.LinearOperator`);
+            sigma_y in the units of y.
+        model: the prior: a Denoiser (GaussianPrior, ModuleDenoiser, UNetDenoiser, ...), a
+            folder holding a diffusers model, or None for the embedded default image model.
         num_samples: how many posterior samples to draw.
         steps: grid times of the sampler (network evaluations for the default solver).
         covariance: V_t in the averaged likelihood: "zero", "isotropic", "diagonal", "tweedie".
@@ -116,12 +131,12 @@ def restore(
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
     """
     if model is None:
-        raise ValueError(
-            "model is required: pass a Denoiser, e.g. posterior_diff.GaussianPrior(mean, cov) or "
-            "posterior_diff.ModuleDenoiser(network, schedule, prediction='epsilon')"
-        )
+        model = default_model()
+    elif isinstance(model, (str, Path)):
+        model = load_model(model)
     if not isinstance(model, Denoiser):
-        raise TypeError(f"model must be a posterior_diff.Denoiser, got {type(model).__name__}")
+        raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder or None, got {type(model).__name__}")
+    image_model = getattr(model, "data_range", None) is not None
     if not isinstance(operator, LinearOperator):
         raise TypeError(f"operator must be an operators.LinearOperator, got {type(operator).__name__}")
     num_samples = _positive_int(num_samples, "num_samples")
@@ -136,7 +151,13 @@ def restore(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
-    y = _as_measurement(y)
+    y = _as_measurement(y, image_model)
+    channels = getattr(model, "channels", None)
+    if channels is not None and y.dim() == 3 and y.shape[0] != channels:
+        raise ValueError(
+            f"y has {y.shape[0]} channel(s) but the model takes {channels}; convert the image first "
+            "(posterior_diff.images.match_channels)"
+        )
     try:
         x_shape = operator.input_shape(tuple(y.shape))
         expected = operator.output_shape(x_shape)
@@ -154,6 +175,8 @@ def restore(
     # Operators are small: work on a copy so the caller's stays where it was.
     operator = copy.deepcopy(operator).to(device)
     y = y.to(device=device, dtype=dtype)
+    if image_model:
+        y, operator = measurement_to_model_units(y, operator)
 
     start = time.perf_counter()
     chunks, nfe, vjps = [], 0, 0
@@ -173,6 +196,8 @@ def restore(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     samples = torch.cat(chunks)
+    if image_model:
+        samples = from_model_range(samples).clamp(0, 1)
     std = samples.std(dim=0) if num_samples > 1 else torch.zeros_like(samples[0])
     settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid,
                     guidance_scale=guidance_scale, cg_tol=cg_tol, cg_max_iter=cg_max_iter)

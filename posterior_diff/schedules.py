@@ -31,9 +31,11 @@ class Schedule:
 
     Attributes:
         t_max: the latest time samplers start from (1, or just under 1 where alpha(1) = 0).
+        t_min: the earliest time a model knows (0, or a discrete schedule's first step).
     """
 
     t_max: float = 1.0
+    t_min: float = 0.0
 
     def alpha(self, t: Tensor) -> Tensor:
         """Signal scale alpha(t), same shape as t."""
@@ -188,6 +190,7 @@ class DiscreteSchedule(Schedule):
         if not bool((values[1:] < values[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.num_train_timesteps = values.numel()
+        self.t_min = 1.0 / self.num_train_timesteps  # training timestep 0
         # Knots at t = 0, 1/T, ..., 1 holding log alpha^2 (0 at t = 0).
         self._log_alpha2 = torch.cat([torch.zeros(1, dtype=torch.float64), values.log()])
 

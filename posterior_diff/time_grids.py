@@ -11,7 +11,8 @@ last one, so the grid has exactly `steps` points. The kinds:
 
 The ends: t_max is the schedule's latest start time and t_min the time where the noise
 ratio s = sigma / alpha falls to `s_min` (2e-3 by default: a quarter of a grey level in
-[-1, 1] units).
+[-1, 1] units), but never before the schedule's own t_min (a discrete model's first
+training step: no network is asked about noise levels it was not trained on).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def time_grid(schedule: Schedule, steps: int, kind: str = "log-snr", s_min: floa
     s_max = schedule.ratio(t_max)
     if not s_min < float(s_max):
         raise ValueError(f"s_min={s_min} must be below the noise ratio {float(s_max):.3g} at t_max")
-    t_min = schedule.time_for_ratio(torch.tensor(s_min, dtype=torch.float64))
+    t_min = schedule.time_for_ratio(torch.tensor(s_min, dtype=torch.float64)).clamp_min(schedule.t_min)
+    s_min = float(schedule.ratio(t_min))
     if steps == 1:
         return t_max.reshape(1)
     u = torch.linspace(0, 1, steps, dtype=torch.float64)

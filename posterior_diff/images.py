@@ -1,0 +1,121 @@
+r"""Images and their units: the one place where [0, 1] and the model's [-1, 1] meet.
+
+The public API takes images in [0, 1] as scikit-image, PIL and deepinv do, with sigma_y in
+those units; pretrained and locally trained image models work in [-1, 1]. With
+x_model = 2 x - 1 and a linear A,
+
+    y_model = A x_model + sigma_model n = 2 y - A 1,      sigma_model = 2 sigma_y,
+
+so a measurement converts exactly (A 1 = 1 for super-resolution, the mask for inpainting)
+and a sigma_y of 0.05 in [0, 1] is 0.1 in model units. Results convert back with
+x = (x_model + 1) / 2 and std = std_model / 2.
+
+Accepted image inputs: torch tensors (C, H, W), numpy arrays (H, W) or (H, W, C) of floats in
+[0, 1] or integers (uint8 / uint16, scaled by their maximum), and PIL images.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def to_image_tensor(image, name: str = "image") -> Tensor:
+    """A (C, H, W) float tensor in [0, 1] from a tensor, numpy array or PIL image."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == bool:
+            array = image.astype(np.float32)
+        elif np.issubdtype(image.dtype, np.integer):
+            array = image.astype(np.float32) / np.iinfo(image.dtype).max
+        elif np.issubdtype(image.dtype, np.floating):
+            array = image.astype(np.float32, copy=False)
+        else:
+            raise TypeError(f"{name} has unsupported dtype {image.dtype}")
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise ValueError(f"{name} must be a numpy array (H, W) or (H, W, C) with C in 1, 3, 4; got shape {image.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array[:, :, :3].transpose(2, 0, 1)))
+    elif isinstance(image, Tensor):
+        if image.dim() != 3:
+            raise ValueError(f"{name} must be a tensor of shape (C, H, W), got {tuple(image.shape)}")
+        tensor = image if image.is_floating_point() else image.float() / 255
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor (C, H, W), a numpy array or a PIL image, got {type(image).__name__}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return tensor
+
+
+def match_channels(image: Tensor, channels: int) -> Tensor:
+    """Repeat a grey image to 3 channels or average a colour image to 1."""
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 1 and channels == 3:
+        return image.expand(3, *image.shape[1:]).clone()
+    if image.shape[0] == 3 and channels == 1:
+        return image.mean(0, keepdim=True)
+    raise ValueError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")
+
+
+def read_image(path: str | Path) -> Tensor:
+    """Read an image file as a (C, H, W) tensor in [0, 1]; a clear error for unreadable files."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            image = handle.convert("RGB") if handle.mode not in ("L", "RGB", "I;16") else handle.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such image file: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read {path} as an image ({error})") from None
+    return to_image_tensor(image, str(path))
+
+
+def write_image(image: Tensor, path: str | Path) -> None:
+    """Write a (C, H, W) tensor in [0, 1] (clamped) as an 8-bit image file."""
+    array = (image.detach().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def load_image_folder(folder: str | Path, channels: int = 3) -> list[Tensor]:
+    """Every image file in `folder` (not recursive) as (channels, H, W) tensors in [-1, 1]."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder of images")
+    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [to_model_range(match_channels(read_image(path), channels)) for path in files]
+
+
+def to_model_range(x: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return 2 * x - 1
+
+
+def from_model_range(x: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1] (not clamped)."""
+    return (x + 1) / 2
+
+
+def measurement_to_model_units(y: Tensor, operator):
+    """(y, operator) in [0, 1] units -> (2 y - A 1, a copy of the operator with sigma doubled).
+
+    y has shape y_shape (one measurement, no batch). The caller's operator is not modified.
+    """
+    x_shape = operator.input_shape(tuple(y.shape))
+    ones = torch.ones((1, *x_shape), dtype=y.dtype, device=y.device)
+    model_operator = copy.deepcopy(operator)
+    model_operator.sigma = 2 * operator.sigma
+    return 2 * y - operator.A(ones)[0], model_operator

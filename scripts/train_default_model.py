@@ -1,0 +1,67 @@
+"""Reproduce the embedded default model: DSM training on scikit-image's sample photographs.
+
+The photographs ship inside scikit-image (no download). The evaluation images are held out:
+astronaut, camera, coffee and chelsea (and `cat`, which is the same photograph as chelsea).
+Grey photographs are repeated to three channels. The run writes a diffusers pipeline folder;
+`--install` then copies its UNet weights (float16 safetensors) and configs into
+`posterior_diff/default_model/`, where `restore(y, operator)` finds them.
+
+    python scripts/train_default_model.py --out outputs/default_model --install
+    python scripts/train_default_model.py --out outputs/default_model --resume   # after an interruption
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage import data
+
+from posterior_diff.images import match_channels, to_image_tensor, to_model_range
+from posterior_diff.training import TrainingConfig, train
+
+HELD_OUT = ("astronaut", "camera", "coffee", "chelsea", "cat")
+TRAINING_PHOTOGRAPHS = ("rocket", "coins", "clock", "moon", "brick", "grass", "gravel", "cell",
+                        "hubble_deep_field", "immunohistochemistry", "retina", "page", "text")
+PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "posterior_diff" / "default_model"
+
+
+def training_images() -> list[torch.Tensor]:
+    """The training photographs as (3, H, W) tensors in [-1, 1]."""
+    arrays = [getattr(data, name)() for name in TRAINING_PHOTOGRAPHS]
+    arrays += list(data.stereo_motorcycle()[:2])  # left and right views
+    return [to_model_range(match_channels(to_image_tensor(np.asarray(a)), 3)) for a in arrays]
+
+
+def install(run: Path) -> None:
+    """Copy the trained pipeline into the package, UNet weights in float16 to keep it small."""
+    from diffusers import UNet2DModel
+
+    if PACKAGE_MODEL.exists():
+        shutil.rmtree(PACKAGE_MODEL)
+    unet = UNet2DModel.from_pretrained(run / "unet")
+    unet.to(torch.float16).save_pretrained(PACKAGE_MODEL / "unet", safe_serialization=True)
+    shutil.copytree(run / "scheduler", PACKAGE_MODEL / "scheduler")
+    shutil.copy(run / "model_index.json", PACKAGE_MODEL / "model_index.json")
+    shutil.copy(run / "training_log.json", PACKAGE_MODEL / "training_log.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/default_model"))
+    parser.add_argument("--steps", type=int, default=6000, help="total optimiser steps (also on --resume)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--install", action="store_true", help="copy the result into posterior_diff/default_model")
+    args = parser.parse_args()
+    config = TrainingConfig(steps=args.steps, crop_size=32, batch_size=32, block_out_channels=(32, 64, 128), checkpoint_every=250)
+    train(training_images(), args.out, config, resume=args.resume)
+    if args.install:
+        install(args.out)
+        print(f"installed into {PACKAGE_MODEL}")
+
+
+if __name__ == "__main__":
+    main()

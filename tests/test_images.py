@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from operators import Inpainting, SuperResolution, box_mask
+from posterior_diff.images import (
+    from_model_range,
+    match_channels,
+    measurement_to_model_units,
+    read_image,
+    to_image_tensor,
+    to_model_range,
+    write_image,
+)
+
+
+def test_unit_round_trip_and_noise_level():
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(from_model_range(to_model_range(x)), x)
+    operator = SuperResolution(2, sigma=0.05)
+    y01 = operator.A(x)[0]
+    y_model, model_operator = measurement_to_model_units(y01, operator)
+    assert model_operator.sigma == pytest.approx(0.1) and operator.sigma == 0.05  # caller's operator kept
+    assert torch.allclose(y_model, operator.A(to_model_range(x))[0], atol=1e-6)
+
+
+def test_inpainting_measurement_keeps_its_holes_at_zero():
+    mask = box_mask((1, 8, 8), 2, 2, 3, 3)
+    operator = Inpainting(mask, 0.02)
+    x = torch.rand(1, 1, 8, 8)
+    y_model, _ = measurement_to_model_units(operator.A(x)[0], operator)
+    assert torch.allclose(y_model, operator.A(to_model_range(x))[0], atol=1e-6)
+    assert bool((y_model[mask == 0] == 0).all())
+
+
+def test_numpy_pil_and_tensor_inputs_agree():
+    array = (np.random.default_rng(0).random((5, 7, 3)) * 255).astype(np.uint8)
+    from_numpy = to_image_tensor(array)
+    from_pil = to_image_tensor(Image.fromarray(array))
+    from_float = to_image_tensor(array.astype(np.float64) / 255)
+    assert from_numpy.shape == (3, 5, 7)
+    assert torch.allclose(from_numpy, from_pil) and torch.allclose(from_numpy, from_float)
+    assert to_image_tensor(array[:, :, 0]).shape == (1, 5, 7)
+
+
+@pytest.mark.parametrize("bad, error", [(np.zeros((2, 3, 5)), ValueError), ("x.png", TypeError), (torch.zeros(4, 4), ValueError)])
+def test_bad_images_are_clear_errors(bad, error):
+    with pytest.raises(error, match="image"):
+        to_image_tensor(bad)
+
+
+def test_channels_and_file_round_trip(tmp_path):
+    grey = torch.rand(1, 6, 6)
+    assert torch.equal(match_channels(grey, 3)[2], grey[0]) and match_channels(grey, 3).shape == (3, 6, 6)
+    path = tmp_path / "image.png"
+    image = torch.rand(3, 6, 6)
+    write_image(image, path)
+    assert torch.allclose(read_image(path), image, atol=1 / 255)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_image(tmp_path / "broken.png")

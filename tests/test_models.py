@@ -1,0 +1,62 @@
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from operators import SuperResolution
+from posterior_diff import UNetDenoiser, load_model, restore
+from posterior_diff.denoisers import x0_from_epsilon
+
+
+def tiny_unet(channels=3):
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       norm_num_groups=8)
+
+
+@pytest.fixture
+def pipeline_folder(tmp_path):
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+def test_folder_loads_into_a_denoiser_that_matches_the_unet(pipeline_folder):
+    model = load_model(pipeline_folder)
+    assert isinstance(model, UNetDenoiser) and model.channels == 3
+    unet = UNet2DModel.from_pretrained(pipeline_folder / "unet")
+    scheduler = DDPMScheduler.from_pretrained(pipeline_folder / "scheduler")
+    x = torch.randn(2, 3, 8, 8)
+    n = 499
+    t = torch.full((2,), (n + 1) / 1000)
+    with torch.no_grad():
+        eps = unet(x, torch.full((2,), float(n))).sample
+    alpha_bar = scheduler.alphas_cumprod[n]
+    expected = x0_from_epsilon(x, eps, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
+    with torch.no_grad():
+        assert torch.allclose(model(x, t), expected, atol=1e-5)
+
+
+def test_any_image_size_works_by_padding(pipeline_folder):
+    model = load_model(pipeline_folder)
+    x = torch.randn(1, 3, 7, 9)
+    with torch.no_grad():
+        out = model(x, 0.5)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+def test_restore_with_an_image_model_returns_clamped_images_in_unit_range(pipeline_folder):
+    y = torch.rand(3, 5, 5)  # an x2 low-resolution image in [0, 1], odd size
+    result = restore(y, SuperResolution(2, sigma=0.05), str(pipeline_folder), num_samples=2, steps=4,
+                     generator=torch.Generator().manual_seed(0))
+    assert result.samples.shape == (2, 3, 10, 10)
+    assert bool(torch.isfinite(result.samples).all()) and float(result.samples.min()) >= 0 and float(result.samples.max()) <= 1
+
+
+def test_channel_mismatch_and_bad_folders_are_clear_errors(pipeline_folder, tmp_path):
+    with pytest.raises(ValueError, match="channel"):
+        restore(torch.rand(1, 4, 4), SuperResolution(2, 0.05), str(pipeline_folder), steps=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a diffusers model folder"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="model must be"):
+        load_model(tmp_path / "missing")
