@@ -1,7 +1,26 @@
-import torch
 import pytest
+import torch
 
 
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+def tiny_unet(channels=3):
+    """A randomly initialised two-level UNet2DModel: fast enough for any test."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       norm_num_groups=8)
+
+
+@pytest.fixture
+def pipeline_folder(tmp_path):
+    """A diffusers DDPM pipeline folder holding a tiny random UNet (no network needed)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"

@@ -1,23 +1,10 @@
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from operators import SuperResolution
 from posterior_diff import UNetDenoiser, load_model, restore
 from posterior_diff.denoisers import x0_from_epsilon
-
-
-def tiny_unet(channels=3):
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                       norm_num_groups=8)
-
-
-@pytest.fixture
-def pipeline_folder(tmp_path):
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "pipe")
-    return tmp_path / "pipe"
 
 
 def test_folder_loads_into_a_denoiser_that_matches_the_unet(pipeline_folder):

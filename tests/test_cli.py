@@ -1,0 +1,61 @@
+import torch
+
+from posterior_diff.cli import main
+from posterior_diff.images import read_image, write_image
+
+
+def write(path, image):
+    write_image(image, path)
+    return path
+
+
+def test_restore_writes_the_mean_and_std_and_refuses_to_overwrite(tmp_path, pipeline_folder, capsys):
+    low = write(tmp_path / "low.png", torch.rand(3, 6, 5))
+    out, std = tmp_path / "out.png", tmp_path / "std.png"
+    arguments = [str(low), "--task", "sr2", "--samples", "2", "--steps", "3", "--model", str(pipeline_folder), "-o", str(out), "--std-map", str(std)]
+    assert main(["restore", *arguments]) == 0
+    assert read_image(out).shape == (3, 12, 10) and read_image(std).shape == (3, 12, 10)
+    before = out.read_bytes()
+    assert main(["restore", *arguments]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["restore", *arguments, "--force", "--seed", "1"]) == 0
+
+
+def test_grey_inpainting_with_a_mask(tmp_path, pipeline_folder):
+    holed = write(tmp_path / "holed.png", torch.rand(1, 8, 8))
+    mask = torch.ones(1, 8, 8)
+    mask[:, 2:5, 3:6] = 0
+    mask_path = write(tmp_path / "mask.png", mask)
+    out = tmp_path / "filled.png"
+    assert main(["restore", str(holed), "--task", "inpaint", "--mask", str(mask_path), "--steps", "2", "--samples", "1",
+                 "--model", str(pipeline_folder), "-o", str(out)]) == 0
+    assert read_image(out).shape == (1, 8, 8)  # grey in, grey out, through a colour model
+
+
+def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys):
+    image = write(tmp_path / "in.png", torch.rand(3, 8, 8))
+    (tmp_path / "broken.png").write_bytes(b"junk")
+    small_mask = write(tmp_path / "mask.png", torch.ones(1, 4, 4))
+    common = ["--model", str(pipeline_folder), "-o", str(tmp_path / "o.png"), "--steps", "2"]
+    cases = [
+        ([str(image), "--task", "sr3", *common], "unknown task"),
+        ([str(tmp_path / "missing.png"), "--task", "sr2", *common], "no such image file"),
+        ([str(tmp_path / "broken.png"), "--task", "sr2", *common], "cannot read"),
+        ([str(image), "--task", "inpaint", "--mask", str(small_mask), *common], "the mask is 4x4 pixels but the input is 8x8"),
+        ([str(image), "--task", "inpaint", *common], "needs --mask"),
+        ([str(image), "--task", "denoise", "--sigma", "-1", *common], "sigma"),
+    ]
+    for arguments, message in cases:
+        assert main(["restore", *arguments]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1 and "Traceback" not in error
+
+
+def test_train_command(tmp_path):
+    (tmp_path / "data").mkdir()
+    for index in range(2):
+        write(tmp_path / "data" / f"{index}.png", torch.rand(3, 16, 16))
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "model"), "--steps", "2",
+                 "--batch-size", "2", "--crop-size", "8"]) == 0
+    assert (tmp_path / "model" / "unet").is_dir()
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2"), "--steps", "1"]) == 2
