@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from skimage import data
 from skimage.color import rgb2gray
 from skimage.metrics import peak_signal_noise_ratio
@@ -38,6 +37,7 @@ from skimage.util import img_as_float, view_as_windows
 
 from operators import SuperResolution
 from posterior_diff import GaussianPrior, restore
+from posterior_diff.images import save_panels
 
 PATCH = 16
 NOISE_SIGMA = 0.02
@@ -45,8 +45,6 @@ JITTER = 1e-4
 MIN_PATCH_STD = 0.05  # held-out patches flatter than this show nothing worth super-resolving
 PANEL_TITLES = ("low-res", "bicubic", "post. mean", "sample", "post. std", "exact mean", "truth")
 ZOOM = 8  # display pixels per image pixel
-GUTTER = 4
-TITLE_HEIGHT = 14
 
 
 def parse_args() -> argparse.Namespace:
@@ -125,31 +123,16 @@ def print_table(rows: list[tuple[tuple[int, int], dict]]) -> None:
     print("| mean | " + " | ".join(f"{averages[c]:.2f}" if c.startswith("psnr") else f"{averages[c]:.4f}" for c in columns) + " |")
 
 
-def to_display(image: np.ndarray, title: str) -> np.ndarray:
-    """An 8-bit, ZOOM-times enlarged panel; the std panel is scaled to its maximum, the others clipped to [0, 1]."""
-    if title == "post. std":
-        image = image / max(float(image.max()), 1e-12)
-    pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
-    return np.kron(pixels, np.ones((ZOOM, ZOOM), dtype=np.uint8))
-
-
 def write_figure(rows: list[tuple[tuple[int, int], dict]], path: Path) -> None:
-    """Tile the panels of every patch (one row each) under a line of column titles into a PNG."""
-    size = PATCH * ZOOM
-    width = len(PANEL_TITLES) * (size + GUTTER) + GUTTER
-    height = TITLE_HEIGHT + len(rows) * (size + GUTTER) + GUTTER
-    canvas = np.full((height, width), 255, dtype=np.uint8)
-    for i, (_, result) in enumerate(rows):
-        top = TITLE_HEIGHT + GUTTER + i * (size + GUTTER)
-        for j, title in enumerate(PANEL_TITLES):
-            left = GUTTER + j * (size + GUTTER)
-            canvas[top : top + size, left : left + size] = to_display(result["images"][title], title)
-    figure = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(figure)
-    for j, title in enumerate(PANEL_TITLES):
-        draw.text((GUTTER + j * (size + GUTTER) + 2, 1), title, fill=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.save(path)
+    """One row of panels per patch; the std panel is scaled so its largest value is white."""
+
+    def panel(image: np.ndarray, title: str) -> torch.Tensor:
+        if title == "post. std":
+            image = image / max(float(image.max()), 1e-12)
+        return torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+
+    grid = [[panel(result["images"][title], title) for title in PANEL_TITLES] for _, result in rows]
+    save_panels(grid, list(PANEL_TITLES), path, zoom=ZOOM)
 
 
 def main() -> None:

@@ -119,3 +119,26 @@ def measurement_to_model_units(y: Tensor, operator):
     model_operator = copy.deepcopy(operator)
     model_operator.sigma = 2 * operator.sigma
     return 2 * y - operator.A(ones)[0], model_operator
+
+
+def save_panels(rows: list[list[Tensor]], titles: list[str], path: str | Path, zoom: int = 1) -> None:
+    """Write a grid of (C, H, W) images in [0, 1] (one list per row, equal sizes) with column titles.
+
+    Each panel is enlarged `zoom` times by pixel repetition; grey panels are shown in grey.
+    """
+    from PIL import ImageDraw
+
+    gutter, title_height = 4, 14
+    height, width = rows[0][0].shape[-2] * zoom, rows[0][0].shape[-1] * zoom
+    canvas = Image.new("RGB", (len(titles) * (width + gutter) - gutter, title_height + len(rows) * (height + gutter)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, title in enumerate(titles):
+        draw.text((column * (width + gutter) + 2, 1), title, fill="black")
+    for row_index, row in enumerate(rows):
+        for column, panel in enumerate(row):
+            panel = match_channels(panel.detach().cpu().float().clamp(0, 1), 3)
+            panel = panel.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1)
+            array = (panel.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+            canvas.paste(Image.fromarray(array), (column * (width + gutter), title_height + row_index * (height + gutter)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)

@@ -13,6 +13,7 @@ Grey photographs are repeated to three channels. The run writes a diffusers pipe
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from skimage import data
 
 from posterior_diff.images import match_channels, to_image_tensor, to_model_range
-from posterior_diff.training import TrainingConfig, train
+from posterior_diff.training import CHECKPOINT, TrainingConfig, build_scheduler, build_unet, train
 
 HELD_OUT = ("astronaut", "camera", "coffee", "chelsea", "cat")
 TRAINING_PHOTOGRAPHS = ("rocket", "coins", "clock", "moon", "brick", "grass", "gravel", "cell",
@@ -34,6 +35,19 @@ def training_images() -> list[torch.Tensor]:
     arrays = [getattr(data, name)() for name in TRAINING_PHOTOGRAPHS]
     arrays += list(data.stereo_motorcycle()[:2])  # left and right views
     return [to_model_range(match_channels(to_image_tensor(np.asarray(a)), 3)) for a in arrays]
+
+
+def export_checkpoint(run: Path, destination: Path) -> None:
+    """Save the EMA weights of `run`'s latest checkpoint as a diffusers pipeline in `destination`
+    (for a run that was stopped before its last step)."""
+    from diffusers import DDPMPipeline
+
+    state = torch.load(run / CHECKPOINT, weights_only=False)
+    config = TrainingConfig(**state["config"])
+    unet = build_unet(config)
+    unet.load_state_dict(state["ema"])
+    DDPMPipeline(unet=unet, scheduler=build_scheduler(config)).save_pretrained(destination)
+    (destination / "training_log.json").write_text(json.dumps({"stopped_at_step": state["step"], "loss": config.log}))
 
 
 def install(run: Path) -> None:
@@ -55,7 +69,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000, help="total optimiser steps (also on --resume)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--install", action="store_true", help="copy the result into posterior_diff/default_model")
+    parser.add_argument("--export-checkpoint", type=Path, metavar="DIR",
+                        help="only save the latest checkpoint's EMA weights of --out as a pipeline in DIR (no training)")
     args = parser.parse_args()
+    if args.export_checkpoint is not None:
+        export_checkpoint(args.out, args.export_checkpoint)
+        print(f"exported {args.out / CHECKPOINT} to {args.export_checkpoint}")
+        return
     config = TrainingConfig(steps=args.steps, crop_size=32, batch_size=32, block_out_channels=(32, 64, 128), checkpoint_every=250)
     train(training_images(), args.out, config, resume=args.resume)
     if args.install:
