@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python demos/gaussian_super_resolution.py
+	$(BIN)/python demos/super_resolution.py
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

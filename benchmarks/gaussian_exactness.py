@@ -11,8 +11,9 @@ For N samples from `posterior_diff.restore` it reports, against N(m, C):
 - mean error  ||mean - m|| / sqrt(tr C);
 - cov error   ||cov - C||_F / ||C||_F;
 - W2          the 2-Wasserstein distance between N(mean, cov) of the samples and N(m, C);
+- tr ratio    tr cov(samples) / tr C, whether a sampler shrinks (< 1) or inflates (> 1) the spread;
 
-both raw and divided by the exact-sample floor (the same errors for N exact draws from N(m, C),
+the first three both raw and divided by the exact-sample floor (the same errors for N exact draws from N(m, C),
 `posterior_diff.metrics.exact_sample_floor`), so a ratio near 1 means "as good as exact
 sampling at this N". Each cell is averaged over `--seeds` sampler seeds. NFE counts denoiser
 calls on the batch of N samples, VJPs the vector-Jacobian products the guidance spent on it.
@@ -23,7 +24,7 @@ the default solver. Table 2 compares the solvers with the Tweedie covariance ove
 steps on super-resolution and denoising. A run that produces non-finite values, or samples more than DIVERGENCE_BOUND prior
 standard deviations from the prior mean, is reported as "diverged".
 
-Run (from the repository root; the default run takes about ten minutes on two CPU cores):
+Run (from the repository root; the default run takes about eight minutes on two CPU cores):
 
     PYTHONPATH=. python benchmarks/gaussian_exactness.py              # writes docs/gaussian_exactness.md
     PYTHONPATH=. python benchmarks/gaussian_exactness.py --quick --out /tmp/gaussian_exactness.md
@@ -47,7 +48,7 @@ import torch
 
 import posterior_diff
 from posterior_diff import NonFiniteSampleError, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors
+from posterior_diff.metrics import exact_sample_floor, gaussian_errors, sample_moments
 from posterior_diff.problems import GaussianProblem, gaussian_image_problems
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
@@ -69,6 +70,7 @@ class Cell:
 
     errors: dict[str, float]
     ratios: dict[str, float]
+    spread: float
     nfe: float
     vjps: float
     seconds: float
@@ -105,6 +107,12 @@ def has_diverged(samples: torch.Tensor, problem: GaussianProblem) -> bool:
     return float(distance) > DIVERGENCE_BOUND * prior_std
 
 
+def spread_ratio(samples: torch.Tensor, cov: torch.Tensor) -> float:
+    """tr cov(samples) / tr C: below 1 the sampler shrinks the posterior, above 1 it inflates it."""
+    _, sample_cov = sample_moments(samples)
+    return float(torch.trace(sample_cov) / torch.trace(cov.to(torch.float64)))
+
+
 def run_cell(problem: GaussianProblem, floor: dict[str, float], args: argparse.Namespace, settings: dict) -> Cell:
     """restore() once per seed with the given settings; average the errors over the seeds."""
     posterior = problem.posterior
@@ -121,13 +129,16 @@ def run_cell(problem: GaussianProblem, floor: dict[str, float], args: argparse.N
         if has_diverged(result.samples, problem):
             diverged += 1
             continue
-        runs.append((gaussian_errors(result.samples, posterior.mean, posterior.cov), result))
+        errors = gaussian_errors(result.samples, posterior.mean, posterior.cov)
+        errors["spread"] = spread_ratio(result.samples, posterior.cov)
+        runs.append((errors, result))
     if diverged:
-        return Cell({}, {}, 0.0, 0.0, 0.0, diverged, args.seeds)
+        return Cell({}, {}, 0.0, 0.0, 0.0, 0.0, diverged, args.seeds)
     errors = {key: sum(e[key] for e, _ in runs) / len(runs) for key in ERROR_KEYS}
     return Cell(
         errors=errors,
         ratios={key: errors[key] / floor[key] for key in ERROR_KEYS},
+        spread=sum(e["spread"] for e, _ in runs) / len(runs),
         nfe=sum(r.nfe for _, r in runs) / len(runs),
         vjps=sum(r.vjps for _, r in runs) / len(runs),
         seconds=statistics.median(r.seconds for _, r in runs),  # robust to a stall of a shared machine
@@ -160,7 +171,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-CELL_HEADER = ["mean err", "cov err", "W2", "mean/floor", "cov/floor", "W2/floor", "NFE", "VJPs", "s"]
+CELL_HEADER = ["mean err", "cov err", "W2", "mean/floor", "cov/floor", "W2/floor", "tr ratio", "NFE", "VJPs", "s"]
 
 
 def format_cell(cell: Cell) -> list[str]:
@@ -169,7 +180,7 @@ def format_cell(cell: Cell) -> list[str]:
         return [f"diverged ({cell.diverged}/{cell.seeds} seeds)"] + [""] * (len(CELL_HEADER) - 1)
     raw = [f"{cell.errors[key]:.4f}" for key in ERROR_KEYS]
     ratios = [f"{cell.ratios[key]:.2f}" for key in ERROR_KEYS]
-    return raw + ratios + [f"{cell.nfe:.0f}", f"{cell.vjps:.0f}", f"{cell.seconds:.2f}"]
+    return raw + ratios + [f"{cell.spread:.3f}", f"{cell.nfe:.0f}", f"{cell.vjps:.0f}", f"{cell.seconds:.2f}"]
 
 
 def covariance_table(study: Study) -> str:
@@ -197,13 +208,21 @@ def solver_table(study: Study) -> str:
     return markdown_table(["task", "solver", "eta", "steps"] + CELL_HEADER, rows)
 
 
+def exact_spread_deviation(cov: torch.Tensor, num_samples: int) -> float:
+    """Standard deviation of the tr ratio for N exact Gaussian draws: sqrt(2 tr C^2 / (N - 1)) / tr C."""
+    cov = cov.to(torch.float64)
+    return float(torch.sqrt(2 * torch.trace(cov @ cov) / (num_samples - 1)) / torch.trace(cov))
+
+
 def floor_table(study: Study) -> str:
-    """The exact-sample floor of each task: the errors of N exact posterior draws."""
+    """The exact-sample floor of each task: the errors of N exact posterior draws, and their tr ratio spread."""
     rows = [
-        [p.name, type(p.operator).__name__, f"{p.operator.sigma:g}"] + [f"{study.floors[p.name][k]:.4f}" for k in ERROR_KEYS]
+        [p.name, type(p.operator).__name__, f"{p.operator.sigma:g}"]
+        + [f"{study.floors[p.name][k]:.4f}" for k in ERROR_KEYS]
+        + [f"1 +- {exact_spread_deviation(p.posterior.cov, study.args.samples):.3f}"]
         for p in study.problems
     ]
-    return markdown_table(["task", "operator", "sigma_y", "mean err", "cov err", "W2"], rows)
+    return markdown_table(["task", "operator", "sigma_y", "mean err", "cov err", "W2", "tr ratio"], rows)
 
 
 def header(args: argparse.Namespace, minutes: float) -> str:
@@ -217,14 +236,16 @@ def header(args: argparse.Namespace, minutes: float) -> str:
         "(`posterior_diff.problems.gaussian_image_problems()`), compared with the closed-form posterior N(m, C). "
         "mean err = ||mean - m|| / sqrt(tr C); cov err = ||cov - C||_F / ||C||_F; W2 = Gaussian 2-Wasserstein "
         "distance between the samples' moments and N(m, C). The `/floor` columns divide by the same errors of "
-        f"N exact posterior draws (1 = as good as exact sampling). N = {args.samples} samples per run, each cell "
+        "N exact posterior draws (1 = as good as exact sampling). tr ratio = tr cov(samples) / tr C: below 1 the sampler "
+        "shrinks the posterior, above 1 it inflates it (its spread for N exact draws is in the floor table). "
+        f"N = {args.samples} samples per run, each cell "
         f"averaged over {args.seeds} sampler seed(s); NFE = denoiser calls on the batch, VJPs = vector-Jacobian "
         "products of the guidance on the batch, s = median seconds per run. \"diverged\" = non-finite samples or samples "
         f"more than {DIVERGENCE_BOUND:g} prior standard deviations from the prior mean in some seed.",
         "",
         f"- command: `{command}`",
         f"- date: {datetime.date.today().isoformat()}; total run time {minutes:.1f} min",
-        f"- posterior-diff {posterior_diff.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), dtype {args.dtype}",
+        f"- posterior-diff {posterior_diff.__version__}, torch {torch.__version__} ({torch.get_num_threads()} thread, set by the script), dtype {args.dtype}",
         f"- machine: {machine}",
     ])
 

@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.025, help="measurement noise in [0, 1] units")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--covariance", default="tweedie")
+    parser.add_argument("--covariance", default="isotropic",
+                        help="isotropic (default: two minutes on 2 CPU cores), tweedie (more exact, about 4x the time "
+                             "per conjugate-gradient iteration), diagonal or zero")
+    parser.add_argument("--cg-max-iter", type=int, default=4, help="conjugate-gradient cap per step for --covariance tweedie")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/super_resolution.png"))
     args = parser.parse_args()
@@ -73,7 +76,7 @@ def main() -> None:
 
     start = time.perf_counter()
     result = restore(low, operator, default_model(), num_samples=args.samples, steps=args.steps,
-                     covariance=args.covariance, generator=generator, progress=True)
+                     covariance=args.covariance, cg_max_iter=args.cg_max_iter, generator=generator, progress=True)
     print(f"\nx4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma}; {args.samples} samples, "
           f"{args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, {result.vjps} VJPs, "
           f"{time.perf_counter() - start:.0f} s\n")

@@ -100,7 +100,7 @@ def build_scheduler(config: TrainingConfig):
         beta_end=config.beta_end,
         beta_schedule="linear",
         prediction_type="epsilon",
-        clip_sample=False,
+        clip_sample=True,  # for diffusers samplers (DDPMPipeline) on the saved folder; DSM training never clips
     )
 
 

@@ -47,3 +47,17 @@ def test_channel_mismatch_and_bad_folders_are_clear_errors(pipeline_folder, tmp_
         load_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="model must be"):
         load_model(tmp_path / "missing")
+
+
+def test_the_embedded_default_model_restores_a_small_image_of_any_size():
+    from diffusers import DDPMPipeline
+
+    from posterior_diff.models import DEFAULT_MODEL_DIR
+
+    low = torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(0))  # x2 -> 10x12, not a multiple of 4
+    result = restore(low, SuperResolution(2, sigma=0.05), num_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
+    assert result.samples.shape == (2, 3, 10, 12)
+    assert bool(torch.isfinite(result.samples).all())
+    assert float(result.samples.min()) >= 0 and float(result.samples.max()) <= 1
+    pipeline = DDPMPipeline.from_pretrained(DEFAULT_MODEL_DIR)  # the shipped folder is a diffusers pipeline
+    assert pipeline.unet.config.in_channels == 3

@@ -95,7 +95,7 @@ def test_the_callers_operator_is_left_untouched(problems):
         (dict(eta=-0.1), ValueError, "eta"),
         (dict(solver="heun"), ValueError, "eta=0"),
         (dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
-        (dict(model=None), FileNotFoundError, "default model"),
+        (dict(model="/nonexistent/model"), ValueError, "model must be"),
         (dict(model=torch.nn.Identity()), TypeError, "Denoiser"),
         (dict(operator="sr4"), TypeError, "operator"),
         (dict(operator=SuperResolution(4, 0.05)), ValueError, "implies images of shape"),
