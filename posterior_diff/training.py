@@ -20,11 +20,10 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -61,7 +60,6 @@ class TrainingConfig:
     beta_end: float = 0.02
     checkpoint_every: int = 500
     seed: int = 0
-    log: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
@@ -200,12 +198,14 @@ def train(
     scheduler = build_scheduler(config)
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
+    loss_log: list[list[float]] = []  # [step, loss] per step, kept across resumes
     if state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         step = state["step"]
+        loss_log = state["loss_log"]
     crops = RandomCrops(images, config.crop_size, generator)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,8 @@ def train(
     def checkpoint() -> None:
         _save_atomically(
             {"config": asdict(config), "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step},
+             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+             "loss_log": loss_log},
             checkpoint_path,
         )
 
@@ -237,7 +238,7 @@ def train(
         step += 1
         steps_this_call += 1
         loss_value = loss.item()
-        config.log.append([step, loss_value])
+        loss_log.append([step, loss_value])
         bar.set_postfix(loss=f"{loss_value:.4f}")
         bar.update(1)
         if step % config.checkpoint_every == 0 or step == config.steps:
@@ -247,8 +248,7 @@ def train(
         checkpoint()
         return out
     _save_pipeline(ema, scheduler, out)
-    (out / "training_log.json").write_text(json.dumps({"config": {k: v for k, v in asdict(config).items() if k != "log"},
-                                                       "loss": config.log}))
+    (out / "training_log.json").write_text(json.dumps({"config": asdict(config), "loss": loss_log}))
     return out
 
 
@@ -257,8 +257,3 @@ def _save_pipeline(unet, scheduler, out: Path) -> None:
 
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out)
 
-
-def smoothed_loss(log: Sequence[Sequence[float]], window: int = 200) -> list[tuple[int, float]]:
-    """(step, mean loss over the trailing window) every `window` steps, for training curves."""
-    losses = np.array([loss for _, loss in log])
-    return [(int(log[end - 1][0]), float(losses[end - window : end].mean())) for end in range(window, len(losses) + 1, window)]

@@ -47,7 +47,7 @@ def export_checkpoint(run: Path, destination: Path) -> None:
     unet = build_unet(config)
     unet.load_state_dict(state["ema"])
     DDPMPipeline(unet=unet, scheduler=build_scheduler(config)).save_pretrained(destination)
-    (destination / "training_log.json").write_text(json.dumps({"stopped_at_step": state["step"], "loss": config.log}))
+    (destination / "training_log.json").write_text(json.dumps({"stopped_at_step": state["step"], "loss": state["loss_log"]}))
 
 
 def install(run: Path) -> None:
