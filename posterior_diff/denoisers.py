@@ -92,10 +92,15 @@ class Denoiser(nn.Module):
     Attributes:
         schedule: the Schedule giving alpha(t), sigma(t) for this model.
         event_shape: the shape of one x (no batch), or None if the model takes any shape.
+        data_range: (low, high) of the data for image models, which then take and return
+            images in [0, 1] through `restore`; None for models without one (analytic priors).
+        channels: the number of image channels the model takes, or None.
     """
 
     schedule: Schedule
     event_shape: tuple[int, ...] | None = None
+    data_range: tuple[float, float] | None = None
+    channels: int | None = None
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         """D(x_t, t) for x_t of shape (B, *event) and t a float or a (B,) tensor in [0, 1]."""
@@ -146,10 +151,14 @@ class ModuleDenoiser(Denoiser):
         self.time_input = time_input
         self.event_shape = None if event_shape is None else tuple(event_shape)
 
+    def network_output(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The module's raw prediction (eps, v, x0 or score) at x_t and (B,) times t."""
+        output = self.module(x_t, self.time_input(t))
+        return getattr(output, "sample", output)
+
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t, x_t)
-        output = self.module(x_t, self.time_input(t))
-        output = getattr(output, "sample", output)
+        output = self.network_output(x_t, t)
         alpha = per_sample(self.schedule.alpha(t), x_t)
         sigma = per_sample(self.schedule.sigma(t), x_t)
         return prediction_to_x0(self.prediction, x_t, output, alpha, sigma)

@@ -87,7 +87,7 @@ class AveragedLikelihoodGuidance(Denoiser):
         self.operator = operator
         self.schedule = denoiser.schedule
         self.event_shape = denoiser.event_shape
-        self.data_range = getattr(denoiser, "data_range", None)
+        self.data_range = denoiser.data_range
         self.covariance = covariance
         self.guidance_scale = float(guidance_scale)
         self.cg_tol = float(cg_tol)
@@ -117,8 +117,7 @@ class AveragedLikelihoodGuidance(Denoiser):
             grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
         step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
         corrected = (x0 + step * grad_log_likelihood).detach()
-        data_range = getattr(self.denoiser, "data_range", None)
-        return corrected if data_range is None else corrected.clamp(*data_range)
+        return corrected if self.data_range is None else corrected.clamp(*self.data_range)
 
     def _apply_inverse_covariance(
         self, residual: Tensor, vjp: Callable[[Tensor], Tensor], alpha: Tensor, sigma: Tensor

@@ -12,17 +12,16 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .denoisers import Denoiser, as_time, canonical_prediction, per_sample, prediction_to_x0
+from .denoisers import Denoiser, ModuleDenoiser
 from .schedules import DiscreteSchedule
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 
-class UNetDenoiser(Denoiser):
+class UNetDenoiser(ModuleDenoiser):
     """A diffusers UNet2DModel trained on a discrete DDPM schedule, as a Denoiser in [-1, 1].
 
     Args:
@@ -33,33 +32,26 @@ class UNetDenoiser(Denoiser):
     Continuous t maps to the fractional training timestep T t - 1, passed as a float tensor
     (a Python float would be truncated to an integer by the UNet). Images whose height or
     width is not a multiple of the UNet's downsampling factor are padded by reflection and
-    cropped back, so any size works.
+    cropped back, so any size works. The conversion to E[x_0 | x_t] is ModuleDenoiser's.
     """
 
     data_range = (-1.0, 1.0)
 
     def __init__(self, unet, alphas_cumprod: Tensor, prediction: str = "epsilon"):
-        super().__init__()
-        self.unet = unet.eval().requires_grad_(False)
-        self.schedule = DiscreteSchedule(alphas_cumprod)
-        self.prediction = canonical_prediction(prediction)
+        super().__init__(unet.eval().requires_grad_(False), DiscreteSchedule(alphas_cumprod), prediction)
         self.channels = int(unet.config.in_channels)
         self.downsampling = 2 ** (len(unet.config.block_out_channels) - 1)
 
-    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
-        t = as_time(t, x_t)
+    def network_output(self, x_t: Tensor, t: Tensor) -> Tensor:
         height, width = x_t.shape[-2:]
         pad_h, pad_w = -height % self.downsampling, -width % self.downsampling
         padded = x_t
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             padded = F.pad(x_t, (0, pad_w, 0, pad_h), mode=mode)
-        unet_dtype = next(self.unet.parameters()).dtype
-        output = self.unet(padded.to(unet_dtype), self.schedule.timestep(t).to(unet_dtype)).sample
-        output = output[..., :height, :width].to(x_t.dtype)
-        alpha = per_sample(self.schedule.alpha(t), x_t)
-        sigma = per_sample(self.schedule.sigma(t), x_t)
-        return prediction_to_x0(self.prediction, x_t, output, alpha, sigma)
+        unet_dtype = next(self.module.parameters()).dtype
+        output = self.module(padded.to(unet_dtype), self.time_input(t).to(unet_dtype)).sample
+        return output[..., :height, :width].to(x_t.dtype)
 
 
 def _load_folder(folder: Path) -> UNetDenoiser:

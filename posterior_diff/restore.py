@@ -136,7 +136,7 @@ def restore(
         model = load_model(model)
     if not isinstance(model, Denoiser):
         raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder or None, got {type(model).__name__}")
-    image_model = getattr(model, "data_range", None) is not None
+    image_model = model.data_range is not None
     if not isinstance(operator, LinearOperator):
         raise TypeError(f"operator must be an operators.LinearOperator, got {type(operator).__name__}")
     num_samples = _positive_int(num_samples, "num_samples")
@@ -152,7 +152,7 @@ def restore(
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
     y = _as_measurement(y, image_model)
-    channels = getattr(model, "channels", None)
+    channels = model.channels
     if channels is not None and y.dim() == 3 and y.shape[0] != channels:
         raise ValueError(
             f"y has {y.shape[0]} channel(s) but the model takes {channels}; convert the image first "
