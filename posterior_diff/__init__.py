@@ -6,7 +6,7 @@
 """
 
 from .denoisers import Denoiser, ModuleDenoiser
-from .models import UNetDenoiser, default_model, load_model
+from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore
@@ -24,6 +24,10 @@ __all__ = [
     "AveragedLikelihoodGuidance",
     "UNetDenoiser",
     "load_model",
+    "denoiser_from_diffusers",
+    "ModelLoadError",
+    "DEFAULT_MODEL_DIR",
+    "PosteriorSamplingPipeline",
     "default_model",
     "sample",
     "NonFiniteSampleError",
@@ -39,3 +43,12 @@ __all__ = [
     "GRIDS",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The pipeline imports diffusers' pipeline machinery (about a second); load it on first use.
+    if name == "PosteriorSamplingPipeline":
+        from .pipeline import PosteriorSamplingPipeline
+
+        return PosteriorSamplingPipeline
+    raise AttributeError(f"module 'posterior_diff' has no attribute {name!r}")

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="isotropic (default, fastest on a CPU), tweedie (more exact, costs --cg-max-iter more "
                               "network backward passes per step), diagonal or zero")
     restore.add_argument("--cg-max-iter", type=int, default=4, help="conjugate-gradient cap per step for tweedie (default 4)")
-    restore.add_argument("--model", type=Path, help="a diffusers model folder (default: the embedded model)")
+    restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("-o", "--output", type=Path, required=True, help="where to write the posterior mean")
     restore.add_argument("--std-map", type=Path, help="also write the posterior standard deviation (scaled to its maximum)")

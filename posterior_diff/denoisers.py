@@ -113,6 +113,14 @@ class Denoiser(nn.Module):
         sigma = per_sample(self.schedule.sigma(t), x_t)
         return score_from_x0(x_t, self(x_t, t), alpha, sigma)
 
+    def sampling_dtype(self) -> torch.dtype:
+        """The dtype of the sampler state: the model's own, but float32 for a half-precision
+        network (the network still runs in half precision; the sampler and CG need float32)."""
+        reference = self.reference_tensor()
+        if reference is None:
+            return torch.get_default_dtype()
+        return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
+
     def reference_tensor(self) -> Tensor | None:
         """A parameter or buffer of the model: where it lives decides device and dtype."""
         for tensor in list(self.parameters()) + list(self.buffers()):

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def restore(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int], Any] = False,
     grid: str = "log-snr",
     cg_tol: float = 1e-4,
     cg_max_iter: int = 50,
@@ -113,7 +114,8 @@ def restore(
         operator: the forward model A with its noise level (an `operators.LinearOperator`);
             sigma_y in the units of y.
         model: the prior: a Denoiser (GaussianPrior, ModuleDenoiser, UNetDenoiser, ...), a
-            folder holding a diffusers model, or None for the embedded default image model.
+            folder holding a diffusers model, a Hugging Face hub id ("org/name", see
+            `load_model`), or None for the embedded default image model.
         num_samples: how many posterior samples to draw.
         steps: grid times of the sampler (network evaluations for the default solver).
         covariance: V_t in the averaged likelihood: "zero", "isotropic", "diagonal", "tweedie".
@@ -122,7 +124,8 @@ def restore(
         guidance_scale: multiplier on the likelihood gradient (1 = Bayes' rule).
         generator: torch.Generator for reproducible draws.
         device: where to sample; default: where the model lives. The model is moved there.
-        progress: show a progress bar.
+        progress: True shows a tqdm progress bar; a callable `progress(total)` returning a bar
+            (e.g. a diffusers pipeline's `progress_bar`) shows that one.
         grid: time grid, "log-snr" (default), "uniform" or "karras".
         cg_tol, cg_max_iter: stopping rule of the Tweedie conjugate gradient.
         batch_size: samples drawn per sampler run (all at once by default).
@@ -135,7 +138,7 @@ def restore(
     elif isinstance(model, (str, Path)):
         model = load_model(model)
     if not isinstance(model, Denoiser):
-        raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder or None, got {type(model).__name__}")
+        raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder, a hub id or None, got {type(model).__name__}")
     image_model = model.data_range is not None
     if not isinstance(operator, LinearOperator):
         raise TypeError(f"operator must be an operators.LinearOperator, got {type(operator).__name__}")
@@ -170,7 +173,7 @@ def restore(
 
     reference = model.reference_tensor()
     device = torch.device(device) if device is not None else (reference.device if reference is not None else y.device)
-    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    dtype = model.sampling_dtype()
     model.to(device)
     # Operators are small: work on a copy so the caller's stays where it was.
     operator = copy.deepcopy(operator).to(device)

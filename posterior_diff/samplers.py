@@ -30,6 +30,7 @@ On a Gaussian prior the first-order steps shrink the covariance by 5-13% at 100 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -97,7 +98,7 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int], Any] = False,
 ) -> tuple[Tensor, int]:
     """Draw samples x_0 by integrating the reverse-time dynamics from t_max to t_min.
 
@@ -113,7 +114,9 @@ def sample(
             0.16 with a first-order predictor; 0.05 measured best here with the multistep one).
         generator: torch.Generator making the draw reproducible.
         device, dtype: where to sample; default: those of the denoiser's tensors.
-        progress: show a tqdm progress bar.
+        progress: True shows a tqdm progress bar; a callable `progress(total)` returning a bar
+            (an object with `update(n)` and `close()`, e.g. a diffusers pipeline's
+            `progress_bar`) shows that one.
 
     Returns:
         (x_0 samples of the given shape, number of denoiser evaluations).
@@ -124,7 +127,7 @@ def sample(
     eta = check_eta(eta, solver)
     reference = denoiser.reference_tensor()
     device = torch.device(device) if device is not None else (reference.device if reference is not None else torch.device("cpu"))
-    dtype = dtype or (reference.dtype if reference is not None else torch.get_default_dtype())
+    dtype = dtype or denoiser.sampling_dtype()
     times = time_grid(denoiser.schedule, steps, grid, s_min).tolist()
     coefficients = [_Coefficients(denoiser.schedule, t) for t in times]
     evaluations = 0
@@ -141,7 +144,10 @@ def sample(
     start = coefficients[0]
     x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, generator, device, dtype)
     previous_x0, previous_h = None, None
-    bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})")
+    if callable(progress):
+        bar = progress(len(times))
+    else:
+        bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})")
     for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:])):
         x0 = denoise(x, now, step)
         noise = randn(x.shape, generator, device, dtype) if eta > 0 else None

@@ -32,7 +32,10 @@ def test_grey_inpainting_with_a_mask(tmp_path, pipeline_folder):
     assert read_image(out).shape == (1, 8, 8)  # grey in, grey out, through a colour model
 
 
-def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys):
+def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network attempts
     image = write(tmp_path / "in.png", torch.rand(3, 8, 8))
     (tmp_path / "broken.png").write_bytes(b"junk")
     small_mask = write(tmp_path / "mask.png", torch.ones(1, 4, 4))
@@ -44,6 +47,7 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys):
         ([str(image), "--task", "inpaint", "--mask", str(small_mask), *common], "the mask is 4x4 pixels but the input is 8x8"),
         ([str(image), "--task", "inpaint", *common], "needs --mask"),
         ([str(image), "--task", "denoise", "--sigma", "-1", *common], "sigma"),
+        ([str(image), "--task", "sr2", *common, "--model", "someone/uncached-model"], "pass a local folder"),
     ]
     for arguments, message in cases:
         assert main(["restore", *arguments]) == 2

@@ -1,9 +1,11 @@
+import shutil
+
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DModel
 
 from operators import SuperResolution
-from posterior_diff import UNetDenoiser, load_model, restore
+from posterior_diff import ModelLoadError, UNetDenoiser, denoiser_from_diffusers, load_model, restore
 from posterior_diff.denoisers import x0_from_epsilon
 
 
@@ -61,3 +63,116 @@ def test_the_embedded_default_model_restores_a_small_image_of_any_size():
     assert float(result.samples.min()) >= 0 and float(result.samples.max()) <= 1
     pipeline = DDPMPipeline.from_pretrained(DEFAULT_MODEL_DIR)  # the shipped folder is a diffusers pipeline
     assert pipeline.unet.config.in_channels == 3
+
+
+def _spy_timesteps(unet):
+    """Record the timestep argument of every UNet call."""
+    seen = []
+    forward = unet.forward
+
+    def recording_forward(sample, timestep, *args, **kwargs):
+        seen.append(timestep)
+        return forward(sample, timestep, *args, **kwargs)
+
+    unet.forward = recording_forward
+    return seen
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_each_prediction_type_matches_the_schedulers_own_x0(prediction):
+    from conftest import tiny_unet
+
+    unet = tiny_unet()
+    scheduler = DDPMScheduler(prediction_type=prediction, clip_sample=False, beta_schedule="squaredcos_cap_v2")
+    model = denoiser_from_diffusers(unet, scheduler)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    n = 300
+    with torch.no_grad():
+        output = unet(x, torch.full((2,), float(n))).sample
+        expected = scheduler.step(output, n, x).pred_original_sample
+        assert torch.allclose(model(x, (n + 1) / 1000), expected, atol=1e-4)
+
+
+def test_fractional_times_reach_the_unet_as_float_timesteps():
+    from conftest import tiny_unet
+
+    unet = tiny_unet()
+    seen = _spy_timesteps(unet)
+    model = denoiser_from_diffusers(unet, DDPMScheduler())
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 8), 0.5005)  # between training steps 499 and 500
+    assert seen[0].is_floating_point() and torch.allclose(seen[0], torch.full((2,), 499.5))
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler])
+def test_unet_folders_with_any_ddpm_family_scheduler_config_load(tmp_path, scheduler_class):
+    from conftest import tiny_unet
+
+    tiny_unet().save_pretrained(tmp_path)
+    scheduler_class(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    reference = DDPMScheduler(beta_schedule="scaled_linear").alphas_cumprod.double()
+    knots = torch.tensor([0, 10, 500, 999])
+    times = ((knots + 1) / 1000).double()
+    assert model.prediction == "v_prediction"
+    assert torch.allclose(model.schedule.alpha(times) ** 2, reference[knots], rtol=1e-5)
+
+
+def test_class_conditional_unets_need_a_label_and_use_it():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, num_class_embeds=4)
+    with pytest.raises(ValueError, match="class_label"):
+        denoiser_from_diffusers(unet, DDPMScheduler())
+    with pytest.raises(ValueError, match="unconditional"):
+        denoiser_from_diffusers(UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                                            down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
+                                DDPMScheduler(), class_label=1)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        outputs = [denoiser_from_diffusers(unet, DDPMScheduler(), class_label=label)(x, 0.5) for label in (0, 1)]
+    assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_a_half_precision_unet_runs_in_half_while_sampling_stays_float32():
+    from conftest import tiny_unet
+
+    full = denoiser_from_diffusers(tiny_unet(), DDPMScheduler())
+    half = denoiser_from_diffusers(tiny_unet().to(torch.bfloat16), DDPMScheduler())
+    assert half.sampling_dtype() == torch.float32 and next(half.module.parameters()).dtype == torch.bfloat16
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = half(x, 0.3)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, full(x, 0.3), atol=0.1)
+
+
+def _fake_hub_cache(cache, repo_id, folder):
+    """Lay out `folder` as the cached snapshot of `repo_id`, as huggingface_hub stores downloads."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_ids_load_through_the_same_code_from_the_cache(pipeline_folder, tmp_path):
+    _fake_hub_cache(tmp_path / "cache", "someone/tiny-ddpm", pipeline_folder)
+    from_hub = load_model("someone/tiny-ddpm", cache_dir=tmp_path / "cache", local_files_only=True)
+    from_folder = load_model(pipeline_folder)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(from_hub(x, 0.4), from_folder(x, 0.4))
+
+
+def test_an_uncached_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="pass a local folder") as error:
+        load_model("someone/missing", cache_dir=tmp_path, local_files_only=True)
+    assert "HF_HUB_OFFLINE" in str(error.value) and "local_files_only" in str(error.value)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="someone/missing"):
+        restore(torch.rand(3, 4, 4), SuperResolution(2, 0.05), "someone/missing")

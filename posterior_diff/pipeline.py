@@ -1,0 +1,100 @@
+"""`PosteriorSamplingPipeline`: posterior sampling as a diffusers pipeline.
+
+    from posterior_diff import PosteriorSamplingPipeline, DEFAULT_MODEL_DIR
+    from operators import SuperResolution
+    pipe = PosteriorSamplingPipeline.from_pretrained(DEFAULT_MODEL_DIR)   # or any DDPM-family folder / hub id
+    images = pipe(low_resolution, SuperResolution(4, sigma=0.025), num_samples=4).images
+
+It registers a `unet` (a pixel-space `UNet2DModel`) and a `scheduler` of the DDPM family, of
+which only the training `alphas_cumprod` and `prediction_type` are read. The sampling itself is
+`restore()`'s: one code path, so the pipeline and `restore()` give the same numbers for the same
+generator. Everything diffusers gives a pipeline comes with it: `save_pretrained`,
+`from_pretrained` (with `torch_dtype`), `from_pipe`, `.to(device)`, `enable_model_cpu_offload`,
+`set_progress_bar_config`.
+
+This file imports only absolute names, so diffusers can also load it as a community pipeline:
+`DiffusionPipeline.from_pretrained(folder, custom_pipeline="path/to/posterior_diff/pipeline.py")`.
+"""
+
+# No `from __future__ import annotations`: diffusers reads __init__'s annotations at run time
+# (from_pipe matches components by type).
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+
+from posterior_diff.models import denoiser_from_diffusers
+from posterior_diff.restore import restore
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class PosteriorSamplingPipeline(DiffusionPipeline):
+    """Posterior samples of an image x from a measurement y = A x + noise, with a diffusion prior.
+
+    Args:
+        unet: a `diffusers.UNet2DModel` trained on [-1, 1] images (noise, v or sample prediction).
+        scheduler: its training scheduler (DDPMScheduler, DDIMScheduler, PNDMScheduler,
+            EulerDiscreteScheduler, ...).
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def __call__(
+        self,
+        measurement,
+        operator,
+        num_inference_steps: int = 100,
+        num_samples: int = 1,
+        covariance: str = "tweedie",
+        eta: float = 1.0,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        *,
+        class_label: int | None = None,
+        solver: str = "multistep",
+        cg_max_iter: int = 50,
+        batch_size: int | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Draw `num_samples` posterior samples.
+
+        Args:
+            measurement: y in [0, 1] units: a tensor (C, h, w), a numpy array (h, w[, C]) or a
+                PIL image (one measurement, no batch dimension).
+            operator: an `operators.LinearOperator` (or a deepinv physics, once adapted) with
+                sigma_y in [0, 1] units.
+            num_inference_steps: sampler steps (network evaluations per sample for the default solver).
+            num_samples: how many posterior samples to return.
+            covariance, eta, guidance_scale, solver, cg_max_iter, batch_size: as in `restore()`.
+            generator: a torch.Generator for reproducible draws.
+            output_type: "pil" (list of PIL images), "np" (array (B, H, W, C)) or "pt" (tensor
+                (B, C, H, W)); all in [0, 1].
+            return_dict: return an `ImagePipelineOutput` (else the tuple `(images,)`).
+            class_label: the class index for a class-conditional UNet.
+
+        Returns:
+            `ImagePipelineOutput(images=...)`, or `(images,)` when `return_dict` is False.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        denoiser = denoiser_from_diffusers(self.unet, self.scheduler, class_label)
+        result = restore(
+            measurement, operator, denoiser, num_samples=num_samples, steps=num_inference_steps,
+            covariance=covariance, eta=eta, solver=solver, guidance_scale=guidance_scale, generator=generator,
+            device=self._execution_device, progress=lambda total: self.progress_bar(total=total),
+            cg_max_iter=cg_max_iter, batch_size=batch_size,
+        )
+        self.maybe_free_model_hooks()
+        images = result.samples
+        if output_type != "pt":
+            images = images.detach().cpu().float().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(np.clip(images, 0, 1))
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

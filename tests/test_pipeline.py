@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline, ImagePipelineOutput
+from PIL import Image
+
+from conftest import tiny_unet
+from operators import Inpainting, SuperResolution, box_mask
+from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline, restore
+
+OPERATOR = SuperResolution(2, sigma=0.05)
+MEASUREMENT = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(3))  # an 8x8 image at x2
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def run(pipe, **kwargs):
+    settings = dict(num_inference_steps=4, num_samples=2, generator=seeded(), output_type="pt")
+    settings.update(kwargs)
+    return pipe(MEASUREMENT, OPERATOR, **settings).images
+
+
+@pytest.fixture
+def pipe(pipeline_folder):
+    pipe = PosteriorSamplingPipeline.from_pretrained(pipeline_folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_folder_pipeline_and_restore_give_the_same_numbers(pipe, pipeline_folder):
+    images = run(pipe)
+    result = restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4, generator=seeded())
+    assert images.shape == (2, 3, 8, 8)
+    assert torch.equal(images, result.samples)
+
+
+def test_generator_reproducibility(pipe):
+    assert torch.equal(run(pipe), run(pipe))
+    assert not torch.allclose(run(pipe), run(pipe, generator=seeded(1)))
+
+
+def test_output_types_and_tuple_return(pipe):
+    tensor = run(pipe)
+    array = run(pipe, output_type="np")
+    assert isinstance(array, np.ndarray) and array.shape == (2, 8, 8, 3)
+    assert np.allclose(array, tensor.permute(0, 2, 3, 1).numpy())
+    pictures = run(pipe, output_type="pil")
+    assert len(pictures) == 2 and all(isinstance(p, Image.Image) and p.size == (8, 8) for p in pictures)
+    assert np.abs(np.asarray(pictures[0]) / 255.0 - array[0]).max() <= 0.5 / 255 + 1e-6
+    as_tuple = pipe(MEASUREMENT, OPERATOR, num_inference_steps=4, num_samples=2, generator=seeded(),
+                    output_type="pt", return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], tensor)
+    assert isinstance(pipe(MEASUREMENT, OPERATOR, num_inference_steps=2), ImagePipelineOutput)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(MEASUREMENT, OPERATOR, output_type="latent")
+
+
+def test_measurements_as_numpy_and_pil_match_the_tensor(pipe):
+    mask = box_mask((3, 8, 8), 2, 2, 4, 4)
+    operator = Inpainting(mask, sigma=0.05)
+    image = torch.rand(3, 8, 8, generator=seeded(5)) * mask
+    as_uint8 = (image * 255).round() / 255
+    outputs = [pipe(form, operator, num_inference_steps=3, generator=seeded(), output_type="pt").images
+               for form in (as_uint8, (as_uint8.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+                            Image.fromarray((as_uint8.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))]
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6) and torch.allclose(outputs[0], outputs[2], atol=1e-6)
+
+
+def test_save_and_load_round_trip_and_from_pipe(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = PosteriorSamplingPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(run(reloaded), run(pipe))
+    ddpm = DDPMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
+    converted = PosteriorSamplingPipeline.from_pipe(ddpm)
+    assert converted.unet is ddpm.unet and converted.scheduler is ddpm.scheduler
+
+
+def test_diffusers_loads_it_as_a_custom_pipeline(pipe, pipeline_folder):
+    import posterior_diff.pipeline
+
+    custom = DiffusionPipeline.from_pretrained(pipeline_folder, custom_pipeline=posterior_diff.pipeline.__file__,
+                                               trust_remote_code=True)
+    assert type(custom).__name__ == "PosteriorSamplingPipeline"
+    custom.set_progress_bar_config(disable=True)
+    assert torch.equal(run(custom), run(pipe))
+
+
+def test_half_precision_weights_and_cpu_offload(pipeline_folder, pipe):
+    half = PosteriorSamplingPipeline.from_pretrained(pipeline_folder, dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    assert half.unet.dtype == torch.bfloat16
+    images = run(half)
+    assert images.dtype == torch.float32 and bool(torch.isfinite(images).all())
+    pipe.enable_model_cpu_offload(device="cpu")  # the offload hooks; on a GPU machine device="cuda"
+    assert torch.equal(run(pipe), run(PosteriorSamplingPipeline.from_pretrained(pipeline_folder)))
+
+
+def test_the_embedded_default_model_folder_loads_into_the_pipeline():
+    pipe = PosteriorSamplingPipeline.from_pretrained(DEFAULT_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    images = run(pipe, num_samples=1, num_inference_steps=2)
+    assert images.shape == (1, 3, 8, 8) and float(images.min()) >= 0 and float(images.max()) <= 1
+
+
+def test_bad_arguments_fail_before_any_sampling(pipe):
+    with pytest.raises(TypeError, match="generator"):
+        pipe(MEASUREMENT, OPERATOR, generator=[seeded()])
+    with pytest.raises(ValueError, match="covariance"):
+        pipe(MEASUREMENT, OPERATOR, covariance="full")
+    with pytest.raises(ValueError, match="channel"):
+        pipe(torch.rand(1, 4, 4), OPERATOR)
