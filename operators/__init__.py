@@ -1,6 +1,7 @@
 """Linear forward models y = A x + sigma_y * n for posterior sampling (batch-first tensors)."""
 
 from .base import LinearOperator
+from .deepinv_interop import DeepinvOperator, as_operator, from_deepinv, to_deepinv
 from .denoising import Denoising
 from .inpainting import Inpainting, box_mask, random_mask
 from .linalg import CGInfo, conjugate_gradient, per_sample
@@ -18,4 +19,8 @@ __all__ = [
     "conjugate_gradient",
     "CGInfo",
     "per_sample",
+    "from_deepinv",
+    "to_deepinv",
+    "as_operator",
+    "DeepinvOperator",
 ]

@@ -118,6 +118,12 @@ class LinearOperator(nn.Module):
         solution, _ = conjugate_gradient(matvec, u, tol=tol, max_iter=max_iter)
         return solution
 
+    def to_deepinv(self):
+        """This operator as a `deepinv.physics.LinearPhysics` (same A, A^T and sigma_y; needs deepinv)."""
+        from .deepinv_interop import to_deepinv
+
+        return to_deepinv(self)
+
     # -- helpers ------------------------------------------------------------------------
     def to_matrix(self, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> Tensor:
         """The dense matrix of A for inputs of shape `input_shape`: (prod y_shape, prod x_shape)."""

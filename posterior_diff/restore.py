@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from operators import LinearOperator
+from operators import LinearOperator, as_operator
 
 from .denoisers import Denoiser
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
@@ -111,8 +111,8 @@ def restore(
         y: one measurement (no batch dimension). For image models an image in [0, 1]: a
             tensor (C, h, w), a numpy array (h, w[, C]) or a PIL image; for analytic priors a
             tensor or array of shape y_shape in the prior's units.
-        operator: the forward model A with its noise level (an `operators.LinearOperator`);
-            sigma_y in the units of y.
+        operator: the forward model A with its noise level: an `operators.LinearOperator` or a
+            deepinv `LinearPhysics` with Gaussian noise; sigma_y in the units of y.
         model: the prior: a Denoiser (GaussianPrior, ModuleDenoiser, UNetDenoiser, ...), a
             folder holding a diffusers model, a Hugging Face hub id ("org/name", see
             `load_model`), or None for the embedded default image model.
@@ -140,8 +140,7 @@ def restore(
     if not isinstance(model, Denoiser):
         raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder, a hub id or None, got {type(model).__name__}")
     image_model = model.data_range is not None
-    if not isinstance(operator, LinearOperator):
-        raise TypeError(f"operator must be an operators.LinearOperator, got {type(operator).__name__}")
+    operator = as_operator(operator)  # a deepinv LinearPhysics is adapted here
     num_samples = _positive_int(num_samples, "num_samples")
     steps = _positive_int(steps, "steps")
     batch_size = num_samples if batch_size is None else _positive_int(batch_size, "batch_size")

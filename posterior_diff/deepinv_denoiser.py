@@ -1,0 +1,48 @@
+r"""Our denoisers as `deepinv.models.Denoiser`s, so deepinv's samplers can run on our priors.
+
+deepinv's contract is variance-exploding and in [0, 1] image units:
+
+    x = x_0 + s n,   D(x, s) = E[x_0 | x],   x and the output in [0, 1], s a float or (B,) tensor.
+
+Ours is x_t = alpha_t x_0 + sigma_t n in the model's units ([-1, 1] for image models). With
+x_model = 2 x - 1 the deepinv input is x_model + 2 s n, a noise ratio sigma_t / alpha_t = 2 s
+(= s for analytic priors, which have no image range). So the adapter finds the time t with
+sigma_t / alpha_t = 2 s, scales x_t = alpha_t x_model, and maps E[x_0 | x_t] back to [0, 1].
+Noise ratios outside the schedule's range are clamped to its ends (t_min, t_max).
+"""
+
+from __future__ import annotations
+
+import deepinv
+import torch
+from torch import Tensor
+
+from .denoisers import Denoiser
+from .images import from_model_range, to_model_range
+
+
+class DeepinvDenoiser(deepinv.models.Denoiser):
+    """A posterior_diff Denoiser behind deepinv's `D(x, sigma)` interface.
+
+    Args:
+        model: any Denoiser (the embedded model, a UNetDenoiser, GaussianPrior, ...).
+    """
+
+    def __init__(self, model: Denoiser):
+        super().__init__()
+        self.model = model
+        self.image_model = model.data_range is not None
+        self._t_range = (float(model.schedule.t_min), float(model.schedule.t_max))
+
+    def forward(self, x: Tensor, sigma: float | Tensor, **kwargs) -> Tensor:
+        """E[x_0 | x] for x = x_0 + sigma n: x of shape (B, *event), sigma a float or (B,)."""
+        sigma = self._handle_sigma(sigma, batch_size=x.shape[0], device=x.device, dtype=torch.float64).flatten()
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        ratio = 2 * sigma if self.image_model else sigma
+        schedule = self.model.schedule
+        t = schedule.time_for_ratio(ratio.cpu()).clamp(*self._t_range).to(device=x.device, dtype=x.dtype)
+        alpha = schedule.alpha(t).reshape(-1, *[1] * (x.dim() - 1))
+        x_model = to_model_range(x) if self.image_model else x
+        denoised = self.model(alpha * x_model, t)
+        return from_model_range(denoised) if self.image_model else denoised
