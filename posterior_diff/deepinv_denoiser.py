@@ -43,6 +43,8 @@ class DeepinvDenoiser(deepinv.models.Denoiser):
         schedule = self.model.schedule
         t = schedule.time_for_ratio(ratio.cpu()).clamp(*self._t_range).to(device=x.device, dtype=x.dtype)
         alpha = schedule.alpha(t).reshape(-1, *[1] * (x.dim() - 1))
-        x_model = to_model_range(x) if self.image_model else x
-        denoised = self.model(alpha * x_model, t)
-        return from_model_range(denoised) if self.image_model else denoised
+        # deepinv hands over float32; analytic priors may be float64: compute in the model's dtype.
+        dtype = self.model.sampling_dtype()
+        x_model = (to_model_range(x) if self.image_model else x).to(dtype)
+        denoised = self.model(alpha.to(dtype) * x_model, t.to(dtype))
+        return (from_model_range(denoised) if self.image_model else denoised).to(x.dtype)

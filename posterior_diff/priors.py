@@ -140,6 +140,8 @@ class GaussianMixturePrior(Denoiser):
         self.register_buffer("covs", covs)
         self.register_buffer("eigenvalues", values)
         self.register_buffer("eigenvectors", vectors)
+        scalars = torch.diagonal(covs, dim1=1, dim2=2)[:, :1, None] * torch.eye(d, dtype=covs.dtype, device=covs.device)
+        self.isotropic = bool(torch.equal(covs, scalars))
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t, x_t)
@@ -147,13 +149,57 @@ class GaussianMixturePrior(Denoiser):
         sigma = self.schedule.sigma(t)[:, None, None]
         means = self.means.flatten(1)  # (K, d)
         offset = x_t.flatten(1)[:, None, :] - alpha * means  # (B, K, d)
-        coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
-        variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
-        log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
+        if self.isotropic:  # S_k = c_k I: no rotations, O(B K d) instead of O(B K d^2)
+            scale = self.eigenvalues[:, :1]  # (K, 1)
+            variance = (alpha**2 * scale + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)  # (B, K, 1)
+            log_likelihood = -0.5 * ((offset**2).sum(-1, keepdim=True) / variance + means.shape[1] * variance.log()).squeeze(-1)
+            component_x0 = means + offset * alpha * scale / variance
+        else:
+            coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
+            variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
+            log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
+            component_x0 = means + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
         responsibilities = torch.softmax(log_likelihood + self.weights.log(), dim=-1)  # (B, K)
-        component_x0 = means + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
         x0 = (responsibilities[..., None] * component_x0).sum(1)
         return x0.reshape(x_t.shape)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x_0) of the mixture for x of shape (B, *event_shape); returns (B,)."""
+        means = self.means.flatten(1)
+        offset = x.flatten(1).to(means.dtype)[:, None, :] - means  # (B, K, d)
+        coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
+        variance = self.eigenvalues.clamp_min(torch.finfo(means.dtype).tiny)  # (K, d)
+        log_normal = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1) + means.shape[1] * math.log(2 * math.pi))
+        return torch.logsumexp(log_normal + self.weights.log(), dim=-1)
+
+    def posterior(self, operator, y: Tensor) -> "GaussianMixturePrior":
+        """The exact posterior of x_0 given one measurement y = A x_0 + sigma_y n: a mixture again.
+
+        Component k becomes N(m_k, C_k) with G_k = A S_k A^T + sigma_y^2 I,
+        m_k = mu_k + S_k A^T G_k^+ (y - A mu_k), C_k = S_k - S_k A^T G_k^+ A S_k, and its weight
+        is multiplied by the evidence N(y; A mu_k, G_k). Dense in A: for small problems.
+        """
+        dtype, device = self.means.dtype, self.means.device
+        matrix = operator.to_matrix(self.event_shape, dtype=dtype).to(device)
+        y_flat = torch.as_tensor(y, dtype=dtype, device=device).flatten()
+        if y_flat.numel() != matrix.shape[0]:
+            raise ValueError(f"y has {y_flat.numel()} entries but the operator produces {matrix.shape[0]}")
+        means = self.means.flatten(1)  # (K, d)
+        sigma_a = self.covs @ matrix.T  # (K, d, m)
+        gram = matrix @ sigma_a + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=dtype, device=device)
+        values, vectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
+        positive = values > values.amax(-1, keepdim=True) * 1e-12
+        inverse_values = torch.where(positive, 1 / values, 0.0)
+        residual = y_flat - means @ matrix.T  # (K, m)
+        coordinates = torch.einsum("km,kmj->kj", residual, vectors)
+        log_evidence = -0.5 * ((coordinates**2 * inverse_values).sum(-1) + torch.where(positive, values.log(), 0.0).sum(-1))
+        gram_pinv = vectors @ (inverse_values[..., None] * vectors.transpose(1, 2))
+        gain = sigma_a @ gram_pinv  # (K, d, m)
+        post_means = means + torch.einsum("kdm,km->kd", gain, residual)
+        post_covs = self.covs - gain @ sigma_a.transpose(1, 2)
+        weights = torch.softmax(self.weights.log() + log_evidence, dim=0)
+        return GaussianMixturePrior(weights, post_means.reshape(self.means.shape), (post_covs + post_covs.transpose(1, 2)) / 2,
+                                    self.schedule)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact draws from the mixture, shape (num_samples, *event_shape)."""

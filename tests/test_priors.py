@@ -96,3 +96,46 @@ def test_gaussian_posterior_is_bayes_rule(generator):
 def test_bad_priors_are_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_mixture_posterior_is_prior_times_likelihood():
+    from operators import MatrixOperator
+
+    covs = torch.stack([torch.tensor([[1.0, 0.3], [0.3, 0.5]]), 0.7 * torch.eye(2), torch.tensor([[0.4, -0.1], [-0.1, 2.0]])]).double()
+    prior = GaussianMixturePrior(torch.tensor([0.2, 0.5, 0.3]), torch.tensor([[-2.0, 1.0], [3.0, 0.0], [0.0, -3.0]], dtype=DOUBLE), covs)
+    operator = MatrixOperator(torch.tensor([[1.0, 0.5]], dtype=DOUBLE), sigma=0.4)
+    y = torch.tensor([0.7], dtype=DOUBLE)
+    posterior = prior.posterior(operator, y)
+    x = 3 * torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=DOUBLE)
+    log_likelihood = -0.5 * ((operator.A(x) - y) ** 2).sum(-1) / operator.sigma**2
+    difference = posterior.log_prob(x) - prior.log_prob(x) - log_likelihood
+    assert float(difference.max() - difference.min()) < 1e-9  # equal up to the evidence
+    # and it integrates to one: the normalising constant is the evidence p(y)
+    grid = torch.stack(torch.meshgrid(torch.linspace(-12, 12, 601, dtype=DOUBLE), torch.linspace(-12, 12, 601, dtype=DOUBLE), indexing="ij"), -1)
+    mass = posterior.log_prob(grid.reshape(-1, 2)).exp().sum() * (24 / 600) ** 2
+    assert float(mass) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_mcgdiff_mixture_problem_has_its_published_structure():
+    from posterior_diff.problems import mixture_problem
+
+    problem = mixture_problem(8, 2, seed=3)
+    assert problem.prior.means.shape == (25, 8) and torch.equal(problem.prior.means[:, :2], problem.prior.means[:, 2:4])
+    assert set(problem.prior.means[:, 0].tolist()) == {-16.0, -8.0, 0.0, 8.0, 16.0}
+    singular = torch.linalg.svdvals(problem.operator.matrix)
+    assert bool((singular > 0).all() and (singular < 1).all()) and 0 < problem.operator.sigma <= float(singular.max())
+    assert problem.y.shape == (2,) and problem.posterior.weights.shape == (25,)
+    with pytest.raises(ValueError, match="even dimension"):
+        mixture_problem(7, 2)
+
+
+def test_isotropic_mixtures_take_the_fast_path_with_the_same_answer():
+    means = 4 * torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=DOUBLE)
+    covs = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.3], dtype=DOUBLE)[:, None, None] * torch.eye(6, dtype=DOUBLE)
+    fast = GaussianMixturePrior(torch.rand(5, generator=torch.Generator().manual_seed(2), dtype=DOUBLE), means, covs)
+    assert fast.isotropic and not GaussianMixturePrior(torch.ones(1), means[:1], (covs[0] + 0.1)[None]).isotropic
+    general = GaussianMixturePrior(fast.weights, means, covs)
+    general.isotropic = False
+    x = 5 * torch.randn(7, 6, generator=torch.Generator().manual_seed(3), dtype=DOUBLE)
+    t = torch.linspace(0.05, 0.95, 7, dtype=DOUBLE)
+    assert torch.allclose(fast(x, t), general(x, t), atol=1e-10)
