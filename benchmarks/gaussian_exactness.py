@@ -51,6 +51,8 @@ from posterior_diff import NonFiniteSampleError, restore
 from posterior_diff.metrics import exact_sample_floor, gaussian_errors, sample_moments
 from posterior_diff.problems import GaussianProblem, gaussian_image_problems
 
+from benchmarks.reporting import markdown_table
+
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
 ETAS = (0.0, 0.5, 1.0)
 DEFAULT_SOLVER = inspect.signature(restore).parameters["solver"].default
@@ -162,13 +164,6 @@ class Study:
         if key not in self._cells:
             self._cells[key] = run_cell(problem, self.floors[problem.name], self.args, settings)
         return self._cells[key]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table from a header and rows of already formatted strings."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 CELL_HEADER = ["mean err", "cov err", "W2", "mean/floor", "cov/floor", "W2/floor", "tr ratio", "NFE", "VJPs", "s"]

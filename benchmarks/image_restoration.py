@@ -61,6 +61,8 @@ from operators import Denoising, Inpainting, LinearOperator, SuperResolution, bo
 from posterior_diff import Denoiser, NonFiniteSampleError, default_model, load_model, restore
 from posterior_diff.images import match_channels, save_panels, to_image_tensor
 
+from benchmarks.reporting import markdown_table
+
 IMAGES = ("astronaut", "camera", "coffee", "chelsea")
 TASKS = ("sr4", "sr4-bicubic", "box", "random", "denoise")
 TASK_SIGMA = {"sr4": 0.025, "sr4-bicubic": 0.025, "box": 0.01, "random": 0.01, "denoise": 0.1}
@@ -316,13 +318,6 @@ def run_study(model: Denoiser, args: argparse.Namespace) -> tuple[list[Run], lis
 
 
 # -- the report --------------------------------------------------------------------------
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table from a header and rows of already formatted strings."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 SUMMARY_HEADER = ["task", "covariance", "images", "diverged", "base PSNR", "mean PSNR", "mean SSIM", "sample PSNR",

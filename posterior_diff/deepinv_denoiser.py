@@ -8,7 +8,9 @@ Ours is x_t = alpha_t x_0 + sigma_t n in the model's units ([-1, 1] for image mo
 x_model = 2 x - 1 the deepinv input is x_model + 2 s n, a noise ratio sigma_t / alpha_t = 2 s
 (= s for analytic priors, which have no image range). So the adapter finds the time t with
 sigma_t / alpha_t = 2 s, scales x_t = alpha_t x_model, and maps E[x_0 | x_t] back to [0, 1].
-Noise ratios outside the schedule's range are clamped to its ends (t_min, t_max).
+Noise ratios outside the schedule's range are clamped to its ends (t_min, t_max). For image
+models the estimate is clamped to [0, 1] (`clip=True`): E[x_0 | x] of images in [0, 1] lies in
+[0, 1], and our own guidance projects its corrected mean onto the data range the same way.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class DeepinvDenoiser(deepinv.models.Denoiser):
 
     Args:
         model: any Denoiser (the embedded model, a UNetDenoiser, GaussianPrior, ...).
+        clip: clamp an image model's estimate to [0, 1].
     """
 
-    def __init__(self, model: Denoiser):
+    def __init__(self, model: Denoiser, clip: bool = True):
         super().__init__()
         self.model = model
         self.image_model = model.data_range is not None
+        self.clip = clip and self.image_model
         self._t_range = (float(model.schedule.t_min), float(model.schedule.t_max))
 
     def forward(self, x: Tensor, sigma: float | Tensor, **kwargs) -> Tensor:
@@ -47,4 +51,7 @@ class DeepinvDenoiser(deepinv.models.Denoiser):
         dtype = self.model.sampling_dtype()
         x_model = (to_model_range(x) if self.image_model else x).to(dtype)
         denoised = self.model(alpha.to(dtype) * x_model, t.to(dtype))
-        return (from_model_range(denoised) if self.image_model else denoised).to(x.dtype)
+        if not self.image_model:
+            return denoised.to(x.dtype)
+        denoised = from_model_range(denoised)
+        return (denoised.clamp(0, 1) if self.clip else denoised).to(x.dtype)

@@ -113,12 +113,12 @@ class Denoiser(nn.Module):
         sigma = per_sample(self.schedule.sigma(t), x_t)
         return score_from_x0(x_t, self(x_t, t), alpha, sigma)
 
-    def to_deepinv(self):
-        """This denoiser as a `deepinv.models.Denoiser` (VE noise, [0, 1] units for image models;
-        see posterior_diff.deepinv_denoiser). Needs deepinv."""
+    def to_deepinv(self, clip: bool = True):
+        """This denoiser as a `deepinv.models.Denoiser` (VE noise, [0, 1] units for image models,
+        clamped to [0, 1] when `clip`; see posterior_diff.deepinv_denoiser). Needs deepinv."""
         from .deepinv_denoiser import DeepinvDenoiser
 
-        return DeepinvDenoiser(self)
+        return DeepinvDenoiser(self, clip)
 
     def sampling_dtype(self) -> torch.dtype:
         """The dtype of the sampler state: the model's own, but float32 for a half-precision

@@ -145,22 +145,37 @@ class GaussianMixturePrior(Denoiser):
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t, x_t)
+        if self.isotropic:
+            return self._isotropic_forward(x_t, t)
         alpha = self.schedule.alpha(t)[:, None, None]  # (B, 1, 1) against (B, K, d)
         sigma = self.schedule.sigma(t)[:, None, None]
         means = self.means.flatten(1)  # (K, d)
         offset = x_t.flatten(1)[:, None, :] - alpha * means  # (B, K, d)
-        if self.isotropic:  # S_k = c_k I: no rotations, O(B K d) instead of O(B K d^2)
-            scale = self.eigenvalues[:, :1]  # (K, 1)
-            variance = (alpha**2 * scale + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)  # (B, K, 1)
-            log_likelihood = -0.5 * ((offset**2).sum(-1, keepdim=True) / variance + means.shape[1] * variance.log()).squeeze(-1)
-            component_x0 = means + offset * alpha * scale / variance
-        else:
-            coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
-            variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
-            log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
-            component_x0 = means + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
+        coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
+        variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
+        log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
+        component_x0 = means + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
         responsibilities = torch.softmax(log_likelihood + self.weights.log(), dim=-1)  # (B, K)
         x0 = (responsibilities[..., None] * component_x0).sum(1)
+        return x0.reshape(x_t.shape)
+
+    def _isotropic_forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """The same for S_k = c_k I, with (B, K) x (K, d) products only (no (B, K, d) tensor).
+
+        With v_k = alpha^2 c_k + sigma^2 and g_k = alpha c_k / v_k, component k's E[x_0 | x_t] is
+        mu_k + g_k (x_t - alpha mu_k), so the mixture's is sum_k r_k (1 - alpha g_k) mu_k + (sum_k r_k g_k) x_t.
+        """
+        x = x_t.flatten(1)
+        means = self.means.flatten(1)  # (K, d)
+        alpha = self.schedule.alpha(t)[:, None]  # (B, 1)
+        sigma = self.schedule.sigma(t)[:, None]
+        scale = self.eigenvalues[:, 0]  # (K,)
+        variance = (alpha**2 * scale + sigma**2).clamp_min(torch.finfo(x.dtype).tiny)  # (B, K)
+        squared = ((x**2).sum(-1, keepdim=True) - 2 * alpha * (x @ means.T) + alpha**2 * (means**2).sum(-1)).clamp_min(0)
+        log_likelihood = -0.5 * (squared / variance + means.shape[1] * variance.log())
+        responsibilities = torch.softmax(log_likelihood + self.weights.log(), dim=-1)  # (B, K)
+        gain = alpha * scale / variance
+        x0 = (responsibilities * (1 - alpha * gain)) @ means + (responsibilities * gain).sum(-1, keepdim=True) * x
         return x0.reshape(x_t.shape)
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -207,6 +222,9 @@ class GaussianMixturePrior(Denoiser):
         components = torch.multinomial(self.weights.to(device), num_samples, replacement=True, generator=generator)
         components = components.to(self.weights.device)
         z = randn((num_samples, self.means[0].numel()), generator, self.means.device, self.means.dtype)
-        scaled = torch.einsum("nd,nde->ne", z * self.eigenvalues[components].sqrt(), self.eigenvectors[components].transpose(1, 2))
+        scaled = torch.empty_like(z)
+        for k in components.unique().tolist():  # per component: no (N, d, d) gather
+            chosen = components == k
+            scaled[chosen] = (z[chosen] * self.eigenvalues[k].sqrt()) @ self.eigenvectors[k].T
         return (self.means.flatten(1)[components] + scaled).reshape(num_samples, *self.event_shape)
 

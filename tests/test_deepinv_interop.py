@@ -108,4 +108,6 @@ def test_our_denoisers_follow_deepinvs_ve_contract_in_unit_range():
     prior.data_range = (-1.0, 1.0)
     with torch.no_grad():
         expected = _exact_ve_denoiser((mean + 1) / 2, covariance / 4, x[0].flatten(), 0.2)
-        assert torch.allclose(prior.to_deepinv()(x[:1], 0.2).flatten(), expected, atol=1e-6)
+        assert torch.allclose(prior.to_deepinv(clip=False)(x[:1], 0.2).flatten(), expected, atol=1e-6)
+        clipped = prior.to_deepinv()(x[:1], 0.2).flatten()  # by default an image estimate stays in [0, 1]
+        assert torch.allclose(clipped, expected.clamp(0, 1), atol=1e-6) and not torch.allclose(clipped, expected)

@@ -1,0 +1,1 @@
+"""Benchmark scripts and the library code they share (run from the repository root)."""
