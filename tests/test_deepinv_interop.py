@@ -79,7 +79,8 @@ def test_restore_takes_deepinv_physics_and_matches_our_operator():
     model = denoiser_from_diffusers(tiny_unet(), __import__("diffusers").DDPMScheduler())
     results = [restore(y, operator, model, num_samples=2, steps=3, covariance="tweedie", generator=torch.Generator().manual_seed(0))
                for operator in (physics, ours)]
-    assert torch.allclose(results[0].samples, results[1].samples, atol=1e-6)
+    # deepinv keeps sigma_y in float32 (0.05000000075), hence agreement to float32 rounding, not bits
+    assert torch.allclose(results[0].samples, results[1].samples, atol=1e-4)
     assert float(physics.noise_model.sigma) == pytest.approx(0.05)  # the caller's physics is untouched
 
 
