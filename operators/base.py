@@ -85,6 +85,16 @@ class LinearOperator(nn.Module):
         """
         return None
 
+    def log_det(self, r: Tensor | float, y_like: Tensor) -> Tensor | None:
+        """log det(sigma^2 I + r A A^T) per sample, shape (B,), where it is cheap (A A^T diagonal);
+        None otherwise. y_like: (B, *y_shape). Entries of zero variance are left out, as in `solve`."""
+        gram = self.gram_diagonal(y_like)
+        if gram is None:
+            return None
+        variance = (self.sigma**2 + per_sample(r, y_like) * gram).expand_as(y_like)
+        logs = torch.where(variance > 0, variance.clamp_min(torch.finfo(variance.dtype).tiny).log(), 0.0)
+        return logs.flatten(1).sum(1)
+
     @property
     def has_closed_form_solve(self) -> bool:
         """True when `solve` is exact and costs no iterations (A A^T diagonal, or overridden)."""

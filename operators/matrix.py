@@ -55,5 +55,12 @@ class MatrixOperator(LinearOperator):
             else self.sigma**2 * eye + r * gram
         return torch.linalg.solve(systems, u.unsqueeze(-1)).squeeze(-1)
 
+    def log_det(self, r: Tensor | float, y_like: Tensor) -> Tensor:
+        m = self.matrix.to(y_like.dtype)
+        eigenvalues = torch.linalg.eigvalsh(m @ m.T)  # (m,)
+        r = torch.as_tensor(r, dtype=y_like.dtype, device=y_like.device).reshape(-1, 1)  # scalar or (B,)
+        variance = (self.sigma**2 + r * eigenvalues).expand(y_like.shape[0], -1)  # (B, m)
+        return variance.clamp_min(torch.finfo(y_like.dtype).tiny).log().sum(1)
+
     def extra_repr(self) -> str:
         return f"shape={tuple(self.matrix.shape)}, sigma={self.sigma}"

@@ -38,6 +38,8 @@ have no data range and are never clipped, so the exactness on Gaussian priors is
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -48,6 +50,18 @@ from operators import LinearOperator, conjugate_gradient, per_sample
 from .denoisers import Denoiser, as_time
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
+EXACT_LOG_DET_MAX = 64  # measurement sizes up to which the Tweedie twist's log det is exact
+
+
+@dataclass
+class Guided:
+    """One guided denoising of a batch: the unguided D(x_t), the corrected mean D_y, and
+    log l(y | x_t) per sample (B,) when asked for (normalised: including its log det)."""
+
+    x0: Tensor
+    corrected: Tensor
+    log_likelihood: Tensor | None
+    normalised: bool = False
 
 
 class AveragedLikelihoodGuidance(Denoiser):
@@ -98,6 +112,18 @@ class AveragedLikelihoodGuidance(Denoiser):
         self.cg_iterations: list[int] = []
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        return self.guide(x_t, t).corrected
+
+    def guide(self, x_t: Tensor, t: Tensor | float, likelihood: bool = False) -> "Guided":
+        """One guided denoising: the unguided D, the corrected mean, and (if `likelihood`) log l.
+
+        log l(y | x_t) = log N(y; A D, C) per sample is what particle mode needs as its twist.
+        Its log det C is exact for the zero and isotropic covariances (where the operator has
+        `log_det`), for the diagonal one, and for the Tweedie one when y has at most
+        EXACT_LOG_DET_MAX entries (m more VJPs); beyond that the Tweedie twist takes the
+        isotropic log det, which does not depend on x_t (and is left out where the operator has
+        none: `normalised` is then False). Such x-independent terms drop out of normalised weights.
+        """
         t = as_time(t, x_t)
         alpha = self.schedule.alpha(t)
         sigma = self.schedule.sigma(t)
@@ -115,9 +141,49 @@ class AveragedLikelihoodGuidance(Denoiser):
             residual = self.y - self.operator.A(x0.detach())
             weighted = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
             grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
+            log_likelihood, normalised = self._log_likelihood(residual, weighted, vjp, alpha, sigma) if likelihood else (None, False)
         step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
         corrected = (x0 + step * grad_log_likelihood).detach()
-        return corrected if self.data_range is None else corrected.clamp(*self.data_range)
+        if self.data_range is not None:
+            corrected = corrected.clamp(*self.data_range)
+        return Guided(x0.detach(), corrected, log_likelihood, normalised)
+
+    def _log_likelihood(self, residual: Tensor, weighted: Tensor, vjp, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, bool]:
+        """log N(y; A D, C) per sample, (B,), from the residual and C^{-1} residual, and whether
+        it is normalised (False: up to the log det, which is then the same for every sample)."""
+        op = self.operator
+        quadratic = (residual * weighted).flatten(1).sum(1)
+        m = residual[0].numel()
+        r2 = sigma**2 / (alpha**2 + sigma**2)
+        if self.covariance == "zero":
+            log_det = torch.full_like(quadratic, m * math.log(op.sigma**2))
+        elif self.covariance == "diagonal":
+            ones = torch.ones_like(residual)
+            row_sums = per_sample(sigma**2 / alpha, residual) * op.A(vjp(op.A_adjoint(ones)))
+            variance = (op.sigma**2 + row_sums.clamp_min(0)).clamp_min(torch.finfo(residual.dtype).tiny)
+            log_det = variance.log().flatten(1).sum(1)
+        elif self.covariance == "tweedie" and m <= EXACT_LOG_DET_MAX:
+            log_det = self._tweedie_log_det(residual, vjp, sigma**2 / alpha)
+        else:
+            log_det = op.log_det(r2, residual)
+            if log_det is None:  # no cheap log det: it is the same for every sample, so leave it out
+                return -0.5 * (quadratic + m * math.log(2 * math.pi)), False
+        return -0.5 * (quadratic + log_det + m * math.log(2 * math.pi)), True
+
+    def _tweedie_log_det(self, residual: Tensor, vjp, tweedie_scale: Tensor) -> Tensor:
+        """log det(sigma_y^2 I + s A J A^T) per sample, from A J A^T built column by column (m VJPs)."""
+        op = self.operator
+        batch, m = residual.shape[0], residual[0].numel()
+        columns = []
+        for index in range(m):
+            basis = torch.zeros_like(residual).flatten(1)
+            basis[:, index] = 1
+            columns.append(op.A(vjp(op.A_adjoint(basis.reshape(residual.shape)))).flatten(1))
+        gram = torch.stack(columns, dim=-1)  # (B, m, m): A J A^T, symmetric for a true posterior mean
+        covariance = op.sigma**2 * torch.eye(m, dtype=gram.dtype, device=gram.device) \
+            + tweedie_scale.reshape(batch, 1, 1) * (gram + gram.transpose(1, 2)) / 2
+        eigenvalues = torch.linalg.eigvalsh(covariance).clamp_min(max(op.sigma**2, 1e-12) * 1e-6)
+        return eigenvalues.log().sum(-1)
 
     def _apply_inverse_covariance(
         self, residual: Tensor, vjp: Callable[[Tensor], Tensor], alpha: Tensor, sigma: Tensor

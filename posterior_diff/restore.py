@@ -31,6 +31,7 @@ from .denoisers import Denoiser
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
 from .models import default_model, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
+from .particles import particle_sample
 from .samplers import SOLVERS, check_eta, sample
 from .time_grids import GRIDS
 
@@ -47,6 +48,10 @@ class Restoration:
         vjps: vector-Jacobian products the guidance spent.
         seconds: wall-clock time of the sampling.
         settings: the sampler settings used.
+        ess, resampled, log_evidence: particle mode only (see `posterior_diff.particles`):
+            ESS / K after each reweighting, the steps after which the cloud was resampled, and
+            the estimate of log p(y) in the model's units (NaN where the twist has no log det).
+            nfe and vjps are then per particle chain and for the whole cloud respectively.
     """
 
     samples: Tensor
@@ -56,6 +61,9 @@ class Restoration:
     vjps: int
     seconds: float
     settings: dict = field(default_factory=dict)
+    ess: list[float] | None = None
+    resampled: list[int] | None = None
+    log_evidence: float | None = None
 
 
 def _positive_int(value, name: str) -> int:
@@ -104,6 +112,8 @@ def restore(
     cg_tol: float = 1e-4,
     cg_max_iter: int = 50,
     batch_size: int | None = None,
+    particles: int | None = None,
+    ess_threshold: float = 0.5,
 ) -> Restoration:
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
 
@@ -128,7 +138,12 @@ def restore(
             (e.g. a diffusers pipeline's `progress_bar`) shows that one.
         grid: time grid, "log-snr" (default), "uniform" or "karras".
         cg_tol, cg_max_iter: stopping rule of the Tweedie conjugate gradient.
-        batch_size: samples drawn per sampler run (all at once by default).
+        batch_size: samples drawn per sampler run (all at once by default); in particle mode,
+            particles denoised per network call.
+        particles: K > 0 runs twisted sequential Monte Carlo with K particles (particle mode,
+            asymptotically exact as K grows; needs eta > 0, solver "multistep" or "euler", and
+            sigma_y > 0) and returns `num_samples` draws from the final weighted cloud.
+        ess_threshold: particle mode resamples when ESS < ess_threshold * K.
 
     Returns:
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
@@ -143,7 +158,8 @@ def restore(
     operator = as_operator(operator)  # a deepinv LinearPhysics is adapted here
     num_samples = _positive_int(num_samples, "num_samples")
     steps = _positive_int(steps, "steps")
-    batch_size = num_samples if batch_size is None else _positive_int(batch_size, "batch_size")
+    chunk_size = None if batch_size is None else _positive_int(batch_size, "batch_size")
+    batch_size = num_samples if batch_size is None else chunk_size
     _choice(covariance, COVARIANCES, "covariance")
     _choice(solver, SOLVERS, "solver")
     _choice(grid, GRIDS, "grid")
@@ -179,6 +195,23 @@ def restore(
     y = y.to(device=device, dtype=dtype)
     if image_model:
         y, operator = measurement_to_model_units(y, operator)
+
+    if particles is not None:
+        particles = _positive_int(particles, "particles")
+        start = time.perf_counter()
+        cloud = particle_sample(
+            model, operator, y, x_shape, particles=particles, num_samples=num_samples, steps=steps, covariance=covariance,
+            eta=eta, solver=solver, grid=grid, ess_threshold=ess_threshold, chunk_size=chunk_size,
+            guidance_scale=guidance_scale, cg_tol=cg_tol, cg_max_iter=cg_max_iter, generator=generator, device=device,
+            dtype=dtype, progress=progress,
+        )
+        seconds = time.perf_counter() - start
+        samples = from_model_range(cloud.samples).clamp(0, 1) if image_model else cloud.samples
+        std = samples.std(dim=0) if num_samples > 1 else torch.zeros_like(samples[0])
+        settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid, guidance_scale=guidance_scale,
+                        cg_tol=cg_tol, cg_max_iter=cg_max_iter, particles=particles, ess_threshold=ess_threshold)
+        return Restoration(samples, samples.mean(dim=0), std, cloud.nfe, cloud.vjps, seconds, settings,
+                           cloud.ess, cloud.resampled, cloud.log_evidence)
 
     start = time.perf_counter()
     chunks, nfe, vjps = [], 0, 0
