@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all benchmark clean
+.PHONY: demo test test-all benchmark benchmark-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,16 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "slow or not slow"
 
+# Every benchmark, each writing its tables (and figures) under docs/: about 1h15 on 2 CPU cores.
 benchmark: $(VENV)/.installed
-	$(BIN)/python benchmarks/gaussian_exactness.py
+	PYTHONPATH=. $(BIN)/python benchmarks/gaussian_exactness.py
+	PYTHONPATH=. $(BIN)/python -m benchmarks.run_benchmarks
+	PYTHONPATH=. $(BIN)/python -m benchmarks.particle_mode
+
+# A smoke run of the comparisons against deepinv and of particle mode (writes to /tmp).
+benchmark-quick: $(VENV)/.installed
+	PYTHONPATH=. $(BIN)/python -m benchmarks.run_benchmarks --quick --out /tmp/posterior-diff-benchmarks/benchmarks.md
+	PYTHONPATH=. $(BIN)/python -m benchmarks.particle_mode --quick --out /tmp/posterior-diff-benchmarks/particle_mode.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -49,3 +49,13 @@ def test_peer_runs_are_seeded_and_count_network_evaluations():
     assert first.nfe == 6 and torch.equal(first.samples, again.samples)
     with pytest.raises(ValueError, match="image models only"):
         run_peer("diffpir", problem.prior, problem.operator, problem.y, 2, 4)
+
+
+def test_the_particle_benchmark_quick_run_writes_its_three_parts(tmp_path):
+    from benchmarks import particle_mode
+
+    out = tmp_path / "particle_mode.md"
+    particle_mode.main(["--quick", "--out", str(out)])
+    report = out.read_text()
+    assert "## 1. The MCGdiff mixture" in report and "## 2. Gaussian prior" in report and "## 3. Images" in report
+    assert "K=50 / floor" in report and "particles K=2, 3 steps" in report
