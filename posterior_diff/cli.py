@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="isotropic (default, fastest on a CPU), tweedie (more exact, costs --cg-max-iter more "
                               "network backward passes per step), diagonal or zero")
     restore.add_argument("--cg-max-iter", type=int, default=4, help="conjugate-gradient cap per step for tweedie (default 4)")
+    restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
+                         "--samples draws are taken from the weighted cloud)")
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("-o", "--output", type=Path, required=True, help="where to write the posterior mean")
@@ -94,7 +96,8 @@ def _restore(args) -> None:
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
     operator = _operator(args.task, sigma, image, args.mask)
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
-                     cg_max_iter=args.cg_max_iter, generator=torch.Generator().manual_seed(args.seed), progress=True)
+                     cg_max_iter=args.cg_max_iter, generator=torch.Generator().manual_seed(args.seed), progress=True,
+                     particles=args.particles)
     write_image(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if args.std_map is not None:

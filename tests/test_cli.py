@@ -19,6 +19,7 @@ def test_restore_writes_the_mean_and_std_and_refuses_to_overwrite(tmp_path, pipe
     assert main(["restore", *arguments]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["restore", *arguments, "--force", "--seed", "1"]) == 0
+    assert main(["restore", *arguments, "--force", "--particles", "3"]) == 0 and read_image(out).shape == (3, 12, 10)
 
 
 def test_grey_inpainting_with_a_mask(tmp_path, pipeline_folder):
