@@ -31,7 +31,7 @@ from .denoisers import Denoiser
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
 from .models import default_model, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
-from .particles import particle_sample
+from .particles import PARTICLE_SOLVERS, particle_sample
 from .samplers import SOLVERS, check_eta, sample
 from .time_grids import GRIDS
 
@@ -164,6 +164,11 @@ def restore(
     _choice(solver, SOLVERS, "solver")
     _choice(grid, GRIDS, "grid")
     eta = check_eta(eta, solver)
+    if particles is not None:
+        particles = _positive_int(particles, "particles")
+        if eta <= 0 or solver not in PARTICLE_SOLVERS:
+            raise ValueError(f"particle mode weights particles by transition densities: it needs eta > 0 and solver in "
+                             f"{PARTICLE_SOLVERS}, got eta={eta}, solver={solver!r}")
     if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -197,7 +202,6 @@ def restore(
         y, operator = measurement_to_model_units(y, operator)
 
     if particles is not None:
-        particles = _positive_int(particles, "particles")
         start = time.perf_counter()
         cloud = particle_sample(
             model, operator, y, x_shape, particles=particles, num_samples=num_samples, steps=steps, covariance=covariance,
