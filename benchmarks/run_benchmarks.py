@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             markdown_table(["task", "floor: mean err", "cov err", "W2"], floor_rows),
             f"### At {steps} steps (ours at eta = 1)",
             gaussian_headline(rows, steps),
-            *verdicts,
+            "\n".join(verdicts),
             "### Covariance error / floor against steps (every eta of ours)",
             gaussian_sweep(rows, settings["gaussian_steps"]),
             f"![quality against NFE and seconds]({figure.name})",
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             "between two independent exact sets), averaged over seeds; seconds per run in brackets. The prior column is "
             "what ignoring y achieves.",
             table,
-            *verdicts,
+            "\n".join(verdicts),
         ]
 
     if "images" not in args.skip:
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             "`Denoiser.to_deepinv()`). Averages over the photographs; the first row of each task is its classical baseline. "
             "peak MB: growth of peak resident memory during the run (CPU) or peak CUDA allocation.",
             table,
-            *verdicts,
+            "\n".join(verdicts),
         ]
 
     minutes = (time.perf_counter() - start) / 60
