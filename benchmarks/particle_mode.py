@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         sections += ["## 1. The MCGdiff mixture: SW / floor against the number of particles",
                      f"{settings['samples']} returned samples (drawn from the weighted cloud), {settings['steps']} steps, "
                      f"covariance {settings['covariance']!r} for guidance and twist; seconds and the lowest ESS / K in brackets.",
-                     markdown_table(header, rows), *verdicts]
+                     markdown_table(header, rows), "\n".join(verdicts)]
     if "gaussian" not in skip:
         sections += ["## 2. Gaussian prior: exactness and weights",
                      f"Errors / exact-sample floor of {settings['samples']} samples; K = {settings['samples']} particles, "
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if "images" not in skip:
         sections += ["## 3. Images: a few particles against the plain sampler at equal network evaluations",
                      f"Embedded model, {settings['image_size']}x{settings['image_size']} crops, isotropic covariance; "
-                     "PSNR / SSIM of the posterior mean (for particles: the mean of K draws from the weighted cloud).",
+                     "PSNR / SSIM of the posterior mean (for particles: the weighted mean of the cloud).",
                      markdown_table(["image", "task", "sampler", "PSNR", "SSIM", "network evaluations", "s"], image_rows(settings))]
     minutes = (time.perf_counter() - start) / 60
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,10 @@ class Restoration:
 
     Attributes:
         samples: posterior samples, shape (num_samples, *x_shape).
-        mean: their mean, shape x_shape (the posterior-mean estimate).
-        std: their standard deviation per entry, shape x_shape (zeros for one sample).
+        mean: their mean, shape x_shape (the posterior-mean estimate; in particle mode the
+            weighted mean of the whole cloud).
+        std: their standard deviation per entry, shape x_shape (zeros for one sample; in
+            particle mode the weighted standard deviation of the cloud).
         nfe: network (denoiser) forward evaluations per sample batch.
         vjps: vector-Jacobian products the guidance spent.
         seconds: wall-clock time of the sampling.
@@ -211,10 +213,15 @@ def restore(
         )
         seconds = time.perf_counter() - start
         samples = from_model_range(cloud.samples).clamp(0, 1) if image_model else cloud.samples
-        std = samples.std(dim=0) if num_samples > 1 else torch.zeros_like(samples[0])
+        # Mean and std from the whole weighted cloud: the SMC estimates, free of the extra noise
+        # of drawing `num_samples` from it.
+        particles_out = from_model_range(cloud.particles).clamp(0, 1) if image_model else cloud.particles
+        weights = cloud.weights.reshape(-1, *[1] * (particles_out.dim() - 1))
+        mean = (weights * particles_out).sum(0)
+        std = (weights * (particles_out - mean).square()).sum(0).sqrt()
         settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid, guidance_scale=guidance_scale,
                         cg_tol=cg_tol, cg_max_iter=cg_max_iter, particles=particles, ess_threshold=ess_threshold)
-        return Restoration(samples, samples.mean(dim=0), std, cloud.nfe, cloud.vjps, seconds, settings,
+        return Restoration(samples, mean, std, cloud.nfe, cloud.vjps, seconds, settings,
                            cloud.ess, cloud.resampled, cloud.log_evidence)
 
     start = time.perf_counter()

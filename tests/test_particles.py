@@ -36,6 +36,7 @@ def test_the_weighted_cloud_reaches_the_exact_posterior_where_guidance_alone_doe
                   generator=torch.Generator().manual_seed(0))
     plain = restore(y, operator, prior, num_samples=4000, steps=50, covariance="isotropic", generator=torch.Generator().manual_seed(0))
     assert float((smc.samples.mean(0) - exact_mean).norm()) < 0.1
+    assert float((smc.mean - exact_mean).norm()) < 0.1  # the weighted mean of the cloud
     assert float((plain.samples.mean(0) - exact_mean).norm()) > 0.5  # the Gaussian approximation is biased here
     # the mass of the right-hand mode (x_1 > 0) is the posterior weight of component 2
     assert float((smc.samples[:, 0] > 0).double().mean()) == pytest.approx(float(posterior.weights[1]), abs=0.03)
