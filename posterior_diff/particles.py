@@ -28,13 +28,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from operators import LinearOperator
 
 from .denoisers import Denoiser, randn
 from .guidance import AveragedLikelihoodGuidance
-from .samplers import _Coefficients, check_eta, exponential_step
+from .samplers import _Coefficients, check_eta, exponential_step, progress_bar
 from .time_grids import time_grid
 
 PARTICLE_SOLVERS = ("multistep", "euler")
@@ -167,7 +166,7 @@ def particle_sample(
     log_evidence = 0.0
     ess, resampled = [], []
     previous: tuple[Tensor, Tensor, float] | None = None  # (D, D_y, h) of the last step, per particle
-    bar = progress(len(times)) if callable(progress) else tqdm(total=len(times), disable=not progress, desc="particles")
+    bar = progress_bar(progress, len(times), "particles")
 
     def reweighted(step: int) -> None:
         """Record the ESS; resample (ancestors carry their D history) when it is too low."""

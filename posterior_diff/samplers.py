@@ -73,6 +73,11 @@ class _Coefficients:
         self.log_ratio = math.log(self.sigma / self.alpha)
 
 
+def progress_bar(progress: bool | Callable[[int], Any], total: int, description: str):
+    """A bar with update(n) / close(): `progress(total)` if it is callable, else tqdm (hidden when False)."""
+    return progress(total) if callable(progress) else tqdm(total=total, disable=not progress, desc=description)
+
+
 def exponential_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
     """One step of the eta-family from `now` to `nxt` with D frozen at x0 (exact linear part)."""
     rho = (nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)
@@ -144,10 +149,7 @@ def sample(
     start = coefficients[0]
     x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, generator, device, dtype)
     previous_x0, previous_h = None, None
-    if callable(progress):
-        bar = progress(len(times))
-    else:
-        bar = tqdm(total=len(times), disable=not progress, desc=f"sampling ({solver})")
+    bar = progress_bar(progress, len(times), f"sampling ({solver})")
     for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:])):
         x0 = denoise(x, now, step)
         noise = randn(x.shape, generator, device, dtype) if eta > 0 else None
