@@ -33,7 +33,7 @@ from operators import LinearOperator
 
 from .denoisers import Denoiser, randn
 from .guidance import AveragedLikelihoodGuidance
-from .samplers import _Coefficients, check_eta, exponential_step, progress_bar
+from .samplers import _Coefficients, check_eta, exponential_step, progress_bar, transition_std
 from .time_grids import time_grid
 
 PARTICLE_SOLVERS = ("multistep", "euler")
@@ -192,7 +192,7 @@ def particle_sample(
         previous = (x0, corrected, h)
         prior_mean = exponential_step(x, unguided_x0, now, nxt, eta, None)
         proposal_mean = exponential_step(x, guided_x0, now, nxt, eta, None)
-        std = nxt.sigma * math.sqrt(max(0.0, 1 - ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (2 * eta**2)))
+        std = transition_std(now, nxt, eta)
         x_next = proposal_mean + std * randn(x.shape, generator, device, dtype)
         transition = (gaussian_log_density(x_next, prior_mean, std) - gaussian_log_density(x_next, proposal_mean, std)).double()
         x0, corrected, next_twist = guide_all(x_next, nxt)

@@ -78,10 +78,18 @@ def progress_bar(progress: bool | Callable[[int], Any], total: int, description:
     return progress(total) if callable(progress) else tqdm(total=total, disable=not progress, desc=description)
 
 
+def transition_std(now: _Coefficients, nxt: _Coefficients, eta: float) -> float:
+    """Standard deviation of the fresh noise in one `exponential_step` (0 for eta = 0)."""
+    keep = ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
+    return nxt.sigma * math.sqrt(max(0.0, 1.0 - keep**2))
+
+
 def exponential_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
-    """One step of the eta-family from `now` to `nxt` with D frozen at x0 (exact linear part)."""
-    rho = (nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)
-    keep = rho ** (eta**2)
+    """One step of the eta-family from `now` to `nxt` with D frozen at x0 (exact linear part).
+
+    Returns x_next = alpha' x0 + sigma' keep eps_hat + transition_std(now, nxt, eta) * noise.
+    """
+    keep = ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
     eps_hat = (x - now.alpha * x0) / now.sigma
     fresh = math.sqrt(max(0.0, 1.0 - keep**2))
     out = nxt.alpha * x0 + nxt.sigma * keep * eps_hat
