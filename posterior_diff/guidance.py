@@ -53,6 +53,11 @@ COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
 EXACT_LOG_DET_MAX = 64  # measurement sizes up to which the Tweedie twist's log det is exact
 
 
+def pigdm_variance(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """PiGDM's isotropic r_t^2 = sigma^2 / (alpha^2 + sigma^2): V_t for data of unit variance."""
+    return sigma**2 / (alpha**2 + sigma**2)
+
+
 @dataclass
 class Guided:
     """One guided denoising of a batch: the unguided D(x_t), the corrected mean D_y, and
@@ -139,33 +144,33 @@ class AveragedLikelihoodGuidance(Denoiser):
                 return product
 
             residual = self.y - self.operator.A(x0.detach())
-            weighted = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
+            weighted, diagonal = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
             grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
-            log_likelihood, normalised = self._log_likelihood(residual, weighted, vjp, alpha, sigma) if likelihood else (None, False)
+            log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, vjp, alpha, sigma)
+                                          if likelihood else (None, False))
         step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
         corrected = (x0 + step * grad_log_likelihood).detach()
         if self.data_range is not None:
             corrected = corrected.clamp(*self.data_range)
         return Guided(x0.detach(), corrected, log_likelihood, normalised)
 
-    def _log_likelihood(self, residual: Tensor, weighted: Tensor, vjp, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, bool]:
-        """log N(y; A D, C) per sample, (B,), from the residual and C^{-1} residual, and whether
-        it is normalised (False: up to the log det, which is then the same for every sample)."""
+    def _log_likelihood(self, residual: Tensor, weighted: Tensor, diagonal: Tensor | None, vjp, alpha: Tensor,
+                        sigma: Tensor) -> tuple[Tensor, bool]:
+        """log N(y; A D, C) per sample, (B,), from the residual, C^{-1} residual and (diagonal
+        covariance only) the diagonal of C already computed for the solve; and whether it is
+        normalised (False: up to the log det, which is then the same for every sample)."""
         op = self.operator
         quadratic = (residual * weighted).flatten(1).sum(1)
         m = residual[0].numel()
-        r2 = sigma**2 / (alpha**2 + sigma**2)
         if self.covariance == "zero":
             log_det = torch.full_like(quadratic, m * math.log(op.sigma**2))
-        elif self.covariance == "diagonal":
-            ones = torch.ones_like(residual)
-            row_sums = per_sample(sigma**2 / alpha, residual) * op.A(vjp(op.A_adjoint(ones)))
-            variance = (op.sigma**2 + row_sums.clamp_min(0)).clamp_min(torch.finfo(residual.dtype).tiny)
-            log_det = variance.log().flatten(1).sum(1)
+        elif diagonal is not None:  # zero-variance entries carry no information: left out, as in the solve
+            logs = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny).log(), 0.0)
+            log_det = logs.flatten(1).sum(1)
         elif self.covariance == "tweedie" and m <= EXACT_LOG_DET_MAX:
             log_det = self._tweedie_log_det(residual, vjp, sigma**2 / alpha)
         else:
-            log_det = op.log_det(r2, residual)
+            log_det = op.log_det(pigdm_variance(alpha, sigma), residual)
             if log_det is None:  # no cheap log det: it is the same for every sample, so leave it out
                 return -0.5 * (quadratic + m * math.log(2 * math.pi)), False
         return -0.5 * (quadratic + log_det + m * math.log(2 * math.pi)), True
@@ -187,22 +192,22 @@ class AveragedLikelihoodGuidance(Denoiser):
 
     def _apply_inverse_covariance(
         self, residual: Tensor, vjp: Callable[[Tensor], Tensor], alpha: Tensor, sigma: Tensor
-    ) -> Tensor:
-        """C^{-1} (y - A D) per sample for the chosen covariance; shape of the residual."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """C^{-1} (y - A D) per sample for the chosen covariance (shape of the residual), and the
+        diagonal of C when the covariance is "diagonal" (None otherwise)."""
         op = self.operator
         noise_variance = op.sigma**2
         if self.covariance == "zero":
-            return residual / noise_variance
-        # PiGDM's r_t^2 = sigma^2 / (alpha^2 + sigma^2), data assumed of unit variance.
-        r2 = sigma**2 / (alpha**2 + sigma**2)
+            return residual / noise_variance, None
+        r2 = pigdm_variance(alpha, sigma)
         if self.covariance == "isotropic":
-            return op.solve(residual, r2)
+            return op.solve(residual, r2), None
         tweedie_scale = sigma**2 / alpha  # V_t = tweedie_scale * J
         if self.covariance == "diagonal":
             ones = torch.ones_like(residual)
             row_sums = per_sample(tweedie_scale, residual) * op.A(vjp(op.A_adjoint(ones)))
             variance = noise_variance + row_sums.clamp_min(0)
-            return torch.where(variance > 0, residual / torch.where(variance > 0, variance, 1.0), 0.0)
+            return torch.where(variance > 0, residual / torch.where(variance > 0, variance, 1.0), 0.0), variance
 
         def matvec(u: Tensor) -> Tensor:
             return noise_variance * u + per_sample(tweedie_scale, u) * op.A(vjp(op.A_adjoint(u)))
@@ -219,4 +224,4 @@ class AveragedLikelihoodGuidance(Denoiser):
             max_iter=self.cg_max_iter,
         )
         self.cg_iterations.append(info.iterations)
-        return solution
+        return solution, None
