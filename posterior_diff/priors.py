@@ -48,6 +48,38 @@ def _floating(tensor: Tensor | Sequence, name: str) -> Tensor:
     return tensor
 
 
+def condition_on_measurement(means: Tensor, covs: Tensor, operator, y: Tensor, event_shape: tuple[int, ...]):
+    """Condition Gaussians N(mu_k, S_k) on one measurement y = A x + sigma_y n (dense A).
+
+    Args:
+        means: (K, d); covs: (K, d, d); operator: the forward model; y: one measurement;
+        event_shape: the shape of one x (for A's dense matrix).
+
+    Returns:
+        (means (K, d), covs (K, d, d), log_evidence (K,)) with G_k = A S_k A^T + sigma_y^2 I,
+        m_k = mu_k + S_k A^T G_k^+ (y - A mu_k), C_k = S_k - S_k A^T G_k^+ A S_k and
+        log N(y; A mu_k, G_k) up to the (k-independent) constant -m/2 log(2 pi). G_k^+ is a
+        pseudo-inverse, so noiseless measurements of a degenerate prior are fine.
+    """
+    dtype, device = means.dtype, means.device
+    matrix = operator.to_matrix(event_shape, dtype=dtype).to(device)
+    y_flat = torch.as_tensor(y, dtype=dtype, device=device).flatten()
+    if y_flat.numel() != matrix.shape[0]:
+        raise ValueError(f"y has {y_flat.numel()} entries but the operator produces {matrix.shape[0]}")
+    sigma_a = covs @ matrix.T  # (K, d, m)
+    gram = matrix @ sigma_a + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=dtype, device=device)
+    values, vectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
+    positive = values > values.amax(-1, keepdim=True) * 1e-12
+    inverse_values = torch.where(positive, 1 / values, 0.0)
+    residual = y_flat - means @ matrix.T  # (K, m)
+    coordinates = torch.einsum("km,kmj->kj", residual, vectors)
+    log_evidence = -0.5 * ((coordinates**2 * inverse_values).sum(-1) + torch.where(positive, values.log(), 0.0).sum(-1))
+    gain = sigma_a @ (vectors @ (inverse_values[..., None] * vectors.transpose(1, 2)))  # (K, d, m)
+    posterior_means = means + torch.einsum("kdm,km->kd", gain, residual)
+    posterior_covs = covs - gain @ sigma_a.transpose(1, 2)
+    return posterior_means, (posterior_covs + posterior_covs.transpose(1, 2)) / 2, log_evidence
+
+
 class GaussianPrior(Denoiser):
     """x_0 ~ N(mean, cov) as an exact denoiser.
 
@@ -95,16 +127,8 @@ class GaussianPrior(Denoiser):
         m = mu + Sigma A^T G^+ (y - A mu), C = Sigma - Sigma A^T G^+ A Sigma, G = A Sigma A^T + sigma_y^2 I.
         Materialises A as a dense matrix, so it is meant for small problems (tests, benchmarks).
         """
-        matrix = operator.to_matrix(self.event_shape, dtype=self.mean.dtype).to(self.mean.device)
-        y_flat = torch.as_tensor(y, dtype=self.mean.dtype, device=self.mean.device).flatten()
-        if y_flat.numel() != matrix.shape[0]:
-            raise ValueError(f"y has {y_flat.numel()} entries but the operator produces {matrix.shape[0]}")
-        sigma_a = self.cov @ matrix.T
-        gram = matrix @ sigma_a + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        gain = sigma_a @ torch.linalg.pinv(gram, hermitian=True)
-        mean = self.mean.flatten() + gain @ (y_flat - matrix @ self.mean.flatten())
-        cov = self.cov - gain @ sigma_a.T
-        return GaussianPrior(mean.reshape(self.event_shape), (cov + cov.T) / 2, self.schedule)
+        means, covs, _ = condition_on_measurement(self.mean.flatten()[None], self.cov[None], operator, y, self.event_shape)
+        return GaussianPrior(means[0].reshape(self.event_shape), covs[0], self.schedule)
 
 
 class GaussianMixturePrior(Denoiser):
@@ -149,12 +173,8 @@ class GaussianMixturePrior(Denoiser):
             return self._isotropic_forward(x_t, t)
         alpha = self.schedule.alpha(t)[:, None, None]  # (B, 1, 1) against (B, K, d)
         sigma = self.schedule.sigma(t)[:, None, None]
-        means = self.means.flatten(1)  # (K, d)
-        offset = x_t.flatten(1)[:, None, :] - alpha * means  # (B, K, d)
-        coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
-        variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
-        log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
-        component_x0 = means + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
+        coordinates, variance, log_likelihood = self._components(x_t, alpha, sigma)
+        component_x0 = self.means.flatten(1) + torch.einsum("bke,kde->bkd", coordinates * alpha * self.eigenvalues / variance, self.eigenvectors)
         responsibilities = torch.softmax(log_likelihood + self.weights.log(), dim=-1)  # (B, K)
         x0 = (responsibilities[..., None] * component_x0).sum(1)
         return x0.reshape(x_t.shape)
@@ -180,12 +200,19 @@ class GaussianMixturePrior(Denoiser):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x_0) of the mixture for x of shape (B, *event_shape); returns (B,)."""
-        means = self.means.flatten(1)
-        offset = x.flatten(1).to(means.dtype)[:, None, :] - means  # (B, K, d)
+        _, _, log_likelihood = self._components(x.to(self.means.dtype), 1.0, 0.0)  # at t = 0
+        d = self.means[0].numel()
+        return torch.logsumexp(log_likelihood + self.weights.log(), dim=-1) - 0.5 * d * math.log(2 * math.pi)
+
+    def _components(self, x_t: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """Per component k, x_t ~ N(alpha mu_k, alpha^2 S_k + sigma^2 I) in S_k's eigenbasis:
+        the coordinates of x_t - alpha mu_k (B, K, d), the variances (., K, d) and the log
+        densities without the 2 pi constant (B, K). alpha, sigma: floats or (B, 1, 1)."""
+        offset = x_t.flatten(1)[:, None, :] - alpha * self.means.flatten(1)  # (B, K, d)
         coordinates = torch.einsum("bkd,kde->bke", offset, self.eigenvectors)
-        variance = self.eigenvalues.clamp_min(torch.finfo(means.dtype).tiny)  # (K, d)
-        log_normal = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1) + means.shape[1] * math.log(2 * math.pi))
-        return torch.logsumexp(log_normal + self.weights.log(), dim=-1)
+        variance = (alpha**2 * self.eigenvalues + sigma**2).clamp_min(torch.finfo(x_t.dtype).tiny)
+        log_likelihood = -0.5 * ((coordinates**2 / variance).sum(-1) + variance.log().sum(-1))
+        return coordinates, variance, log_likelihood
 
     def posterior(self, operator, y: Tensor) -> "GaussianMixturePrior":
         """The exact posterior of x_0 given one measurement y = A x_0 + sigma_y n: a mixture again.
@@ -194,27 +221,9 @@ class GaussianMixturePrior(Denoiser):
         m_k = mu_k + S_k A^T G_k^+ (y - A mu_k), C_k = S_k - S_k A^T G_k^+ A S_k, and its weight
         is multiplied by the evidence N(y; A mu_k, G_k). Dense in A: for small problems.
         """
-        dtype, device = self.means.dtype, self.means.device
-        matrix = operator.to_matrix(self.event_shape, dtype=dtype).to(device)
-        y_flat = torch.as_tensor(y, dtype=dtype, device=device).flatten()
-        if y_flat.numel() != matrix.shape[0]:
-            raise ValueError(f"y has {y_flat.numel()} entries but the operator produces {matrix.shape[0]}")
-        means = self.means.flatten(1)  # (K, d)
-        sigma_a = self.covs @ matrix.T  # (K, d, m)
-        gram = matrix @ sigma_a + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=dtype, device=device)
-        values, vectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
-        positive = values > values.amax(-1, keepdim=True) * 1e-12
-        inverse_values = torch.where(positive, 1 / values, 0.0)
-        residual = y_flat - means @ matrix.T  # (K, m)
-        coordinates = torch.einsum("km,kmj->kj", residual, vectors)
-        log_evidence = -0.5 * ((coordinates**2 * inverse_values).sum(-1) + torch.where(positive, values.log(), 0.0).sum(-1))
-        gram_pinv = vectors @ (inverse_values[..., None] * vectors.transpose(1, 2))
-        gain = sigma_a @ gram_pinv  # (K, d, m)
-        post_means = means + torch.einsum("kdm,km->kd", gain, residual)
-        post_covs = self.covs - gain @ sigma_a.transpose(1, 2)
+        means, covs, log_evidence = condition_on_measurement(self.means.flatten(1), self.covs, operator, y, self.event_shape)
         weights = torch.softmax(self.weights.log() + log_evidence, dim=0)
-        return GaussianMixturePrior(weights, post_means.reshape(self.means.shape), (post_covs + post_covs.transpose(1, 2)) / 2,
-                                    self.schedule)
+        return GaussianMixturePrior(weights, means.reshape(self.means.shape), covs, self.schedule)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact draws from the mixture, shape (num_samples, *event_shape)."""
