@@ -78,24 +78,23 @@ def progress_bar(progress: bool | Callable[[int], Any], total: int, description:
     return progress(total) if callable(progress) else tqdm(total=total, disable=not progress, desc=description)
 
 
+def _kept_noise_fraction(now: _Coefficients, nxt: _Coefficients, eta: float) -> float:
+    """How much of the current noise estimate a step keeps: (s' / s)^(eta^2), s = sigma / alpha."""
+    return ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
+
+
 def transition_std(now: _Coefficients, nxt: _Coefficients, eta: float) -> float:
     """Standard deviation of the fresh noise in one `exponential_step` (0 for eta = 0)."""
-    keep = ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
-    return nxt.sigma * math.sqrt(max(0.0, 1.0 - keep**2))
+    return nxt.sigma * math.sqrt(max(0.0, 1.0 - _kept_noise_fraction(now, nxt, eta) ** 2))
 
 
 def exponential_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
-    """One step of the eta-family from `now` to `nxt` with D frozen at x0 (exact linear part).
-
-    Returns x_next = alpha' x0 + sigma' keep eps_hat + transition_std(now, nxt, eta) * noise.
-    """
-    keep = ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
+    """One step of the eta-family from `now` to `nxt` with D frozen at x0 (exact linear part):
+    x_next = alpha' x0 + sigma' keep eps_hat + transition_std(now, nxt, eta) * noise."""
     eps_hat = (x - now.alpha * x0) / now.sigma
-    fresh = math.sqrt(max(0.0, 1.0 - keep**2))
-    out = nxt.alpha * x0 + nxt.sigma * keep * eps_hat
-    if fresh > 0 and noise is not None:
-        out = out + nxt.sigma * fresh * noise
-    return out
+    out = nxt.alpha * x0 + nxt.sigma * _kept_noise_fraction(now, nxt, eta) * eps_hat
+    std = transition_std(now, nxt, eta)
+    return out + std * noise if std > 0 and noise is not None else out
 
 
 def sample(
