@@ -62,6 +62,23 @@ class ParticleResult:
     vjps: int = 0
 
 
+def check_particle_settings(particles: int, eta: float, solver: str, ess_threshold: float, sigma_y: float) -> float:
+    """Raise a ValueError naming the argument unless particle mode can weight these settings;
+    returns eta as a float. The weights need a transition density (eta > 0, a solver with
+    Gaussian steps) and the final weight the likelihood p(y | x_0) (sigma_y > 0)."""
+    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+        raise ValueError(f"particles must be an integer >= 1, got {particles!r}")
+    eta = check_eta(eta, solver)
+    if eta <= 0 or solver not in PARTICLE_SOLVERS:
+        raise ValueError(f"particle mode weights particles by transition densities: it needs eta > 0 and solver in "
+                         f"{PARTICLE_SOLVERS}, got eta={eta}, solver={solver!r}")
+    if not (isinstance(ess_threshold, (int, float)) and 0 <= ess_threshold <= 1):
+        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold!r}")
+    if sigma_y <= 0:
+        raise ValueError("particle mode needs an operator with sigma > 0 (its final weight is the likelihood p(y | x_0))")
+    return eta
+
+
 def effective_sample_size(log_weights: Tensor) -> float:
     """(sum w)^2 / sum w^2 from unnormalised log weights (K,), computed in log space."""
     return float(torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0)))
@@ -129,15 +146,7 @@ def particle_sample(
         chunk_size: particles denoised per network call (default: all K at once).
         generator, device, dtype, progress: as in `samplers.sample`.
     """
-    eta = check_eta(eta, solver)
-    if eta <= 0:
-        raise ValueError("particle mode weights particles by transition densities: it needs a stochastic sampler, eta > 0")
-    if solver not in PARTICLE_SOLVERS:
-        raise ValueError(f"particle mode supports solver in {PARTICLE_SOLVERS}, got {solver!r}")
-    if operator.sigma <= 0:
-        raise ValueError("particle mode needs an operator with sigma > 0 (its final weight is the likelihood p(y | x_0))")
-    if not 0 <= ess_threshold <= 1:
-        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold!r}")
+    eta = check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma)
     chunk_size = particles if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")

@@ -31,7 +31,7 @@ from .denoisers import Denoiser
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
 from .models import default_model, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
-from .particles import PARTICLE_SOLVERS, particle_sample
+from .particles import check_particle_settings, particle_sample
 from .samplers import SOLVERS, check_eta, sample
 from .time_grids import GRIDS
 
@@ -167,10 +167,7 @@ def restore(
     _choice(grid, GRIDS, "grid")
     eta = check_eta(eta, solver)
     if particles is not None:
-        particles = _positive_int(particles, "particles")
-        if eta <= 0 or solver not in PARTICLE_SOLVERS:
-            raise ValueError(f"particle mode weights particles by transition densities: it needs eta > 0 and solver in "
-                             f"{PARTICLE_SOLVERS}, got eta={eta}, solver={solver!r}")
+        check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma)
     if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -203,48 +200,50 @@ def restore(
     if image_model:
         y, operator = measurement_to_model_units(y, operator)
 
-    if particles is not None:
-        start = time.perf_counter()
-        cloud = particle_sample(
-            model, operator, y, x_shape, particles=particles, num_samples=num_samples, steps=steps, covariance=covariance,
-            eta=eta, solver=solver, grid=grid, ess_threshold=ess_threshold, chunk_size=chunk_size,
-            guidance_scale=guidance_scale, cg_tol=cg_tol, cg_max_iter=cg_max_iter, generator=generator, device=device,
-            dtype=dtype, progress=progress,
-        )
-        seconds = time.perf_counter() - start
-        samples = from_model_range(cloud.samples).clamp(0, 1) if image_model else cloud.samples
-        # Mean and std from the whole weighted cloud: the SMC estimates, free of the extra noise
-        # of drawing `num_samples` from it.
-        particles_out = from_model_range(cloud.particles).clamp(0, 1) if image_model else cloud.particles
-        weights = cloud.weights.reshape(-1, *[1] * (particles_out.dim() - 1))
-        mean = (weights * particles_out).sum(0)
-        std = (weights * (particles_out - mean).square()).sum(0).sqrt()
-        settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid, guidance_scale=guidance_scale,
-                        cg_tol=cg_tol, cg_max_iter=cg_max_iter, particles=particles, ess_threshold=ess_threshold)
-        return Restoration(samples, mean, std, cloud.nfe, cloud.vjps, seconds, settings,
-                           cloud.ess, cloud.resampled, cloud.log_evidence)
-
+    settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid,
+                    guidance_scale=guidance_scale, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
     start = time.perf_counter()
-    chunks, nfe, vjps = [], 0, 0
-    for first in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - first)
-        guided = AveragedLikelihoodGuidance(
-            model, operator, y.expand(count, *y.shape), covariance, guidance_scale, cg_tol, cg_max_iter
-        )
-        samples, evaluations = sample(
-            guided, (count, *x_shape), steps=steps, eta=eta, solver=solver, grid=grid,
-            generator=generator, device=device, dtype=dtype, progress=progress,
-        )
-        chunks.append(samples)
-        nfe += evaluations
-        vjps += guided.vjp_count
+    if particles is None:
+        samples, nfe, vjps = _sample_in_batches(model, operator, y, x_shape, num_samples, batch_size, settings,
+                                                generator, device, dtype, progress)
+        cloud = None
+    else:
+        settings.update(particles=particles, ess_threshold=ess_threshold)
+        cloud = particle_sample(model, operator, y, x_shape, num_samples=num_samples, chunk_size=chunk_size,
+                                generator=generator, device=device, dtype=dtype, progress=progress, **settings)
+        samples, nfe, vjps = cloud.samples, cloud.nfe, cloud.vjps
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    samples = torch.cat(chunks)
-    if image_model:
-        samples = from_model_range(samples).clamp(0, 1)
-    std = samples.std(dim=0) if num_samples > 1 else torch.zeros_like(samples[0])
-    settings = dict(steps=steps, covariance=covariance, eta=eta, solver=solver, grid=grid,
-                    guidance_scale=guidance_scale, cg_tol=cg_tol, cg_max_iter=cg_max_iter)
-    return Restoration(samples, samples.mean(dim=0), std, nfe, vjps, seconds, settings)
+
+    def to_output(x: Tensor) -> Tensor:
+        return from_model_range(x).clamp(0, 1) if image_model else x
+
+    samples = to_output(samples)
+    if cloud is None:
+        std = samples.std(dim=0) if num_samples > 1 else torch.zeros_like(samples[0])
+        return Restoration(samples, samples.mean(dim=0), std, nfe, vjps, seconds, settings)
+    # Mean and std from the whole weighted cloud: the SMC estimates, free of the extra noise of
+    # drawing `num_samples` from it.
+    cloud_x0 = to_output(cloud.particles)
+    weights = cloud.weights.reshape(-1, *[1] * (cloud_x0.dim() - 1))
+    mean = (weights * cloud_x0).sum(0)
+    std = (weights * (cloud_x0 - mean).square()).sum(0).sqrt()
+    return Restoration(samples, mean, std, nfe, vjps, seconds, settings, cloud.ess, cloud.resampled, cloud.log_evidence)
+
+
+def _sample_in_batches(model, operator, y, x_shape, num_samples, batch_size, settings, generator, device, dtype,
+                       progress) -> tuple[Tensor, int, int]:
+    """The plain guided sampler, `batch_size` samples at a time: (samples, NFE, VJPs) in model units."""
+    chunks, nfe, vjps = [], 0, 0
+    for first in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - first)
+        guided = AveragedLikelihoodGuidance(model, operator, y.expand(count, *y.shape), settings["covariance"],
+                                            settings["guidance_scale"], settings["cg_tol"], settings["cg_max_iter"])
+        samples, evaluations = sample(guided, (count, *x_shape), steps=settings["steps"], eta=settings["eta"],
+                                      solver=settings["solver"], grid=settings["grid"], generator=generator,
+                                      device=device, dtype=dtype, progress=progress)
+        chunks.append(samples)
+        nfe += evaluations
+        vjps += guided.vjp_count
+    return torch.cat(chunks), nfe, vjps
