@@ -122,16 +122,17 @@ def gaussian_study(num_samples: int, steps_list: list[int], etas: list[float], t
         floors[problem.name] = exact_sample_floor(posterior, num_samples, repeats=10, seed=seed)
         exact = posterior.sample(num_samples, torch.Generator().manual_seed(seed + 1))
         exact_coverage[problem.name] = (interval_coverage(exact, mean, cov, 0.5), interval_coverage(exact, mean, cov, 0.9))
+        single = in_float32(problem.prior, problem.operator, problem.y)  # built once: restore() copies what it changes
         for method in methods:
             for steps in steps_list:
-                result = draw(method, *in_float32(problem.prior, problem.operator, problem.y), num_samples, steps, seed)
+                result = draw(method, *single, num_samples, steps, seed)
                 ratios = coverage = None
                 if result.samples is not None:
                     errors = gaussian_errors(result.samples.cpu(), mean, cov)
                     ratios = {key: errors[key] / floors[problem.name][key] for key in ERROR_KEYS}
                     coverage = (interval_coverage(result.samples, mean, cov, 0.5), interval_coverage(result.samples, mean, cov, 0.9))
                 rows.append(GaussianRow(problem.name, method, steps, ratios, coverage, result.nfe, result.seconds))
-                _log(problem.name, method.label, steps, ratios and f"W2/floor {ratios['w2']:.2f}", result.seconds)
+                log_row(problem.name, method.label, steps, ratios and f"W2/floor {ratios['w2']:.2f}", result.seconds)
     return rows, floors, exact_coverage
 
 
@@ -159,6 +160,19 @@ class MixtureRow:
     seconds: float
 
 
+def posterior_distance(problem, num_samples: int, seed: int, projections: int = 1000):
+    """(distance, floor) for a problem with an exact posterior: `distance(samples)` is the sliced
+    Wasserstein distance to `num_samples` exact posterior draws, on the same projection directions
+    for every sample set; `floor` is that distance for another `num_samples` exact draws."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    reference = problem.posterior.sample(num_samples, generator)
+
+    def distance(samples: Tensor) -> float:
+        return sliced_wasserstein(samples.cpu().double(), reference, projections, generator=torch.Generator().manual_seed(2000 + seed))
+
+    return distance, distance(problem.posterior.sample(num_samples, generator))
+
+
 def mixture_study(num_samples: int, steps: int, dimensions: list[int], measurement_counts: list[int], seeds: list[int],
                   covariances=("tweedie", "isotropic", "diagonal"), peers=GAUSSIAN_PEERS,
                   projections: int = 1000) -> list[MixtureRow]:
@@ -169,20 +183,16 @@ def mixture_study(num_samples: int, steps: int, dimensions: list[int], measureme
         for measurements in measurement_counts:
             for seed in seeds:
                 problem = mixture_problem(dimension, measurements, seed)
-                generator = torch.Generator().manual_seed(1000 + seed)
-                reference = problem.posterior.sample(num_samples, generator)
-                directions = torch.Generator().manual_seed(2000 + seed)
-
-                def distance(samples: Tensor) -> float:
-                    return sliced_wasserstein(samples.cpu(), reference, projections, generator=directions.manual_seed(2000 + seed))
-
-                rows.append(MixtureRow(dimension, measurements, seed, "exact", distance(problem.posterior.sample(num_samples, generator)), 0, 0.0))
-                rows.append(MixtureRow(dimension, measurements, seed, "prior", distance(problem.prior.sample(num_samples, generator)), 0, 0.0))
+                distance, floor = posterior_distance(problem, num_samples, seed, projections)
+                single = in_float32(problem.prior, problem.operator, problem.y)  # once per problem, not per method
+                prior_draws = problem.prior.sample(num_samples, torch.Generator().manual_seed(3000 + seed))
+                rows.append(MixtureRow(dimension, measurements, seed, "exact", floor, 0, 0.0))
+                rows.append(MixtureRow(dimension, measurements, seed, "prior", distance(prior_draws), 0, 0.0))
                 for method in methods:
-                    result = draw(method, *in_float32(problem.prior, problem.operator, problem.y), num_samples, steps, seed)
+                    result = draw(method, *single, num_samples, steps, seed)
                     sw = None if result.samples is None else distance(result.samples)
                     rows.append(MixtureRow(dimension, measurements, seed, method.label, sw, result.nfe, result.seconds))
-                    _log(f"mixture d={dimension} d_y={measurements} seed={seed}", method.label, steps,
+                    log_row(f"mixture d={dimension} d_y={measurements} seed={seed}", method.label, steps,
                          "diverged" if sw is None else f"SW {sw:.3f}", result.seconds)
     return rows
 
@@ -191,5 +201,6 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
-def _log(*fields) -> None:
+def log_row(*fields) -> None:
+    """One progress line on stderr: fields joined by " | ", floats as seconds."""
     print(" | ".join(f"{f:.1f} s" if isinstance(f, float) else str(f) for f in fields), file=sys.stderr, flush=True)

@@ -17,17 +17,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from posterior_diff import default_model, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors, sliced_wasserstein
+from posterior_diff.metrics import exact_sample_floor, gaussian_errors
 from posterior_diff.problems import gaussian_image_problems, mixture_problem
 
-from .exact_posteriors import in_float32
+from .exact_posteriors import in_float32, log_row, posterior_distance
 from .image_restoration import load_photograph, make_operator, psnr_ssim, to_array
 from .reporting import markdown_table, provenance
 
@@ -40,10 +39,6 @@ QUICK = dict(samples=200, steps=10, particle_counts=[10, 50], dimensions=[8], me
 TARGET_FLOOR_RATIO = 3.0
 
 
-def log(*fields) -> None:
-    print(" | ".join(str(f) for f in fields), file=sys.stderr, flush=True)
-
-
 def mixture_rows(settings: dict) -> tuple[list[list[str]], list[str]]:
     """SW / floor against K on each mixture problem (float32 sampling, float64 references)."""
     rows, verdicts, largest = [], [], max(settings["particle_counts"])
@@ -52,13 +47,7 @@ def mixture_rows(settings: dict) -> tuple[list[list[str]], list[str]]:
             for seed in settings["seeds"]:
                 problem = mixture_problem(dimension, measurements, seed)
                 prior, operator, y = in_float32(problem.prior, problem.operator, problem.y)
-                generator = torch.Generator().manual_seed(1000 + seed)
-                reference = problem.posterior.sample(settings["samples"], generator)
-
-                def distance(samples):
-                    return sliced_wasserstein(samples.double(), reference, 1000, generator=torch.Generator().manual_seed(2000 + seed))
-
-                floor = distance(problem.posterior.sample(settings["samples"], generator))
+                distance, floor = posterior_distance(problem, settings["samples"], seed)
                 cells = [str(dimension), str(measurements), str(seed), f"{floor:.3f}"]
                 for particles in [None] + settings["particle_counts"]:
                     result = restore(y, operator, prior, num_samples=settings["samples"], steps=settings["steps"],
@@ -67,7 +56,7 @@ def mixture_rows(settings: dict) -> tuple[list[list[str]], list[str]]:
                     ratio = distance(result.samples) / floor
                     ess = "" if particles is None else f", ESS min {min(result.ess):.2f}"
                     cells.append(f"{ratio:.2f} ({result.seconds:.1f} s{ess})")
-                    log(problem.name, f"K={particles}", f"SW/floor {ratio:.2f}", f"{result.seconds:.1f} s")
+                    log_row(problem.name, f"K={particles}", f"SW/floor {ratio:.2f}", f"{result.seconds:.1f} s")
                     if particles == largest:
                         verdicts.append((dimension, measurements, seed, ratio))
                 rows.append(cells)
@@ -90,7 +79,7 @@ def gaussian_rows(settings: dict) -> list[list[str]]:
                 ess = "" if particles is None else f"{min(result.ess):.2f} / {len(result.resampled)}"
                 rows.append([problem.name, str(steps), "plain" if particles is None else f"K={particles}",
                              *(f"{errors[k] / floor[k]:.2f}" for k in ("mean_error", "cov_error", "w2")), ess, f"{result.seconds:.1f}"])
-                log(problem.name, steps, rows[-1][2], rows[-1][3:])
+                log_row(problem.name, steps, rows[-1][2], rows[-1][3:])
     return rows
 
 
@@ -116,7 +105,7 @@ def image_rows(settings: dict) -> list[list[str]]:
                     psnr, ssim = psnr_ssim(to_array(result.mean), to_array(truth))
                     total = result.nfe * options["num_samples"]  # single-image evaluations, all chains
                     rows.append([image, task, label, f"{psnr:.2f}", f"{ssim:.3f}", str(total), f"{result.seconds:.1f}"])
-                    log(image, task, label, f"{psnr:.2f} dB")
+                    log_row(image, task, label, f"{psnr:.2f} dB")
     return rows
 
 
