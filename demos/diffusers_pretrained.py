@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from skimage.transform import resize
 
 from operators import SuperResolution
 from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline
-from posterior_diff.images import match_channels, save_panels
+from posterior_diff.images import match_channels
 from posterior_diff.models import ModelLoadError, resolve_model_folder
 
-from super_resolution import ground_truth, scores
+from super_resolution import bicubic_upsample, ground_truth, report
 
 
 def main() -> None:
@@ -58,7 +57,7 @@ def main() -> None:
     operator = SuperResolution(4, sigma=args.sigma)
     generator = torch.Generator().manual_seed(args.seed)
     low = operator.measure(truth[None], generator)[0]
-    bicubic = torch.from_numpy(resize(low.numpy().transpose(1, 2, 0), (args.size, args.size), order=3).transpose(2, 0, 1)).float().clamp(0, 1)
+    bicubic = bicubic_upsample(low, args.size)
 
     start = time.perf_counter()
     samples = pipe(low, operator, num_inference_steps=args.steps, num_samples=args.samples, covariance=args.covariance,
@@ -67,14 +66,7 @@ def main() -> None:
     mean, std = samples.mean(0), samples.std(0)
     print(f"\n{args.model}: x4 SR of a {args.size}x{args.size} crop, {args.samples} samples, {args.steps} steps, "
           f"covariance {args.covariance!r}, {device} ({dtype}): {seconds:.1f} s\n")
-    print("| estimate | PSNR (dB) | SSIM |\n|---|---|---|")
-    for name, estimate in [("bicubic", bicubic), ("posterior mean", mean), ("one sample", samples[0])]:
-        psnr, ssim = scores(estimate, truth)
-        print(f"| {name} | {psnr:.2f} | {ssim:.3f} |")
-    nearest = low.repeat_interleave(4, -2).repeat_interleave(4, -1)
-    save_panels([[nearest, bicubic, mean, samples[0], std / max(float(std.max()), 1e-8), truth]],
-                ["low resolution", "bicubic", "posterior mean", "one sample", "posterior std", "ground truth"], args.out, zoom=2)
-    print(f"wrote {args.out}")
+    report(truth, low, bicubic, mean, samples[0], std, args.out)
 
 
 if __name__ == "__main__":

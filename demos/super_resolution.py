@@ -50,6 +50,28 @@ def scores(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return peak_signal_noise_ratio(b, a, data_range=1), structural_similarity(b, a, data_range=1, channel_axis=-1)
 
 
+def bicubic_upsample(low: torch.Tensor, size: int) -> torch.Tensor:
+    """The bicubic baseline: (C, h, w) in [0, 1] -> (C, size, size), clamped to [0, 1]."""
+    array = resize(low.numpy().transpose(1, 2, 0), (size, size), order=3)
+    return torch.from_numpy(array.transpose(2, 0, 1)).float().clamp(0, 1)
+
+
+def report(truth, low, bicubic, mean, sample, std, out: Path) -> None:
+    """Print PSNR / SSIM of bicubic, the posterior mean and one sample, the calibration of the
+    posterior std, and write the six-panel figure to `out`."""
+    print("| estimate | PSNR (dB) | SSIM |\n|---|---|---|")
+    for name, estimate in [("bicubic", bicubic), ("posterior mean", mean), ("one sample", sample)]:
+        psnr, ssim = scores(estimate, truth)
+        print(f"| {name} | {psnr:.2f} | {ssim:.3f} |")
+    within = float(((mean - truth).abs() <= 2 * std).float().mean())
+    print(f"\npixels whose error is within 2 posterior std: {within:.1%}")
+    factor = truth.shape[-1] // low.shape[-1]
+    nearest = low.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    save_panels([[nearest, bicubic, mean, sample, std / max(float(std.max()), 1e-8), truth]],
+                ["low resolution", "bicubic", "posterior mean", "one sample", "posterior std", "ground truth"], out, zoom=2)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("image", nargs="?", type=Path, help="ground-truth image file (default: scikit-image astronaut)")
@@ -72,7 +94,7 @@ def main() -> None:
     operator = SuperResolution(4, sigma=args.sigma)
     generator = torch.Generator().manual_seed(args.seed)
     low = operator.measure(truth[None], generator)[0]
-    bicubic = torch.from_numpy(resize(low.numpy().transpose(1, 2, 0), (args.size, args.size), order=3).transpose(2, 0, 1)).float().clamp(0, 1)
+    bicubic = bicubic_upsample(low, args.size)
 
     start = time.perf_counter()
     result = restore(low, operator, default_model(), num_samples=args.samples, steps=args.steps,
@@ -80,18 +102,7 @@ def main() -> None:
     print(f"\nx4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma}; {args.samples} samples, "
           f"{args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, {result.vjps} VJPs, "
           f"{time.perf_counter() - start:.0f} s\n")
-    print("| estimate | PSNR (dB) | SSIM |\n|---|---|---|")
-    for name, estimate in [("bicubic", bicubic), ("posterior mean", result.mean), ("one sample", result.samples[0])]:
-        psnr, ssim = scores(estimate, truth)
-        print(f"| {name} | {psnr:.2f} | {ssim:.3f} |")
-    error = (result.mean - truth).abs()
-    print(f"\npixels whose error is within 2 posterior std: {float((error <= 2 * result.std).float().mean()):.1%}")
-
-    nearest = low.repeat_interleave(4, -2).repeat_interleave(4, -1)
-    std_panel = result.std / max(float(result.std.max()), 1e-8)
-    save_panels([[nearest, bicubic, result.mean, result.samples[0], std_panel, truth]],
-                ["low resolution", "bicubic", "posterior mean", "one sample", "posterior std", "ground truth"], args.out, zoom=2)
-    print(f"wrote {args.out}")
+    report(truth, low, bicubic, result.mean, result.samples[0], result.std, args.out)
 
 
 if __name__ == "__main__":
