@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-from operators import SuperResolution
 from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline
-from posterior_diff.images import match_channels
 from posterior_diff.models import ModelLoadError, resolve_model_folder
 
-from super_resolution import bicubic_upsample, ground_truth, report
+from super_resolution import add_experiment_arguments, report, x4_measurement
 
 
 def main() -> None:
@@ -35,14 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="hub id 'org/name' or local folder (default: embedded model)")
     parser.add_argument("--local-files-only", action="store_true", help="use the Hugging Face cache only, never the network")
     parser.add_argument("--image", type=Path, help="ground-truth image file (default: scikit-image astronaut)")
-    parser.add_argument("--size", type=int, default=128, help="side of the centre crop restored, a multiple of 4")
-    parser.add_argument("--downscale", type=int, default=2, help="shrink the photograph first by this factor")
-    parser.add_argument("--sigma", type=float, default=0.025, help="measurement noise in [0, 1] units")
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--covariance", default="isotropic", help="zero, isotropic, diagonal or tweedie")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("outputs/diffusers_pretrained.png"))
+    add_experiment_arguments(parser, "outputs/diffusers_pretrained.png")
     args = parser.parse_args()
 
     try:
@@ -53,11 +44,7 @@ def main() -> None:
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = PosteriorSamplingPipeline.from_pretrained(folder, dtype=dtype).to(device)
 
-    truth = match_channels(ground_truth(args.image, args.size, args.downscale), pipe.unet.config.in_channels)
-    operator = SuperResolution(4, sigma=args.sigma)
-    generator = torch.Generator().manual_seed(args.seed)
-    low = operator.measure(truth[None], generator)[0]
-    bicubic = bicubic_upsample(low, args.size)
+    truth, operator, generator, low, bicubic = x4_measurement(args, pipe.unet.config.in_channels)
 
     start = time.perf_counter()
     samples = pipe(low, operator, num_inference_steps=args.steps, num_samples=args.samples, covariance=args.covariance,

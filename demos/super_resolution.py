@@ -72,9 +72,8 @@ def report(truth, low, bicubic, mean, sample, std, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("image", nargs="?", type=Path, help="ground-truth image file (default: scikit-image astronaut)")
+def add_experiment_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options both super-resolution demos share: crop, noise, sampler and output figure."""
     parser.add_argument("--size", type=int, default=128, help="side of the centre crop restored, a multiple of 4")
     parser.add_argument("--downscale", type=int, default=2, help="shrink the photograph first by this factor")
     parser.add_argument("--sigma", type=float, default=0.025, help="measurement noise in [0, 1] units")
@@ -83,18 +82,29 @@ def main() -> None:
     parser.add_argument("--covariance", default="isotropic",
                         help="isotropic (default: two minutes on 2 CPU cores), tweedie (more exact, about 4x the time "
                              "per conjugate-gradient iteration), diagonal or zero")
-    parser.add_argument("--cg-max-iter", type=int, default=4, help="conjugate-gradient cap per step for --covariance tweedie")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("outputs/super_resolution.png"))
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def x4_measurement(args: argparse.Namespace, channels: int = 3):
+    """(truth, operator, generator, low, bicubic): the ground truth crop with `channels`
+    channels, x4 average pooling with args.sigma, and its noisy measurement and bicubic baseline."""
     if args.size % 4:
         raise SystemExit(f"--size must be a multiple of 4, got {args.size}")
-
-    truth = ground_truth(args.image, args.size, args.downscale)
+    truth = match_channels(ground_truth(args.image, args.size, args.downscale), channels)
     operator = SuperResolution(4, sigma=args.sigma)
     generator = torch.Generator().manual_seed(args.seed)
     low = operator.measure(truth[None], generator)[0]
-    bicubic = bicubic_upsample(low, args.size)
+    return truth, operator, generator, low, bicubic_upsample(low, args.size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("image", nargs="?", type=Path, help="ground-truth image file (default: scikit-image astronaut)")
+    add_experiment_arguments(parser, "outputs/super_resolution.png")
+    parser.add_argument("--cg-max-iter", type=int, default=4, help="conjugate-gradient cap per step for --covariance tweedie")
+    args = parser.parse_args()
+    truth, operator, generator, low, bicubic = x4_measurement(args)
 
     start = time.perf_counter()
     result = restore(low, operator, default_model(), num_samples=args.samples, steps=args.steps,
