@@ -4,15 +4,25 @@ The guided sampler is exact only where p(x_0 | x_t) is Gaussian. Particle mode r
 remaining error as the number of particles K grows (Wu et al. 2023, "Practical and
 asymptotically exact conditional sampling in diffusion models", TDS), reusing what guidance
 computes anyway: the twist is our averaged likelihood l~(y | x_t) = N(y; A D(x_t), C_t) with the
-chosen covariance, the proposal is the guided reverse step.
+chosen covariance.
 
 The target is the path of the *unguided* reverse chain (the prior, discretised) tilted by the
-true likelihood p(y | x_0). With p the unguided transition, q the guided one (both Gaussian
-with the same variance: the same eta-family step, fed D or the corrected mean D_y):
+true likelihood p(y | x_0). With p the unguided transition N(prior mean, tau^2 I) and q the
+proposal:
 
     w_1        = l~(y | x_1),                      x_1 ~ N(0, (alpha^2 + sigma^2) I)
     w_{t -> s} = p(x_s | x_t) l~(y | x_s) / [q(x_s | x_t) l~(y | x_t)]
     w_final    = p(y | x_0) / l~(y | x_{t_min}),   x_0 = D(x_{t_min})
+
+Two proposals:
+- "guided": the guided step, N(mean fed D_y instead of D, tau^2 I). Any covariance mode.
+- "conditioned": p(x_s | x_t) times the twist at s linearised in x_s (`conditioned_step`):
+  the step's mean *and* covariance are conditioned on y, which the guided step's covariance
+  is not. It needs the rows of A J and the m x m matrix C, which the Tweedie twist builds
+  anyway when y has at most EXACT_LOG_DET_MAX entries, so it costs no extra network call.
+  On Gaussian priors its weights stay nearly even (lowest ESS without resampling 0.6-0.8 K at
+  100 steps on the 8x8 benchmark tasks, against 0.003-0.12 K for the guided step).
+"auto" (the default) takes the conditioned proposal wherever it is available.
 
 Systematic resampling whenever the effective sample size (sum w)^2 / sum w^2 drops below
 `ess_threshold * K`. The product of the average incremental weights estimates the evidence
@@ -23,7 +33,7 @@ draws are made for the whole cloud at once, so the chunk size changes memory, no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -32,11 +42,12 @@ from torch import Tensor
 from operators import LinearOperator
 
 from .denoisers import Denoiser, randn
-from .guidance import AveragedLikelihoodGuidance
+from .guidance import EXACT_LOG_DET_MAX, AveragedLikelihoodGuidance, Guided, tweedie_covariance
 from .samplers import _Coefficients, check_eta, exponential_step, progress_bar, transition_std
 from .time_grids import time_grid
 
 PARTICLE_SOLVERS = ("multistep", "euler")
+PROPOSALS = ("auto", "guided", "conditioned")
 
 
 @dataclass
@@ -107,6 +118,89 @@ def measurement_log_likelihood(operator: LinearOperator, y: Tensor, x0: Tensor) 
     return -0.5 * (residual.square().flatten(1).sum(1) / operator.sigma**2 + m * math.log(2 * math.pi * operator.sigma**2))
 
 
+def choose_proposal(proposal: str, covariance: str, measurement_size: int) -> str:
+    """The proposal particle mode runs: `proposal` itself, or for "auto" the conditioned one
+    wherever it is available (Tweedie twist with an exact log det, whose pieces it reuses),
+    else the guided one. Raises a ValueError naming `proposal` where "conditioned" cannot run."""
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+    available = covariance == "tweedie" and measurement_size <= EXACT_LOG_DET_MAX
+    if proposal == "conditioned" and not available:
+        raise ValueError(f'proposal="conditioned" needs covariance="tweedie" and a measurement of at most '
+                         f"{EXACT_LOG_DET_MAX} entries (it builds the m x m covariance of y), got "
+                         f"covariance={covariance!r} and {measurement_size} entries")
+    if proposal == "auto":
+        return "conditioned" if available else "guided"
+    return proposal
+
+
+def conditioned_step(prior_mean: Tensor, std: float, residual: Tensor, jacobian: Tensor, covariance: Tensor,
+                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    r"""Draw x_s from the unguided transition N(prior_mean, std^2 I) conditioned on the twist
+    linearised at the current particle, and return it with log p(x_s | x_t) - log q(x_s | x_t).
+
+    With B = A J (the rows `jacobian`, (K, m, *x_shape)), C the twist's covariance (K, m, m)
+    and r = y - A D the residual of the unguided x_0 estimate (K, *y_shape), the linearised
+    twist is N(y; A D + B (x_s - prior_mean), C) and the proposal is the exact Gaussian product
+
+        q = N(prior_mean + tau^2 B^T G^{-1} r,  tau^2 I - tau^4 B^T G^{-1} B),   G = C + tau^2 B B^T,
+
+    drawn by Matheron's rule (perturb, then correct by the m x m solve), so no d x d matrix is
+    formed. On a Gaussian prior this is the locally optimal proposal up to taking J and C at
+    x_t instead of x_s, an O(step) error in an O(step) correction. The density ratio uses
+    Sigma_q^{-1} = tau^{-2} I + B^T C^{-1} B and det Sigma_q = tau^{2d} det C / det G; the
+    tau^{2d} cancels against the unguided transition.
+    """
+    shape, dtype = prior_mean.shape, prior_mean.dtype
+    count, m = covariance.shape[:2]
+    matrix = jacobian.flatten(2).double()  # (K, m, d)
+    prior = prior_mean.flatten(1).double()
+    chol_c = torch.linalg.cholesky(covariance.double())
+    chol_g = torch.linalg.cholesky(chol_c @ chol_c.transpose(1, 2) + std**2 * matrix @ matrix.transpose(1, 2))
+
+    def apply(matrices: Tensor, vectors: Tensor) -> Tensor:
+        return (matrices @ vectors[..., None])[..., 0]
+
+    def gain(v: Tensor) -> Tensor:  # tau^2 B^T G^{-1} v
+        return std**2 * apply(matrix.transpose(1, 2), torch.cholesky_solve(v[..., None], chol_g)[..., 0])
+
+    noise = randn(shape, generator, prior_mean.device, dtype).flatten(1).double()
+    measurement_noise = apply(chol_c, randn((count, m), generator, prior_mean.device, dtype).double())
+    mean = prior + gain(residual.flatten(1).double())
+    x_next = mean + std * noise - gain(std * apply(matrix, noise) + measurement_noise)
+    offset = x_next - mean
+    projected = apply(matrix, offset)
+    quadratic = offset.square().sum(1) / std**2 + (projected * torch.cholesky_solve(projected[..., None], chol_c)[..., 0]).sum(1)
+    log_det_ratio = 2 * (chol_g.diagonal(dim1=1, dim2=2).log().sum(1) - chol_c.diagonal(dim1=1, dim2=2).log().sum(1))
+    log_ratio = -0.5 * (x_next - prior).square().sum(1) / std**2 + 0.5 * quadratic - 0.5 * log_det_ratio
+    return x_next.to(dtype).reshape(shape), log_ratio
+
+
+def _concatenate(parts: list[Guided]) -> Guided:
+    """One Guided for the whole cloud from its chunks (log likelihoods in float64)."""
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(part, name) for part in parts]
+        return None if values[0] is None else torch.cat(values)
+    return Guided(cat("x0"), cat("corrected"), cat("log_likelihood").double(), all(p.normalised for p in parts),
+                  cat("measurement_jacobian"), cat("likelihood_covariance"))
+
+
+@dataclass
+class _History:
+    """What the last step leaves for the next: D and D_y per particle, and the step length h
+    in log(sigma / alpha)."""
+
+    x0: Tensor
+    corrected: Tensor
+    h: float
+
+
+def _select(record, indices: Tensor):
+    """The rows `indices` of every per-particle tensor field of a dataclass (resampling)."""
+    return replace(record, **{f.name: getattr(record, f.name)[indices] for f in fields(record)
+                              if isinstance(getattr(record, f.name), Tensor)})
+
+
 def particle_sample(
     model: Denoiser,
     operator: LinearOperator,
@@ -121,6 +215,7 @@ def particle_sample(
     solver: str = "multistep",
     grid: str = "log-snr",
     ess_threshold: float = 0.5,
+    proposal: str = "auto",
     chunk_size: int | None = None,
     guidance_scale: float = 1.0,
     cg_tol: float = 1e-4,
@@ -143,10 +238,15 @@ def particle_sample(
         eta: noise level in (0, 1]; the weights need a transition density, so eta > 0.
         solver: "multistep" (second order; each particle keeps its own D history) or "euler".
         ess_threshold: resample when ESS < ess_threshold * K (0 never, 1 always).
+        proposal: "guided" (the guided step: mean shifted, covariance unchanged), "conditioned"
+            (`conditioned_step`: the unguided step conditioned on the linearised twist, mean and
+            covariance; Tweedie covariance with y of at most EXACT_LOG_DET_MAX entries; memory
+            K x m x d for the rows of A J) or "auto" (conditioned wherever it is available).
         chunk_size: particles denoised per network call (default: all K at once).
         generator, device, dtype, progress: as in `samplers.sample`.
     """
     eta = check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma)
+    proposal = choose_proposal(proposal, covariance, y.numel())
     chunk_size = particles if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
@@ -157,60 +257,75 @@ def particle_sample(
     coefficients = [_Coefficients(schedule, t) for t in times]
     guidance = AveragedLikelihoodGuidance(model, operator, y[None], covariance, guidance_scale, cg_tol, cg_max_iter)
 
-    def guide_all(x: Tensor, c: _Coefficients):
-        """Unguided D, corrected mean and log twist for the whole cloud, chunk by chunk."""
+    def guide_all(x: Tensor, c: _Coefficients) -> Guided:
+        """Unguided D, corrected mean and log twist (and its pieces) for the whole cloud, chunk by chunk."""
         t = torch.full((x.shape[0],), c.t, dtype=dtype, device=device)
-        nonlocal normalised
-        parts = [guidance.guide(x[i : i + chunk_size], t[i : i + chunk_size], likelihood=True)
-                 for i in range(0, x.shape[0], chunk_size)]
-        normalised = normalised and all(p.normalised for p in parts)
-        return (torch.cat([p.x0 for p in parts]), torch.cat([p.corrected for p in parts]),
-                torch.cat([p.log_likelihood for p in parts]).double())
+        return _concatenate([guidance.guide(x[i : i + chunk_size], t[i : i + chunk_size], likelihood=True)
+                             for i in range(0, x.shape[0], chunk_size)])
 
-    normalised = True  # every twist value carried its log det: the evidence estimate is meaningful
     start = coefficients[0]
     x = math.sqrt(start.alpha**2 + start.sigma**2) * randn((particles, *x_shape), generator, device, dtype)
-    x0, corrected, log_twist = guide_all(x, start)
-    log_weights = log_twist.clone()
+    now_guided = guide_all(x, start)
+    normalised = now_guided.normalised  # every twist value carried its log det: the evidence estimate is meaningful
+    log_weights = now_guided.log_likelihood.clone()
     log_evidence = 0.0
     ess, resampled = [], []
-    previous: tuple[Tensor, Tensor, float] | None = None  # (D, D_y, h) of the last step, per particle
+    previous: _History | None = None
     bar = progress_bar(progress, len(times), "particles")
 
     def reweighted(step: int) -> None:
         """Record the ESS; resample (ancestors carry their D history) when it is too low."""
-        nonlocal x, x0, corrected, log_twist, log_weights, log_evidence, previous
+        nonlocal x, now_guided, log_weights, log_evidence, previous
         ess.append(effective_sample_size(log_weights) / particles)
         if ess[-1] < ess_threshold:
             log_evidence += float(torch.logsumexp(log_weights, 0)) - math.log(particles)
             ancestors = systematic_resample(log_weights, generator)
-            x, x0, corrected, log_twist = x[ancestors], x0[ancestors], corrected[ancestors], log_twist[ancestors]
+            x, now_guided = x[ancestors], _select(now_guided, ancestors)
             if previous is not None:
-                previous = (previous[0][ancestors], previous[1][ancestors], previous[2])
+                previous = _select(previous, ancestors)
             log_weights = torch.zeros_like(log_weights)
             resampled.append(step)
 
     reweighted(0)
     for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:]), start=1):
+        x0, corrected = now_guided.x0, now_guided.corrected
         h = now.log_ratio - nxt.log_ratio
+        # Second-order extrapolation of D (and D_y), as the multistep sampler does.
         if solver == "multistep" and previous is not None:
-            factor = h / (2 * previous[2])
-            unguided_x0, guided_x0 = x0 + (x0 - previous[0]) * factor, corrected + (corrected - previous[1]) * factor
+            factor = h / (2 * previous.h)
+            unguided_x0, guided_x0 = x0 + (x0 - previous.x0) * factor, corrected + (corrected - previous.corrected) * factor
         else:
             unguided_x0, guided_x0 = x0, corrected
-        previous = (x0, corrected, h)
         prior_mean = exponential_step(x, unguided_x0, now, nxt, eta, None)
-        proposal_mean = exponential_step(x, guided_x0, now, nxt, eta, None)
         std = transition_std(now, nxt, eta)
-        x_next = proposal_mean + std * randn(x.shape, generator, device, dtype)
-        transition = (gaussian_log_density(x_next, prior_mean, std) - gaussian_log_density(x_next, proposal_mean, std)).double()
-        x0, corrected, next_twist = guide_all(x_next, nxt)
-        log_weights = log_weights + transition + next_twist - log_twist
-        x, log_twist = x_next, next_twist
+        if proposal == "conditioned":
+            # The twist at the next time, linearised around the prior mean: the rows of A J at
+            # x_t (re-evaluating them there would cost a network call; extrapolating them from
+            # the last step gained nothing on Gaussian priors and overshot on mixtures), C
+            # rebuilt with the next time's scale sigma^2 / alpha, and A D there = A D(x_t) moved
+            # by A J along the difference between this step's mean and the first-order one
+            # (exact for a linear D).
+            rows = now_guided.measurement_jacobian
+            covariance_next = tweedie_covariance(rows, operator, torch.full((particles,), nxt.sigma**2 / nxt.alpha,
+                                                                             dtype=rows.dtype, device=device))
+            shift = (prior_mean - exponential_step(x, x0, now, nxt, eta, None)).flatten(1)
+            predicted = operator.A(x0) + (rows.flatten(2) @ shift[..., None]).reshape(-1, *y.shape)
+            x_next, transition = conditioned_step(prior_mean, std, y[None] - predicted, rows, covariance_next, generator)
+        else:
+            proposal_mean = exponential_step(x, guided_x0, now, nxt, eta, None)
+            x_next = proposal_mean + std * randn(x.shape, generator, device, dtype)
+            transition = (gaussian_log_density(x_next, prior_mean, std)
+                          - gaussian_log_density(x_next, proposal_mean, std)).double()
+        previous = _History(x0, corrected, h)
+        next_guided = guide_all(x_next, nxt)
+        normalised = normalised and next_guided.normalised
+        log_weights = log_weights + transition + next_guided.log_likelihood - now_guided.log_likelihood
+        x, now_guided = x_next, next_guided
         reweighted(step)
         bar.update(1)
     # The final weight swaps the last twist for the true likelihood of the unguided x_0 = D(x_{t_min}).
-    log_weights = log_weights + measurement_log_likelihood(operator, y[None], x0).double() - log_twist
+    x0 = now_guided.x0
+    log_weights = log_weights + measurement_log_likelihood(operator, y[None], x0).double() - now_guided.log_likelihood
     ess.append(effective_sample_size(log_weights) / particles)
     log_evidence += float(torch.logsumexp(log_weights, 0)) - math.log(particles)
     bar.update(1)

@@ -31,7 +31,7 @@ from .denoisers import Denoiser
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
 from .models import default_model, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
-from .particles import check_particle_settings, particle_sample
+from .particles import check_particle_settings, choose_proposal, particle_sample
 from .samplers import SOLVERS, check_eta, sample
 from .time_grids import GRIDS
 
@@ -116,6 +116,7 @@ def restore(
     batch_size: int | None = None,
     particles: int | None = None,
     ess_threshold: float = 0.5,
+    proposal: str = "auto",
 ) -> Restoration:
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
 
@@ -146,6 +147,9 @@ def restore(
             asymptotically exact as K grows; needs eta > 0, solver "multistep" or "euler", and
             sigma_y > 0) and returns `num_samples` draws from the final weighted cloud.
         ess_threshold: particle mode resamples when ESS < ess_threshold * K.
+        proposal: particle mode's proposal: "guided" (the guided step), "conditioned" (the
+            unguided step conditioned on the linearised twist; Tweedie covariance, y of at most
+            64 entries) or "auto" (conditioned wherever available; see `particles.choose_proposal`).
 
     Returns:
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
@@ -208,7 +212,8 @@ def restore(
                                                 generator, device, dtype, progress)
         cloud = None
     else:
-        settings.update(particles=particles, ess_threshold=ess_threshold)
+        settings.update(particles=particles, ess_threshold=ess_threshold,
+                        proposal=choose_proposal(proposal, covariance, y.numel()))
         cloud = particle_sample(model, operator, y, x_shape, num_samples=num_samples, chunk_size=chunk_size,
                                 generator=generator, device=device, dtype=dtype, progress=progress, **settings)
         samples, nfe, vjps = cloud.samples, cloud.nfe, cloud.vjps

@@ -59,3 +59,15 @@ def test_the_particle_benchmark_quick_run_writes_its_three_parts(tmp_path):
     report = out.read_text()
     assert "## 1. The MCGdiff mixture" in report and "## 2. Gaussian prior" in report and "## 3. Images" in report
     assert "K=50 / floor" in report and "particles K=2, 3 steps" in report
+
+
+def test_training_curve_windows_and_report(tmp_path):
+    from benchmarks import training_curve
+
+    log = [(step, float(step % 2)) for step in range(1, 11)]  # losses 1, 0, 1, 0, ...
+    assert training_curve.window_means(log, 4) == [(1, 4, 0.5), (5, 8, 0.5), (9, 12, 0.5)]
+    assert training_curve.window_means(log[6:], 2)[0] == (7, 8, 0.5)  # windows start at the first logged step
+    out = tmp_path / "curve.md"
+    training_curve.main(["--crops", "4", "--window", "3000", "--out", str(out)])
+    text = out.read_text()
+    assert "| shipped model | 1-3000 |" in text and "shipped: held-out / training" in text

@@ -5,7 +5,8 @@ import torch
 
 from operators import MatrixOperator, SuperResolution
 from posterior_diff import GaussianMixturePrior, GaussianPrior, restore
-from posterior_diff.particles import effective_sample_size, systematic_resample
+from posterior_diff.guidance import EXACT_LOG_DET_MAX
+from posterior_diff.particles import choose_proposal, conditioned_step, effective_sample_size, systematic_resample
 from posterior_diff.problems import squared_exponential_covariance
 
 DOUBLE = torch.float64
@@ -52,11 +53,43 @@ def test_on_a_gaussian_prior_the_answer_is_exact_and_the_weights_even_out_as_ste
     result = restore(y, operator, prior, num_samples=2000, steps=50, particles=2000, generator=torch.Generator().manual_seed(3))
     error = (result.samples.mean(0) - posterior.mean).norm() / posterior.cov.trace().sqrt()
     assert float(error) < 0.1
-    # Without resampling the ESS measures how far the guided proposal is from the optimal one:
-    # for a Gaussian prior the gap is the discretisation alone, and it closes as steps grow.
-    ess = [min(restore(y, operator, prior, num_samples=1, steps=steps, particles=500, ess_threshold=0,
-                       generator=torch.Generator().manual_seed(4)).ess) for steps in (25, 100, 400)]
-    assert ess[0] < ess[1] < ess[2] and ess[1] > 0.25 and ess[2] > 0.6
+    # Without resampling the ESS measures how far the proposal is from the optimal one: for a
+    # Gaussian prior the gap is the discretisation alone, and it closes as steps grow.
+    def lowest_ess(steps: int, proposal: str) -> float:
+        return min(restore(y, operator, prior, num_samples=1, steps=steps, particles=1000, ess_threshold=0,
+                           proposal=proposal, generator=torch.Generator().manual_seed(4)).ess)
+
+    guided = [lowest_ess(steps, "guided") for steps in (25, 100, 400)]
+    assert guided[0] < guided[1] < guided[2] and guided[1] > 0.2 and guided[2] > 0.6
+    # The conditioned proposal also shrinks the step's covariance along the measured directions:
+    # at 100 steps its weights are nearly even where the guided step's already are not.
+    conditioned = lowest_ess(100, "conditioned")
+    assert conditioned > 0.8 and guided[1] < 0.4
+
+
+def test_the_conditioned_step_draws_from_and_weighs_by_the_gaussian_it_claims():
+    generator = torch.Generator().manual_seed(0)
+    count, m, d, std = 3, 2, 4, 0.3
+    rows = torch.randn(count, m, d, generator=generator, dtype=DOUBLE)
+    factor = torch.randn(count, m, m, generator=generator, dtype=DOUBLE)
+    covariance = factor @ factor.transpose(1, 2) + 0.1 * torch.eye(m, dtype=DOUBLE)
+    prior_mean = torch.randn(count, d, generator=generator, dtype=DOUBLE)
+    residual = torch.randn(count, m, generator=generator, dtype=DOUBLE)
+    # Dense reference: N(prior_mean, std^2 I) times N(residual; B (x - prior_mean), C), normalised.
+    precision = torch.eye(d, dtype=DOUBLE) / std**2 + rows.transpose(1, 2) @ torch.linalg.solve(covariance, rows)
+    proposal_cov = torch.linalg.inv(precision)
+    proposal_mean = prior_mean + (proposal_cov @ rows.transpose(1, 2) @ torch.linalg.solve(covariance, residual[..., None]))[..., 0]
+    draws = 40000
+    x, log_ratio = conditioned_step(prior_mean.repeat(draws, 1), std, residual.repeat(draws, 1), rows.repeat(draws, 1, 1),
+                                    covariance.repeat(draws, 1, 1), generator)
+    x = x.reshape(draws, count, d)
+    for k in range(count):
+        assert torch.allclose(x[:, k].mean(0), proposal_mean[k], atol=0.01)
+        assert torch.allclose(x[:, k].T.cov(), proposal_cov[k], atol=0.01)
+    prior = torch.distributions.MultivariateNormal(prior_mean, std**2 * torch.eye(d, dtype=DOUBLE))
+    proposal = torch.distributions.MultivariateNormal(proposal_mean, proposal_cov)
+    expected = prior.log_prob(x[:5]) - proposal.log_prob(x[:5])
+    assert torch.allclose(log_ratio.reshape(draws, count)[:5], expected, atol=1e-9)
 
 
 def test_effective_sample_size():
@@ -75,11 +108,12 @@ def test_systematic_resampling_keeps_each_count_within_one_of_its_expectation():
         assert bool(((counts - expected).abs() < 1).all()) and counts[-1] == 0
 
 
-def test_chunking_changes_memory_not_results():
+@pytest.mark.parametrize("proposal", ["guided", "conditioned"])
+def test_chunking_changes_memory_not_results(proposal):
     prior, operator, y = two_mode_problem()
-    whole = restore(y, operator, prior, num_samples=50, steps=10, particles=64, generator=torch.Generator().manual_seed(5))
-    chunked = restore(y, operator, prior, num_samples=50, steps=10, particles=64, batch_size=16, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(whole.samples, chunked.samples) and whole.ess == chunked.ess
+    runs = [restore(y, operator, prior, num_samples=50, steps=10, particles=64, batch_size=batch, proposal=proposal,
+                    generator=torch.Generator().manual_seed(5)) for batch in (None, 16)]
+    assert torch.equal(runs[0].samples, runs[1].samples) and runs[0].ess == runs[1].ess
 
 
 def test_particle_mode_refuses_what_it_cannot_weight():
@@ -92,6 +126,17 @@ def test_particle_mode_refuses_what_it_cannot_weight():
         restore(y, MatrixOperator(operator.matrix, sigma=0.0), prior, covariance="isotropic", particles=8)
     with pytest.raises(ValueError, match="particles"):
         restore(y, operator, prior, particles=0)
+    with pytest.raises(ValueError, match='proposal="conditioned" needs covariance="tweedie"'):
+        restore(y, operator, prior, covariance="isotropic", particles=8, proposal="conditioned")
+    with pytest.raises(ValueError, match="proposal must be one of"):
+        restore(y, operator, prior, particles=8, proposal="optimal")
+
+
+def test_auto_takes_the_conditioned_proposal_wherever_it_is_available():
+    assert choose_proposal("auto", "tweedie", EXACT_LOG_DET_MAX) == "conditioned"
+    assert choose_proposal("auto", "tweedie", EXACT_LOG_DET_MAX + 1) == "guided"
+    assert choose_proposal("auto", "isotropic", 1) == "guided"
+    assert choose_proposal("guided", "tweedie", 1) == "guided"
 
 
 def test_particle_mode_on_an_image_model(pipeline_folder):
