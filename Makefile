@@ -27,6 +27,7 @@ benchmark: $(VENV)/.installed
 	PYTHONPATH=. $(BIN)/python benchmarks/gaussian_exactness.py
 	PYTHONPATH=. $(BIN)/python -m benchmarks.run_benchmarks
 	PYTHONPATH=. $(BIN)/python -m benchmarks.particle_mode
+	PYTHONPATH=. $(BIN)/python -m benchmarks.training_curve
 
 # A smoke run of the comparisons against deepinv and of particle mode (writes to /tmp).
 benchmark-quick: $(VENV)/.installed
