@@ -84,7 +84,7 @@ def tweedie_covariance(rows: Tensor, operator: LinearOperator, tweedie_scale: Te
 
     A J A^T is symmetric for a true posterior mean; a network's is only nearly so, hence the
     symmetrisation. Its eigenvalues are floored at 1e-6 sigma_y^2 (and 1e-18) so that C stays
-    positive definite where a network's Jacobian (or an extrapolated one) is not.
+    positive definite where a network's Jacobian is not.
     """
     batch, m = rows.shape[:2]
     gram = torch.stack([operator.A(rows[:, index]).flatten(1) for index in range(m)], dim=-1).double()  # A J^T A^T
