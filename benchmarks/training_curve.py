@@ -67,8 +67,7 @@ def dsm_loss(unet, scheduler, images: list[torch.Tensor], crops: int, crop_size:
     noise = torch.randn(x0.shape, generator=generator)
     losses = []
     for timestep in TIMESTEPS:
-        alpha_bar = scheduler.alphas_cumprod[timestep]
-        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        x_t = scheduler.add_noise(x0, noise, torch.full((x0.shape[0],), timestep))
         predicted = torch.cat([unet(chunk, torch.full((chunk.shape[0],), timestep)).sample for chunk in x_t.split(128)])
         losses.append(float((predicted - noise).square().mean()))
     return losses

@@ -65,8 +65,10 @@ class Guided:
 
     Where the Tweedie log det is exact (y of at most EXACT_LOG_DET_MAX entries) the likelihood
     also carries the pieces that built it, which particle mode's conditioned proposal reuses:
-    `measurement_jacobian` (B, m, *x_shape), row i = J^T A^T e_i (the rows of A J), and
-    `likelihood_covariance` (B, m, m), C = sigma_y^2 I + (sigma^2 / alpha) A J A^T, symmetrised.
+    `measurement_jacobian` (B, m, *x_shape), row i = J^T A^T e_i (the rows of A J), and the
+    eigendecomposition of A J A^T (symmetrised, float64): `gram_eigenvalues` (B, m) and
+    `gram_eigenvectors` (B, m, m). C at any time's scale is then `tweedie_spectrum` in that
+    basis, with no further operator application or eigendecomposition.
     """
 
     x0: Tensor
@@ -74,25 +76,19 @@ class Guided:
     log_likelihood: Tensor | None
     normalised: bool = False
     measurement_jacobian: Tensor | None = None
-    likelihood_covariance: Tensor | None = None
+    gram_eigenvalues: Tensor | None = None
+    gram_eigenvectors: Tensor | None = None
 
 
-def tweedie_covariance(rows: Tensor, operator: LinearOperator, tweedie_scale: Tensor) -> Tensor:
-    """C = sigma_y^2 I + s A J A^T per sample, (B, m, m) in float64, from the rows of A J,
-    (B, m, *x_shape), and s = sigma^2 / alpha, (B,). Float64 keeps the reconstructed C
-    positive definite to round-off for the Cholesky factorisations particle mode runs on it.
+def tweedie_spectrum(gram_eigenvalues: Tensor, noise_variance: float, tweedie_scale: Tensor | float) -> Tensor:
+    """Eigenvalues of C = sigma_y^2 I + s A J A^T, (B, m), from those of A J A^T, (B, m), and
+    s = sigma^2 / alpha, (B,) or a float; C has the eigenvectors of A J A^T.
 
-    A J A^T is symmetric for a true posterior mean; a network's is only nearly so, hence the
-    symmetrisation. Its eigenvalues are floored at 1e-6 sigma_y^2 (and 1e-18) so that C stays
-    positive definite where a network's Jacobian is not.
+    They are floored at 1e-6 sigma_y^2 (and 1e-18) so that C stays positive definite where a
+    network's Jacobian is not.
     """
-    batch, m = rows.shape[:2]
-    gram = torch.stack([operator.A(rows[:, index]).flatten(1) for index in range(m)], dim=-1).double()  # A J^T A^T
-    covariance = operator.sigma**2 * torch.eye(m, dtype=gram.dtype, device=gram.device) \
-        + tweedie_scale.double().reshape(batch, 1, 1) * (gram + gram.transpose(1, 2)) / 2
-    eigenvalues, vectors = torch.linalg.eigh(covariance)
-    eigenvalues = eigenvalues.clamp_min(max(operator.sigma**2 * 1e-6, 1e-18))
-    return (vectors * eigenvalues[:, None, :]) @ vectors.transpose(1, 2)
+    scale = torch.as_tensor(tweedie_scale, dtype=gram_eigenvalues.dtype, device=gram_eigenvalues.device).reshape(-1, 1)
+    return (noise_variance + scale * gram_eigenvalues).clamp_min(max(noise_variance * 1e-6, 1e-18))
 
 
 class AveragedLikelihoodGuidance(Denoiser):
@@ -172,23 +168,23 @@ class AveragedLikelihoodGuidance(Denoiser):
             residual = self.y - self.operator.A(x0.detach())
             weighted, diagonal = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
             grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
-            jacobian = covariance = None
+            jacobian = eigenvalues = eigenvectors = None
             if likelihood and self.covariance == "tweedie" and residual[0].numel() <= EXACT_LOG_DET_MAX:
-                jacobian, covariance = self._tweedie_covariance(residual, vjp, sigma**2 / alpha)
-            log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, covariance, alpha, sigma)
+                jacobian, eigenvalues, eigenvectors = self._measurement_jacobian(residual, vjp)
+            log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, eigenvalues, alpha, sigma)
                                           if likelihood else (None, False))
         step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
         corrected = (x0 + step * grad_log_likelihood).detach()
         if self.data_range is not None:
             corrected = corrected.clamp(*self.data_range)
-        return Guided(x0.detach(), corrected, log_likelihood, normalised, jacobian, covariance)
+        return Guided(x0.detach(), corrected, log_likelihood, normalised, jacobian, eigenvalues, eigenvectors)
 
-    def _log_likelihood(self, residual: Tensor, weighted: Tensor, diagonal: Tensor | None, covariance: Tensor | None,
-                        alpha: Tensor, sigma: Tensor) -> tuple[Tensor, bool]:
+    def _log_likelihood(self, residual: Tensor, weighted: Tensor, diagonal: Tensor | None,
+                        gram_eigenvalues: Tensor | None, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, bool]:
         """log N(y; A D, C) per sample, (B,), from the residual, C^{-1} residual and what the
-        solve or the Tweedie covariance already built: the diagonal of C (diagonal covariance)
-        or C itself (B, m, m) (Tweedie, small y); and whether it is normalised (False: up to
-        the log det, which is then the same for every sample)."""
+        solve or the Tweedie twist already built: the diagonal of C (diagonal covariance) or
+        the eigenvalues of A J A^T (B, m) (Tweedie, small y); and whether it is normalised
+        (False: up to the log det, which is then the same for every sample)."""
         op = self.operator
         quadratic = (residual * weighted).flatten(1).sum(1)
         m = residual[0].numel()
@@ -197,23 +193,27 @@ class AveragedLikelihoodGuidance(Denoiser):
         elif diagonal is not None:  # zero-variance entries carry no information: left out, as in the solve
             logs = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny).log(), 0.0)
             log_det = logs.flatten(1).sum(1)
-        elif covariance is not None:
-            log_det = torch.linalg.slogdet(covariance).logabsdet  # positive definite by construction
+        elif gram_eigenvalues is not None:
+            log_det = tweedie_spectrum(gram_eigenvalues, op.sigma**2, sigma**2 / alpha).log().sum(-1)
         else:
             log_det = op.log_det(pigdm_variance(alpha, sigma), residual)
             if log_det is None:  # no cheap log det: it is the same for every sample, so leave it out
                 return -0.5 * (quadratic + m * math.log(2 * math.pi)), False
         return -0.5 * (quadratic + log_det + m * math.log(2 * math.pi)), True
 
-    def _tweedie_covariance(self, residual: Tensor, vjp, tweedie_scale: Tensor) -> tuple[Tensor, Tensor]:
-        """The rows of A J, (B, m, *x_shape), from m VJPs, and `tweedie_covariance` from them."""
+    def _measurement_jacobian(self, residual: Tensor, vjp) -> tuple[Tensor, Tensor, Tensor]:
+        """The rows of A J, (B, m, *x_shape), from m VJPs, and the eigenvalues (B, m) and
+        eigenvectors (B, m, m) of A J A^T built from them, in float64 and symmetrised (it is
+        symmetric for a true posterior mean, a network's only nearly)."""
+        op = self.operator
         rows = []
         for index in range(residual[0].numel()):
             basis = torch.zeros_like(residual).flatten(1)
             basis[:, index] = 1
-            rows.append(vjp(self.operator.A_adjoint(basis.reshape(residual.shape))))
-        rows = torch.stack(rows, dim=1).detach()
-        return rows, tweedie_covariance(rows, self.operator, tweedie_scale).detach()
+            rows.append(vjp(op.A_adjoint(basis.reshape(residual.shape))))
+        gram = torch.stack([op.A(row).flatten(1) for row in rows], dim=-1).double()  # A J^T A^T
+        eigenvalues, eigenvectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
+        return torch.stack(rows, dim=1).detach(), eigenvalues.detach(), eigenvectors.detach()
 
     def _apply_inverse_covariance(
         self, residual: Tensor, vjp: Callable[[Tensor], Tensor], alpha: Tensor, sigma: Tensor

@@ -42,7 +42,7 @@ from torch import Tensor
 from operators import LinearOperator
 
 from .denoisers import Denoiser, randn
-from .guidance import EXACT_LOG_DET_MAX, AveragedLikelihoodGuidance, Guided, tweedie_covariance
+from .guidance import EXACT_LOG_DET_MAX, AveragedLikelihoodGuidance, Guided, tweedie_spectrum
 from .samplers import _Coefficients, check_eta, exponential_step, progress_bar, transition_std
 from .time_grids import time_grid
 
@@ -156,7 +156,7 @@ def conditioned_step(prior_mean: Tensor, std: float, residual: Tensor, jacobian:
     matrix = jacobian.flatten(2).double()  # (K, m, d)
     prior = prior_mean.flatten(1).double()
     chol_c = torch.linalg.cholesky(covariance.double())
-    chol_g = torch.linalg.cholesky(chol_c @ chol_c.transpose(1, 2) + std**2 * matrix @ matrix.transpose(1, 2))
+    chol_g = torch.linalg.cholesky(covariance.double() + std**2 * matrix @ matrix.transpose(1, 2))
 
     def apply(matrices: Tensor, vectors: Tensor) -> Tensor:
         return (matrices @ vectors[..., None])[..., 0]
@@ -182,7 +182,7 @@ def _concatenate(parts: list[Guided]) -> Guided:
         values = [getattr(part, name) for part in parts]
         return None if values[0] is None else torch.cat(values)
     return Guided(cat("x0"), cat("corrected"), cat("log_likelihood").double(), all(p.normalised for p in parts),
-                  cat("measurement_jacobian"), cat("likelihood_covariance"))
+                  cat("measurement_jacobian"), cat("gram_eigenvalues"), cat("gram_eigenvectors"))
 
 
 @dataclass
@@ -302,12 +302,13 @@ def particle_sample(
             # The twist at the next time, linearised around the prior mean: the rows of A J at
             # x_t (re-evaluating them there would cost a network call; extrapolating them from
             # the last step gained nothing on Gaussian priors and overshot on mixtures), C
-            # rebuilt with the next time's scale sigma^2 / alpha, and A D there = A D(x_t) moved
-            # by A J along the difference between this step's mean and the first-order one
-            # (exact for a linear D).
+            # rebuilt from the same A J A^T at the next time's scale sigma^2 / alpha, and A D
+            # there = A D(x_t) moved by A J along the difference between this step's mean and
+            # the first-order one (exact for a linear D).
             rows = now_guided.measurement_jacobian
-            covariance_next = tweedie_covariance(rows, operator, torch.full((particles,), nxt.sigma**2 / nxt.alpha,
-                                                                             dtype=rows.dtype, device=device))
+            spectrum = tweedie_spectrum(now_guided.gram_eigenvalues, operator.sigma**2, nxt.sigma**2 / nxt.alpha)
+            vectors = now_guided.gram_eigenvectors
+            covariance_next = (vectors * spectrum[:, None, :]) @ vectors.transpose(1, 2)
             shift = (prior_mean - exponential_step(x, x0, now, nxt, eta, None)).flatten(1)
             predicted = operator.A(x0) + (rows.flatten(2) @ shift[..., None]).reshape(-1, *y.shape)
             x_next, transition = conditioned_step(prior_mean, std, y[None] - predicted, rows, covariance_next, generator)
