@@ -121,6 +121,10 @@ class GaussianPrior(Denoiser):
         draws = (z * self.eigenvalues.sqrt()) @ self.eigenvectors.T
         return self.mean + draws.reshape(num_samples, *self.event_shape)
 
+    def mean_square_norm(self) -> float:
+        """E||x_0||^2 = ||mean||^2 + tr cov; `schedule.terminal_kl_bound` turns it into the start-up mismatch."""
+        return float((self.mean**2).sum() + self.eigenvalues.sum())
+
     def posterior(self, operator, y: Tensor) -> "GaussianPrior":
         """The exact posterior N(m, C) of x_0 given one measurement y = A x_0 + sigma_y n.
 
@@ -224,6 +228,11 @@ class GaussianMixturePrior(Denoiser):
         means, covs, log_evidence = condition_on_measurement(self.means.flatten(1), self.covs, operator, y, self.event_shape)
         weights = torch.softmax(self.weights.log() + log_evidence, dim=0)
         return GaussianMixturePrior(weights, means.reshape(self.means.shape), covs, self.schedule)
+
+    def mean_square_norm(self) -> float:
+        """E||x_0||^2 = sum_k w_k (||mu_k||^2 + tr S_k) with normalised weights (see GaussianPrior.mean_square_norm)."""
+        per_component = (self.means.flatten(1) ** 2).sum(1) + self.eigenvalues.sum(-1)
+        return float((self.weights * per_component).sum() / self.weights.sum())
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact draws from the mixture, shape (num_samples, *event_shape)."""

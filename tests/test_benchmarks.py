@@ -51,7 +51,7 @@ def test_peer_runs_are_seeded_and_count_network_evaluations():
         run_peer("diffpir", problem.prior, problem.operator, problem.y, 2, 4)
 
 
-def test_the_particle_benchmark_quick_run_writes_its_three_parts(tmp_path):
+def test_the_particle_benchmark_quick_run_writes_all_its_parts(tmp_path):
     from benchmarks import particle_mode
 
     out = tmp_path / "particle_mode.md"
@@ -59,6 +59,7 @@ def test_the_particle_benchmark_quick_run_writes_its_three_parts(tmp_path):
     report = out.read_text()
     assert "## 1. The MCGdiff mixture" in report and "## 2. Gaussian prior" in report and "## 3. Images" in report
     assert "K=50 / floor" in report and "particles K=2, 3 steps" in report
+    assert "## 1b. Why the schedule" in report and "### Weights without resampling" in report
 
 
 def test_training_curve_windows_and_report(tmp_path):

@@ -68,6 +68,11 @@ def test_prior_samples_have_the_prior_moments(generator):
     mean, _ = sample_moments(draws)
     assert torch.allclose(mean, 0.3 * prior.means[0] + 0.7 * prior.means[1], atol=0.05)
     assert draws.shape == (40000, 3)
+    # E||x||^2 in closed form, with weights given unnormalised (x10) to check they are normalised
+    unnormalised = GaussianMixturePrior(10 * prior.weights, prior.means, prior.covs)
+    assert unnormalised.mean_square_norm() == pytest.approx(float((draws**2).sum(1).mean()), rel=0.02)
+    single = GaussianPrior(prior.means[1], 2 * cov)
+    assert single.mean_square_norm() == pytest.approx(float(prior.means[1] @ prior.means[1] + 2 * cov.trace()), rel=1e-12)
 
 
 def test_gaussian_posterior_is_bayes_rule(generator):

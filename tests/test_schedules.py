@@ -92,3 +92,22 @@ def test_bad_schedule_parameters_are_errors():
         VESchedule(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="decreasing"):
         DiscreteSchedule(torch.tensor([0.5, 0.9]))
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_terminal_kl_bound_is_exact_for_a_point_mass(name):
+    # For x_0 = mu the marginal at t_max is N(alpha mu, sigma^2 I): the bound is its KL to the reference.
+    schedule, mu = SCHEDULES[name], torch.linspace(-3.0, 5.0, 6, dtype=DOUBLE)
+    t = torch.tensor(schedule.t_max, dtype=DOUBLE)
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    marginal = torch.distributions.Normal(alpha * mu, sigma)
+    reference = torch.distributions.Normal(torch.zeros(6, dtype=DOUBLE), torch.sqrt(alpha**2 + sigma**2))
+    exact = float(torch.distributions.kl_divergence(marginal, reference).sum())
+    assert schedule.terminal_kl_bound(float(mu @ mu), 6) == pytest.approx(exact, rel=1e-9, abs=1e-12)
+
+
+def test_terminal_kl_bound_falls_as_the_schedule_reaches_further():
+    # The d = 800 MCGdiff mixture has E||x_0||^2 ~ 1e5: nats of mismatch at beta_max = 20, ~1e-2 at 30.
+    assert VPSchedule(0.1, 20.0).terminal_kl_bound(1e5, 800) > 1.0 > 0.05 > VPSchedule(0.1, 30.0).terminal_kl_bound(1e5, 800)
+    with pytest.raises(ValueError, match="mean_square_norm"):
+        VPSchedule().terminal_kl_bound(-1.0, 3)
