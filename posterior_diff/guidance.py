@@ -24,6 +24,10 @@ Covariance choices for V_t, and what one call costs beyond the single network fo
 | "diagonal"  | diag(C) ~= row sums of A V_t A^T (TMPD)| division                                | 2     |
 | "tweedie"   | (sigma^2 / alpha) J, matrix-free      | conjugate gradient (preconditioned by the isotropic solve where closed form) | 1 + CG iterations |
 
+When the twist log l is asked for (particle mode) with the Tweedie covariance and y of at most
+EXACT_LOG_DET_MAX = 64 entries, the m rows of A J are built instead (m VJPs): C^{-1} r is then
+exact in the eigenbasis of A J A^T and the gradient a combination of the rows, with no CG.
+
 All Jacobian products reuse the one forward pass (vector-Jacobian products on its graph).
 Every sample of a batch has its own residual, its own CG step lengths and stopping test.
 
@@ -89,6 +93,13 @@ def tweedie_spectrum(gram_eigenvalues: Tensor, noise_variance: float, tweedie_sc
     """
     scale = torch.as_tensor(tweedie_scale, dtype=gram_eigenvalues.dtype, device=gram_eigenvalues.device).reshape(-1, 1)
     return (noise_variance + scale * gram_eigenvalues).clamp_min(max(noise_variance * 1e-6, 1e-18))
+
+
+def _solve_in_eigenbasis(eigenvectors: Tensor, spectrum: Tensor, residual: Tensor) -> Tensor:
+    """C^{-1} r per sample for C = V diag(spectrum) V^T: eigenvectors (B, m, m), spectrum (B, m),
+    r (B, *y_shape); solved in float64, returned in r's dtype and shape."""
+    coordinates = (eigenvectors.transpose(1, 2) @ residual.flatten(1).double()[..., None])[..., 0] / spectrum
+    return (eigenvectors @ coordinates[..., None])[..., 0].to(residual.dtype).reshape(residual.shape)
 
 
 class AveragedLikelihoodGuidance(Denoiser):
@@ -166,11 +177,19 @@ class AveragedLikelihoodGuidance(Denoiser):
                 return product
 
             residual = self.y - self.operator.A(x0.detach())
-            weighted, diagonal = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
-            grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
             jacobian = eigenvalues = eigenvectors = None
             if likelihood and self.covariance == "tweedie" and residual[0].numel() <= EXACT_LOG_DET_MAX:
+                # The exact log det needs the rows of A J (m VJPs) and the eigendecomposition of
+                # A J A^T; with them C^{-1} r is exact in that basis and J^T A^T C^{-1} r is a
+                # combination of the rows, so neither the CG solve nor the gradient's VJP is needed.
                 jacobian, eigenvalues, eigenvectors = self._measurement_jacobian(residual, vjp)
+                weighted = _solve_in_eigenbasis(eigenvectors, tweedie_spectrum(eigenvalues, self.operator.sigma**2,
+                                                                               sigma**2 / alpha), residual)
+                grad_log_likelihood = torch.einsum("bm,bm...->b...", weighted.flatten(1), jacobian)
+                diagonal = None
+            else:
+                weighted, diagonal = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
+                grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
             log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, eigenvalues, alpha, sigma)
                                           if likelihood else (None, False))
         step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
