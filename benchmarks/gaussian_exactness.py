@@ -212,7 +212,7 @@ def exact_spread_deviation(cov: torch.Tensor, num_samples: int) -> float:
 def floor_table(study: Study) -> str:
     """The exact-sample floor of each task: the errors of N exact posterior draws, and their tr ratio spread."""
     rows = [
-        [p.name, type(p.operator).__name__, f"{p.operator.sigma:g}"]
+        [p.name, type(p.operator).__name__, f"{p.operator.sigma_y:g}"]
         + [f"{study.floors[p.name][k]:.4f}" for k in ERROR_KEYS]
         + [f"1 +- {exact_spread_deviation(p.posterior.cov, study.args.samples):.3f}"]
         for p in study.problems

@@ -73,8 +73,8 @@ class SVDPhysics(deepinv.physics.DecomposablePhysics):
         rank = min(m, d)
         mask = torch.zeros(1, d, dtype=torch.float32)
         mask[0, :rank] = singular[:rank].float()
-        super().__init__(mask=mask.reshape(1, *x_shape), noise_model=deepinv.physics.GaussianNoise(sigma=operator.sigma))
-        self.x_shape, self.y_shape, self.m, self.d = x_shape, operator.output_shape(x_shape), m, d
+        super().__init__(mask=mask.reshape(1, *x_shape), noise_model=deepinv.physics.GaussianNoise(sigma=operator.sigma_y))
+        self.x_shape, self.y_shape, self.m, self.d = x_shape, operator.y_shape(x_shape), m, d
         self.register_buffer("left", left.float())
         self.register_buffer("right", right_t.T.float())
 
@@ -100,7 +100,7 @@ def decomposable_physics(operator: LinearOperator, x_shape: tuple[int, ...]):
     Raises:
         ValueError: for large operators without a known SVD (e.g. super-resolution of an image).
     """
-    noise = deepinv.physics.GaussianNoise(sigma=operator.sigma)
+    noise = deepinv.physics.GaussianNoise(sigma=operator.sigma_y)
     if isinstance(operator, Denoising):
         return deepinv.physics.Denoising(noise_model=noise)
     if isinstance(operator, Inpainting):
@@ -137,7 +137,7 @@ def run_peer(method: str, model: Denoiser, operator: LinearOperator, y: Tensor, 
     image_model = model.data_range is not None
     if method == "diffpir" and not image_model:
         raise ValueError("diffpir clamps x_0 to [0, 1]: it is run on image models only")
-    x_shape = operator.input_shape(tuple(y.shape))
+    x_shape = operator.x_shape(tuple(y.shape))
     denoiser = CountingDenoiser(model.to_deepinv())
     y_batch = y.float().expand(num_samples, *y.shape).contiguous()
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def run_peer(method: str, model: Denoiser, operator: LinearOperator, y: Tensor, 
             samples = DDRM(denoiser, sigmas=sigmas)(y_batch, physics)
     elif method == "diffpir":
         torch.manual_seed(seed)
-        sampler = DiffPIR(denoiser, deepinv.optim.L2(), sigma=max(operator.sigma, 1e-3), max_iter=steps)
+        sampler = DiffPIR(denoiser, deepinv.optim.L2(), sigma=max(operator.sigma_y, 1e-3), max_iter=steps)
         samples = sampler(y_batch, operator.to_deepinv())
     else:
         physics = operator.to_deepinv()

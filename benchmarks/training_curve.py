@@ -25,7 +25,7 @@ import torch
 
 from posterior_diff.images import to_model_range
 from posterior_diff.models import DEFAULT_MODEL_DIR
-from posterior_diff.training import RandomCrops
+from posterior_diff.training import RandomCrops, load_checkpoint
 from scripts.train_default_model import HELD_OUT, training_images
 
 from .image_restoration import load_photograph
@@ -39,7 +39,7 @@ def loss_log(path: Path) -> list[tuple[int, float]]:
     if path.suffix == ".json":
         entries = json.loads(path.read_text())["loss"]
     else:
-        entries = torch.load(path, map_location="cpu", weights_only=False)["loss_log"]
+        entries = load_checkpoint(path)["loss_log"]
     return [(int(step), float(loss)) for step, loss in entries]
 
 

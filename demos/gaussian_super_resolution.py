@@ -156,7 +156,7 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     prior = fit_patch_prior(img_as_float(data.camera()))
-    operator = SuperResolution(args.factor, sigma=NOISE_SIGMA)
+    operator = SuperResolution(args.factor, sigma_y=NOISE_SIGMA)
     generator = torch.Generator().manual_seed(args.seed)
     patches = held_out_patches(rgb2gray(data.astronaut()), args.patches, np.random.default_rng(args.seed))
     rows = [(position, super_resolve(patch, prior, operator, args, generator)) for position, patch in patches]

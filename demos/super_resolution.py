@@ -92,7 +92,7 @@ def x4_measurement(args: argparse.Namespace, channels: int = 3):
     if args.size % 4:
         raise SystemExit(f"--size must be a multiple of 4, got {args.size}")
     truth = match_channels(ground_truth(args.image, args.size, args.downscale), channels)
-    operator = SuperResolution(4, sigma=args.sigma)
+    operator = SuperResolution(4, sigma_y=args.sigma)
     generator = torch.Generator().manual_seed(args.seed)
     low = operator.measure(truth[None], generator)[0]
     return truth, operator, generator, low, bicubic_upsample(low, args.size)

@@ -24,28 +24,28 @@ from .linalg import conjugate_gradient, per_sample
 Shape = tuple[int, ...]
 
 
-def check_sigma(sigma: float) -> float:
+def check_sigma_y(sigma_y: float) -> float:
     """Validate a measurement noise level sigma_y (>= 0, finite) and return it as float."""
     try:
-        value = float(sigma)
+        value = float(sigma_y)
     except (TypeError, ValueError):
-        raise TypeError(f"sigma must be a non-negative number, got {sigma!r}") from None
+        raise TypeError(f"sigma_y must be a non-negative number, got {sigma_y!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y!r}")
     return value
 
 
 class LinearOperator(nn.Module):
-    """A linear forward model with Gaussian noise of standard deviation `sigma`.
+    """A linear forward model with Gaussian noise of standard deviation `sigma_y`.
 
-    Subclasses implement `A`, `A_adjoint` and `output_shape`/`input_shape`; they override
-    `solve` when (sigma^2 I + r A A^T) has a closed-form inverse and `gram_diagonal` is
+    Subclasses implement `A`, `A_adjoint` and `y_shape`/`x_shape`; they override
+    `solve` when (sigma_y^2 I + r A A^T) has a closed-form inverse and `gram_diagonal` is
     not enough.
     """
 
-    def __init__(self, sigma: float = 0.0):
+    def __init__(self, sigma_y: float = 0.0):
         super().__init__()
-        self.sigma = check_sigma(sigma)
+        self.sigma_y = check_sigma_y(sigma_y)
 
     # -- the forward model ------------------------------------------------------------
     def A(self, x: Tensor) -> Tensor:
@@ -56,20 +56,20 @@ class LinearOperator(nn.Module):
         """Apply A^T to y of shape (B, *y_shape); returns (B, *x_shape)."""
         raise NotImplementedError
 
-    def output_shape(self, input_shape: Sequence[int]) -> Shape:
-        """y_shape for one x of shape `input_shape` (no batch); ValueError if A cannot act on it."""
+    def y_shape(self, x_shape: Sequence[int]) -> Shape:
+        """y_shape for one x of shape `x_shape` (no batch); ValueError if A cannot act on it."""
         raise NotImplementedError
 
-    def input_shape(self, output_shape: Sequence[int]) -> Shape:
-        """x_shape that produces one measurement of shape `output_shape` (no batch)."""
+    def x_shape(self, y_shape: Sequence[int]) -> Shape:
+        """x_shape that produces one measurement of shape `y_shape` (no batch)."""
         raise NotImplementedError
 
     def measure(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw y = A x + sigma * n for x of shape (B, *x_shape)."""
+        """Draw y = A x + sigma_y * n for x of shape (B, *x_shape)."""
         clean = self.A(x)
-        if self.sigma == 0:
+        if self.sigma_y == 0:
             return clean
-        return clean + self.sigma * self.noise_like(clean, generator)
+        return clean + self.sigma_y * self.noise_like(clean, generator)
 
     def noise_like(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Standard normal noise in measurement space, shape of y (drawn on the generator's device)."""
@@ -86,12 +86,12 @@ class LinearOperator(nn.Module):
         return None
 
     def log_det(self, r: Tensor | float, y_like: Tensor) -> Tensor | None:
-        """log det(sigma^2 I + r A A^T) per sample, shape (B,), where it is cheap (A A^T diagonal);
+        """log det(sigma_y^2 I + r A A^T) per sample, shape (B,), where it is cheap (A A^T diagonal);
         None otherwise. y_like: (B, *y_shape). Entries of zero variance are left out, as in `solve`."""
         gram = self.gram_diagonal(y_like)
         if gram is None:
             return None
-        variance = (self.sigma**2 + per_sample(r, y_like) * gram).expand_as(y_like)
+        variance = (self.sigma_y**2 + per_sample(r, y_like) * gram).expand_as(y_like)
         logs = torch.where(variance > 0, variance.clamp_min(torch.finfo(variance.dtype).tiny).log(), 0.0)
         return logs.flatten(1).sum(1)
 
@@ -102,28 +102,28 @@ class LinearOperator(nn.Module):
         return overridden or self.gram_diagonal(torch.zeros(1)) is not None
 
     def solve(self, u: Tensor, r: Tensor | float, *, tol: float = 1e-6, max_iter: int = 200) -> Tensor:
-        """Solve (sigma^2 I + r A A^T) v = u for v.
+        """Solve (sigma_y^2 I + r A A^T) v = u for v.
 
         Args:
             u: right-hand side in measurement space, shape (B, *y_shape).
             r: scalar or per-sample tensor of shape (B,), r >= 0.
             tol, max_iter: conjugate-gradient settings, used only without a closed form.
         Returns:
-            v, shape (B, *y_shape). Components where sigma^2 + r (A A^T)_ii = 0 carry no
+            v, shape (B, *y_shape). Components where sigma_y^2 + r (A A^T)_ii = 0 carry no
             information (for example the holes of an inpainting mask) and get v = 0.
         """
         gram = self.gram_diagonal(u)
         if gram is None:
             return self.solve_cg(u, r, tol=tol, max_iter=max_iter)
-        denominator = self.sigma**2 + per_sample(r, u) * gram
+        denominator = self.sigma_y**2 + per_sample(r, u) * gram
         return torch.where(denominator > 0, u / torch.where(denominator > 0, denominator, 1.0), 0.0)
 
     def solve_cg(self, u: Tensor, r: Tensor | float, *, tol: float = 1e-6, max_iter: int = 200) -> Tensor:
-        """Solve (sigma^2 I + r A A^T) v = u by conjugate gradient (any operator)."""
+        """Solve (sigma_y^2 I + r A A^T) v = u by conjugate gradient (any operator)."""
         r_b = per_sample(r, u)
 
         def matvec(v: Tensor) -> Tensor:
-            return self.sigma**2 * v + r_b * self.A(self.A_adjoint(v))
+            return self.sigma_y**2 * v + r_b * self.A(self.A_adjoint(v))
 
         solution, _ = conjugate_gradient(matvec, u, tol=tol, max_iter=max_iter)
         return solution
@@ -135,19 +135,19 @@ class LinearOperator(nn.Module):
         return to_deepinv(self)
 
     # -- helpers ------------------------------------------------------------------------
-    def to_matrix(self, input_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> Tensor:
-        """The dense matrix of A for inputs of shape `input_shape`: (prod y_shape, prod x_shape)."""
-        input_shape = tuple(input_shape)
-        d = math.prod(input_shape)
+    def to_matrix(self, x_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The dense matrix of A for inputs of shape `x_shape`: (prod y_shape, prod x_shape)."""
+        x_shape = tuple(x_shape)
+        d = math.prod(x_shape)
         device = next((b.device for b in self.buffers()), torch.device("cpu"))
-        basis = torch.eye(d, dtype=dtype, device=device).reshape(d, *input_shape)
+        basis = torch.eye(d, dtype=dtype, device=device).reshape(d, *x_shape)
         return self.A(basis).reshape(d, -1).T
 
     def check_input(self, x: Tensor, name: str = "x") -> None:
         """Raise ValueError naming `name` unless x of shape (B, *x_shape) fits this operator."""
         if x.dim() < 1:
             raise ValueError(f"{name} must have a batch dimension, got a scalar")
-        self.output_shape(tuple(x.shape[1:]))
+        self.y_shape(tuple(x.shape[1:]))
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}"
+        return f"sigma_y={self.sigma_y}"

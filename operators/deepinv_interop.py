@@ -31,7 +31,7 @@ class DeepinvOperator(LinearOperator):
 
     Args:
         physics: a `deepinv.physics.LinearPhysics` (Denoising, Inpainting, Downsampling, Blur,
-            a custom LinearPhysics, ...) whose noise model is `GaussianNoise` with a scalar sigma
+            a custom LinearPhysics, ...) whose noise model is `GaussianNoise` with a scalar sigma_y
             (or no noise model: sigma_y = 0).
 
     Shapes are found by applying A (or A^T) to zeros, so any deepinv linear operator works.
@@ -46,15 +46,15 @@ class DeepinvOperator(LinearOperator):
             raise TypeError(f"physics must be a deepinv.physics.LinearPhysics, got {type(physics).__name__}")
         noise = getattr(physics, "noise_model", None)
         if isinstance(noise, deepinv.physics.GaussianNoise):
-            sigma = torch.as_tensor(noise.sigma).detach().flatten()
-            if sigma.numel() != 1:
-                raise ValueError(f"physics.noise_model.sigma must be one number, got {sigma.numel()} values")
-            sigma = float(sigma)
+            sigma_y = torch.as_tensor(noise.sigma).detach().flatten()
+            if sigma_y.numel() != 1:
+                raise ValueError(f"physics.noise_model.sigma must be one number, got {sigma_y.numel()} values")
+            sigma_y = float(sigma_y)
         elif noise is None or type(noise).__name__ == "ZeroNoise":
-            sigma = 0.0
+            sigma_y = 0.0
         else:
             raise ValueError(f"physics.noise_model must be deepinv.physics.GaussianNoise, got {type(noise).__name__}")
-        super().__init__(sigma)
+        super().__init__(sigma_y)
         self.physics = physics
 
     def A(self, x: Tensor) -> Tensor:
@@ -71,11 +71,11 @@ class DeepinvOperator(LinearOperator):
         except (RuntimeError, ValueError, IndexError) as error:
             raise ValueError(f"{name} of shape {tuple(shape)} does not fit {type(self.physics).__name__}: {error}") from None
 
-    def output_shape(self, input_shape: Sequence[int]) -> Shape:
-        return self._probe(self.physics.A, input_shape, "x")
+    def y_shape(self, x_shape: Sequence[int]) -> Shape:
+        return self._probe(self.physics.A, x_shape, "x")
 
-    def input_shape(self, output_shape: Sequence[int]) -> Shape:
-        return self._probe(self.physics.A_adjoint, output_shape, "y")
+    def x_shape(self, y_shape: Sequence[int]) -> Shape:
+        return self._probe(self.physics.A_adjoint, y_shape, "y")
 
     def gram_diagonal(self, y_like: Tensor) -> Tensor | None:
         import deepinv
@@ -102,7 +102,7 @@ def to_deepinv(operator: LinearOperator):
     if isinstance(operator, DeepinvOperator):
         return operator.physics
     return deepinv.physics.LinearPhysics(
-        A=operator.A, A_adjoint=operator.A_adjoint, noise_model=deepinv.physics.GaussianNoise(sigma=operator.sigma)
+        A=operator.A, A_adjoint=operator.A_adjoint, noise_model=deepinv.physics.GaussianNoise(sigma=operator.sigma_y)
     )
 
 

@@ -11,7 +11,7 @@ from .base import LinearOperator, Shape
 
 
 class Denoising(LinearOperator):
-    """The identity forward model with Gaussian noise of standard deviation `sigma`.
+    """The identity forward model with Gaussian noise of standard deviation `sigma_y`.
 
     Acts on x of any shape (B, *x_shape); y has the same shape.
     """
@@ -22,11 +22,11 @@ class Denoising(LinearOperator):
     def A_adjoint(self, y: Tensor) -> Tensor:
         return y
 
-    def output_shape(self, input_shape: Sequence[int]) -> Shape:
-        return tuple(input_shape)
+    def y_shape(self, x_shape: Sequence[int]) -> Shape:
+        return tuple(x_shape)
 
-    def input_shape(self, output_shape: Sequence[int]) -> Shape:
-        return tuple(output_shape)
+    def x_shape(self, y_shape: Sequence[int]) -> Shape:
+        return tuple(y_shape)
 
     def gram_diagonal(self, y_like: Tensor) -> Tensor:
         return torch.ones((), dtype=y_like.dtype, device=y_like.device)

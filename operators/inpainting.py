@@ -16,15 +16,15 @@ from .base import LinearOperator, Shape
 
 
 class Inpainting(LinearOperator):
-    """Observe x where `mask` is 1, with noise of standard deviation `sigma` there.
+    """Observe x where `mask` is 1, with noise of standard deviation `sigma_y` there.
 
     Args:
         mask: 0/1 tensor (or bool) of shape x_shape, one per image (no batch): 1 = observed.
-        sigma: measurement noise sigma_y, >= 0.
+        sigma_y: measurement noise standard deviation, >= 0.
     """
 
-    def __init__(self, mask: Tensor, sigma: float = 0.0):
-        super().__init__(sigma)
+    def __init__(self, mask: Tensor, sigma_y: float = 0.0):
+        super().__init__(sigma_y)
         mask = torch.as_tensor(mask)
         if mask.dim() == 0:
             raise ValueError("mask must have the shape of one image (e.g. (C, H, W)), got a scalar")
@@ -34,12 +34,13 @@ class Inpainting(LinearOperator):
         self.register_buffer("mask", mask.to(dtype))
 
     @property
-    def x_shape(self) -> Shape:
+    def mask_shape(self) -> Shape:
+        """The shape of the mask: the one x_shape this operator acts on."""
         return tuple(self.mask.shape)
 
     def _check(self, shape: Sequence[int], what: str) -> None:
-        if tuple(shape) != self.x_shape:
-            raise ValueError(f"{what} has shape {tuple(shape)} per sample but the mask has shape {self.x_shape}")
+        if tuple(shape) != self.mask_shape:
+            raise ValueError(f"{what} has shape {tuple(shape)} per sample but the mask has shape {self.mask_shape}")
 
     def A(self, x: Tensor) -> Tensor:
         self._check(x.shape[1:], "x")
@@ -51,22 +52,22 @@ class Inpainting(LinearOperator):
 
     def measure(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         # Noise lives on the observed pixels only: the holes carry no measurement.
-        clean = x + self.sigma * self.noise_like(x, generator) if self.sigma > 0 else x
+        clean = x + self.sigma_y * self.noise_like(x, generator) if self.sigma_y > 0 else x
         return self.A(clean)
 
-    def output_shape(self, input_shape: Sequence[int]) -> Shape:
-        self._check(input_shape, "x")
-        return self.x_shape
+    def y_shape(self, x_shape: Sequence[int]) -> Shape:
+        self._check(x_shape, "x")
+        return self.mask_shape
 
-    def input_shape(self, output_shape: Sequence[int]) -> Shape:
-        self._check(output_shape, "y")
-        return self.x_shape
+    def x_shape(self, y_shape: Sequence[int]) -> Shape:
+        self._check(y_shape, "y")
+        return self.mask_shape
 
     def gram_diagonal(self, y_like: Tensor) -> Tensor:
         return self.mask.to(y_like.dtype)
 
     def extra_repr(self) -> str:
-        return f"x_shape={self.x_shape}, observed={self.mask.mean().item():.3f}, sigma={self.sigma}"
+        return f"x_shape={self.mask_shape}, observed={self.mask.mean().item():.3f}, sigma_y={self.sigma_y}"
 
 
 def box_mask(shape: Sequence[int], top: int, left: int, height: int, width: int) -> Tensor:

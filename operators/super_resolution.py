@@ -47,14 +47,14 @@ class SuperResolution(LinearOperator):
 
     Args:
         factor: integer s >= 1; H and W of x must be multiples of s.
-        sigma: measurement noise sigma_y, >= 0.
+        sigma_y: measurement noise standard deviation, >= 0.
         kernel: "average" (block mean) or "bicubic" (antialiased bicubic).
 
     x has shape (B, *lead, H, W) and y has shape (B, *lead, H / s, W / s).
     """
 
-    def __init__(self, factor: int, sigma: float = 0.0, kernel: str = "average"):
-        super().__init__(sigma)
+    def __init__(self, factor: int, sigma_y: float = 0.0, kernel: str = "average"):
+        super().__init__(sigma_y)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
         if kernel not in KERNELS:
@@ -63,8 +63,8 @@ class SuperResolution(LinearOperator):
         self.kernel = kernel
         self.register_buffer("taps", bicubic_taps(factor).float(), persistent=False)
 
-    def output_shape(self, input_shape: Sequence[int]) -> Shape:
-        shape = tuple(input_shape)
+    def y_shape(self, x_shape: Sequence[int]) -> Shape:
+        shape = tuple(x_shape)
         if len(shape) < 2:
             raise ValueError(f"x must have at least two (H, W) dimensions per sample, got shape {shape}")
         H, W = shape[-2:]
@@ -72,14 +72,14 @@ class SuperResolution(LinearOperator):
             raise ValueError(f"x has size {H}x{W}, which is not a multiple of the factor {self.factor}")
         return (*shape[:-2], H // self.factor, W // self.factor)
 
-    def input_shape(self, output_shape: Sequence[int]) -> Shape:
-        shape = tuple(output_shape)
+    def x_shape(self, y_shape: Sequence[int]) -> Shape:
+        shape = tuple(y_shape)
         if len(shape) < 2:
             raise ValueError(f"y must have at least two (H, W) dimensions per sample, got shape {shape}")
         return (*shape[:-2], shape[-2] * self.factor, shape[-1] * self.factor)
 
     def A(self, x: Tensor) -> Tensor:
-        y_shape = self.output_shape(x.shape[1:])
+        y_shape = self.y_shape(x.shape[1:])
         planes = x.reshape(-1, 1, *x.shape[-2:])
         if self.kernel == "average":
             low = F.avg_pool2d(planes, self.factor)
@@ -106,7 +106,7 @@ class SuperResolution(LinearOperator):
         return _fold_replicated_border(padded, pad)
 
     def A_adjoint(self, y: Tensor) -> Tensor:
-        x_shape = self.input_shape(y.shape[1:])
+        x_shape = self.x_shape(y.shape[1:])
         if self.kernel == "average":
             s = self.factor
             return y.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1) / s**2
@@ -119,7 +119,7 @@ class SuperResolution(LinearOperator):
         return None
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}, kernel={self.kernel!r}, sigma={self.sigma}"
+        return f"factor={self.factor}, kernel={self.kernel!r}, sigma_y={self.sigma_y}"
 
 
 def _fold_replicated_border(padded: Tensor, pad: int) -> Tensor:

@@ -2,7 +2,7 @@
 
     from posterior_diff import restore, GaussianPrior
     from operators import SuperResolution
-    result = restore(y, SuperResolution(2, sigma=0.05), GaussianPrior(mean, cov), num_samples=8)
+    result = restore(y, SuperResolution(2, sigma_y=0.05), GaussianPrior(mean, cov), num_samples=8)
 """
 
 from .denoisers import Denoiser, ModuleDenoiser

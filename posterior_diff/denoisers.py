@@ -91,14 +91,14 @@ class Denoiser(nn.Module):
 
     Attributes:
         schedule: the Schedule giving alpha(t), sigma(t) for this model.
-        event_shape: the shape of one x (no batch), or None if the model takes any shape.
+        x_shape: the shape of one x (no batch), or None if the model takes any shape.
         data_range: (low, high) of the data for image models, which then take and return
             images in [0, 1] through `restore`; None for models without one (analytic priors).
         channels: the number of image channels the model takes, or None.
     """
 
     schedule: Schedule
-    event_shape: tuple[int, ...] | None = None
+    x_shape: tuple[int, ...] | None = None
     data_range: tuple[float, float] | None = None
     channels: int | None = None
 
@@ -146,7 +146,7 @@ class ModuleDenoiser(Denoiser):
         prediction: "epsilon" (or "eps"), "v_prediction" ("v"), "sample" ("x0") or "score".
         time_input: maps the (B,) continuous times to what the module expects. Defaults to
             the training timestep T t - 1 for a DiscreteSchedule and to t itself otherwise.
-        event_shape: the shape of one x, if the module only accepts one.
+        x_shape: the shape of one x, if the module only accepts one.
     """
 
     def __init__(
@@ -155,7 +155,7 @@ class ModuleDenoiser(Denoiser):
         schedule: Schedule,
         prediction: str = "epsilon",
         time_input: Callable[[Tensor], Tensor] | None = None,
-        event_shape: tuple[int, ...] | None = None,
+        x_shape: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.module = module
@@ -164,7 +164,7 @@ class ModuleDenoiser(Denoiser):
         if time_input is None:
             time_input = schedule.timestep if isinstance(schedule, DiscreteSchedule) else (lambda t: t)
         self.time_input = time_input
-        self.event_shape = None if event_shape is None else tuple(event_shape)
+        self.x_shape = None if x_shape is None else tuple(x_shape)
 
     def network_output(self, x_t: Tensor, t: Tensor) -> Tensor:
         """The module's raw prediction (eps, v, x0 or score) at x_t and (B,) times t."""

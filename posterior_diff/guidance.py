@@ -131,14 +131,14 @@ class AveragedLikelihoodGuidance(Denoiser):
         super().__init__()
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if covariance == "zero" and operator.sigma == 0:
+        if covariance == "zero" and operator.sigma_y == 0:
             raise ValueError('covariance="zero" divides by sigma_y^2: it needs an operator with sigma > 0')
         if cg_tol <= 0 or cg_max_iter < 1:
             raise ValueError(f"need cg_tol > 0 and cg_max_iter >= 1, got {cg_tol}, {cg_max_iter}")
         self.denoiser = denoiser
         self.operator = operator
         self.schedule = denoiser.schedule
-        self.event_shape = denoiser.event_shape
+        self.x_shape = denoiser.x_shape
         self.data_range = denoiser.data_range
         self.covariance = covariance
         self.guidance_scale = float(guidance_scale)
@@ -183,7 +183,7 @@ class AveragedLikelihoodGuidance(Denoiser):
                 # A J A^T; with them C^{-1} r is exact in that basis and J^T A^T C^{-1} r is a
                 # combination of the rows, so neither the CG solve nor the gradient's VJP is needed.
                 jacobian, eigenvalues, eigenvectors = self._measurement_jacobian(residual, vjp)
-                weighted = _solve_in_eigenbasis(eigenvectors, tweedie_spectrum(eigenvalues, self.operator.sigma**2,
+                weighted = _solve_in_eigenbasis(eigenvectors, tweedie_spectrum(eigenvalues, self.operator.sigma_y**2,
                                                                                sigma**2 / alpha), residual)
                 grad_log_likelihood = torch.einsum("bm,bm...->b...", weighted.flatten(1), jacobian)
                 diagonal = None
@@ -208,12 +208,12 @@ class AveragedLikelihoodGuidance(Denoiser):
         quadratic = (residual * weighted).flatten(1).sum(1)
         m = residual[0].numel()
         if self.covariance == "zero":
-            log_det = torch.full_like(quadratic, m * math.log(op.sigma**2))
+            log_det = torch.full_like(quadratic, m * math.log(op.sigma_y**2))
         elif diagonal is not None:  # zero-variance entries carry no information: left out, as in the solve
             logs = torch.where(diagonal > 0, diagonal.clamp_min(torch.finfo(diagonal.dtype).tiny).log(), 0.0)
             log_det = logs.flatten(1).sum(1)
         elif gram_eigenvalues is not None:
-            log_det = tweedie_spectrum(gram_eigenvalues, op.sigma**2, sigma**2 / alpha).log().sum(-1)
+            log_det = tweedie_spectrum(gram_eigenvalues, op.sigma_y**2, sigma**2 / alpha).log().sum(-1)
         else:
             log_det = op.log_det(pigdm_variance(alpha, sigma), residual)
             if log_det is None:  # no cheap log det: it is the same for every sample, so leave it out
@@ -240,7 +240,7 @@ class AveragedLikelihoodGuidance(Denoiser):
         """C^{-1} (y - A D) per sample for the chosen covariance (shape of the residual), and the
         diagonal of C when the covariance is "diagonal" (None otherwise)."""
         op = self.operator
-        noise_variance = op.sigma**2
+        noise_variance = op.sigma_y**2
         if self.covariance == "zero":
             return residual / noise_variance, None
         r2 = pigdm_variance(alpha, sigma)

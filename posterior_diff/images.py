@@ -114,10 +114,10 @@ def measurement_to_model_units(y: Tensor, operator):
 
     y has shape y_shape (one measurement, no batch). The caller's operator is not modified.
     """
-    x_shape = operator.input_shape(tuple(y.shape))
+    x_shape = operator.x_shape(tuple(y.shape))
     ones = torch.ones((1, *x_shape), dtype=y.dtype, device=y.device)
     model_operator = copy.deepcopy(operator)
-    model_operator.sigma = 2 * operator.sigma
+    model_operator.sigma_y = 2 * operator.sigma_y
     return 2 * y - operator.A(ones)[0], model_operator
 
 

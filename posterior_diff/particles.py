@@ -115,7 +115,7 @@ def measurement_log_likelihood(operator: LinearOperator, y: Tensor, x0: Tensor) 
     """log p(y | x_0) = log N(y; A x_0, sigma_y^2 I) per sample, (B,)."""
     residual = y - operator.A(x0)
     m = residual[0].numel()
-    return -0.5 * (residual.square().flatten(1).sum(1) / operator.sigma**2 + m * math.log(2 * math.pi * operator.sigma**2))
+    return -0.5 * (residual.square().flatten(1).sum(1) / operator.sigma_y**2 + m * math.log(2 * math.pi * operator.sigma_y**2))
 
 
 def choose_proposal(proposal: str, covariance: str, measurement_size: int) -> str:
@@ -245,7 +245,7 @@ def particle_sample(
         chunk_size: particles denoised per network call (default: all K at once).
         generator, device, dtype, progress: as in `samplers.sample`.
     """
-    eta = check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma)
+    eta = check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma_y)
     proposal = choose_proposal(proposal, covariance, y.numel())
     chunk_size = particles if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -306,7 +306,7 @@ def particle_sample(
             # there = A D(x_t) moved by A J along the difference between this step's mean and
             # the first-order one (exact for a linear D).
             rows = now_guided.measurement_jacobian
-            spectrum = tweedie_spectrum(now_guided.gram_eigenvalues, operator.sigma**2, nxt.sigma**2 / nxt.alpha)
+            spectrum = tweedie_spectrum(now_guided.gram_eigenvalues, operator.sigma_y**2, nxt.sigma**2 / nxt.alpha)
             vectors = now_guided.gram_eigenvectors
             covariance_next = (vectors * spectrum[:, None, :]) @ vectors.transpose(1, 2)
             shift = (prior_mean - exponential_step(x, x0, now, nxt, eta, None)).flatten(1)

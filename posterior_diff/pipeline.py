@@ -3,7 +3,7 @@
     from posterior_diff import PosteriorSamplingPipeline, DEFAULT_MODEL_DIR
     from operators import SuperResolution
     pipe = PosteriorSamplingPipeline.from_pretrained(DEFAULT_MODEL_DIR)   # or any DDPM-family folder / hub id
-    images = pipe(low_resolution, SuperResolution(4, sigma=0.025), num_samples=4).images
+    images = pipe(low_resolution, SuperResolution(4, sigma_y=0.025), num_samples=4).images
 
 It registers a `unet` (a pixel-space `UNet2DModel`) and a `scheduler` of the DDPM family, of
 which only the training `alphas_cumprod` and `prediction_type` are read. The sampling itself is

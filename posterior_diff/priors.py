@@ -48,12 +48,12 @@ def _floating(tensor: Tensor | Sequence, name: str) -> Tensor:
     return tensor
 
 
-def condition_on_measurement(means: Tensor, covs: Tensor, operator, y: Tensor, event_shape: tuple[int, ...]):
+def condition_on_measurement(means: Tensor, covs: Tensor, operator, y: Tensor, x_shape: tuple[int, ...]):
     """Condition Gaussians N(mu_k, S_k) on one measurement y = A x + sigma_y n (dense A).
 
     Args:
         means: (K, d); covs: (K, d, d); operator: the forward model; y: one measurement;
-        event_shape: the shape of one x (for A's dense matrix).
+        x_shape: the shape of one x (for A's dense matrix).
 
     Returns:
         (means (K, d), covs (K, d, d), log_evidence (K,)) with G_k = A S_k A^T + sigma_y^2 I,
@@ -62,12 +62,12 @@ def condition_on_measurement(means: Tensor, covs: Tensor, operator, y: Tensor, e
         pseudo-inverse, so noiseless measurements of a degenerate prior are fine.
     """
     dtype, device = means.dtype, means.device
-    matrix = operator.to_matrix(event_shape, dtype=dtype).to(device)
+    matrix = operator.to_matrix(x_shape, dtype=dtype).to(device)
     y_flat = torch.as_tensor(y, dtype=dtype, device=device).flatten()
     if y_flat.numel() != matrix.shape[0]:
         raise ValueError(f"y has {y_flat.numel()} entries but the operator produces {matrix.shape[0]}")
     sigma_a = covs @ matrix.T  # (K, d, m)
-    gram = matrix @ sigma_a + operator.sigma**2 * torch.eye(matrix.shape[0], dtype=dtype, device=device)
+    gram = matrix @ sigma_a + operator.sigma_y**2 * torch.eye(matrix.shape[0], dtype=dtype, device=device)
     values, vectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
     positive = values > values.amax(-1, keepdim=True) * 1e-12
     inverse_values = torch.where(positive, 1 / values, 0.0)
@@ -100,7 +100,7 @@ class GaussianPrior(Denoiser):
             raise ValueError(f"cov must have shape ({d}, {d}) for a mean with {d} entries, got {tuple(cov.shape)}")
         values, vectors = _eigen(cov, "cov")
         self.schedule = schedule if schedule is not None else VPSchedule()
-        self.event_shape = tuple(mean.shape)
+        self.x_shape = tuple(mean.shape)
         self.register_buffer("mean", mean)
         self.register_buffer("cov", cov)
         self.register_buffer("eigenvalues", values)
@@ -109,17 +109,17 @@ class GaussianPrior(Denoiser):
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         t = as_time(t, x_t)
         alpha, sigma = self.schedule.alpha(t)[:, None], self.schedule.sigma(t)[:, None]
-        offset = (x_t - alpha.reshape(-1, *[1] * len(self.event_shape)) * self.mean).flatten(1)
+        offset = (x_t - alpha.reshape(-1, *[1] * len(self.x_shape)) * self.mean).flatten(1)
         denominator = alpha**2 * self.eigenvalues + sigma**2
         gain = torch.where(denominator > 0, alpha * self.eigenvalues / denominator.clamp_min(1e-300), 0.0)
         coordinates = (offset @ self.eigenvectors) * gain
         return self.mean + (coordinates @ self.eigenvectors.T).reshape(x_t.shape)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact draws from N(mean, cov), shape (num_samples, *event_shape)."""
+        """Exact draws from N(mean, cov), shape (num_samples, *x_shape)."""
         z = randn((num_samples, self.mean.numel()), generator, self.mean.device, self.mean.dtype)
         draws = (z * self.eigenvalues.sqrt()) @ self.eigenvectors.T
-        return self.mean + draws.reshape(num_samples, *self.event_shape)
+        return self.mean + draws.reshape(num_samples, *self.x_shape)
 
     def mean_square_norm(self) -> float:
         """E||x_0||^2 = ||mean||^2 + tr cov; `schedule.terminal_kl_bound` turns it into the start-up mismatch."""
@@ -131,8 +131,8 @@ class GaussianPrior(Denoiser):
         m = mu + Sigma A^T G^+ (y - A mu), C = Sigma - Sigma A^T G^+ A Sigma, G = A Sigma A^T + sigma_y^2 I.
         Materialises A as a dense matrix, so it is meant for small problems (tests, benchmarks).
         """
-        means, covs, _ = condition_on_measurement(self.mean.flatten()[None], self.cov[None], operator, y, self.event_shape)
-        return GaussianPrior(means[0].reshape(self.event_shape), covs[0], self.schedule)
+        means, covs, _ = condition_on_measurement(self.mean.flatten()[None], self.cov[None], operator, y, self.x_shape)
+        return GaussianPrior(means[0].reshape(self.x_shape), covs[0], self.schedule)
 
 
 class GaussianMixturePrior(Denoiser):
@@ -140,8 +140,8 @@ class GaussianMixturePrior(Denoiser):
 
     Args:
         weights: mixture weights, shape (K,), non-negative (normalised here).
-        means: component means, shape (K, *event_shape).
-        covs: component covariances, shape (K, d, d) with d = prod(event_shape).
+        means: component means, shape (K, *x_shape).
+        covs: component covariances, shape (K, d, d) with d = prod(x_shape).
         schedule: the noising schedule (VP by default).
     """
 
@@ -154,7 +154,7 @@ class GaussianMixturePrior(Denoiser):
             raise ValueError(f"weights must have shape (K,), got {tuple(weights.shape)}")
         K = weights.numel()
         if means.dim() < 2 or means.shape[0] != K:
-            raise ValueError(f"means must have shape ({K}, *event_shape), got {tuple(means.shape)}")
+            raise ValueError(f"means must have shape ({K}, *x_shape), got {tuple(means.shape)}")
         d = math.prod(means.shape[1:])
         if covs.shape != (K, d, d):
             raise ValueError(f"covs must have shape ({K}, {d}, {d}), got {tuple(covs.shape)}")
@@ -162,7 +162,7 @@ class GaussianMixturePrior(Denoiser):
             raise ValueError("weights must be non-negative with a positive sum")
         values, vectors = _eigen(covs, "covs")
         self.schedule = schedule if schedule is not None else VPSchedule()
-        self.event_shape = tuple(means.shape[1:])
+        self.x_shape = tuple(means.shape[1:])
         self.register_buffer("weights", weights / weights.sum())
         self.register_buffer("means", means)
         self.register_buffer("covs", covs)
@@ -203,7 +203,7 @@ class GaussianMixturePrior(Denoiser):
         return x0.reshape(x_t.shape)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """log p(x_0) of the mixture for x of shape (B, *event_shape); returns (B,)."""
+        """log p(x_0) of the mixture for x of shape (B, *x_shape); returns (B,)."""
         _, _, log_likelihood = self._components(x.to(self.means.dtype), 1.0, 0.0)  # at t = 0
         d = self.means[0].numel()
         return torch.logsumexp(log_likelihood + self.weights.log(), dim=-1) - 0.5 * d * math.log(2 * math.pi)
@@ -225,7 +225,7 @@ class GaussianMixturePrior(Denoiser):
         m_k = mu_k + S_k A^T G_k^+ (y - A mu_k), C_k = S_k - S_k A^T G_k^+ A S_k, and its weight
         is multiplied by the evidence N(y; A mu_k, G_k). Dense in A: for small problems.
         """
-        means, covs, log_evidence = condition_on_measurement(self.means.flatten(1), self.covs, operator, y, self.event_shape)
+        means, covs, log_evidence = condition_on_measurement(self.means.flatten(1), self.covs, operator, y, self.x_shape)
         weights = torch.softmax(self.weights.log() + log_evidence, dim=0)
         return GaussianMixturePrior(weights, means.reshape(self.means.shape), covs, self.schedule)
 
@@ -235,7 +235,7 @@ class GaussianMixturePrior(Denoiser):
         return float((self.weights * per_component).sum() / self.weights.sum())
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact draws from the mixture, shape (num_samples, *event_shape)."""
+        """Exact draws from the mixture, shape (num_samples, *x_shape)."""
         device = generator.device if generator is not None else self.weights.device
         components = torch.multinomial(self.weights.to(device), num_samples, replacement=True, generator=generator)
         components = components.to(self.weights.device)
@@ -244,5 +244,5 @@ class GaussianMixturePrior(Denoiser):
         for k in components.unique().tolist():  # per component: no (N, d, d) gather
             chosen = components == k
             scaled[chosen] = (z[chosen] * self.eigenvalues[k].sqrt()) @ self.eigenvectors[k].T
-        return (self.means.flatten(1)[components] + scaled).reshape(num_samples, *self.event_shape)
+        return (self.means.flatten(1)[components] + scaled).reshape(num_samples, *self.x_shape)
 

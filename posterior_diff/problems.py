@@ -56,9 +56,9 @@ def gaussian_image_problems(
     # A little jitter keeps the tiny eigenvalues of the smooth kernel positive in float32 too.
     prior = GaussianPrior(torch.zeros(1, size, size, dtype=dtype), cov + 1e-6 * torch.eye(size * size, dtype=dtype), schedule)
     operators_ = {
-        "inpainting": Inpainting(random_mask((1, size, size), 0.5, generator=generator).to(dtype), sigma=0.1),
-        "super-resolution": SuperResolution(2, sigma=0.05),
-        "denoising": Denoising(sigma=0.5),
+        "inpainting": Inpainting(random_mask((1, size, size), 0.5, generator=generator).to(dtype), sigma_y=0.1),
+        "super-resolution": SuperResolution(2, sigma_y=0.05),
+        "denoising": Denoising(sigma_y=0.5),
     }
     problems = []
     for name, operator in operators_.items():

@@ -171,7 +171,7 @@ def restore(
     _choice(grid, GRIDS, "grid")
     eta = check_eta(eta, solver)
     if particles is not None:
-        check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma)
+        check_particle_settings(particles, eta, solver, ess_threshold, operator.sigma_y)
     if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -185,14 +185,14 @@ def restore(
             "(posterior_diff.images.match_channels)"
         )
     try:
-        x_shape = operator.input_shape(tuple(y.shape))
-        expected = operator.output_shape(x_shape)
+        x_shape = operator.x_shape(tuple(y.shape))
+        expected = operator.y_shape(x_shape)
     except ValueError as error:
         raise ValueError(f"y of shape {tuple(y.shape)} does not fit the operator: {error}") from None
     if expected != tuple(y.shape):
         raise ValueError(f"y has shape {tuple(y.shape)} but the operator produces {expected}")
-    if model.event_shape is not None and tuple(model.event_shape) != x_shape:
-        raise ValueError(f"y implies images of shape {x_shape} but the model takes {tuple(model.event_shape)}")
+    if model.x_shape is not None and tuple(model.x_shape) != x_shape:
+        raise ValueError(f"y implies images of shape {x_shape} but the model takes {tuple(model.x_shape)}")
 
     reference = model.reference_tensor()
     device = torch.device(device) if device is not None else (reference.device if reference is not None else y.device)

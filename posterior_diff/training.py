@@ -9,7 +9,10 @@ eps_theta = -sigma * score, so the trained network is a Denoiser through ModuleD
 Training keeps an exponential moving average (EMA) of the weights and writes a checkpoint
 (model, EMA, optimiser, random-number states, step) every `checkpoint_every` steps to
 `OUT/checkpoint.pt`, atomically (a temporary file renamed over the old one), so an
-interrupted run resumes from the last checkpoint and loses at most the steps since. At the
+interrupted run resumes from the last checkpoint and loses at most the steps since. A
+checkpoint holds only tensors, numbers, strings, bools, None, tuples, lists and dicts, and
+`load_checkpoint` reads it with `torch.load(..., weights_only=True)`, which refuses pickled
+objects of any other kind, so a checkpoint from an untrusted source cannot run code. At the
 end the EMA weights are saved in the diffusers pipeline layout (`DDPMPipeline.save_pretrained`),
 which both `diffusers.DDPMPipeline.from_pretrained(OUT)` and `posterior_diff.load_model(OUT)` read.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -134,6 +138,34 @@ class RandomCrops:
         return torch.stack(crops)
 
 
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a training checkpoint onto the CPU without running any code it might carry.
+
+    Uses `torch.load(path, map_location="cpu", weights_only=True)`: only tensors, numbers,
+    strings, bools, None, tuples, lists and dicts are rebuilt; anything else pickled in the
+    file (a class instance, a function call) is refused before it is imported or called.
+
+    Returns:
+        The checkpoint dict: "config" (TrainingConfig fields), "model" and "ema" (state dicts),
+        "optimizer" (Adam state dict), "generator" (ByteTensor), "step" (int), "loss_log"
+        ([step, loss] per step).
+
+    Raises:
+        ValueError: the file holds objects of other kinds.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        # torch reports a refused object as UnpicklingError (RuntimeError in older releases),
+        # both starting "Weights only load failed"; other failures (a truncated file) pass through.
+        if "Weights only load failed" not in str(error):
+            raise
+        raise ValueError(
+            f"{path} holds objects other than tensors, numbers, strings, lists and dicts; "
+            "pickled code is refused, so a checkpoint from an untrusted source cannot run code"
+        ) from error
+
+
 def _save_atomically(state: dict, path: Path) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, temporary)
@@ -163,7 +195,8 @@ def train(
         out: output folder. It must not hold a run already unless `resume` is set.
         config: the run's settings. On resume the checkpoint's own config is used, except
             that a given config's `steps` replaces the total (to extend or shorten a run).
-        resume: continue from `out/checkpoint.pt`.
+        resume: continue from `out/checkpoint.pt`, read by `load_checkpoint` (weights_only=True:
+            a checkpoint carrying other pickled objects raises ValueError and runs no code).
         progress: show a tqdm bar with the loss.
         stop_after: stop (after checkpointing) once this many steps have run in this call,
             to split long runs; the final model is written only when config.steps is reached.
@@ -178,7 +211,7 @@ def train(
         raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it")
     if resume and not checkpoint_path.exists():
         raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
-    state = torch.load(checkpoint_path, weights_only=False) if resume else None
+    state = load_checkpoint(checkpoint_path) if resume else None
     if state:
         saved = TrainingConfig(**state["config"])
         if config is not None:
@@ -210,6 +243,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint() -> None:
+        # Only tensors, numbers, strings, tuples, lists and dicts, so load_checkpoint's
+        # weights_only=True reads it back (tests check the format with torch.load directly).
         _save_atomically(
             {"config": asdict(config), "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,

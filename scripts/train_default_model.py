@@ -22,7 +22,7 @@ import torch
 from skimage import data
 
 from posterior_diff.images import match_channels, to_image_tensor, to_model_range
-from posterior_diff.training import CHECKPOINT, TrainingConfig, build_scheduler, build_unet, train
+from posterior_diff.training import CHECKPOINT, TrainingConfig, build_scheduler, build_unet, load_checkpoint, train
 
 HELD_OUT = ("astronaut", "camera", "coffee", "chelsea", "cat")
 TRAINING_PHOTOGRAPHS = ("rocket", "coins", "clock", "moon", "brick", "grass", "gravel", "cell",
@@ -42,7 +42,7 @@ def export_checkpoint(run: Path, destination: Path) -> None:
     (for a run that was stopped before its last step)."""
     from diffusers import DDPMPipeline
 
-    state = torch.load(run / CHECKPOINT, weights_only=False)
+    state = load_checkpoint(run / CHECKPOINT)  # weights_only=True: the file cannot run code
     config = TrainingConfig(**state["config"])
     unet = build_unet(config)
     unet.load_state_dict(state["ema"])

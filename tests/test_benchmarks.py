@@ -33,7 +33,7 @@ def test_interval_coverage_is_nominal_for_exact_draws_and_high_for_too_wide_ones
 
 def test_ddrm_gets_an_exact_svd_or_a_clear_refusal():
     matrix = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
-    operator = MatrixOperator(matrix, sigma=0.1)
+    operator = MatrixOperator(matrix, sigma_y=0.1)
     physics = SVDPhysics(operator, (6,))
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(physics.A(x), operator.A(x), atol=1e-5)

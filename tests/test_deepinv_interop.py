@@ -32,17 +32,17 @@ def test_from_deepinv_keeps_a_its_adjoint_and_sigma(physics):
     operator = from_deepinv(physics)
     x = gaussian(1, (2, *SHAPE))
     y = physics.A(x)
-    assert operator.output_shape(SHAPE) == tuple(y.shape[1:]) and operator.input_shape(tuple(y.shape[1:])) == SHAPE
+    assert operator.y_shape(SHAPE) == tuple(y.shape[1:]) and operator.x_shape(tuple(y.shape[1:])) == SHAPE
     assert torch.equal(operator.A(x), y)
     v = gaussian(2, y.shape)
     assert torch.equal(operator.A_adjoint(v), physics.A_adjoint(v))
     assert torch.allclose((operator.A(x) * v).sum(), (x * operator.A_adjoint(v)).sum(), rtol=1e-4)
-    assert operator.sigma == pytest.approx(float(physics.noise_model.sigma))
+    assert operator.sigma_y == pytest.approx(float(physics.noise_model.sigma))
     assert to_deepinv(operator) is physics
     # The solve of (sigma^2 I + r A A^T) v = u, by closed form or CG, leaves a small residual.
     u = gaussian(3, y.shape)
     v = operator.solve(u, 0.7, tol=1e-8, max_iter=500)
-    residual = operator.sigma**2 * v + 0.7 * operator.A(operator.A_adjoint(v)) - u
+    residual = operator.sigma_y**2 * v + 0.7 * operator.A(operator.A_adjoint(v)) - u
     assert float(residual.norm() / u.norm()) < 1e-4
 
 
@@ -56,10 +56,10 @@ def test_to_deepinv_keeps_a_its_adjoint_and_sigma(operator):
     assert torch.equal(physics.A(x), y)
     v = gaussian(5, y.shape)
     assert torch.equal(physics.A_adjoint(v), operator.A_adjoint(v))
-    assert float(physics.noise_model.sigma) == pytest.approx(operator.sigma)
+    assert float(physics.noise_model.sigma) == pytest.approx(operator.sigma_y)
     assert abs(float(physics.adjointness_test(x))) < 1e-4  # deepinv's own check
     back = from_deepinv(physics)
-    assert torch.equal(back.A(x), y) and back.sigma == pytest.approx(operator.sigma)
+    assert torch.equal(back.A(x), y) and back.sigma_y == pytest.approx(operator.sigma_y)
 
 
 def test_only_gaussian_noise_and_linear_physics_are_accepted():

@@ -18,10 +18,10 @@ from posterior_diff.images import (
 def test_unit_round_trip_and_noise_level():
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(from_model_range(to_model_range(x)), x)
-    operator = SuperResolution(2, sigma=0.05)
+    operator = SuperResolution(2, sigma_y=0.05)
     y01 = operator.A(x)[0]
     y_model, model_operator = measurement_to_model_units(y01, operator)
-    assert model_operator.sigma == pytest.approx(0.1) and operator.sigma == 0.05  # caller's operator kept
+    assert model_operator.sigma_y == pytest.approx(0.1) and operator.sigma_y == 0.05  # caller's operator kept
     assert torch.allclose(y_model, operator.A(to_model_range(x))[0], atol=1e-6)
 
 

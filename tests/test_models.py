@@ -35,7 +35,7 @@ def test_any_image_size_works_by_padding(pipeline_folder):
 
 def test_restore_with_an_image_model_returns_clamped_images_in_unit_range(pipeline_folder):
     y = torch.rand(3, 5, 5)  # an x2 low-resolution image in [0, 1], odd size
-    result = restore(y, SuperResolution(2, sigma=0.05), str(pipeline_folder), num_samples=2, steps=4,
+    result = restore(y, SuperResolution(2, sigma_y=0.05), str(pipeline_folder), num_samples=2, steps=4,
                      generator=torch.Generator().manual_seed(0))
     assert result.samples.shape == (2, 3, 10, 10)
     assert bool(torch.isfinite(result.samples).all()) and float(result.samples.min()) >= 0 and float(result.samples.max()) <= 1
@@ -57,7 +57,7 @@ def test_the_embedded_default_model_restores_a_small_image_of_any_size():
     from posterior_diff.models import DEFAULT_MODEL_DIR
 
     low = torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(0))  # x2 -> 10x12, not a multiple of 4
-    result = restore(low, SuperResolution(2, sigma=0.05), num_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
+    result = restore(low, SuperResolution(2, sigma_y=0.05), num_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
     assert result.samples.shape == (2, 3, 10, 12)
     assert bool(torch.isfinite(result.samples).all())
     assert float(result.samples.min()) >= 0 and float(result.samples.max()) <= 1

@@ -68,7 +68,7 @@ def test_solve_agrees_with_conjugate_gradient_and_dense_algebra(name):
     # And both solve the dense system on the range of A.
     matrix = operator.to_matrix(x_shape)
     for i in range(3):
-        system = operator.sigma**2 * torch.eye(matrix.shape[0], dtype=DOUBLE) + r[i] * matrix @ matrix.T
+        system = operator.sigma_y**2 * torch.eye(matrix.shape[0], dtype=DOUBLE) + r[i] * matrix @ matrix.T
         assert torch.allclose(system @ closed[i].flatten(), u[i].flatten(), atol=1e-5 * float(u.abs().max()))
 
 

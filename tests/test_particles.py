@@ -16,7 +16,7 @@ def two_mode_problem():
     """A 2-D two-component mixture seen through one noisy projection: the exact posterior is known."""
     prior = GaussianMixturePrior(torch.tensor([0.5, 0.5]), torch.tensor([[-3.0, 0.0], [3.0, 0.0]], dtype=DOUBLE),
                                  0.25 * torch.eye(2, dtype=DOUBLE).expand(2, 2, 2))
-    operator = MatrixOperator(torch.tensor([[0.3, 1.0]], dtype=DOUBLE), sigma=0.5)
+    operator = MatrixOperator(torch.tensor([[0.3, 1.0]], dtype=DOUBLE), sigma_y=0.5)
     return prior, operator, torch.tensor([0.4], dtype=DOUBLE)
 
 
@@ -24,7 +24,7 @@ def exact_log_evidence(prior, operator, y):
     matrix = operator.matrix
     total = 0.0
     for weight, mean, cov in zip(prior.weights, prior.means, prior.covs):
-        marginal = torch.distributions.MultivariateNormal(matrix @ mean, matrix @ cov @ matrix.T + operator.sigma**2 * torch.eye(1, dtype=DOUBLE))
+        marginal = torch.distributions.MultivariateNormal(matrix @ mean, matrix @ cov @ matrix.T + operator.sigma_y**2 * torch.eye(1, dtype=DOUBLE))
         total += float(weight) * math.exp(float(marginal.log_prob(y)))
     return math.log(total)
 
@@ -47,7 +47,7 @@ def test_the_weighted_cloud_reaches_the_exact_posterior_where_guidance_alone_doe
 
 def test_on_a_gaussian_prior_the_answer_is_exact_and_the_weights_even_out_as_steps_grow():
     prior = GaussianPrior(torch.zeros(1, 4, 4, dtype=DOUBLE), squared_exponential_covariance(4, 1.5) + 1e-6 * torch.eye(16, dtype=DOUBLE))
-    operator = SuperResolution(2, sigma=0.1)
+    operator = SuperResolution(2, sigma_y=0.1)
     y = operator.measure(prior.sample(1, torch.Generator().manual_seed(1)), torch.Generator().manual_seed(2))[0]
     posterior = prior.posterior(operator, y)
     result = restore(y, operator, prior, num_samples=2000, steps=50, particles=2000, generator=torch.Generator().manual_seed(3))
@@ -123,7 +123,7 @@ def test_particle_mode_refuses_what_it_cannot_weight():
     with pytest.raises(ValueError, match="solver"):
         restore(y, operator, prior, solver="pc", particles=8)
     with pytest.raises(ValueError, match="sigma > 0"):
-        restore(y, MatrixOperator(operator.matrix, sigma=0.0), prior, covariance="isotropic", particles=8)
+        restore(y, MatrixOperator(operator.matrix, sigma_y=0.0), prior, covariance="isotropic", particles=8)
     with pytest.raises(ValueError, match="particles"):
         restore(y, operator, prior, particles=0)
     with pytest.raises(ValueError, match='proposal="conditioned" needs covariance="tweedie"'):
@@ -141,7 +141,7 @@ def test_auto_takes_the_conditioned_proposal_wherever_it_is_available():
 
 def test_particle_mode_on_an_image_model(pipeline_folder):
     low = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
-    result = restore(low, SuperResolution(2, sigma=0.05), str(pipeline_folder), num_samples=3, steps=4, particles=4,
+    result = restore(low, SuperResolution(2, sigma_y=0.05), str(pipeline_folder), num_samples=3, steps=4, particles=4,
                      covariance="isotropic", generator=torch.Generator().manual_seed(0))
     assert result.samples.shape == (3, 3, 8, 8) and bool(torch.isfinite(result.samples).all())
     assert float(result.samples.min()) >= 0 and float(result.samples.max()) <= 1

@@ -8,7 +8,7 @@ from conftest import tiny_unet
 from operators import Inpainting, SuperResolution, box_mask
 from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline, restore
 
-OPERATOR = SuperResolution(2, sigma=0.05)
+OPERATOR = SuperResolution(2, sigma_y=0.05)
 MEASUREMENT = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(3))  # an 8x8 image at x2
 
 
@@ -59,7 +59,7 @@ def test_output_types_and_tuple_return(pipe):
 
 def test_measurements_as_numpy_and_pil_match_the_tensor(pipe):
     mask = box_mask((3, 8, 8), 2, 2, 4, 4)
-    operator = Inpainting(mask, sigma=0.05)
+    operator = Inpainting(mask, sigma_y=0.05)
     image = torch.rand(3, 8, 8, generator=seeded(5)) * mask
     as_uint8 = (image * 255).round() / 255
     outputs = [pipe(form, operator, num_inference_steps=3, generator=seeded(), output_type="pt").images

@@ -108,11 +108,11 @@ def test_mixture_posterior_is_prior_times_likelihood():
 
     covs = torch.stack([torch.tensor([[1.0, 0.3], [0.3, 0.5]]), 0.7 * torch.eye(2), torch.tensor([[0.4, -0.1], [-0.1, 2.0]])]).double()
     prior = GaussianMixturePrior(torch.tensor([0.2, 0.5, 0.3]), torch.tensor([[-2.0, 1.0], [3.0, 0.0], [0.0, -3.0]], dtype=DOUBLE), covs)
-    operator = MatrixOperator(torch.tensor([[1.0, 0.5]], dtype=DOUBLE), sigma=0.4)
+    operator = MatrixOperator(torch.tensor([[1.0, 0.5]], dtype=DOUBLE), sigma_y=0.4)
     y = torch.tensor([0.7], dtype=DOUBLE)
     posterior = prior.posterior(operator, y)
     x = 3 * torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=DOUBLE)
-    log_likelihood = -0.5 * ((operator.A(x) - y) ** 2).sum(-1) / operator.sigma**2
+    log_likelihood = -0.5 * ((operator.A(x) - y) ** 2).sum(-1) / operator.sigma_y**2
     difference = posterior.log_prob(x) - prior.log_prob(x) - log_likelihood
     assert float(difference.max() - difference.min()) < 1e-9  # equal up to the evidence
     # and it integrates to one: the normalising constant is the evidence p(y)
@@ -128,7 +128,7 @@ def test_the_mcgdiff_mixture_problem_has_its_published_structure():
     assert problem.prior.means.shape == (25, 8) and torch.equal(problem.prior.means[:, :2], problem.prior.means[:, 2:4])
     assert set(problem.prior.means[:, 0].tolist()) == {-16.0, -8.0, 0.0, 8.0, 16.0}
     singular = torch.linalg.svdvals(problem.operator.matrix)
-    assert bool((singular > 0).all() and (singular < 1).all()) and 0 < problem.operator.sigma <= float(singular.max())
+    assert bool((singular > 0).all() and (singular < 1).all()) and 0 < problem.operator.sigma_y <= float(singular.max())
     assert problem.y.shape == (2,) and problem.posterior.weights.shape == (25,)
     with pytest.raises(ValueError, match="even dimension"):
         mixture_problem(7, 2)

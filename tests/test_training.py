@@ -4,7 +4,7 @@ from diffusers import DDPMPipeline
 
 from posterior_diff import load_model
 from posterior_diff.images import write_image
-from posterior_diff.training import RandomCrops, TrainingConfig, train
+from posterior_diff.training import RandomCrops, TrainingConfig, load_checkpoint, train
 
 
 def smooth_images(count=3, size=24):
@@ -21,7 +21,7 @@ def tiny_config(**changes):
 
 def test_training_lowers_the_loss_and_saves_a_diffusers_pipeline(tmp_path):
     out = train(smooth_images(), tmp_path / "run", tiny_config(steps=60), progress=False)
-    log = torch.load(out / "checkpoint.pt", weights_only=False)["loss_log"]
+    log = load_checkpoint(out / "checkpoint.pt")["loss_log"]
     losses = torch.tensor([loss for _, loss in log])
     assert losses[-10:].mean() < 0.7 * losses[:10].mean()
     pipeline = DDPMPipeline.from_pretrained(out)  # diffusers reads it
@@ -44,7 +44,7 @@ def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, monke
     monkeypatch.setattr(RandomCrops, "batch", crashing_batch)
     with pytest.raises(KeyboardInterrupt):
         train(images, tmp_path / "crashed", tiny_config(), progress=False)
-    assert torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["step"] == 4
     monkeypatch.setattr(RandomCrops, "batch", original_batch)
     resumed = train(images, tmp_path / "crashed", resume=True, progress=False)
     whole = DDPMPipeline.from_pretrained(reference).unet.state_dict()
@@ -61,3 +61,43 @@ def test_training_from_a_folder_and_refusing_to_overwrite(tmp_path):
         train(tmp_path / "data", tmp_path / "run", tiny_config(steps=2), progress=False)
     with pytest.raises(ValueError, match="multiple of 2"):
         tiny_config(crop_size=9)
+
+
+def test_a_checkpoint_holds_only_what_weights_only_loading_accepts(tmp_path):
+    train(smooth_images(), tmp_path / "run", tiny_config(steps=2), progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # torch itself, not our wrapper
+    assert set(state) == {"config", "model", "ema", "optimizer", "generator", "step", "loss_log"}
+    assert TrainingConfig(**state["config"]) == tiny_config(steps=2)
+    assert state["step"] == 2 and len(state["loss_log"]) == 2
+
+
+UNPICKLED = []  # set by _record_unpickling if a checkpoint's pickled code ever runs
+
+
+def _record_unpickling():
+    UNPICKLED.append(True)
+    return "payload"
+
+
+class CodeCarryingPayload:
+    """Unpickling this calls _record_unpickling (harmless stand-in for arbitrary code)."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ())
+
+
+def test_a_checkpoint_carrying_pickled_code_is_refused_without_running_it(tmp_path):
+    train(smooth_images(), tmp_path / "run", tiny_config(steps=2), progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["loss_log"] = CodeCarryingPayload()
+    torch.save(state, path)
+    UNPICKLED.clear()
+    with pytest.raises(ValueError, match="checkpoint.pt holds objects other than tensors") as refused:
+        load_checkpoint(path)
+    assert str(path) in str(refused.value)
+    with pytest.raises(ValueError, match="cannot run code") as refused:
+        train(smooth_images(), tmp_path / "run", resume=True, progress=False)
+    assert str(path) in str(refused.value)
+    assert not UNPICKLED  # the payload's code never ran
+    assert torch.load(path, weights_only=False)["loss_log"] == "payload" and UNPICKLED  # control: it is live
