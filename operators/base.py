@@ -13,6 +13,7 @@ super-resolution, dense matrices) and by conjugate gradient otherwise.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -127,6 +128,22 @@ class LinearOperator(nn.Module):
 
         solution, _ = conjugate_gradient(matvec, u, tol=tol, max_iter=max_iter)
         return solution
+
+    def with_sigma_y(self, sigma_y: float) -> "LinearOperator":
+        """The same forward model with noise level `sigma_y`; this operator is not modified.
+
+        The copy shares the tensors of A (masks, matrices) instead of duplicating them: both
+        keep their own buffer tables, so moving either with `.to()` leaves the other where it
+        was. Operators with submodules are copied whole.
+        """
+        if self._modules:
+            clone = copy.deepcopy(self)
+        else:
+            clone = copy.copy(self)
+            for table in ("_parameters", "_buffers"):
+                clone.__dict__[table] = dict(self.__dict__[table])
+        clone.sigma_y = check_sigma_y(sigma_y)
+        return clone
 
     def to_deepinv(self):
         """This operator as a `deepinv.physics.LinearPhysics` (same A, A^T and sigma_y; needs deepinv)."""

@@ -51,7 +51,7 @@ def conjugate_gradient(
     matvec: MatVec,
     b: Tensor,
     *,
-    x0: Tensor | None = None,
+    initial_guess: Tensor | None = None,
     preconditioner: MatVec | None = None,
     tol: float = 1e-5,
     max_iter: int = 100,
@@ -61,7 +61,7 @@ def conjugate_gradient(
     Args:
         matvec: v -> M v for a (B, *) tensor; M symmetric positive definite per sample.
         b: right-hand side, shape (B, *).
-        x0: starting guess, shape (B, *); zeros when None.
+        initial_guess: starting guess, shape (B, *); zeros when None.
         preconditioner: u -> P^{-1} u with P symmetric positive definite, or None.
         tol: relative residual ||b - M v|| / ||b|| at which a sample is done.
         max_iter: cap on matrix-vector products.
@@ -76,12 +76,12 @@ def conjugate_gradient(
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     precond = preconditioner if preconditioner is not None else (lambda u: u)
-    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    x = torch.zeros_like(b) if initial_guess is None else initial_guess.clone()
     b_norm = batch_dot(b, b).sqrt()
     # A zero right-hand side is solved by zero: treat its norm as 1 to avoid 0/0.
     scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-    residual = b - matvec(x) if x0 is not None else b.clone()
-    iterations = 1 if x0 is not None else 0
+    residual = b - matvec(x) if initial_guess is not None else b.clone()
+    iterations = 1 if initial_guess is not None else 0
     z = precond(residual)
     direction = z.clone()
     rz = batch_dot(residual, z)

@@ -1,13 +1,13 @@
 r"""Guidance by the averaged likelihood, as a denoiser that returns the posterior mean.
 
 Observing y = A x_0 + sigma_y n, the score of p_t(x | y) is score(x, t) + grad log l(y | x_t)
-with the averaged likelihood (THEORY section 5), under p(x_0 | x_t) ~= N(D, V_t):
+with the averaged likelihood (docs/theory.md §5), under p(x_0 | x_t) ~= N(D, V_t):
 
     l(y | x_t) ~= N(y; A D(x_t), C),     C = sigma_y^2 I + A V_t A^T,
     grad_{x_t} log l = J^T A^T C^{-1} (y - A D),      J = dD/dx_t.
 
 Because score = -(x - alpha D) / sigma^2, adding grad log l to the score is the same as
-replacing D by the corrected mean
+replacing D by the guided mean
 
     D_y = D + (sigma^2 / alpha) * guidance_scale * grad_{x_t} log l,
 
@@ -31,7 +31,7 @@ exact in the eigenbasis of A J A^T and the gradient a combination of the rows, w
 All Jacobian products reuse the one forward pass (vector-Jacobian products on its graph).
 Every sample of a batch has its own residual, its own CG step lengths and stopping test.
 
-Models with a known data range (image models: `data_range = (-1, 1)`) get the corrected
+Models with a known data range (image models: `data_range = (-1, 1)`) get the guided
 mean clipped to that range, as DDPM samplers clip their x_0 estimate. The reason: for a
 noise-predicting network the correction is s^2 (I - sigma d eps_hat/dx)^T A^T v with
 s = sigma / alpha, so at high noise (s ~ 50-150) any error in the network's Jacobian is
@@ -51,6 +51,7 @@ from torch import Tensor
 
 from operators import LinearOperator, conjugate_gradient, per_sample
 
+from .checks import choice, number_in, positive_int
 from .denoisers import Denoiser, as_time
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
@@ -62,9 +63,34 @@ def pigdm_variance(alpha: Tensor, sigma: Tensor) -> Tensor:
     return sigma**2 / (alpha**2 + sigma**2)
 
 
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """The averaged likelihood's settings, checked when built (a ValueError naming the argument).
+
+    Attributes:
+        covariance: "zero", "isotropic", "diagonal" or "tweedie" (see the module docstring).
+        guidance_scale: multiplier on grad log l (1 = Bayes' rule), finite and >= 0.
+        cg_tol: relative residual at which the Tweedie conjugate gradient stops, > 0.
+        cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
+    """
+
+    covariance: str = "tweedie"
+    guidance_scale: float = 1.0
+    cg_tol: float = 1e-4
+    cg_max_iter: int = 50
+
+    def __post_init__(self):
+        choice(self.covariance, COVARIANCES, "covariance")
+        object.__setattr__(self, "guidance_scale", number_in(self.guidance_scale, "guidance_scale", 0.0, math.inf))
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        object.__setattr__(self, "cg_tol", number_in(self.cg_tol, "cg_tol", 0.0, open_low=True))
+        object.__setattr__(self, "cg_max_iter", positive_int(self.cg_max_iter, "cg_max_iter"))
+
+
 @dataclass
 class Guided:
-    """One guided denoising of a batch: the unguided D(x_t), the corrected mean D_y, and
+    """One guided denoising of a batch: the unguided D(x_t), the guided mean D_y, and
     log l(y | x_t) per sample (B,) when asked for (normalised: including its log det).
 
     Where the Tweedie log det is exact (y of at most EXACT_LOG_DET_MAX entries) the likelihood
@@ -75,8 +101,8 @@ class Guided:
     basis, with no further operator application or eigendecomposition.
     """
 
-    x0: Tensor
-    corrected: Tensor
+    denoised: Tensor
+    guided_mean: Tensor
     log_likelihood: Tensor | None
     normalised: bool = False
     measurement_jacobian: Tensor | None = None
@@ -128,32 +154,37 @@ class AveragedLikelihoodGuidance(Denoiser):
         cg_tol: float = 1e-4,
         cg_max_iter: int = 50,
     ):
+        self._configure(denoiser, operator, y, GuidanceSettings(covariance, guidance_scale, cg_tol, cg_max_iter))
+
+    @classmethod
+    def from_settings(cls, denoiser: Denoiser, operator: LinearOperator, y: Tensor,
+                      settings: GuidanceSettings) -> "AveragedLikelihoodGuidance":
+        """The guidance for settings checked already (GuidanceSettings checks itself when built)."""
+        guidance = cls.__new__(cls)
+        guidance._configure(denoiser, operator, y, settings)
+        return guidance
+
+    def _configure(self, denoiser: Denoiser, operator: LinearOperator, y: Tensor, settings: GuidanceSettings) -> None:
         super().__init__()
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        if covariance == "zero" and operator.sigma_y == 0:
-            raise ValueError('covariance="zero" divides by sigma_y^2: it needs an operator with sigma > 0')
-        if cg_tol <= 0 or cg_max_iter < 1:
-            raise ValueError(f"need cg_tol > 0 and cg_max_iter >= 1, got {cg_tol}, {cg_max_iter}")
+        if settings.covariance == "zero" and operator.sigma_y == 0:
+            raise ValueError('covariance="zero" divides by sigma_y^2: it needs an operator with sigma_y > 0')
         self.denoiser = denoiser
         self.operator = operator
         self.schedule = denoiser.schedule
         self.x_shape = denoiser.x_shape
         self.data_range = denoiser.data_range
-        self.covariance = covariance
-        self.guidance_scale = float(guidance_scale)
-        self.cg_tol = float(cg_tol)
-        self.cg_max_iter = int(cg_max_iter)
+        self.settings = settings
+        self.covariance = settings.covariance
         self.register_buffer("y", y)
         self.forward_count = 0
         self.vjp_count = 0
         self.cg_iterations: list[int] = []
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
-        return self.guide(x_t, t).corrected
+        return self.guide(x_t, t).guided_mean
 
     def guide(self, x_t: Tensor, t: Tensor | float, likelihood: bool = False) -> "Guided":
-        """One guided denoising: the unguided D, the corrected mean, and (if `likelihood`) log l.
+        """One guided denoising: the unguided D, the guided mean D_y, and (if `likelihood`) log l.
 
         log l(y | x_t) = log N(y; A D, C) per sample is what particle mode needs as its twist.
         Its log det C is exact for the zero and isotropic covariances (where the operator has
@@ -167,36 +198,36 @@ class AveragedLikelihoodGuidance(Denoiser):
         sigma = self.schedule.sigma(t)
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
-            x0 = self.denoiser(x, t)
+            denoised = self.denoiser(x, t)
             self.forward_count += 1
 
             def vjp(w: Tensor) -> Tensor:
                 """J^T w on the graph of this call's single forward pass."""
                 self.vjp_count += 1
-                (product,) = torch.autograd.grad(x0, x, grad_outputs=w, retain_graph=True)
+                (product,) = torch.autograd.grad(denoised, x, grad_outputs=w, retain_graph=True)
                 return product
 
-            residual = self.y - self.operator.A(x0.detach())
-            jacobian = eigenvalues = eigenvectors = None
+            residual = self.y - self.operator.A(denoised.detach())
+            measurement_jacobian = eigenvalues = eigenvectors = None
             if likelihood and self.covariance == "tweedie" and residual[0].numel() <= EXACT_LOG_DET_MAX:
                 # The exact log det needs the rows of A J (m VJPs) and the eigendecomposition of
                 # A J A^T; with them C^{-1} r is exact in that basis and J^T A^T C^{-1} r is a
                 # combination of the rows, so neither the CG solve nor the gradient's VJP is needed.
-                jacobian, eigenvalues, eigenvectors = self._measurement_jacobian(residual, vjp)
+                measurement_jacobian, eigenvalues, eigenvectors = self._measurement_jacobian(residual, vjp)
                 weighted = _solve_in_eigenbasis(eigenvectors, tweedie_spectrum(eigenvalues, self.operator.sigma_y**2,
                                                                                sigma**2 / alpha), residual)
-                grad_log_likelihood = torch.einsum("bm,bm...->b...", weighted.flatten(1), jacobian)
+                grad_log_likelihood = torch.einsum("bm,bm...->b...", weighted.flatten(1), measurement_jacobian)
                 diagonal = None
             else:
                 weighted, diagonal = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
                 grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
             log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, eigenvalues, alpha, sigma)
                                           if likelihood else (None, False))
-        step = per_sample(sigma**2 / alpha, x_t) * self.guidance_scale
-        corrected = (x0 + step * grad_log_likelihood).detach()
+        step = per_sample(sigma**2 / alpha, x_t) * self.settings.guidance_scale
+        guided_mean = (denoised + step * grad_log_likelihood).detach()
         if self.data_range is not None:
-            corrected = corrected.clamp(*self.data_range)
-        return Guided(x0.detach(), corrected, log_likelihood, normalised, jacobian, eigenvalues, eigenvectors)
+            guided_mean = guided_mean.clamp(*self.data_range)
+        return Guided(denoised.detach(), guided_mean, log_likelihood, normalised, measurement_jacobian, eigenvalues, eigenvectors)
 
     def _log_likelihood(self, residual: Tensor, weighted: Tensor, diagonal: Tensor | None,
                         gram_eigenvalues: Tensor | None, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, bool]:
@@ -262,10 +293,10 @@ class AveragedLikelihoodGuidance(Denoiser):
         solution, info = conjugate_gradient(
             matvec,
             residual,
-            x0=preconditioner(residual) if preconditioner else None,
+            initial_guess=preconditioner(residual) if preconditioner else None,
             preconditioner=preconditioner,
-            tol=self.cg_tol,
-            max_iter=self.cg_max_iter,
+            tol=self.settings.cg_tol,
+            max_iter=self.settings.cg_max_iter,
         )
         self.cg_iterations.append(info.iterations)
         return solution, None

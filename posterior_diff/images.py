@@ -16,7 +16,6 @@ Accepted image inputs: torch tensors (C, H, W), numpy arrays (H, W) or (H, W, C)
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -110,15 +109,14 @@ def from_model_range(x: Tensor) -> Tensor:
 
 
 def measurement_to_model_units(y: Tensor, operator):
-    """(y, operator) in [0, 1] units -> (2 y - A 1, a copy of the operator with sigma doubled).
+    """(y, operator) in [0, 1] units -> (2 y - A 1, the operator with sigma_y doubled).
 
-    y has shape y_shape (one measurement, no batch). The caller's operator is not modified.
+    y has shape y_shape (one measurement, no batch). The caller's operator is not modified
+    (`LinearOperator.with_sigma_y` shares its tensors).
     """
     x_shape = operator.x_shape(tuple(y.shape))
     ones = torch.ones((1, *x_shape), dtype=y.dtype, device=y.device)
-    model_operator = copy.deepcopy(operator)
-    model_operator.sigma_y = 2 * operator.sigma_y
-    return 2 * y - operator.A(ones)[0], model_operator
+    return 2 * y - operator.A(ones)[0], operator.with_sigma_y(2 * operator.sigma_y)
 
 
 def save_panels(rows: list[list[Tensor]], titles: list[str], path: str | Path, zoom: int = 1) -> None:

@@ -1,4 +1,4 @@
-r"""Reverse-time samplers for the family of THEORY section 3, driven by a Denoiser.
+r"""Reverse-time samplers for the eta-family of docs/theory.md §3, driven by a Denoiser.
 
 For a noise level h = eta * g, eta in [0, 1],
 
@@ -13,7 +13,10 @@ s = sigma / alpha, rho = s_next / s and eps_hat = (x - alpha D) / sigma, one suc
 
 which is DDPM ancestral sampling at eta = 1 and DDIM at eta = 0.
 
-Solvers (`steps` grid times, then a final denoising step x_0 = D(x, t_min)):
+A solver is one step from grid point `now` to `nxt`, with one signature for all of them:
+`solver.step(x, now, nxt, denoise, noise)`. The Gaussian solvers ("euler", "multistep") also
+expose the step's `transition(x, D, now, nxt)`: the mean and noise std of x_next given x,
+which particle mode needs for its weights. Each run ends with a denoising step x_0 = D(x, t_min).
 
 | solver            | step                                                         | NFE            |
 |-------------------|--------------------------------------------------------------|----------------|
@@ -23,54 +26,261 @@ Solvers (`steps` grid times, then a final denoising step x_0 = D(x, t_min)):
 | "pc"              | "multistep" predictor + one Langevin corrector step at each new time (Song et al. 2021) | 2 steps - 1 |
 | "euler_maruyama"  | the textbook step x - [f x - 1/2 (1 + eta^2) g^2 score] dt + eta g sqrt(dt) z | steps |
 
-On a Gaussian prior the first-order steps shrink the covariance by 5-13% at 100 steps while
-"multistep" is within 1% (benchmarks/gaussian_exactness.py), hence the default.
+The first-order steps shrink a Gaussian posterior's covariance measurably more than
+"multistep" at the same step count (docs/gaussian_exactness.md), hence the default.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checks import choice, number_in, positive_int
 from .denoisers import Denoiser, randn
-from .time_grids import time_grid
+from .time_grids import GRIDS, time_grid
 
 SOLVERS = ("multistep", "euler", "heun", "pc", "euler_maruyama")
+GAUSSIAN_SOLVERS = ("multistep", "euler")  # a Gaussian transition given D: particle mode can weight them
 
 
 class NonFiniteSampleError(FloatingPointError):
     """A sampler produced NaN or infinite values; the message names the step and time."""
 
 
-def check_eta(eta: float, solver: str) -> float:
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    try:
-        eta = float(eta)
-    except (TypeError, ValueError):
-        raise TypeError(f"eta must be a number in [0, 1], got {eta!r}") from None
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (1 = reverse SDE, 0 = probability-flow ODE), got {eta}")
-    if solver == "heun" and eta != 0:
-        raise ValueError(f'solver="heun" integrates the probability-flow ODE and needs eta=0, got eta={eta}')
-    return eta
+def check_eta(eta: float) -> float:
+    """eta (1 = reverse SDE, 0 = probability-flow ODE) as a float in [0, 1]; a TypeError or
+    ValueError naming `eta` otherwise. Which solvers take which eta is `SamplerSettings`' check."""
+    return number_in(eta, "eta", 0.0, 1.0)
 
 
-class _Coefficients:
-    """alpha, sigma, f, g^2 of a schedule at one time t, as Python floats."""
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The settings of one sampler run, checked when built (a ValueError naming the argument).
 
-    def __init__(self, schedule, t: float):
+    Attributes:
+        steps: number of grid times (network evaluations for the one-evaluation solvers).
+        eta: noise level in [0, 1]: 1 = reverse SDE, 0 = probability-flow ODE.
+        solver: one of SOLVERS (see the module docstring).
+        grid: "log-snr", "uniform" or "karras" (see time_grids).
+        s_min: noise ratio sigma / alpha at the last grid time.
+        snr: signal-to-noise ratio of the Langevin corrector ("pc" only; Song et al. 2021 use
+            0.16 with a first-order predictor; with the multistep predictor a smaller one is better).
+    """
+
+    steps: int = 100
+    eta: float = 1.0
+    solver: str = "multistep"
+    grid: str = "log-snr"
+    s_min: float = 2e-3
+    snr: float = 0.05
+
+    def __post_init__(self):
+        object.__setattr__(self, "steps", positive_int(self.steps, "steps"))
+        choice(self.solver, SOLVERS, "solver")
+        choice(self.grid, GRIDS, "grid")
+        object.__setattr__(self, "eta", check_eta(self.eta))
+        if self.solver == "heun" and self.eta != 0:
+            raise ValueError(f'solver="heun" integrates the probability-flow ODE and needs eta=0, got eta={self.eta}')
+        number_in(self.s_min, "s_min", 0.0, open_low=True)
+        number_in(self.snr, "snr", 0.0, open_low=True)
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One time of the sampler's grid and the schedule's coefficients there, as Python floats.
+
+    Attributes:
+        index: position in the grid (0 = t_max).
+        t: the time; alpha, sigma: the schedule at t; f, g2: the SDE coefficients at t.
+    """
+
+    index: int
+    t: float
+    alpha: float
+    sigma: float
+    f: float
+    g2: float
+
+    @property
+    def log_ratio(self) -> float:
+        """log s = log(sigma / alpha): the exponential solvers' time variable."""
+        return math.log(self.sigma / self.alpha)
+
+
+def grid_points(schedule, steps: int, grid: str = "log-snr", s_min: float = 2e-3) -> list[GridPoint]:
+    """The `steps` decreasing grid times of `time_grid` with their coefficients."""
+    points = []
+    for index, t in enumerate(time_grid(schedule, steps, grid, s_min).tolist()):
         time = torch.tensor(t, dtype=torch.float64)
-        self.t = t
-        self.alpha = float(schedule.alpha(time))
-        self.sigma = float(schedule.sigma(time))
-        self.f = float(schedule.f(time))
-        self.g2 = float(schedule.g2(time))
-        self.log_ratio = math.log(self.sigma / self.alpha)
+        points.append(GridPoint(index, t, float(schedule.alpha(time)), float(schedule.sigma(time)),
+                                float(schedule.f(time)), float(schedule.g2(time))))
+    return points
+
+
+def start_sample(point: GridPoint, shape: tuple[int, ...], generator, device, dtype) -> Tensor:
+    """x at t_max drawn from the reference N(0, (alpha^2 + sigma^2) I): the forward marginal of
+    data of unit variance (see Schedule.terminal_kl_bound for the mismatch this leaves)."""
+    return math.sqrt(point.alpha**2 + point.sigma**2) * randn(shape, generator, device, dtype)
+
+
+@dataclass
+class Transition:
+    """x_next ~ N(mean, std^2 I): one step of a Gaussian solver given x (std = 0 for eta = 0)."""
+
+    mean: Tensor
+    std: float
+
+    def draw(self, noise: Tensor | None) -> Tensor:
+        """mean + std * noise (the mean where there is no noise to add)."""
+        return self.mean + self.std * noise if self.std > 0 and noise is not None else self.mean
+
+
+def kept_noise_fraction(now: GridPoint, nxt: GridPoint, eta: float) -> float:
+    """How much of the current noise estimate a step keeps: (s' / s)^(eta^2), s = sigma / alpha."""
+    return ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
+
+
+def exponential_transition(x: Tensor, denoised: Tensor, now: GridPoint, nxt: GridPoint, eta: float) -> Transition:
+    """One step of the eta-family from `now` to `nxt` with D frozen at `denoised` (exact linear part):
+    mean alpha' D + sigma' rho^(eta^2) eps_hat, noise std sigma' sqrt(1 - rho^(2 eta^2))."""
+    kept = kept_noise_fraction(now, nxt, eta)
+    eps_hat = (x - now.alpha * denoised) / now.sigma
+    mean = nxt.alpha * denoised + nxt.sigma * kept * eps_hat
+    return Transition(mean, nxt.sigma * math.sqrt(max(0.0, 1.0 - kept**2)))
+
+
+Denoise = Callable[[Tensor, GridPoint], Tensor]  # D(x, t) at a grid point
+Noise = Callable[[], Tensor]  # a fresh standard normal draw of x's shape
+
+
+class Solver:
+    """One reverse step x(now) -> x(nxt); subclasses implement `step`.
+
+    `step(x, now, nxt, denoise, noise)` gets D through `denoise(x, point)` (one network call
+    each) and fresh noise through `noise()`. A solver may keep a history across the steps of
+    one run (the multistep one does), so each run takes a new solver from `make_solver`.
+    """
+
+    def __init__(self, eta: float):
+        self.eta = eta
+
+    def step(self, x: Tensor, now: GridPoint, nxt: GridPoint, denoise: Denoise, noise: Noise) -> Tensor:
+        raise NotImplementedError
+
+    def select(self, indices: Tensor) -> None:
+        """Keep the history of the samples `indices` only (particle resampling)."""
+
+
+class EulerSolver(Solver):
+    """The exponential step with D frozen at x(now): first order."""
+
+    def transition(self, x: Tensor, denoised: Tensor, now: GridPoint, nxt: GridPoint) -> Transition:
+        """Mean and noise std of x(nxt) given x(now) and D(x(now))."""
+        return exponential_transition(x, denoised, now, nxt, self.eta)
+
+    def step(self, x, now, nxt, denoise, noise):
+        denoised = denoise(x, now)
+        fresh = noise() if self.eta > 0 else None
+        return self.transition(x, denoised, now, nxt).draw(fresh)
+
+
+class MultistepSolver(EulerSolver):
+    """The exponential step with D extrapolated linearly in log s from the previous step's D:
+    D + (D - D_prev) h / (2 h_prev), h = log s_now - log s_next (DPM-Solver++(2M))."""
+
+    def __init__(self, eta: float):
+        super().__init__(eta)
+        self.previous: tuple[Tensor, float] | None = None  # the last step's D and h
+
+    def transition(self, x, denoised, now, nxt):
+        h = now.log_ratio - nxt.log_ratio
+        extrapolated = denoised
+        if self.previous is not None:
+            previous_denoised, previous_h = self.previous
+            extrapolated = denoised + (denoised - previous_denoised) * (h / (2 * previous_h))
+        self.previous = (denoised, h)
+        return exponential_transition(x, extrapolated, now, nxt, self.eta)
+
+    def select(self, indices):
+        if self.previous is not None:
+            self.previous = (self.previous[0][indices], self.previous[1])
+
+
+class PredictorCorrector(MultistepSolver):
+    """The multistep step, then one Langevin step on p(nxt) with e = 2 (snr sigma)^2.
+
+    That is Song et al.'s SNR rule e = 2 (snr ||z|| / ||score||)^2 with the score's norm at
+    its noise-level value sqrt(d) / sigma: the same for every sample and independent of the
+    batch (the per-sample norm can be near zero for a sample near a mode, and the batch
+    average couples samples).
+    """
+
+    def __init__(self, eta: float, snr: float):
+        super().__init__(eta)
+        self.snr = snr
+
+    def step(self, x, now, nxt, denoise, noise):
+        x = super().step(x, now, nxt, denoise, noise)
+        score = -(x - nxt.alpha * denoise(x, nxt)) / nxt.sigma**2
+        size = 2 * (self.snr * nxt.sigma) ** 2
+        return x + size * score + math.sqrt(2 * size) * noise()
+
+
+class HeunSolver(Solver):
+    """Heun on dz/ds = (z - D)/s with z = x / alpha, s = sigma / alpha (EDM); eta = 0 only."""
+
+    def step(self, x, now, nxt, denoise, noise):
+        s, s_next = now.sigma / now.alpha, nxt.sigma / nxt.alpha
+        z = x / now.alpha
+        slope = (z - denoise(x, now)) / s
+        z_euler = z + (s_next - s) * slope
+        slope_next = (z_euler - denoise(nxt.alpha * z_euler, nxt)) / s_next
+        return nxt.alpha * (z + (s_next - s) * (slope + slope_next) / 2)
+
+
+class EulerMaruyamaSolver(Solver):
+    """Textbook Euler–Maruyama on the eta-family SDE in (x, t) (docs/theory.md §3)."""
+
+    def step(self, x, now, nxt, denoise, noise):
+        dt = now.t - nxt.t
+        score = -(x - now.alpha * denoise(x, now)) / now.sigma**2
+        fresh = noise() if self.eta > 0 else None
+        x_next = x - (now.f * x - 0.5 * (1 + self.eta**2) * now.g2 * score) * dt
+        return x_next if fresh is None else x_next + self.eta * math.sqrt(now.g2 * dt) * fresh
+
+
+def make_solver(settings: SamplerSettings) -> Solver:
+    """A fresh solver (with an empty history) for one run with these settings."""
+    if settings.solver == "pc":
+        return PredictorCorrector(settings.eta, settings.snr)
+    classes = {"multistep": MultistepSolver, "euler": EulerSolver, "heun": HeunSolver,
+               "euler_maruyama": EulerMaruyamaSolver}
+    return classes[settings.solver](settings.eta)
+
+
+class CheckedDenoiser:
+    """D(x, t) at grid points for a batch: counts the calls (NFE) and stops on non-finite output."""
+
+    def __init__(self, denoiser: Denoiser, device: torch.device, dtype: torch.dtype):
+        self.denoiser, self.device, self.dtype = denoiser, device, dtype
+        self.calls = 0
+
+    def __call__(self, x: Tensor, point: GridPoint) -> Tensor:
+        self.calls += 1
+        denoised = self.denoiser(x, torch.full((x.shape[0],), point.t, dtype=self.dtype, device=self.device))
+        check_finite(denoised, "the denoiser returned", point)
+        return denoised
+
+
+def check_finite(x: Tensor, what: str, point: GridPoint) -> None:
+    """Raise NonFiniteSampleError naming the grid step unless every entry of x is finite."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteSampleError(f"{what} non-finite values at step {point.index} (t={point.t:.4g})")
 
 
 def progress_bar(progress: bool | Callable[[int], Any], total: int, description: str):
@@ -78,23 +288,12 @@ def progress_bar(progress: bool | Callable[[int], Any], total: int, description:
     return progress(total) if callable(progress) else tqdm(total=total, disable=not progress, desc=description)
 
 
-def _kept_noise_fraction(now: _Coefficients, nxt: _Coefficients, eta: float) -> float:
-    """How much of the current noise estimate a step keeps: (s' / s)^(eta^2), s = sigma / alpha."""
-    return ((nxt.sigma * now.alpha) / (now.sigma * nxt.alpha)) ** (eta**2)
-
-
-def transition_std(now: _Coefficients, nxt: _Coefficients, eta: float) -> float:
-    """Standard deviation of the fresh noise in one `exponential_step` (0 for eta = 0)."""
-    return nxt.sigma * math.sqrt(max(0.0, 1.0 - _kept_noise_fraction(now, nxt, eta) ** 2))
-
-
-def exponential_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
-    """One step of the eta-family from `now` to `nxt` with D frozen at x0 (exact linear part):
-    x_next = alpha' x0 + sigma' keep eps_hat + transition_std(now, nxt, eta) * noise."""
-    eps_hat = (x - now.alpha * x0) / now.sigma
-    out = nxt.alpha * x0 + nxt.sigma * _kept_noise_fraction(now, nxt, eta) * eps_hat
-    std = transition_std(now, nxt, eta)
-    return out + std * noise if std > 0 and noise is not None else out
+def placement(denoiser: Denoiser, device, dtype) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype to sample: the given ones, else those of the denoiser's tensors."""
+    reference = denoiser.reference_tensor()
+    if device is None:
+        device = reference.device if reference is not None else torch.device("cpu")
+    return torch.device(device), dtype or denoiser.sampling_dtype()
 
 
 def sample(
@@ -117,13 +316,7 @@ def sample(
     Args:
         denoiser: gives D(x_t, t); wrap it in AveragedLikelihoodGuidance to sample a posterior.
         shape: (B, *x_shape), the batch of samples to draw.
-        steps: number of grid times (network evaluations for the one-evaluation solvers).
-        eta: noise level in [0, 1]: 1 = reverse SDE, 0 = probability-flow ODE.
-        solver: one of SOLVERS (see the module docstring).
-        grid: "log-snr", "uniform" or "karras" (see time_grids).
-        s_min: noise ratio sigma / alpha at the last grid time.
-        snr: signal-to-noise ratio of the Langevin corrector ("pc" only; Song et al. 2021 use
-            0.16 with a first-order predictor; 0.05 measured best here with the multistep one).
+        steps, eta, solver, grid, s_min, snr: the sampler, as in `SamplerSettings`.
         generator: torch.Generator making the draw reproducible.
         device, dtype: where to sample; default: those of the denoiser's tensors.
         progress: True shows a tqdm progress bar; a callable `progress(total)` returning a bar
@@ -136,79 +329,29 @@ def sample(
     Raises:
         NonFiniteSampleError: as soon as a step yields a non-finite value.
     """
-    eta = check_eta(eta, solver)
-    reference = denoiser.reference_tensor()
-    device = torch.device(device) if device is not None else (reference.device if reference is not None else torch.device("cpu"))
-    dtype = dtype or denoiser.sampling_dtype()
-    times = time_grid(denoiser.schedule, steps, grid, s_min).tolist()
-    coefficients = [_Coefficients(denoiser.schedule, t) for t in times]
-    evaluations = 0
+    settings = SamplerSettings(steps, eta, solver, grid, s_min, snr)
+    return run_sampler(denoiser, shape, settings, generator=generator, device=device, dtype=dtype, progress=progress)
 
-    def denoise(x: Tensor, c: _Coefficients, step: int) -> Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        x0 = denoiser(x, torch.full((x.shape[0],), c.t, dtype=dtype, device=device))
-        if not bool(torch.isfinite(x0).all()):
-            raise NonFiniteSampleError(f"the denoiser returned non-finite values at step {step} (t={c.t:.4g})")
-        return x0
 
-    # Start from the forward marginal at t_max for data of unit variance.
-    start = coefficients[0]
-    x = math.sqrt(start.alpha**2 + start.sigma**2) * randn(shape, generator, device, dtype)
-    previous_x0, previous_h = None, None
-    bar = progress_bar(progress, len(times), f"sampling ({solver})")
-    for step, (now, nxt) in enumerate(zip(coefficients[:-1], coefficients[1:])):
-        x0 = denoise(x, now, step)
-        noise = randn(x.shape, generator, device, dtype) if eta > 0 else None
-        if solver in ("multistep", "pc"):
-            h = now.log_ratio - nxt.log_ratio  # step in log(sigma / alpha)
-            x0_extrapolated = x0 if previous_x0 is None else x0 + (x0 - previous_x0) * (h / (2 * previous_h))
-            x = exponential_step(x, x0_extrapolated, now, nxt, eta, noise)
-            previous_x0, previous_h = x0, h
-            if solver == "pc":
-                x = _langevin_correct(x, denoise(x, nxt, step), nxt, snr, randn(x.shape, generator, device, dtype))
-        elif solver == "euler":
-            x = exponential_step(x, x0, now, nxt, eta, noise)
-        elif solver == "heun":
-            x = _heun_step(x, x0, now, nxt, lambda z: denoise(z, nxt, step))
-        else:
-            x = _euler_maruyama_step(x, x0, now, nxt, eta, noise)
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteSampleError(f"the {solver} sampler produced non-finite values at step {step} (t={nxt.t:.4g})")
+def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSettings, *,
+                generator: torch.Generator | None = None, device=None, dtype=None,
+                progress: bool | Callable[[int], Any] = False) -> tuple[Tensor, int]:
+    """`sample` with settings checked already (see `sample` for the arguments)."""
+    device, dtype = placement(denoiser, device, dtype)
+    points = grid_points(denoiser.schedule, settings.steps, settings.grid, settings.s_min)
+    solver = make_solver(settings)
+    denoise = CheckedDenoiser(denoiser, device, dtype)
+
+    def noise() -> Tensor:
+        return randn(shape, generator, device, dtype)
+
+    x = start_sample(points[0], shape, generator, device, dtype)
+    bar = progress_bar(progress, len(points), f"sampling ({settings.solver})")
+    for now, nxt in zip(points[:-1], points[1:]):
+        x = solver.step(x, now, nxt, denoise, noise)
+        check_finite(x, f"the {settings.solver} sampler produced", nxt)
         bar.update(1)
-    x0 = denoise(x, coefficients[-1], len(times) - 1)  # final denoising step
+    x0 = denoise(x, points[-1])  # the final denoising step
     bar.update(1)
     bar.close()
-    return x0, evaluations
-
-
-def _heun_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, denoise_next) -> Tensor:
-    """Heun on dz/ds = (z - D)/s with z = x / alpha, s = sigma / alpha (EDM, Karras et al. 2022)."""
-    s, s_next = now.sigma / now.alpha, nxt.sigma / nxt.alpha
-    z = x / now.alpha
-    slope = (z - x0) / s
-    z_euler = z + (s_next - s) * slope
-    slope_next = (z_euler - denoise_next(nxt.alpha * z_euler)) / s_next
-    return nxt.alpha * (z + (s_next - s) * (slope + slope_next) / 2)
-
-
-def _langevin_correct(x: Tensor, x0: Tensor, c: _Coefficients, snr: float, noise: Tensor) -> Tensor:
-    """One Langevin step x + e score + sqrt(2 e) z on p_t, with e = 2 (snr sigma_t)^2.
-
-    That is Song et al.'s SNR rule e = 2 (snr ||z|| / ||score||)^2 with the score's norm at
-    its noise-level value sqrt(d) / sigma_t: the same for every sample and independent of the
-    batch. (The per-sample norm can be near zero for a sample near a mode, and the batch
-    average couples samples.)
-    """
-    score = -(x - c.alpha * x0) / c.sigma**2
-    step = 2 * (snr * c.sigma) ** 2
-    return x + step * score + math.sqrt(2 * step) * noise
-
-
-def _euler_maruyama_step(x: Tensor, x0: Tensor, now: _Coefficients, nxt: _Coefficients, eta: float, noise: Tensor | None) -> Tensor:
-    """Textbook Euler–Maruyama on the eta-family SDE in (x, t) (THEORY section 3)."""
-    dt = now.t - nxt.t
-    score = -(x - now.alpha * x0) / now.sigma**2
-    drift = now.f * x - 0.5 * (1 + eta**2) * now.g2 * score
-    x_next = x - drift * dt
-    return x_next if noise is None else x_next + eta * math.sqrt(now.g2 * dt) * noise
+    return x0, denoise.calls

@@ -122,7 +122,7 @@ def test_cg_iterations_adapt_to_the_tolerance(generator):
     "kwargs, message",
     [
         (dict(covariance="full"), "covariance must be one of"),
-        (dict(covariance="zero", operator=Denoising(0.0)), "sigma > 0"),
+        (dict(covariance="zero", operator=Denoising(0.0)), "sigma_y > 0"),
         (dict(cg_tol=0.0), "cg_tol"),
     ],
 )
@@ -148,7 +148,7 @@ def test_the_twist_is_the_exact_log_likelihood_on_a_gaussian_prior(generator):
     result = AveragedLikelihoodGuidance(prior, operator, y, "tweedie", cg_tol=1e-12).guide(x_t, 0.5, likelihood=True)
     matrix = operator.to_matrix((1, 6, 6))
     covariance = matrix @ posterior_covariance_at(prior, 0.5) @ matrix.T + 0.05**2 * torch.eye(9, dtype=DOUBLE)
-    exact = torch.distributions.MultivariateNormal(matrix @ result.x0.flatten(), covariance)
+    exact = torch.distributions.MultivariateNormal(matrix @ result.denoised.flatten(), covariance)
     assert result.normalised and torch.allclose(result.log_likelihood, exact.log_prob(y.flatten()), atol=1e-6)
 
 
@@ -162,5 +162,5 @@ def test_the_diagonal_twist_reuses_the_diagonal_of_the_solve(generator):
     matrix = operator.to_matrix((1, 6, 6))
     # TMPD's diagonal: row sums of A V_t A^T, V_t the exact Cov(x_0 | x_t) of a Gaussian prior
     variance = 0.05**2 + (matrix @ posterior_covariance_at(prior, 0.5) @ matrix.T).sum(1)
-    exact = torch.distributions.Normal(matrix @ result.x0.flatten(), variance.sqrt())
+    exact = torch.distributions.Normal(matrix @ result.denoised.flatten(), variance.sqrt())
     assert torch.allclose(result.log_likelihood, exact.log_prob(y.flatten()).sum(), atol=1e-8)

@@ -122,7 +122,7 @@ def test_particle_mode_refuses_what_it_cannot_weight():
         restore(y, operator, prior, eta=0.0, particles=8)
     with pytest.raises(ValueError, match="solver"):
         restore(y, operator, prior, solver="pc", particles=8)
-    with pytest.raises(ValueError, match="sigma > 0"):
+    with pytest.raises(ValueError, match="sigma_y > 0"):
         restore(y, MatrixOperator(operator.matrix, sigma_y=0.0), prior, covariance="isotropic", particles=8)
     with pytest.raises(ValueError, match="particles"):
         restore(y, operator, prior, particles=0)

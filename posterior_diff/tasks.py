@@ -1,0 +1,105 @@
+"""Restoration tasks: one table of forward models and measurement noise levels.
+
+The command line, the demos and the benchmarks all name tasks from this table, so a task means
+the same operator and the same default sigma_y everywhere. sigma_y is in [0, 1] image units.
+
+| task          | forward model                                    | sigma_y | classical baseline |
+|---------------|--------------------------------------------------|---------|--------------------|
+| sr2           | super-resolution x2, 2x2 average pooling         | 0.025   | bicubic            |
+| sr4           | super-resolution x4, 4x4 average pooling         | 0.025   | bicubic            |
+| sr4-bicubic   | super-resolution x4, antialiased bicubic kernel  | 0.025   | bicubic            |
+| inpaint       | inpainting with a given mask (1 = observed)       | 0.01    | biharmonic fill    |
+| box           | inpainting, a centred square hole of side 1/4    | 0.01    | biharmonic fill    |
+| random        | inpainting, 70% of the pixels missing            | 0.01    | biharmonic fill    |
+| denoise       | denoising                                        | 0.1     | BM3D               |
+
+"box" and "random" draw their own mask, so they simulate measurements (benchmarks, demos);
+"inpaint" takes the mask of a real measurement (the command line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from operators import Denoising, Inpainting, LinearOperator, SuperResolution, box_mask, random_mask
+
+MISSING_FRACTION = 0.7  # of the "random" task
+BOX_FRACTION = 0.25  # side of the "box" task's hole, as a fraction of the image side
+
+
+@dataclass(frozen=True)
+class Task:
+    """One restoration task: how its forward model is built and its default noise level.
+
+    Attributes:
+        name: the key in TASKS.
+        description: one line for reports.
+        sigma_y: default measurement noise standard deviation, in [0, 1] units.
+        baseline: the classical method its restorations are compared with.
+        factor, kernel: the super-resolution factor and kernel (None for other tasks).
+        mask: None, "given" (the caller passes the mask), "box" or "random" (drawn here).
+    """
+
+    name: str
+    description: str
+    sigma_y: float
+    baseline: str
+    factor: int | None = None
+    kernel: str = "average"
+    mask: str | None = None
+
+    @property
+    def draws_mask(self) -> bool:
+        """True for the simulated inpainting tasks, whose mask is made by `operator`."""
+        return self.mask in ("box", "random")
+
+    def operator(self, x_shape: tuple[int, ...], *, sigma_y: float | None = None, mask: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> LinearOperator:
+        """The forward model for images of shape x_shape (C, H, W).
+
+        Args:
+            x_shape: the shape of one image.
+            sigma_y: the noise level (default: the task's).
+            mask: the observed pixels (1) for the "inpaint" task, shape x_shape; refused elsewhere.
+            generator: draws the mask of the "random" task.
+        """
+        sigma_y = self.sigma_y if sigma_y is None else sigma_y
+        if mask is not None and self.mask != "given":
+            raise ValueError(f"a mask is only used by the inpaint task, not by {self.name!r}")
+        if self.factor is not None:
+            return SuperResolution(self.factor, sigma_y, kernel=self.kernel)
+        if self.mask is None:
+            return Denoising(sigma_y)
+        return Inpainting(self._mask(tuple(x_shape), mask, generator), sigma_y)
+
+    def _mask(self, x_shape: tuple[int, ...], mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        if self.mask == "random":
+            return random_mask(x_shape, MISSING_FRACTION, generator=generator)
+        if self.mask == "box":
+            height, width = (max(1, round(BOX_FRACTION * side)) for side in x_shape[-2:])
+            top, left = (x_shape[-2] - height) // 2, (x_shape[-1] - width) // 2
+            return box_mask(x_shape, top, left, height, width)
+        if mask is None:
+            raise ValueError("the inpaint task needs a mask (1 = observed, 0 = missing) of the image's shape")
+        return mask
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    Task("sr2", "super-resolution x2, 2x2 average pooling", 0.025, "bicubic", factor=2),
+    Task("sr4", "super-resolution x4, 4x4 average pooling", 0.025, "bicubic", factor=4),
+    Task("sr4-bicubic", "super-resolution x4, antialiased bicubic kernel", 0.025, "bicubic", factor=4, kernel="bicubic"),
+    Task("inpaint", "inpainting with a given mask (1 = observed)", 0.01, "biharmonic fill", mask="given"),
+    Task("box", "inpainting, a centred square hole of side 1/4", 0.01, "biharmonic fill", mask="box"),
+    Task("random", "inpainting, 70% of the pixels missing", 0.01, "biharmonic fill", mask="random"),
+    Task("denoise", "denoising", 0.1, "BM3D"),
+)}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`; a ValueError listing the tasks for an unknown one."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
