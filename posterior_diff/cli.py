@@ -1,10 +1,12 @@
 """The `posterior-diff` command: `restore` an image file, or `train` a model by DSM.
 
-    posterior-diff restore low.png --task sr4 -o restored.png [--sigma 0.025] [--samples 4] [--std-map std.png]
+    posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025] [--samples 4] [--std-map std.png]
     posterior-diff restore holes.png --task inpaint --mask mask.png -o filled.png
     posterior-diff train --data photos/ --out my_model/ [--steps 20000] [--resume]
 
-Images are ordinary files in [0, 1] (8-bit or 16-bit); sigma is in those units. `restore`
+Images are ordinary files in [0, 1] (8-bit or 16-bit); sigma_y is in those units. Tasks and
+their default sigma_y come from `posterior_diff.tasks`, sampler defaults from
+`posterior_diff.defaults.IMAGE_DEFAULTS`. `restore`
 never overwrites an existing output unless --force is given. Every user error (a missing or
 unreadable file, an unknown task, a mask of the wrong size) prints one line and exits 2.
 """
@@ -17,8 +19,11 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("sr4", "sr2", "inpaint", "denoise")
-DEFAULT_SIGMA = {"sr4": 0.025, "sr2": 0.025, "inpaint": 0.01, "denoise": 0.1}
+from .defaults import IMAGE_DEFAULTS
+from .tasks import TASKS
+
+# The tasks a real measurement can name: the simulated ones ("box", "random") draw their own mask.
+CLI_TASKS = tuple(name for name, task in TASKS.items() if not task.draws_mask)
 
 
 class UsageError(Exception):
@@ -31,16 +36,19 @@ def _parser() -> argparse.ArgumentParser:
 
     restore = commands.add_parser("restore", help="restore a degraded image file")
     restore.add_argument("input", type=Path, help="the measurement: low-resolution, holed or noisy image")
-    restore.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    restore.add_argument("--task", required=True, help=f"one of {', '.join(CLI_TASKS)}")
     restore.add_argument("--mask", type=Path, help="inpaint: image of the input's size, white = observed, black = missing")
-    restore.add_argument("--sigma", type=float, help="measurement noise in [0, 1] units (default per task: " +
-                         ", ".join(f"{k} {v}" for k, v in DEFAULT_SIGMA.items()) + ")")
+    restore.add_argument("--sigma-y", dest="sigma_y", type=float,
+                         help="measurement noise standard deviation in [0, 1] units (default per task: " +
+                         ", ".join(f"{name} {TASKS[name].sigma_y}" for name in CLI_TASKS) + ")")
     restore.add_argument("--samples", type=int, default=4, help="posterior samples to average (default 4)")
-    restore.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    restore.add_argument("--covariance", default="isotropic",
-                         help="isotropic (default, fastest on a CPU), tweedie (more exact, costs --cg-max-iter more "
-                              "network backward passes per step), diagonal or zero")
-    restore.add_argument("--cg-max-iter", type=int, default=4, help="conjugate-gradient cap per step for tweedie (default 4)")
+    restore.add_argument("--steps", type=int, default=IMAGE_DEFAULTS.steps,
+                         help=f"sampler steps (default {IMAGE_DEFAULTS.steps})")
+    restore.add_argument("--covariance", default=IMAGE_DEFAULTS.covariance,
+                         help=f"isotropic, tweedie (more exact, costs --cg-max-iter more network backward passes per "
+                              f"step), diagonal or zero (default {IMAGE_DEFAULTS.covariance})")
+    restore.add_argument("--cg-max-iter", type=int, default=IMAGE_DEFAULTS.cg_max_iter,
+                         help=f"conjugate-gradient cap per step for tweedie (default {IMAGE_DEFAULTS.cg_max_iter})")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
@@ -60,25 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _operator(task: str, sigma: float, image: torch.Tensor, mask_path: Path | None):
-    from operators import Denoising, Inpainting, SuperResolution
-
+def _operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
     from .images import match_channels, read_image
 
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if mask_path is not None and task != "inpaint":
+    if task_name not in CLI_TASKS:
+        raise UsageError(f"unknown task {task_name!r}; choose one of {', '.join(CLI_TASKS)}")
+    task = TASKS[task_name]
+    if mask_path is not None and task.mask != "given":
         raise UsageError("--mask is only used with --task inpaint")
-    if task in ("sr4", "sr2"):
-        return SuperResolution(int(task[-1]), sigma)
-    if task == "denoise":
-        return Denoising(sigma)
+    if task.mask != "given":
+        return task.operator(tuple(image.shape), sigma_y=sigma_y)
     if mask_path is None:
         raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
     mask = read_image(mask_path)
     if mask.shape[-2:] != image.shape[-2:]:
         raise UsageError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the input is {image.shape[-1]}x{image.shape[-2]}")
-    return Inpainting((match_channels(mask, 1) > 0.5).float().expand_as(image).clone(), sigma)
+    observed = (match_channels(mask, 1) > 0.5).float().expand_as(image).clone()
+    return task.operator(tuple(image.shape), sigma_y=sigma_y, mask=observed)
 
 
 def _restore(args) -> None:
@@ -90,11 +96,10 @@ def _restore(args) -> None:
         if path is not None and path.exists() and not args.force:
             raise UsageError(f"{path} exists; pass --force to overwrite it")
     image = read_image(args.input)
-    sigma = DEFAULT_SIGMA.get(args.task, 0.0) if args.sigma is None else args.sigma
     model = load_model(args.model) if args.model is not None else default_model()
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
-    operator = _operator(args.task, sigma, image, args.mask)
+    operator = _operator(args.task, args.sigma_y, image, args.mask)
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                      cg_max_iter=args.cg_max_iter, generator=torch.Generator().manual_seed(args.seed), progress=True,
                      particles=args.particles)

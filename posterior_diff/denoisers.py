@@ -1,7 +1,7 @@
 r"""The denoiser contract: (x_t, t) -> D(x_t, t) = E[x_0 | x_t], in the model's own units.
 
 A network may predict the noise, the velocity, the clean signal or the score; they are
-exact conversions of one another (THEORY section 2):
+exact conversions of one another (docs/theory.md §2):
 
     score   = -(x - alpha D) / sigma^2
     eps     = (x - alpha D) / sigma               (diffusers "epsilon")

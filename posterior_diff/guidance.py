@@ -287,8 +287,10 @@ class AveragedLikelihoodGuidance(Denoiser):
         def matvec(u: Tensor) -> Tensor:
             return noise_variance * u + per_sample(tweedie_scale, u) * op.A(vjp(op.A_adjoint(u)))
 
-        # The isotropic solve is exact at small t (V_t -> (sigma/alpha)^2 I) and free where the
-        # operator has a closed form: use it as preconditioner and starting guess there.
+        # The isotropic solve approaches the Tweedie one at small t, where V_t ~ (sigma/alpha)^2 I
+        # for a smooth data density, and is free where the operator has a closed form: use it as
+        # preconditioner and starting guess there. (CG assumes a symmetric A J A^T, which a
+        # network's Jacobian is only nearly.)
         preconditioner = (lambda u: op.solve(u, r2)) if op.has_closed_form_solve else None
         solution, info = conjugate_gradient(
             matvec,

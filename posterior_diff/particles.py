@@ -281,7 +281,8 @@ def conditioned_proposal(cloud: Cloud, prior: Transition, now: GridPoint, nxt: G
     call; extrapolating them from the last step gained nothing on Gaussian priors and overshot
     on mixtures); C is rebuilt from the same A J A^T at the next time's scale sigma^2 / alpha;
     and A D there is A D(x_t) moved by A J along the difference between this step's mean and
-    the first-order one (exact for a linear D).
+    the first-order one (a first-order prediction: it ignores how J and D change between the
+    two times).
     """
     guided = cloud.guided
     spectrum = tweedie_spectrum(guided.gram_eigenvalues, operator.sigma_y**2, nxt.sigma**2 / nxt.alpha)

@@ -47,9 +47,9 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         self,
         measurement,
         operator,
-        num_inference_steps: int = 100,
+        num_inference_steps: int | None = None,
         num_samples: int = 1,
-        covariance: str = "tweedie",
+        covariance: str | None = None,
         eta: float = 1.0,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
@@ -58,7 +58,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         *,
         class_label: int | None = None,
         solver: str = "multistep",
-        cg_max_iter: int = 50,
+        cg_max_iter: int | None = None,
         batch_size: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw `num_samples` posterior samples.
@@ -68,7 +68,8 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
                 PIL image (one measurement, no batch dimension).
             operator: an `operators.LinearOperator` (or a deepinv physics, once adapted) with
                 sigma_y in [0, 1] units.
-            num_inference_steps: sampler steps (network evaluations per sample for the default solver).
+            num_inference_steps: sampler steps (network evaluations per sample for the default solver);
+                None: `defaults.IMAGE_DEFAULTS`, as for covariance and cg_max_iter.
             num_samples: how many posterior samples to return.
             covariance, eta, guidance_scale, solver, cg_max_iter, batch_size: as in `restore()`.
             generator: a torch.Generator for reproducible draws.

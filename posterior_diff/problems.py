@@ -1,4 +1,4 @@
-"""Reference inverse problems with closed-form posteriors (THEORY section 5).
+"""Reference inverse problems with closed-form posteriors (docs/theory.md §7).
 
 - `gaussian_image_problems`: a Gaussian prior N(0, Sigma) on 8 x 8 images, Sigma from a
   squared-exponential kernel on the pixel grid, observed through the three tasks of the

@@ -21,7 +21,7 @@ which particle mode needs for its weights. Each run ends with a denoising step x
 | solver            | step                                                         | NFE            |
 |-------------------|--------------------------------------------------------------|----------------|
 | "multistep"       | exponential step with D extrapolated from the previous step: second order (DPM-Solver++(2M), its SDE form for eta > 0). The default. | steps          |
-| "euler"           | the exponential (Euler–Maruyama in the data-prediction form) step above: first order | steps |
+| "euler"           | the exponential step above with D frozen at the current time (DDPM / DDIM): first order | steps |
 | "heun"            | Heun's method on dz/ds = (z - D)/s, z = x / alpha (EDM); eta = 0 only | 2 steps - 1 |
 | "pc"              | "multistep" predictor + one Langevin corrector step at each new time (Song et al. 2021) | 2 steps - 1 |
 | "euler_maruyama"  | the textbook step x - [f x - 1/2 (1 + eta^2) g^2 score] dt + eta g sqrt(dt) z | steps |

@@ -2,7 +2,7 @@ r"""Noise schedules: x_t = alpha(t) x_0 + sigma(t) eps on continuous time t in [
 
 Every schedule gives alpha(t) and sigma(t) with alpha(0) = 1, sigma(0) = 0 and a
 signal-to-noise ratio alpha^2 / sigma^2 that decreases in t, and the coefficients of the
-linear SDE whose marginals they are (THEORY section 1):
+linear SDE whose marginals they are (docs/theory.md §1):
 
     dx = f(t) x dt + g(t) dw,    f = alpha' / alpha,    g^2 = alpha^2 d/dt (sigma^2 / alpha^2).
 
@@ -12,7 +12,7 @@ schedule); `time_for_ratio` inverts it.
 | schedule            | alpha                     | sigma                                   |
 |---------------------|---------------------------|-----------------------------------------|
 | VPSchedule          | exp(-1/2 int_0^t beta)    | sqrt(1 - alpha^2)                        |
-| VESchedule          | 1                         | s_min sqrt((s_max / s_min)^(2t) - 1)     |
+| VESchedule          | 1                         | sigma_min sqrt((sigma_max / sigma_min)^(2t) - 1) |
 | SubVPSchedule       | exp(-1/2 int_0^t beta)    | 1 - alpha^2                              |
 | RectifiedFlow       | 1 - t                     | t                                        |
 | DiscreteSchedule    | from alphas_cumprod       | sqrt(1 - alpha^2)                        |
@@ -199,7 +199,7 @@ class DiscreteSchedule(Schedule):
     With T training steps, timestep n sits at t_n = (n + 1) / T, so t = 0 is the clean data
     (alpha = 1) and t = 1 the last training step. log alpha^2 is interpolated linearly in t
     between the knots, which makes beta(t) = -d/dt log alpha^2 piecewise constant and equal
-    to T * (-log(1 - beta_n)) ~= T * beta_n on step n (THEORY section 1).
+    to T * (-log(1 - beta_n)) ~= T * beta_n on step n (docs/theory.md §1).
     """
 
     def __init__(self, alphas_cumprod: Tensor):

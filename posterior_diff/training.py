@@ -1,4 +1,4 @@
-r"""Denoising score matching (THEORY section 4): train a diffusers UNet2DModel to predict noise.
+r"""Denoising score matching (docs/theory.md §4): train a diffusers UNet2DModel to predict noise.
 
     L(theta) = E_{n, x_0, eps} || eps_theta(alpha_n x_0 + sigma_n eps, n) - eps ||^2,
 

@@ -47,7 +47,7 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys, monkeypatch
         ([str(tmp_path / "broken.png"), "--task", "sr2", *common], "cannot read"),
         ([str(image), "--task", "inpaint", "--mask", str(small_mask), *common], "the mask is 4x4 pixels but the input is 8x8"),
         ([str(image), "--task", "inpaint", *common], "needs --mask"),
-        ([str(image), "--task", "denoise", "--sigma", "-1", *common], "sigma"),
+        ([str(image), "--task", "denoise", "--sigma-y", "-1", *common], "sigma"),
         ([str(image), "--task", "sr2", *common, "--model", "someone/uncached-model"], "pass a local folder"),
     ]
     for arguments, message in cases:

@@ -59,7 +59,7 @@ def test_discrete_schedule_hits_alphas_cumprod_at_its_timesteps():
     t = (n + 1).to(DOUBLE) / 1000
     assert torch.allclose(schedule.alpha(t) ** 2, DDPM_ALPHAS_CUMPROD[n], rtol=1e-12)
     assert torch.allclose(schedule.timestep(t), n.to(DOUBLE))
-    # beta(t) = -T log(1 - beta_n) ~= T beta_n on step n (THEORY section 1); t = 0.5005 is on step 500.
+    # beta(t) = -T log(1 - beta_n) ~= T beta_n on step n (docs/theory.md §1); t = 0.5005 is on step 500.
     beta_500 = float(1 - DDPM_ALPHAS_CUMPROD[500] / DDPM_ALPHAS_CUMPROD[499])
     assert float(schedule.g2(torch.tensor(0.5005, dtype=DOUBLE))) == pytest.approx(-1000 * math.log(1 - beta_500), rel=1e-9)
 
