@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from operators import LinearOperator, as_operator
+from operators.base import check_sigma_y
 
 from .checks import positive_int
 from .defaults import defaults_for
@@ -216,6 +217,7 @@ def check_problem(y, operator, model) -> Problem:
         raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder, a hub id or None, got {type(model).__name__}")
     image_model = model.data_range is not None
     operator = as_operator(operator)  # a deepinv LinearPhysics is adapted here
+    check_sigma_y(operator.sigma_y)  # an attribute set after construction is checked too
     y = as_measurement(y, image_model)
     if model.channels is not None and y.dim() == 3 and y.shape[0] != model.channels:
         raise ValueError(f"y has {y.shape[0]} channel(s) but the model takes {model.channels}; convert the image first "

@@ -79,6 +79,21 @@ def test_the_callers_operator_is_left_untouched(problems):
     assert torch.equal(problem.operator.mask, mask_before) and problem.operator.mask.device.type == "cpu"
 
 
+class CountingPrior(GaussianPrior):
+    """A Gaussian prior that counts its denoiser calls: work done shows up as calls > 0."""
+
+    calls = 0
+
+    def forward(self, x_t, t):
+        CountingPrior.calls += 1
+        return super().forward(x_t, t)
+
+
+def counting_copy(prior: GaussianPrior) -> CountingPrior:
+    CountingPrior.calls = 0
+    return CountingPrior(prior.mean, prior.cov, prior.schedule)
+
+
 @pytest.mark.parametrize(
     "change, error, message",
     [
@@ -103,19 +118,32 @@ def test_the_callers_operator_is_left_untouched(problems):
 )
 def test_bad_input_is_a_clear_error_raised_before_any_work(problems, change, error, message):
     problem = problems["super-resolution"]
-    arguments = dict(y=problem.y, operator=problem.operator, model=problem.prior)
+    arguments = dict(y=problem.y, operator=problem.operator, model=counting_copy(problem.prior))
     options = {k: v for k, v in change.items() if k not in arguments}
     arguments.update({k: v for k, v in change.items() if k in arguments})
     with pytest.raises(error, match=message):
         restore(arguments.pop("y"), arguments.pop("operator"), arguments.pop("model"), **options)
+    assert CountingPrior.calls == 0
 
 
-def test_wrong_mask_and_negative_sigma():
-    prior = GaussianPrior(torch.zeros(1, 4, 4), torch.eye(16))
+def test_the_counting_model_does_count(problems):
+    """The yardstick of the test above can fail: a valid call reaches the denoiser."""
+    problem = problems["super-resolution"]
+    restore(problem.y, problem.operator, counting_copy(problem.prior), steps=3, covariance="isotropic")
+    assert CountingPrior.calls == 3
+
+
+def test_wrong_mask_and_negative_sigma_y():
+    prior = counting_copy(GaussianPrior(torch.zeros(1, 4, 4), torch.eye(16)))
     with pytest.raises(ValueError, match="mask has shape"):
         restore(torch.zeros(1, 4, 4), Inpainting(torch.ones(1, 4, 5), 0.1), prior)
-    with pytest.raises(ValueError, match="sigma"):
-        restore(torch.zeros(1, 4, 4), Denoising(-1.0), prior)
+    operator = Denoising(0.1)
+    operator.sigma_y = -1.0  # set after construction, so that restore's own check is what raises
+    with pytest.raises(ValueError, match="sigma_y"):
+        restore(torch.zeros(1, 4, 4), operator, prior)
+    assert CountingPrior.calls == 0
+    with pytest.raises(ValueError, match="sigma_y"):
+        Denoising(-1.0)
 
 
 def test_a_diverging_run_raises_instead_of_returning_nan():
