@@ -23,7 +23,7 @@ import copy
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -178,6 +178,90 @@ def _ema_update(ema, model, decay: float) -> None:
             ema_parameter.lerp_(parameter, 1 - decay)
 
 
+@dataclass
+class TrainingRun:
+    """The state of one training run: what a checkpoint holds, and one optimiser step.
+
+    Attributes:
+        config: the run's settings; model: the UNet being trained; ema: its moving average;
+        optimizer, scheduler: Adam and the DDPM scheduler; generator: crops, timesteps, noise;
+        step: optimiser steps done; loss_log: [step, loss] per step, kept across resumes.
+    """
+
+    config: TrainingConfig
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator
+    step: int = 0
+    loss_log: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, config: TrainingConfig, state: dict | None = None) -> "TrainingRun":
+        """A fresh run for `config`, or the one a checkpoint `state` holds."""
+        torch.manual_seed(config.seed)
+        model = build_unet(config)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        run = cls(config, model, ema, optimizer, build_scheduler(config), torch.Generator().manual_seed(config.seed))
+        if state:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            run.generator.set_state(state["generator"])
+            run.step, run.loss_log = state["step"], state["loss_log"]
+        return run
+
+    def save_checkpoint(self, path: Path) -> None:
+        # Only tensors, numbers, strings, tuples, lists and dicts, so load_checkpoint's
+        # weights_only=True reads it back (tests check the format with torch.load directly).
+        _save_atomically(
+            {"config": asdict(self.config), "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+             "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(), "step": self.step,
+             "loss_log": self.loss_log},
+            path,
+        )
+
+    def optimise(self, x0: Tensor) -> float:
+        """One DSM step on the crops x0 (B, C, H, W) in [-1, 1]; returns the loss."""
+        config = self.config
+        timesteps = torch.randint(config.num_train_timesteps, (x0.shape[0],), generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        alpha_bar = self.scheduler.alphas_cumprod.float()[timesteps].reshape(-1, 1, 1, 1)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        loss = F.mse_loss(self.model(x_t, timesteps).sample, noise)
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate * min(1.0, (self.step + 1) / config.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # EMA with a warm-up of its own, so early averages are not dominated by the initialisation.
+        _ema_update(self.ema, self.model, min(config.ema_decay, (1 + self.step) / (10 + self.step)))
+        self.step += 1
+        self.loss_log.append([self.step, loss.item()])
+        return self.loss_log[-1][1]
+
+
+def _previous_state(checkpoint_path: Path, resume: bool) -> dict | None:
+    """The checkpoint to resume from (None for a new run); refuses to start over an existing run."""
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(f"{checkpoint_path.parent} already holds a training run; pass resume=True (--resume) to continue it")
+    if resume and not checkpoint_path.exists():
+        raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
+    return load_checkpoint(checkpoint_path) if resume else None
+
+
+def _run_config(config: TrainingConfig | None, state: dict | None) -> TrainingConfig:
+    """The checkpoint's own config on resume (a given config's `steps` replacing its total), else `config`."""
+    if not state:
+        return config or TrainingConfig()
+    saved = TrainingConfig(**state["config"])
+    if config is not None:
+        saved.steps = config.steps
+    return saved
+
+
 def train(
     images: Sequence[Tensor] | str | Path,
     out: str | Path,
@@ -207,82 +291,29 @@ def train(
     """
     out = Path(out)
     checkpoint_path = out / CHECKPOINT
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(f"{out} already holds a training run; pass resume=True (--resume) to continue it")
-    if resume and not checkpoint_path.exists():
-        raise FileNotFoundError(f"nothing to resume: {checkpoint_path} does not exist")
-    state = load_checkpoint(checkpoint_path) if resume else None
-    if state:
-        saved = TrainingConfig(**state["config"])
-        if config is not None:
-            saved.steps = config.steps
-        config = saved
-    else:
-        config = config or TrainingConfig()
+    state = _previous_state(checkpoint_path, resume)
+    config = _run_config(config, state)
     if isinstance(images, (str, Path)):
         images = load_image_folder(images, channels=config.channels)
-    images = [image.float() for image in images]
-
-    torch.manual_seed(config.seed)
-    model = build_unet(config)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scheduler = build_scheduler(config)
-    generator = torch.Generator().manual_seed(config.seed)
-    step = 0
-    loss_log: list[list[float]] = []  # [step, loss] per step, kept across resumes
-    if state:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
-        loss_log = state["loss_log"]
-    crops = RandomCrops(images, config.crop_size, generator)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
+    run = TrainingRun.start(config, state)
+    crops = RandomCrops([image.float() for image in images], config.crop_size, run.generator)
     out.mkdir(parents=True, exist_ok=True)
-
-    def checkpoint() -> None:
-        # Only tensors, numbers, strings, tuples, lists and dicts, so load_checkpoint's
-        # weights_only=True reads it back (tests check the format with torch.load directly).
-        _save_atomically(
-            {"config": asdict(config), "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
-             "loss_log": loss_log},
-            checkpoint_path,
-        )
-
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc="training")
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="training")
     steps_this_call = 0
-    model.train()
-    while step < config.steps and (stop_after is None or steps_this_call < stop_after):
-        x0 = crops.batch(config.batch_size)
-        timesteps = torch.randint(config.num_train_timesteps, (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        alpha_bar = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
-        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-        loss = F.mse_loss(model(x_t, timesteps).sample, noise)
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * min(1.0, (step + 1) / config.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # EMA with a warm-up of its own, so early averages are not dominated by the initialisation.
-        _ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
-        step += 1
+    run.model.train()
+    while run.step < config.steps and (stop_after is None or steps_this_call < stop_after):
+        loss = run.optimise(crops.batch(config.batch_size))
         steps_this_call += 1
-        loss_value = loss.item()
-        loss_log.append([step, loss_value])
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            checkpoint()
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+            run.save_checkpoint(checkpoint_path)
     bar.close()
-    if step < config.steps:
-        checkpoint()
+    if run.step < config.steps:
+        run.save_checkpoint(checkpoint_path)
         return out
-    _save_pipeline(ema, scheduler, out)
-    (out / "training_log.json").write_text(json.dumps({"config": asdict(config), "loss": loss_log}))
+    _save_pipeline(run.ema, run.scheduler, out)
+    (out / "training_log.json").write_text(json.dumps({"config": asdict(config), "loss": run.loss_log}))
     return out
 
 
