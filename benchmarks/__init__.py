@@ -1,1 +1,7 @@
-"""Benchmark scripts and the library code they share (run from the repository root)."""
+"""The measured comparisons, each run from the repository root as `python -m benchmarks.NAME`.
+
+gaussian_exactness, run_benchmarks (its parts: exact_posteriors, images_vs_deepinv),
+image_restoration, particle_mode, training_curve. They share `reporting` (tables, the
+provenance block), `peers` (deepinv's methods) and `posterior_diff.evaluation` (photographs,
+measurements, baselines, scores, the divergence rule).
+"""

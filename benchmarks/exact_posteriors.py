@@ -11,14 +11,13 @@
    sliced Wasserstein distance (1000 directions) of N samples against N exact posterior
    draws, beside the floor (two independent exact sets) and the prior.
 
-Every function returns plain rows; `run_benchmarks.py` turns them into docs/benchmarks.md.
+Every study returns rows (dataclasses); `python -m benchmarks.run_benchmarks` runs them and
+turns them into docs/benchmarks.md. A run that diverges (the rule of
+`posterior_diff.evaluation.has_diverged`) is a row without errors.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,16 +25,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posterior_diff import GaussianMixturePrior, GaussianPrior, NonFiniteSampleError, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors, sliced_wasserstein
+from posterior_diff import COVARIANCES, NonFiniteSampleError
+from posterior_diff.evaluation import DIVERGED, has_diverged, posterior_distance, restore_unless_diverged, single_precision
+from posterior_diff.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors, interval_coverage
 from posterior_diff.problems import gaussian_image_problems, mixture_problem
 
 from .peers import run_peer
+from .reporting import log_row
 
-OUR_COVARIANCES = ("tweedie", "isotropic", "diagonal", "zero")
 GAUSSIAN_PEERS = ("dps", "pigdm", "mm", "mm-cg", "ddrm")
-ERROR_KEYS = ("mean_error", "cov_error", "w2")
-DIVERGENCE_BOUND = 1e4  # |x| beyond this (priors of scale ~1 to ~20) counts as diverged
 
 
 @dataclass(frozen=True)
@@ -61,41 +59,27 @@ class Draw:
 
 
 def draw(method: Method, prior, operator, y: Tensor, num_samples: int, steps: int, seed: int) -> Draw:
-    """Run one sampler on one measurement; non-finite or exploded output counts as diverged."""
+    """Run one sampler on one measurement; a diverged run (`evaluation.has_diverged`) has samples None."""
     start = time.perf_counter()
+    if method.family == "ours":
+        result = restore_unless_diverged(y, operator, prior, num_samples=num_samples, steps=steps, covariance=method.name,
+                                         eta=method.eta, generator=torch.Generator().manual_seed(seed))
+        if result is None:
+            return Draw(None, 0, time.perf_counter() - start)
+        return Draw(result.samples, result.nfe, result.seconds)
     try:
-        if method.family == "ours":
-            result = restore(y, operator, prior, num_samples=num_samples, steps=steps, covariance=method.name,
-                             eta=method.eta, generator=torch.Generator().manual_seed(seed))
-            samples, nfe, seconds = result.samples, result.nfe, result.seconds
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deepinv's notes on seeds and solvers
-                run = run_peer(method.name, prior, operator, y, num_samples, steps, seed)
-            samples, nfe, seconds = run.samples, run.nfe, run.seconds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deepinv's notes on seeds and solvers
+            run = run_peer(method.name, prior, operator, y, num_samples, steps, seed)
     except NonFiniteSampleError:
         return Draw(None, 0, time.perf_counter() - start)
-    if not bool(torch.isfinite(samples).all()) or float(samples.abs().max()) > DIVERGENCE_BOUND:
-        return Draw(None, nfe, seconds)
-    return Draw(samples, nfe, seconds)
-
-
-def normal_mass(lower: Tensor, upper: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """P(lower <= X <= upper) for X ~ N(mean, std^2), elementwise."""
-    standard = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(std))
-    return standard.cdf((upper - mean) / std) - standard.cdf((lower - mean) / std)
-
-
-def interval_coverage(samples: Tensor, mean: Tensor, cov: Tensor, level: float) -> float:
-    """Exact posterior mass inside each coordinate's central `level` sample interval, averaged."""
-    flat = samples.flatten(1).to(torch.float64)
-    quantiles = torch.quantile(flat, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64), dim=0)
-    std = cov.to(torch.float64).diagonal().clamp_min(1e-300).sqrt()
-    return float(normal_mass(quantiles[0], quantiles[1], mean.flatten().to(torch.float64), std).mean())
+    return Draw(None if has_diverged(run.samples) else run.samples, run.nfe, run.seconds)
 
 
 @dataclass
 class GaussianRow:
+    """One sampler at one step count on one Gaussian task: errors / floor and the 50% / 90% coverage."""
+
     task: str
     method: Method
     steps: int
@@ -106,7 +90,7 @@ class GaussianRow:
 
 
 def gaussian_study(num_samples: int, steps_list: list[int], etas: list[float], tasks: list[str] | None = None,
-                   covariances=OUR_COVARIANCES, peers=GAUSSIAN_PEERS, seed: int = 0) -> tuple[list[GaussianRow], dict[str, dict[str, float]], dict[str, tuple[float, float]]]:
+                   covariances=COVARIANCES, peers=GAUSSIAN_PEERS, seed: int = 0) -> tuple[list[GaussianRow], dict[str, dict[str, float]], dict[str, tuple[float, float]]]:
     """The Gaussian comparison.
 
     Returns:
@@ -122,7 +106,7 @@ def gaussian_study(num_samples: int, steps_list: list[int], etas: list[float], t
         floors[problem.name] = exact_sample_floor(posterior, num_samples, repeats=10, seed=seed)
         exact = posterior.sample(num_samples, torch.Generator().manual_seed(seed + 1))
         exact_coverage[problem.name] = (interval_coverage(exact, mean, cov, 0.5), interval_coverage(exact, mean, cov, 0.9))
-        single = in_float32(problem.prior, problem.operator, problem.y)  # built once: restore() copies what it changes
+        single = single_precision(problem.prior, problem.operator, problem.y)  # built once: restore() copies what it changes
         for method in methods:
             for steps in steps_list:
                 result = draw(method, *single, num_samples, steps, seed)
@@ -136,21 +120,10 @@ def gaussian_study(num_samples: int, steps_list: list[int], etas: list[float], t
     return rows, floors, exact_coverage
 
 
-def in_float32(prior, operator, y: Tensor):
-    """Single-precision copies of a problem's prior, operator and measurement, for sampling.
-
-    The problems and their exact posteriors are built in double precision; both families sample
-    in single precision, as they would on images (deepinv calls its denoiser in float32).
-    """
-    if isinstance(prior, GaussianMixturePrior):
-        prior32 = GaussianMixturePrior(prior.weights.float(), prior.means.float(), prior.covs.float(), prior.schedule)
-    else:
-        prior32 = GaussianPrior(prior.mean.float(), prior.cov.float(), prior.schedule)
-    return prior32, copy.deepcopy(operator).float(), y.float()
-
-
 @dataclass
 class MixtureRow:
+    """One sampler (or "exact", "prior") on one mixture problem: its sliced Wasserstein distance."""
+
     dimension: int
     measurements: int
     seed: int
@@ -158,19 +131,6 @@ class MixtureRow:
     sw: float | None  # None when diverged
     nfe: int
     seconds: float
-
-
-def posterior_distance(problem, num_samples: int, seed: int, projections: int = 1000):
-    """(distance, floor) for a problem with an exact posterior: `distance(samples)` is the sliced
-    Wasserstein distance to `num_samples` exact posterior draws, on the same projection directions
-    for every sample set; `floor` is that distance for another `num_samples` exact draws."""
-    generator = torch.Generator().manual_seed(1000 + seed)
-    reference = problem.posterior.sample(num_samples, generator)
-
-    def distance(samples: Tensor) -> float:
-        return sliced_wasserstein(samples.cpu().double(), reference, projections, generator=torch.Generator().manual_seed(2000 + seed))
-
-    return distance, distance(problem.posterior.sample(num_samples, generator))
 
 
 def mixture_study(num_samples: int, steps: int, dimensions: list[int], measurement_counts: list[int], seeds: list[int],
@@ -184,7 +144,7 @@ def mixture_study(num_samples: int, steps: int, dimensions: list[int], measureme
             for seed in seeds:
                 problem = mixture_problem(dimension, measurements, seed)
                 distance, floor = posterior_distance(problem, num_samples, seed, projections)
-                single = in_float32(problem.prior, problem.operator, problem.y)  # once per problem, not per method
+                single = single_precision(problem.prior, problem.operator, problem.y)  # once per problem, not per method
                 prior_draws = problem.prior.sample(num_samples, torch.Generator().manual_seed(3000 + seed))
                 rows.append(MixtureRow(dimension, measurements, seed, "exact", floor, 0, 0.0))
                 rows.append(MixtureRow(dimension, measurements, seed, "prior", distance(prior_draws), 0, 0.0))
@@ -193,14 +153,5 @@ def mixture_study(num_samples: int, steps: int, dimensions: list[int], measureme
                     sw = None if result.samples is None else distance(result.samples)
                     rows.append(MixtureRow(dimension, measurements, seed, method.label, sw, result.nfe, result.seconds))
                     log_row(f"mixture d={dimension} d_y={measurements} seed={seed}", method.label, steps,
-                         "diverged" if sw is None else f"SW {sw:.3f}", result.seconds)
+                            DIVERGED if sw is None else f"SW {sw:.3f}", result.seconds)
     return rows
-
-
-def geometric_mean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
-
-
-def log_row(*fields) -> None:
-    """One progress line on stderr: fields joined by " | ", floats as seconds."""
-    print(" | ".join(f"{f:.1f} s" if isinstance(f, float) else str(f) for f in fields), file=sys.stderr, flush=True)

@@ -21,23 +21,20 @@ calls on the batch of N samples, VJPs the vector-Jacobian products the guidance 
 Table 1 crosses the covariance V_t of the averaged likelihood ("zero", "isotropic",
 "diagonal", "tweedie") with the noise level eta (0 = probability-flow ODE, 1 = reverse SDE) for
 the default solver. Table 2 compares the solvers with the Tweedie covariance over 20, 50 and 100
-steps on super-resolution and denoising. A run that produces non-finite values, or samples more than DIVERGENCE_BOUND prior
-standard deviations from the prior mean, is reported as "diverged".
+steps on super-resolution and denoising. A cell where any seed diverges (the rule of
+`posterior_diff.evaluation.has_diverged`: NonFiniteSampleError, non-finite samples, or samples
+beyond DIVERGENCE_BOUND in absolute value) is reported as "diverged".
 
-Run (from the repository root; the default run takes about eight minutes on two CPU cores):
+Run from the repository root (the default run takes about eight minutes on two CPU cores):
 
-    PYTHONPATH=. python benchmarks/gaussian_exactness.py              # writes docs/gaussian_exactness.md
-    PYTHONPATH=. python benchmarks/gaussian_exactness.py --quick --out /tmp/gaussian_exactness.md
+    python -m benchmarks.gaussian_exactness                     # writes docs/gaussian_exactness.md
+    python -m benchmarks.gaussian_exactness --quick --out /tmp/gaussian_exactness.md
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -46,14 +43,13 @@ from pathlib import Path
 
 import torch
 
-import posterior_diff
-from posterior_diff import NonFiniteSampleError, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors, sample_moments
+from posterior_diff import COVARIANCES, restore
+from posterior_diff.evaluation import DIVERGED, DIVERGENCE_BOUND, restore_unless_diverged
+from posterior_diff.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors, trace_ratio
 from posterior_diff.problems import GaussianProblem, gaussian_image_problems
 
-from benchmarks.reporting import markdown_table
+from .reporting import log_row, markdown_table, write_report
 
-COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
 ETAS = (0.0, 0.5, 1.0)
 DEFAULT_SOLVER = inspect.signature(restore).parameters["solver"].default
 SOLVER_ETAS = {"multistep": (0.0, 1.0), "euler": (0.0, 1.0), "heun": (0.0,), "pc": (0.0, 1.0), "euler_maruyama": (0.0, 1.0)}
@@ -62,8 +58,6 @@ SOLVER_ETAS = {"multistep": (0.0, 1.0), "euler": (0.0, 1.0), "heun": (0.0,), "pc
 SOLVER_TASKS = ("super-resolution", "denoising")
 SOLVER_STEPS = (20, 50, 100)
 QUICK_SOLVER_STEPS = (20,)
-DIVERGENCE_BOUND = 100.0
-ERROR_KEYS = ("mean_error", "cov_error", "w2")
 
 
 @dataclass
@@ -90,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--out", type=Path, default=Path("docs/gaussian_exactness.md"), help="markdown file to write")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     quick_defaults, full_defaults = dict(samples=200, steps=20, seeds=1), dict(samples=2000, steps=100, seeds=3)
     for name, value in (quick_defaults if args.quick else full_defaults).items():
         if getattr(args, name) is None:
@@ -100,39 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def has_diverged(samples: torch.Tensor, problem: GaussianProblem) -> bool:
-    """True if samples are non-finite or lie absurdly far (in prior standard deviations) from the prior."""
-    if not bool(torch.isfinite(samples).all()):
-        return True
-    prior_std = float(problem.prior.eigenvalues.max().sqrt())
-    distance = (samples - problem.prior.mean).abs().max()
-    return float(distance) > DIVERGENCE_BOUND * prior_std
-
-
-def spread_ratio(samples: torch.Tensor, cov: torch.Tensor) -> float:
-    """tr cov(samples) / tr C: below 1 the sampler shrinks the posterior, above 1 it inflates it."""
-    _, sample_cov = sample_moments(samples)
-    return float(torch.trace(sample_cov) / torch.trace(cov.to(torch.float64)))
-
-
 def run_cell(problem: GaussianProblem, floor: dict[str, float], args: argparse.Namespace, settings: dict) -> Cell:
     """restore() once per seed with the given settings; average the errors over the seeds."""
     posterior = problem.posterior
     runs, diverged = [], 0
     for seed in range(args.seeds):
-        try:
-            result = restore(
-                problem.y, problem.operator, problem.prior, num_samples=args.samples,
-                generator=torch.Generator().manual_seed(seed), **settings,
-            )
-        except NonFiniteSampleError:
-            diverged += 1
-            continue
-        if has_diverged(result.samples, problem):
+        result = restore_unless_diverged(problem.y, problem.operator, problem.prior, num_samples=args.samples,
+                                         generator=torch.Generator().manual_seed(seed), **settings)
+        if result is None:
             diverged += 1
             continue
         errors = gaussian_errors(result.samples, posterior.mean, posterior.cov)
-        errors["spread"] = spread_ratio(result.samples, posterior.cov)
+        errors["spread"] = trace_ratio(result.samples, posterior.cov)
         runs.append((errors, result))
     if diverged:
         return Cell({}, {}, 0.0, 0.0, 0.0, 0.0, diverged, args.seeds)
@@ -172,35 +146,53 @@ CELL_HEADER = ["mean err", "cov err", "W2", "mean/floor", "cov/floor", "W2/floor
 def format_cell(cell: Cell) -> list[str]:
     """The CELL_HEADER columns of one cell ("diverged" and blanks if any seed diverged)."""
     if cell.diverged:
-        return [f"diverged ({cell.diverged}/{cell.seeds} seeds)"] + [""] * (len(CELL_HEADER) - 1)
+        return [f"{DIVERGED} ({cell.diverged}/{cell.seeds} seeds)"] + [""] * (len(CELL_HEADER) - 1)
     raw = [f"{cell.errors[key]:.4f}" for key in ERROR_KEYS]
     ratios = [f"{cell.ratios[key]:.2f}" for key in ERROR_KEYS]
     return raw + ratios + [f"{cell.spread:.3f}", f"{cell.nfe:.0f}", f"{cell.vjps:.0f}", f"{cell.seconds:.2f}"]
 
 
-def covariance_table(study: Study) -> str:
+@dataclass
+class ExactnessRow:
+    """One line of tables 1 and 2: a task, the sampler settings and its Cell."""
+
+    task: str
+    covariance: str
+    solver: str
+    eta: float
+    steps: int
+    cell: Cell
+
+
+def measured_row(study: Study, problem: GaussianProblem, **settings) -> ExactnessRow:
+    """The row of `problem` sampled with restore(**settings), logged to stderr."""
+    row = ExactnessRow(problem.name, settings["covariance"], settings["solver"], settings["eta"], settings["steps"],
+                       study.cell(problem, **settings))
+    log_row(row.task, row.covariance, row.solver, f"eta {row.eta:g}", f"{row.steps} steps", *format_cell(row.cell))
+    return row
+
+
+def covariance_rows(study: Study) -> list[ExactnessRow]:
     """Table 1: covariance x eta for the default solver at --steps steps."""
-    rows = []
-    for problem in study.problems:
-        for covariance in COVARIANCES:
-            for eta in ETAS:
-                cell = study.cell(problem, steps=study.args.steps, covariance=covariance, eta=eta, solver=DEFAULT_SOLVER)
-                rows.append([problem.name, covariance, f"{eta:g}"] + format_cell(cell))
-                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    return markdown_table(["task", "covariance", "eta"] + CELL_HEADER, rows)
+    return [measured_row(study, problem, steps=study.args.steps, covariance=covariance, eta=eta, solver=DEFAULT_SOLVER)
+            for problem in study.problems for covariance in COVARIANCES for eta in ETAS]
 
 
-def solver_table(study: Study) -> str:
+def solver_rows(study: Study) -> list[ExactnessRow]:
     """Table 2: solvers x eta x steps with the Tweedie covariance."""
-    rows = []
-    for problem in (p for p in study.problems if p.name in SOLVER_TASKS):
-        for solver, etas in SOLVER_ETAS.items():
-            for eta in etas:
-                for steps in study.args.solver_steps:
-                    cell = study.cell(problem, steps=steps, covariance="tweedie", eta=eta, solver=solver)
-                    rows.append([problem.name, solver, f"{eta:g}", str(steps)] + format_cell(cell))
-                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    return markdown_table(["task", "solver", "eta", "steps"] + CELL_HEADER, rows)
+    return [measured_row(study, problem, steps=steps, covariance="tweedie", eta=eta, solver=solver)
+            for problem in study.problems if problem.name in SOLVER_TASKS
+            for solver, etas in SOLVER_ETAS.items() for eta in etas for steps in study.args.solver_steps]
+
+
+def covariance_table(rows: list[ExactnessRow]) -> str:
+    return markdown_table(["task", "covariance", "eta"] + CELL_HEADER,
+                          [[r.task, r.covariance, f"{r.eta:g}"] + format_cell(r.cell) for r in rows])
+
+
+def solver_table(rows: list[ExactnessRow]) -> str:
+    return markdown_table(["task", "solver", "eta", "steps"] + CELL_HEADER,
+                          [[r.task, r.solver, f"{r.eta:g}", str(r.steps)] + format_cell(r.cell) for r in rows])
 
 
 def exact_spread_deviation(cov: torch.Tensor, num_samples: int) -> float:
@@ -220,13 +212,9 @@ def floor_table(study: Study) -> str:
     return markdown_table(["task", "operator", "sigma_y", "mean err", "cov err", "W2", "tr ratio"], rows)
 
 
-def header(args: argparse.Namespace, minutes: float) -> str:
-    """What was measured, how, when and where."""
-    command = "PYTHONPATH=. python " + shlex.join(["benchmarks/gaussian_exactness.py"] + sys.argv[1:])
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
-    return "\n".join([
-        "# Exactness on Gaussian priors",
-        "",
+def introduction(args: argparse.Namespace) -> str:
+    """What was measured and how (the paragraph under the title)."""
+    return (
         "Posterior samples from `posterior_diff.restore` on an 8x8 Gaussian image prior "
         "(`posterior_diff.problems.gaussian_image_problems()`), compared with the closed-form posterior N(m, C). "
         "mean err = ||mean - m|| / sqrt(tr C); cov err = ||cov - C||_F / ||C||_F; W2 = Gaussian 2-Wasserstein "
@@ -235,14 +223,9 @@ def header(args: argparse.Namespace, minutes: float) -> str:
         "shrinks the posterior, above 1 it inflates it (its spread for N exact draws is in the floor table). "
         f"N = {args.samples} samples per run, each cell "
         f"averaged over {args.seeds} sampler seed(s); NFE = denoiser calls on the batch, VJPs = vector-Jacobian "
-        "products of the guidance on the batch, s = median seconds per run. \"diverged\" = non-finite samples or samples "
-        f"more than {DIVERGENCE_BOUND:g} prior standard deviations from the prior mean in some seed.",
-        "",
-        f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; total run time {minutes:.1f} min",
-        f"- posterior-diff {posterior_diff.__version__}, torch {torch.__version__} ({torch.get_num_threads()} thread, set by the script), dtype {args.dtype}",
-        f"- machine: {machine}",
-    ])
+        "products of the guidance on the batch, s = median seconds per run. \"diverged\" = NonFiniteSampleError, "
+        f"non-finite samples or samples beyond {DIVERGENCE_BOUND:g} in absolute value in some seed."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,25 +235,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     study = Study(args)
-    covariances = covariance_table(study)
-    solvers = solver_table(study)
-    minutes = (time.perf_counter() - start) / 60
-    document = "\n\n".join([
-        header(args, minutes),
+    covariances, solvers = covariance_rows(study), solver_rows(study)
+    write_report(args.out, "Exactness on Gaussian priors", introduction(args), [
         f"## Exact-sample floor (N = {args.samples})",
         floor_table(study),
         f"## 1. Covariance of the averaged likelihood x eta (solver \"{DEFAULT_SOLVER}\", {args.steps} steps)",
-        covariances,
+        covariance_table(covariances),
         "## 2. Solvers with the Tweedie covariance",
         f"Tasks {', '.join(SOLVER_TASKS)} only: inpainting is left out to keep the default run near ten minutes "
         "on two CPU cores (its conjugate gradient costs twice the VJPs). \"heun\" integrates the probability-flow "
         "ODE, so it runs at eta = 0 only.",
-        solvers,
-    ]) + "\n"
-    print(document)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(document)
-    print(f"wrote {args.out}", file=sys.stderr)
+        solver_table(solvers),
+    ], module="benchmarks.gaussian_exactness", argv=args.argv, minutes=(time.perf_counter() - start) / 60,
+        details=[f"dtype: {args.dtype}"])
 
 
 if __name__ == "__main__":

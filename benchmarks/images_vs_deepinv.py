@@ -1,34 +1,38 @@
 """Ours against deepinv on held-out photographs, with the same prior and the same network budget.
 
+Part 4 of `python -m benchmarks.run_benchmarks` (run it alone with `--skip gaussian,mixture`).
 Both families use one model (the embedded default unless told otherwise): ours through
 `restore()`, deepinv's methods through `Denoiser.to_deepinv()` (see `peers`). Each gets `steps`
-network evaluations per sample. The photographs, tasks and noise levels are those of
-`image_restoration.py` (scikit-image photographs held out of the model's training). Reported
-per run: PSNR / SSIM of the posterior mean (scikit-image, data_range = 1), NFE, seconds and
-peak memory (`reporting.PeakMemory`: CUDA peak allocation, or growth of the peak resident set
-on the CPU).
+network evaluations per sample. The photographs, tasks, noise levels and classical baselines
+are those of `posterior_diff.evaluation` (scikit-image photographs held out of the model's
+training). Reported per run: PSNR / SSIM of the posterior mean (scikit-image, data_range = 1),
+NFE, seconds and peak memory (`reporting.PeakMemory`: CUDA peak allocation, or growth of the
+peak resident set on the CPU). A run that diverges (`evaluation.has_diverged`) is a row noted
+"diverged".
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from posterior_diff import Denoiser, NonFiniteSampleError, restore
+from posterior_diff import Denoiser
+from posterior_diff.evaluation import (DIVERGED, Measurement, baselines, has_diverged, load_photograph, measure, psnr_ssim,
+                                       restore_unless_diverged)
 
-from .image_restoration import baselines, load_photograph, make_operator, psnr_ssim, to_array
 from .peers import run_peer
-from .reporting import PeakMemory
+from .reporting import PeakMemory, log_row
 
 IMAGE_PEERS = ("dps", "pigdm", "mm", "diffpir", "ddrm")
 
 
 @dataclass
 class ImageRow:
+    """One method (or the classical baseline) on one photograph and task."""
+
     image: str
     task: str
     method: str
@@ -43,51 +47,51 @@ class ImageRow:
 def image_study(model: Denoiser, images: list[str], tasks: list[str], size: int, downscale: float, num_samples: int,
                 steps: int, covariances=("isotropic", "tweedie"), peers=IMAGE_PEERS, cg_max_iter: int = 4,
                 seed: int = 0, device: str | None = None) -> list[ImageRow]:
-    """Every method on every (image, task), plus the task's classical baseline as a row."""
+    """Every method on every (image, task), after the task's reference classical baseline as a row."""
     rows = []
     for image in images:
         truth = load_photograph(image, size, downscale)
         for task in tasks:
-            generator = torch.Generator().manual_seed(seed)
-            operator = make_operator(task, tuple(truth.shape), generator)
-            y = operator.measure(truth[None], generator)[0]
-            name, estimate = list(baselines(task, y, operator, size).items())[-1]
-            rows.append(ImageRow(image, task, name, *psnr_ssim(estimate, to_array(truth))))
+            measurement = measure(task, truth, generator=torch.Generator().manual_seed(seed))
+            name, estimate = next(iter(baselines(measurement).items()))
+            rows.append(ImageRow(image, task, name, *psnr_ssim(estimate, truth)))
             for covariance in covariances:
-                rows.append(_ours(model, image, task, covariance, truth, y, operator, num_samples, steps, cg_max_iter, seed, device))
+                rows.append(_ours(model, image, covariance, truth, measurement, num_samples, steps, cg_max_iter, seed, device))
             for method in peers:
-                rows.append(_peer(model, image, task, method, truth, y, operator, num_samples, steps, seed))
+                rows.append(_peer(model, image, method, truth, measurement, num_samples, steps, seed))
             for row in rows[-len(covariances) - len(peers):]:
-                print(f"{image} | {task} | {row.method} | {row.psnr:.2f} dB | {row.seconds:.1f} s {row.note}", file=sys.stderr, flush=True)
+                log_row(image, task, row.method, f"{row.psnr:.2f} dB", row.seconds, row.note)
     return rows
 
 
-def _ours(model, image, task, covariance, truth, y, operator, num_samples, steps, cg_max_iter, seed, device) -> ImageRow:
-    row = ImageRow(image, task, f"ours {covariance}")
-    try:
-        with PeakMemory(device or "cpu") as peak:
-            result = restore(y, operator, model, num_samples=num_samples, steps=steps, covariance=covariance,
-                             cg_max_iter=cg_max_iter, generator=torch.Generator().manual_seed(seed), device=device)
-    except NonFiniteSampleError:
-        row.note = "diverged"
+def _ours(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
+          steps: int, cg_max_iter: int, seed: int, device: str | None) -> ImageRow:
+    row = ImageRow(image, measurement.task.name, f"ours {covariance}")
+    with PeakMemory(device or "cpu") as peak:
+        result = restore_unless_diverged(measurement.y, measurement.operator, model, num_samples=num_samples, steps=steps,
+                                         covariance=covariance, cg_max_iter=cg_max_iter,
+                                         generator=torch.Generator().manual_seed(seed), device=device)
+    if result is None:
+        row.note = DIVERGED
         return row
-    row.psnr, row.ssim = psnr_ssim(to_array(result.mean.cpu()), to_array(truth))
+    row.psnr, row.ssim = psnr_ssim(result.mean.cpu(), truth)
     row.nfe, row.seconds, row.peak_mb = result.nfe, result.seconds, peak.megabytes
     return row
 
 
-def _peer(model, image, task, method, truth, y, operator, num_samples, steps, seed) -> ImageRow:
-    row = ImageRow(image, task, f"deepinv {method}")
+def _peer(model: Denoiser, image: str, method: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
+          steps: int, seed: int) -> ImageRow:
+    row = ImageRow(image, measurement.task.name, f"deepinv {method}")
     try:
         with warnings.catch_warnings(), PeakMemory("cpu") as peak:
             warnings.simplefilter("ignore")
-            run = run_peer(method, model, operator, y, num_samples, steps, seed)
+            run = run_peer(method, model, measurement.operator, measurement.y, num_samples, steps, seed)
     except ValueError as error:  # e.g. DDRM without an SVD of A
         row.note = f"n/a: {error}"
         return row
-    if not bool(torch.isfinite(run.samples).all()):
-        row.note = "diverged"
+    if has_diverged(run.samples):
+        row.note = DIVERGED
         return row
-    row.psnr, row.ssim = psnr_ssim(to_array(run.samples.mean(0).cpu()), to_array(truth))
+    row.psnr, row.ssim = psnr_ssim(run.samples.mean(0).cpu(), truth)
     row.nfe, row.seconds, row.peak_mb = run.nfe, run.seconds, peak.megabytes
     return row

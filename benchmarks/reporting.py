@@ -1,18 +1,30 @@
-"""Shared pieces of the benchmark reports: markdown tables and the provenance lines."""
+"""What every benchmark report shares: markdown tables, the provenance block, progress lines, peak memory.
+
+Every benchmark runs as `python -m benchmarks.NAME` from the repository root: it measures rows
+(dataclasses), turns them into markdown tables and writes one report through `write_report`,
+which puts the same provenance block (command, commit, date and run time, versions, machine)
+under every title.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import datetime
 import gc
+import importlib.metadata
 import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
 import posterior_diff
+from posterior_diff.evaluation import DIVERGED
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+VERSIONED = ("torch", "diffusers", "scikit-image", "deepinv", "bm3d")  # the packages whose versions a report names
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -22,24 +34,78 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def provenance(invocation: list[str], minutes: float) -> list[str]:
-    """Markdown bullet lines: the command (`python *invocation *argv`), date, run time, versions, machine."""
-    command = "PYTHONPATH=. python " + shlex.join(invocation + sys.argv[1:])
+def number(value: float | None, spec: str = ".2f") -> str:
+    """`value` formatted with `spec`, or "diverged" for None (a run that diverged has no value)."""
+    return DIVERGED if value is None else format(value, spec)
+
+
+def source_commit(repository: Path = REPOSITORY) -> str:
+    """The commit checked out in `repository`, read from .git without running git; "unknown" if there is none."""
+    git = repository / ".git"
+    try:
+        if git.is_file():  # a worktree: .git names the real folder
+            git = (repository / git.read_text().split(":", 1)[1].strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head  # a detached HEAD holds the commit itself
+        ref = head.removeprefix("ref: ")
+        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").exists() else git
+        if (common / ref).exists():
+            return (common / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def provenance(module: str, argv: list[str], minutes: float, details: list[str] = ()) -> str:
+    """The provenance block of a report: markdown bullet lines.
+
+    Args:
+        module: the benchmark's module, e.g. "benchmarks.image_restoration" (run as `python -m module`).
+        argv: its command-line arguments.
+        minutes: the total run time.
+        details: further "name: value" lines (the model, the dtype, ...).
+    """
+    versions = [f"posterior-diff {posterior_diff.__version__}"]
+    for package in VERSIONED:
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name()}"
-    try:
-        import deepinv
-
-        peer = f", deepinv {deepinv.__version__}"
-    except ImportError:
-        peer = ""
-    return [
-        f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; total run time {minutes:.1f} min",
-        f"- posterior-diff {posterior_diff.__version__}, torch {torch.__version__} ({torch.get_num_threads()} thread(s)){peer}",
-        f"- machine: {machine}",
+    lines = [
+        f"command: `{shlex.join(['python', '-m', module, *argv])}`",
+        f"commit: {source_commit()}",
+        f"date: {datetime.date.today().isoformat()}; total run time {minutes:.1f} min",
+        f"versions: {', '.join(versions)}; torch on {torch.get_num_threads()} thread(s)",
+        f"machine: {machine}",
+        *details,
     ]
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def write_report(path: Path, title: str, intro: str, sections: list[str], *, module: str, argv: list[str],
+                 minutes: float, details: list[str] = ()) -> str:
+    """Write a markdown report: the title, the intro, the provenance block, then the sections (empty ones dropped).
+
+    Returns the text written; says where on stdout.
+    """
+    blocks = [f"# {title}", intro, provenance(module, argv, minutes, details), *sections]
+    text = "\n\n".join(block.strip() for block in blocks if block and block.strip()) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path} ({minutes:.1f} min)", flush=True)
+    return text
+
+
+def log_row(*fields) -> None:
+    """One progress line on stderr: fields joined by " | ", floats as seconds."""
+    print(" | ".join(f"{f:.1f} s" if isinstance(f, float) else str(f) for f in fields), file=sys.stderr, flush=True)
 
 
 class PeakMemory:

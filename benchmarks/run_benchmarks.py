@@ -1,11 +1,13 @@
-"""One command for the side-by-side benchmarks against deepinv: writes docs/benchmarks.md and its figures.
+"""Ours beside deepinv, side by side: writes docs/benchmarks.md and its figure. Run from the repository root:
 
-    PYTHONPATH=. python -m benchmarks.run_benchmarks            # the full run (see docs/benchmarks.md for its time)
-    PYTHONPATH=. python -m benchmarks.run_benchmarks --quick    # a smoke run of every part (seconds)
+    python -m benchmarks.run_benchmarks                      # the full run (see docs/benchmarks.md for its time)
+    python -m benchmarks.run_benchmarks --quick --out /tmp/posterior-diff-benchmarks/benchmarks.md   # seconds
+    python -m benchmarks.run_benchmarks --skip gaussian,mixture   # the images part alone
 
 Parts (each can be skipped): Gaussian priors with exact posteriors and calibration, the MCGdiff
-Gaussian mixture, images with the embedded model. See `exact_posteriors.py`,
-`images_vs_deepinv.py` and `peers.py` for what is run and how.
+Gaussian mixture (both measured by `exact_posteriors.py`), images with the embedded model
+(`images_vs_deepinv.py`). `peers.py` says how deepinv's methods are run. A run that diverges
+(`posterior_diff.evaluation.has_diverged`) is reported as "diverged".
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from posterior_diff import default_model, load_model
+from posterior_diff.evaluation import DIVERGED
+from posterior_diff.metrics import ERROR_KEYS
 
-from .exact_posteriors import (GaussianRow, MixtureRow, Method, gaussian_study, geometric_mean,
-                               mixture_study)
+from .exact_posteriors import GaussianRow, Method, MixtureRow, gaussian_study, mixture_study
 from .images_vs_deepinv import ImageRow, image_study
-from .reporting import markdown_table, provenance
+from .reporting import markdown_table, number, write_report
 
 FULL = dict(gaussian_samples=2000, gaussian_steps=[20, 50, 100, 200], etas=[0.0, 0.5, 1.0], tasks=None,
             mixture_samples=2000, mixture_steps=100, dimensions=[8, 80, 800], measurement_counts=[1, 2, 4], seeds=[0, 1],
@@ -44,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="image model folder or hub id (default: the embedded model)")
     parser.add_argument("--device", help="where our sampler runs the image model (deepinv's runs stay on the CPU)")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     args.settings = QUICK if args.quick else FULL
     args.skip = {part for part in args.skip.split(",") if part}
     unknown = args.skip - {"gaussian", "mixture", "images"}
@@ -56,10 +61,8 @@ def closest(values: list[int], target: int) -> int:
     return min(values, key=lambda value: abs(value - target))
 
 
-def ratio_text(value: float | None) -> str:
-    if value is None or not math.isfinite(value) or value > 1e3:
-        return "diverged"
-    return f"{value:.2f}"
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 # -- Gaussian ---------------------------------------------------------------------------------
@@ -71,7 +74,7 @@ def gaussian_headline(rows: list[GaussianRow], steps: int) -> str:
         if row.steps != steps or (row.method.family == "ours" and row.method.eta != 1.0):
             continue
         ratios = row.ratios or {}
-        table.append([row.task, row.method.label] + [ratio_text(ratios.get(k)) for k in ("mean_error", "cov_error", "w2")]
+        table.append([row.task, row.method.label] + [number(ratios.get(k)) for k in ERROR_KEYS]
                      + [str(row.nfe), f"{row.seconds:.2f}"])
     return markdown_table(["task", "method", "mean/floor", "cov/floor", "W2/floor", "NFE", "s"], table)
 
@@ -79,7 +82,7 @@ def gaussian_headline(rows: list[GaussianRow], steps: int) -> str:
 def gaussian_sweep(rows: list[GaussianRow], steps_list: list[int]) -> str:
     cells: dict[tuple[str, str], dict[int, str]] = {}
     for row in rows:
-        cells.setdefault((row.task, row.method.label), {})[row.steps] = ratio_text(row.ratios and row.ratios["cov_error"])
+        cells.setdefault((row.task, row.method.label), {})[row.steps] = number(row.ratios and row.ratios["cov_error"])
     table = [[task, label] + [values.get(steps, "") for steps in steps_list] for (task, label), values in cells.items()]
     return markdown_table(["task", "method"] + [f"{steps} steps" for steps in steps_list], table)
 
@@ -88,7 +91,7 @@ def calibration_table(rows: list[GaussianRow], exact: dict[str, tuple[float, flo
     table = [[task, "exact posterior draws", f"{c50:.3f}", f"{c90:.3f}"] for task, (c50, c90) in exact.items()]
     for row in rows:
         if row.steps == steps and (row.method.family == "deepinv" or row.method.eta == 1.0):
-            cover = ("diverged", "") if row.coverage is None else (f"{row.coverage[0]:.3f}", f"{row.coverage[1]:.3f}")
+            cover = (DIVERGED, "") if row.coverage is None else (f"{row.coverage[0]:.3f}", f"{row.coverage[1]:.3f}")
             table.append([row.task, row.method.label, *cover])
     return markdown_table(["task", "method", "50% interval (nominal 0.500)", "90% interval (nominal 0.900)"], table)
 
@@ -123,7 +126,7 @@ def quality_figure(rows: list[GaussianRow], path: Path) -> None:
         points = []
         for steps in sorted({r.steps for r in rows}):
             chosen = [r for r in rows if r.method.label == label and r.steps == steps]
-            if chosen and all(r.ratios and r.ratios["w2"] < 1e3 for r in chosen):
+            if chosen and all(r.ratios for r in chosen):  # no point where a task diverged
                 points.append((statistics.mean(r.nfe for r in chosen), statistics.mean(r.seconds for r in chosen),
                                geometric_mean([r.ratios["w2"] for r in chosen])))
         if points:
@@ -159,7 +162,7 @@ def mixture_table(rows: list[MixtureRow]) -> tuple[str, list[str]]:
         for method in methods:
             runs = [r for r in chosen if r.method == method]
             if any(r.sw is None for r in runs):
-                cells.append("diverged")
+                cells.append(DIVERGED)
             else:
                 cells.append(f"{statistics.mean(r.sw for r in runs) / floor:.2f} ({statistics.mean(r.seconds for r in runs):.1f} s)")
         table.append([str(dimension), str(measurements), f"{floor:.3f}", f"{prior / floor:.1f}"] + cells)
@@ -213,91 +216,91 @@ def image_table(rows: list[ImageRow]) -> tuple[str, list[str]]:
 # -- the report -------------------------------------------------------------------------------
 
 
+def gaussian_part(settings: dict, out: Path) -> tuple[list[str], list[str]]:
+    """Sections 1 and 2 (and the figure beside `out`): (sections, verdicts)."""
+    rows, floors, exact_coverage = gaussian_study(settings["gaussian_samples"], settings["gaussian_steps"], settings["etas"],
+                                                  settings["tasks"])
+    steps = closest(settings["gaussian_steps"], REFERENCE_STEPS)
+    figure = out.with_name(out.stem + "_gaussian.png")
+    quality_figure(rows, figure)
+    verdicts = gaussian_verdicts(rows, steps)
+    floor_rows = [[task, *(f"{floor[k]:.4f}" for k in ERROR_KEYS)] for task, floor in floors.items()]
+    return [
+        "## 1. Gaussian priors with exact posteriors",
+        f"The three tasks of `posterior_diff.problems.gaussian_image_problems()` (8x8 Gaussian image prior), "
+        f"{settings['gaussian_samples']} samples per run, sampled in float32 by both families. Errors are divided by those of "
+        "as many exact posterior draws (the floor; 1.00 = as good as exact sampling). Ours: `restore()` with the default "
+        "solver; deepinv: see the method list below.",
+        markdown_table(["task", "floor: mean err", "cov err", "W2"], floor_rows),
+        f"### At {steps} steps (ours at eta = 1)",
+        gaussian_headline(rows, steps),
+        "\n".join(verdicts),
+        "### Covariance error / floor against steps (every eta of ours)",
+        gaussian_sweep(rows, settings["gaussian_steps"]),
+        f"![quality against NFE and seconds]({figure.name})",
+        "## 2. Calibration",
+        f"Exact posterior mass inside each coordinate's central 50% and 90% interval of the samples, averaged over "
+        f"coordinates, at {steps} steps. Calibrated samples give 0.50 and 0.90 (up to the spread of finite samples, "
+        "shown by the exact-draw rows).",
+        calibration_table(rows, exact_coverage, steps),
+    ], verdicts
+
+
+def mixture_part(settings: dict) -> tuple[list[str], list[str]]:
+    """Section 3: (sections, verdicts)."""
+    rows = mixture_study(settings["mixture_samples"], settings["mixture_steps"], settings["dimensions"],
+                         settings["measurement_counts"], settings["seeds"])
+    table, verdicts = mixture_table(rows)
+    return [
+        "## 3. The MCGdiff Gaussian mixture",
+        f"`posterior_diff.problems.mixture_problem(d, d_y, seed)` (Cardoso et al. 2023): 25 components, "
+        f"{settings['mixture_samples']} samples, {settings['mixture_steps']} steps, seeds {settings['seeds']}. Sliced "
+        "Wasserstein distance (1000 directions) to as many exact posterior draws, divided by the floor (the distance "
+        "between two independent exact sets), averaged over seeds; seconds per run in brackets. The prior column is "
+        "what ignoring y achieves.",
+        table,
+        "\n".join(verdicts),
+    ], verdicts
+
+
+def image_part(settings: dict, model_name: str | None, device: str | None) -> tuple[list[str], list[str]]:
+    """Section 4: (sections, verdicts)."""
+    model = load_model(model_name) if model_name else default_model()
+    rows = image_study(model, settings["images"], settings["image_tasks"], settings["image_size"],
+                       settings["image_downscale"], settings["image_samples"], settings["image_steps"], device=device)
+    table, verdicts = image_table(rows)
+    return [
+        "## 4. Images with the embedded model",
+        f"Held-out photographs {', '.join(settings['images'])} (shrunk by {settings['image_downscale']:g}, "
+        f"{settings['image_size']}x{settings['image_size']} centre crops), tasks {', '.join(settings['image_tasks'])} "
+        f"(`posterior_diff.evaluation`, as in `image_restoration.py`); posterior mean of {settings['image_samples']} "
+        f"samples, {settings['image_steps']} network evaluations per sample for every method, the same model for all "
+        "(deepinv's through `Denoiser.to_deepinv()`). Averages over the photographs; the first row of each task is its "
+        "reference classical baseline (`Task.baseline`). peak MB: growth of peak resident memory during the run (CPU) "
+        "or peak CUDA allocation.",
+        table,
+        "\n".join(verdicts),
+    ], verdicts
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)  # small problems gain nothing from more; 2 threads stall when the other core is busy
     settings, start = args.settings, time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the figure goes there before the report
+    parts = {"gaussian": lambda: gaussian_part(settings, args.out), "mixture": lambda: mixture_part(settings),
+             "images": lambda: image_part(settings, args.model, args.device)}
     sections, summary = [], []
-
-    if "gaussian" not in args.skip:
-        rows, floors, exact_coverage = gaussian_study(settings["gaussian_samples"], settings["gaussian_steps"], settings["etas"],
-                                                      settings["tasks"])
-        steps = closest(settings["gaussian_steps"], REFERENCE_STEPS)
-        figure = args.out.with_name(args.out.stem + "_gaussian.png")
-        quality_figure(rows, figure)
-        verdicts = gaussian_verdicts(rows, steps)
-        summary += verdicts
-        floor_rows = [[task, *(f"{floor[k]:.4f}" for k in ("mean_error", "cov_error", "w2"))] for task, floor in floors.items()]
-        sections += [
-            "## 1. Gaussian priors with exact posteriors",
-            f"The three tasks of `posterior_diff.problems.gaussian_image_problems()` (8x8 Gaussian image prior), "
-            f"{settings['gaussian_samples']} samples per run, sampled in float32 by both families. Errors are divided by those of "
-            "as many exact posterior draws (the floor; 1.00 = as good as exact sampling). Ours: `restore()` with the default "
-            "solver; deepinv: see the method list below.",
-            markdown_table(["task", "floor: mean err", "cov err", "W2"], floor_rows),
-            f"### At {steps} steps (ours at eta = 1)",
-            gaussian_headline(rows, steps),
-            "\n".join(verdicts),
-            "### Covariance error / floor against steps (every eta of ours)",
-            gaussian_sweep(rows, settings["gaussian_steps"]),
-            f"![quality against NFE and seconds]({figure.name})",
-            "## 2. Calibration",
-            f"Exact posterior mass inside each coordinate's central 50% and 90% interval of the samples, averaged over "
-            f"coordinates, at {steps} steps. Calibrated samples give 0.50 and 0.90 (up to the spread of finite samples, "
-            "shown by the exact-draw rows).",
-            calibration_table(rows, exact_coverage, steps),
-        ]
-
-    if "mixture" not in args.skip:
-        rows = mixture_study(settings["mixture_samples"], settings["mixture_steps"], settings["dimensions"],
-                             settings["measurement_counts"], settings["seeds"])
-        table, verdicts = mixture_table(rows)
-        summary += verdicts
-        sections += [
-            "## 3. The MCGdiff Gaussian mixture",
-            f"`posterior_diff.problems.mixture_problem(d, d_y, seed)` (Cardoso et al. 2023): 25 components, "
-            f"{settings['mixture_samples']} samples, {settings['mixture_steps']} steps, seeds {settings['seeds']}. Sliced "
-            "Wasserstein distance (1000 directions) to as many exact posterior draws, divided by the floor (the distance "
-            "between two independent exact sets), averaged over seeds; seconds per run in brackets. The prior column is "
-            "what ignoring y achieves.",
-            table,
-            "\n".join(verdicts),
-        ]
-
-    if "images" not in args.skip:
-        model = load_model(args.model) if args.model else default_model()
-        rows = image_study(model, settings["images"], settings["image_tasks"], settings["image_size"],
-                           settings["image_downscale"], settings["image_samples"], settings["image_steps"], device=args.device)
-        table, verdicts = image_table(rows)
-        summary += verdicts
-        sections += [
-            "## 4. Images with the embedded model",
-            f"Held-out photographs {', '.join(settings['images'])} (shrunk by {settings['image_downscale']:g}, "
-            f"{settings['image_size']}x{settings['image_size']} centre crops), tasks {', '.join(settings['image_tasks'])} "
-            f"(as in `image_restoration.py`); posterior mean of {settings['image_samples']} samples, {settings['image_steps']} "
-            "network evaluations per sample for every method, the same model for all (deepinv's through "
-            "`Denoiser.to_deepinv()`). Averages over the photographs; the first row of each task is its classical baseline. "
-            "peak MB: growth of peak resident memory during the run (CPU) or peak CUDA allocation.",
-            table,
-            "\n".join(verdicts),
-        ]
-
-    minutes = (time.perf_counter() - start) / 60
-    with open(Path(__file__).with_name("peers.py")) as handle:
-        peer_doc = handle.read().split('"""')[1].strip()
-    report = "\n\n".join([
-        "# Benchmarks: posterior-diff beside deepinv",
-        "Regenerate with `PYTHONPATH=. python -m benchmarks.run_benchmarks` (add `--quick` for a smoke run).",
-        "\n".join(provenance(["-m", "benchmarks.run_benchmarks"], minutes)),
-        "## Verdicts",
-        "\n".join(summary) or "(no part run)",
-        *sections,
-        "## How deepinv is run",
-        peer_doc,
-    ]) + "\n"
-    args.out.write_text(report)
-    print(f"wrote {args.out} ({minutes:.1f} min)")
+    for name, part in parts.items():
+        if name not in args.skip:
+            part_sections, verdicts = part()
+            sections += part_sections
+            summary += verdicts
+    peer_doc = (Path(__file__).with_name("peers.py")).read_text().split('"""')[1].strip()
+    write_report(args.out, "Benchmarks: posterior-diff beside deepinv",
+                 "Regenerate with `python -m benchmarks.run_benchmarks` (add `--quick` for a smoke run).",
+                 ["## Verdicts", "\n".join(summary) or "(no part run)", *sections, "## How deepinv is run", peer_doc],
+                 module="benchmarks.run_benchmarks", argv=args.argv, minutes=(time.perf_counter() - start) / 60)
 
 
 if __name__ == "__main__":

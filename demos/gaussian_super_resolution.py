@@ -3,12 +3,13 @@
 Until a trained image model exists, an analytic prior stands in for it: the empirical mean and
 covariance of the 16x16 patches (stride 4) of scikit-image's `camera` photograph (grayscale, values in
 [0, 1]) define `GaussianPrior(mean, cov)`. Held-out 16x16 patches of a different photograph
-(`astronaut`, converted to grayscale) are average-pooled by 2 (or 4) with noise sigma_y = 0.02
-and restored with `posterior_diff.restore`. Because prior and operator are Gaussian and linear,
+(`astronaut`, converted to grayscale) are measured as in the sr2 (or sr4) task of
+`posterior_diff.tasks` (2x2 or 4x4 average pooling), with noise sigma_y = 0.02, and restored with
+`posterior_diff.restore` (its exact defaults for analytic priors, `posterior_diff.defaults`). Because prior and operator are Gaussian and linear,
 `prior.posterior(operator, y)` is the exact answer, so the demo shows both what posterior
 sampling buys over bicubic upsampling and how close the sampler gets to the exact posterior.
 
-Per patch it prints the PSNR of bicubic upsampling, of our posterior mean and of the exact
+Per patch it prints the PSNR of bicubic upsampling (clipped to [0, 1]), of our posterior mean and of the exact
 posterior mean; the RMS difference between our mean and the exact one (next to the Monte-Carlo
 error sqrt(mean diag C / N) expected from N samples); and the average posterior standard
 deviation, ours against the exact sqrt(diag C) (with N = 16 the sample std runs about 2% low
@@ -19,8 +20,8 @@ not depend on y). It writes a figure with one row per patch:
 
 (the std panel is scaled so its largest value is white). Run from the repository root:
 
-    PYTHONPATH=. python demos/gaussian_super_resolution.py
-    PYTHONPATH=. python demos/gaussian_super_resolution.py --factor 4 --patches 6 --seed 1
+    python demos/gaussian_super_resolution.py
+    python demos/gaussian_super_resolution.py --factor 4 --patches 6 --seed 1
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage import data
 from skimage.color import rgb2gray
-from skimage.metrics import peak_signal_noise_ratio
-from skimage.transform import resize
-from skimage.util import img_as_float, view_as_windows
+from skimage.util import view_as_windows
 
 from operators import SuperResolution
 from posterior_diff import GaussianPrior, restore
+from posterior_diff.defaults import EXACT_DEFAULTS
+from posterior_diff.evaluation import bicubic_upsample, nearest_upsample, photograph, psnr_ssim
 from posterior_diff.images import save_panels
+from posterior_diff.tasks import get_task
 
 PATCH = 16
 NOISE_SIGMA = 0.02
@@ -55,7 +56,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patches", type=int, default=4, help="number of held-out patches")
     parser.add_argument("--factor", type=int, choices=(2, 4), default=2, help="average-pooling factor")
     parser.add_argument("--samples", type=int, default=16, help="posterior samples per patch")
-    parser.add_argument("--steps", type=int, default=100, help="sampler steps")
+    parser.add_argument("--steps", type=int, default=EXACT_DEFAULTS.steps, help="sampler steps")
     parser.add_argument("--out", type=Path, default=Path("outputs/gaussian_super_resolution.png"), help="figure to write")
     return parser.parse_args()
 
@@ -79,37 +80,36 @@ def held_out_patches(image: np.ndarray, count: int, rng: np.random.Generator) ->
     return chosen
 
 
-def psnr(estimate: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR in dB for images in [0, 1] (the estimate is not clipped)."""
-    return peak_signal_noise_ratio(truth, estimate, data_range=1.0)
+def psnr(estimate: torch.Tensor, truth: torch.Tensor) -> float:
+    """PSNR in dB of a (1, 16, 16) estimate against the truth, for images in [0, 1] (the estimate is not clipped)."""
+    return psnr_ssim(estimate, truth)[0]
 
 
 def super_resolve(
     patch: np.ndarray, prior: GaussianPrior, operator: SuperResolution, args: argparse.Namespace, generator: torch.Generator
 ) -> dict:
-    """Measure one patch, restore it, and collect every image and number the table and figure need."""
-    truth = torch.from_numpy(patch).reshape(1, 1, PATCH, PATCH)
-    y = operator.measure(truth, generator)[0]
+    """Measure one patch, restore it, and collect every image (1, 16, 16) and number the table and figure need."""
+    truth = torch.from_numpy(patch).reshape(1, PATCH, PATCH)
+    y = operator.measure(truth[None], generator)[0]
     result = restore(y, operator, prior, num_samples=args.samples, steps=args.steps, generator=generator)
     exact = prior.posterior(operator, y)
-    exact_std = exact.cov.diagonal().sqrt().reshape(PATCH, PATCH).numpy()
-    low_res = y[0].numpy()
+    exact_std = exact.cov.diagonal().sqrt().reshape(1, PATCH, PATCH)
     images = {
-        "low-res": np.kron(low_res, np.ones((args.factor, args.factor))),
-        "bicubic": resize(low_res, (PATCH, PATCH), order=3),
-        "post. mean": result.mean[0].numpy(),
-        "sample": result.samples[0, 0].numpy(),
-        "post. std": result.std[0].numpy(),
-        "exact mean": exact.mean[0].numpy(),
-        "truth": patch,
+        "low-res": nearest_upsample(y, tuple(truth.shape)),
+        "bicubic": bicubic_upsample(y, tuple(truth.shape)).double(),
+        "post. mean": result.mean,
+        "sample": result.samples[0],
+        "post. std": result.std,
+        "exact mean": exact.mean,
+        "truth": truth,
     }
     return {
         "images": images,
-        "psnr_bicubic": psnr(images["bicubic"], patch),
-        "psnr_ours": psnr(images["post. mean"], patch),
-        "psnr_exact": psnr(images["exact mean"], patch),
-        "rms_to_exact": float(np.sqrt(np.mean((images["post. mean"] - images["exact mean"]) ** 2))),
-        "monte_carlo_rms": float(np.sqrt(np.mean(exact_std**2) / args.samples)),
+        "psnr_bicubic": psnr(images["bicubic"], truth),
+        "psnr_ours": psnr(images["post. mean"], truth),
+        "psnr_exact": psnr(images["exact mean"], truth),
+        "rms_to_exact": float((images["post. mean"] - images["exact mean"]).square().mean().sqrt()),
+        "monte_carlo_rms": float((exact_std.square().mean() / args.samples).sqrt()),
         "std_ours": float(images["post. std"].mean()),
         "std_exact": float(exact_std.mean()),
         "seconds": result.seconds,
@@ -140,10 +140,10 @@ def print_table(rows: list[tuple[tuple[int, int], dict]]) -> None:
 def write_figure(rows: list[tuple[tuple[int, int], dict]], path: Path) -> None:
     """One row of panels per patch; the std panel is scaled so its largest value is white."""
 
-    def panel(image: np.ndarray, title: str) -> torch.Tensor:
+    def panel(image: torch.Tensor, title: str) -> torch.Tensor:
         if title == "post. std":
             image = image / max(float(image.max()), 1e-12)
-        return torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+        return image.float()
 
     grid = [[panel(result["images"][title], title) for title in PANEL_TITLES] for _, result in rows]
     save_panels(grid, list(PANEL_TITLES), path, zoom=ZOOM)
@@ -155,10 +155,11 @@ def main() -> None:
     # OpenMP threads stall whenever another process holds a core (30x slower on two cores).
     torch.set_num_threads(1)
     start = time.perf_counter()
-    prior = fit_patch_prior(img_as_float(data.camera()))
-    operator = SuperResolution(args.factor, sigma_y=NOISE_SIGMA)
+    prior = fit_patch_prior(photograph("camera")[0].double().numpy())
+    operator = get_task(f"sr{args.factor}").operator((1, PATCH, PATCH), sigma_y=NOISE_SIGMA)
     generator = torch.Generator().manual_seed(args.seed)
-    patches = held_out_patches(rgb2gray(data.astronaut()), args.patches, np.random.default_rng(args.seed))
+    astronaut = rgb2gray(photograph("astronaut").double().numpy().transpose(1, 2, 0))
+    patches = held_out_patches(astronaut, args.patches, np.random.default_rng(args.seed))
     rows = [(position, super_resolve(patch, prior, operator, args, generator)) for position, patch in patches]
     print(f"x{args.factor} super-resolution (average pooling, sigma_y = {NOISE_SIGMA}) of {args.patches} astronaut patches "
           f"with a Gaussian prior fitted to camera patches; {args.samples} samples, {args.steps} steps.\n")

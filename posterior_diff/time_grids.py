@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import choice, positive_int
 from .schedules import Schedule
 
 GRIDS = ("log-snr", "uniform", "karras")
@@ -27,10 +28,8 @@ GRIDS = ("log-snr", "uniform", "karras")
 
 def time_grid(schedule: Schedule, steps: int, kind: str = "log-snr", s_min: float = 2e-3, rho: float = 7.0) -> Tensor:
     """Decreasing times (float64, shape (steps,)) from schedule.t_max down to t(s_min)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if kind not in GRIDS:
-        raise ValueError(f"grid must be one of {GRIDS}, got {kind!r}")
+    steps = positive_int(steps, "steps")
+    choice(kind, GRIDS, "grid")
     if not s_min > 0:
         raise ValueError(f"s_min must be positive, got {s_min}")
     t_max = torch.tensor(schedule.t_max, dtype=torch.float64)

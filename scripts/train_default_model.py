@@ -1,7 +1,8 @@
 """Reproduce the embedded default model: DSM training on scikit-image's sample photographs.
 
-The photographs ship inside scikit-image (no download). The evaluation images are held out:
-astronaut, camera, coffee and chelsea (and `cat`, which is the same photograph as chelsea).
+The photographs ship inside scikit-image (no download): `posterior_diff.evaluation.TRAINING_PHOTOGRAPHS`.
+The evaluation images are held out (`evaluation.HELD_OUT`): astronaut, camera, coffee and
+chelsea (and `cat`, which is the same photograph as chelsea).
 Grey photographs are repeated to three channels. The run writes a diffusers pipeline folder;
 `--install` then copies its UNet weights (float16 safetensors) and configs into
 `posterior_diff/default_model/`, where `restore(y, operator)` finds them.
@@ -17,24 +18,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
-from skimage import data
 
-from posterior_diff.images import match_channels, to_image_tensor, to_model_range
+# The photographs (training ones and held-out ones) are listed in one place, the evaluation module.
+from posterior_diff.evaluation import training_images
 from posterior_diff.training import CHECKPOINT, TrainingConfig, build_scheduler, build_unet, load_checkpoint, train
 
-HELD_OUT = ("astronaut", "camera", "coffee", "chelsea", "cat")
-TRAINING_PHOTOGRAPHS = ("rocket", "coins", "clock", "moon", "brick", "grass", "gravel", "cell",
-                        "hubble_deep_field", "immunohistochemistry", "retina", "page", "text")
 PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "posterior_diff" / "default_model"
-
-
-def training_images() -> list[torch.Tensor]:
-    """The training photographs as (3, H, W) tensors in [-1, 1]."""
-    arrays = [getattr(data, name)() for name in TRAINING_PHOTOGRAPHS]
-    arrays += list(data.stereo_motorcycle()[:2])  # left and right views
-    return [to_model_range(match_channels(to_image_tensor(np.asarray(a)), 3)) for a in arrays]
 
 
 def export_checkpoint(run: Path, destination: Path) -> None:

@@ -1,18 +1,92 @@
-"""Smoke and unit tests of the benchmark code (the numbers themselves live in docs/)."""
+"""Smoke and unit tests of the benchmark code (the numbers themselves live in docs/).
+
+Each benchmark's quick run must write a report whose tables hold numbers: every column that
+holds a number holds a finite one in every row (or says "diverged" / "n/a"; the first column
+names the row and may mix labels and numbers, as "50, 150, ..., mean"), and no cell reads nan
+or inf.
+"""
+
+import math
+import re
 
 import pytest
 import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import run_benchmarks  # noqa: E402
-from benchmarks.exact_posteriors import interval_coverage  # noqa: E402
+from benchmarks import gaussian_exactness, image_restoration, particle_mode, run_benchmarks, training_curve  # noqa: E402
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
+from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
 from operators import Denoising, MatrixOperator, SuperResolution  # noqa: E402
 from posterior_diff.problems import gaussian_image_problems  # noqa: E402
 
+NOT_A_NUMBER = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
+NO_VALUE = ("diverged", "n/a")  # how a cell without a number begins (or it is blank)
 
-def test_the_quick_run_writes_every_section_and_the_figure(tmp_path):
+
+def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """(header, rows) of every markdown table in `text`, cells stripped."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2:
+            tables.append((block[0], block[2:]))
+        block = []
+    return tables
+
+
+def as_number(cell: str) -> float | None:
+    """The cell as a float ("+0.13", "1e-3", "12"), or None if it is not a plain number."""
+    try:
+        return float(cell)
+    except ValueError:
+        return None
+
+
+def assert_numbers_are_finite(report: str) -> dict[str, list[list[str]]]:
+    """Check every table of a report; returns the tables by their header's first cells (for further checks)."""
+    tables = markdown_tables(report)
+    assert tables, "the report has no table"
+    numbers = 0
+    for header, rows in tables:
+        assert rows, f"table {header} has no rows"
+        numeric = {i for row in rows for i, cell in enumerate(row) if i > 0 and as_number(cell) is not None}
+        for row in rows:
+            assert len(row) == len(header), f"row {row} does not fit header {header}"
+            assert not any(NOT_A_NUMBER.search(cell) for cell in row), f"nan or inf in {row}"
+            for i in numeric:
+                value = as_number(row[i])
+                blank = row[i] == "" or row[i].startswith(NO_VALUE)
+                assert value is not None or blank, f"{header[i]!r}: {row[i]!r} is not a number"
+                assert value is None or math.isfinite(value)
+                numbers += value is not None
+    assert numbers > 0, "no table holds a number"
+    return {" | ".join(header[:3]): rows for header, rows in tables}
+
+
+def column(rows: list[list[str]], index: int) -> list[float]:
+    return [float(row[index]) for row in rows]
+
+
+def test_the_table_check_catches_what_it_should():
+    good = markdown_table(["task", "PSNR"], [["sr4", "21.30"], ["box", "diverged"]])
+    assert assert_numbers_are_finite(good)["task | PSNR"] == [["sr4", "21.30"], ["box", "diverged"]]
+    for bad in (["sr4", "nan"], ["sr4", "twelve"], ["sr4", "1.2 (inf s)"]):
+        with pytest.raises(AssertionError):
+            assert_numbers_are_finite(markdown_table(["task", "PSNR"], [["box", "3.0"], bad]))
+
+
+def test_every_report_carries_the_same_provenance_block():
+    block = provenance("benchmarks.example", ["--quick"], 0.5, ["model: tiny"])
+    assert block.splitlines()[0] == "- command: `python -m benchmarks.example --quick`"
+    for field in ("commit: ", "date: ", "versions: posterior-diff ", "machine: ", "model: tiny"):
+        assert field in block
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", source_commit())
+
+
+def test_the_deepinv_comparison_quick_run_writes_every_section_and_the_figure(tmp_path):
     out = tmp_path / "benchmarks.md"
     run_benchmarks.main(["--quick", "--out", str(out)])
     report = out.read_text()
@@ -20,15 +94,62 @@ def test_the_quick_run_writes_every_section_and_the_figure(tmp_path):
         assert heading in report
     for method in ("ours tweedie eta=1", "deepinv mm", "deepinv ddrm", "deepinv diffpir"):
         assert method in report
+    assert "- command: `python -m benchmarks.run_benchmarks --quick" in report
+    tables = assert_numbers_are_finite(report)
+    calibration = tables["task | method | 50% interval (nominal 0.500)"]
+    exact = next(row for row in calibration if row[1] == "exact posterior draws")
+    assert 0.4 < float(exact[2]) < 0.6 and 0.85 < float(exact[3]) < 0.95
     assert (tmp_path / "benchmarks_gaussian.png").stat().st_size > 10_000
 
 
-def test_interval_coverage_is_nominal_for_exact_draws_and_high_for_too_wide_ones():
-    mean, cov = torch.zeros(20, dtype=torch.float64), torch.eye(20, dtype=torch.float64)
-    exact = torch.randn(4000, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert interval_coverage(exact, mean, cov, 0.9) == pytest.approx(0.9, abs=0.01)
-    assert interval_coverage(exact, mean, cov, 0.5) == pytest.approx(0.5, abs=0.02)
-    assert interval_coverage(3 * exact, mean, cov, 0.5) > 0.85
+def test_the_exactness_quick_run_reports_finite_errors(tmp_path):
+    out = tmp_path / "gaussian_exactness.md"
+    gaussian_exactness.main(["--quick", "--samples", "50", "--steps", "5", "--out", str(out)])
+    tables = assert_numbers_are_finite(out.read_text())
+    floors = tables["task | operator | sigma_y"]
+    assert len(floors) == 3 and all(float(value) > 0 for row in floors for value in row[3:6])
+    tweedie = [row for row in tables["task | covariance | eta"] if row[1] == "tweedie"]
+    assert len(tweedie) == 9 and all(as_number(row[3]) is not None for row in tweedie)  # tweedie never diverges here
+
+
+def test_the_image_quick_run_scores_the_baselines_and_the_restorations(tmp_path):
+    out = tmp_path / "image_restoration.md"
+    image_restoration.main(["--quick", "--size", "32", "--downscale", "8", "--steps", "3", "--tasks", "sr4,denoise,box",
+                            "--out", str(out)])
+    report = out.read_text()
+    tables = assert_numbers_are_finite(report)
+    per_image = tables["image | task | covariance"]
+    assert [row[1] for row in per_image] == ["sr4", "denoise", "box"]
+    assert [row[3] for row in per_image] == ["bicubic", "BM3D", "biharmonic fill"]
+    assert all(0 <= value <= 1 for value in column(per_image, 10))  # coverage within 2 std
+    baselines = {(row[1], row[2]): float(row[3]) for row in tables["image | task | baseline"]}
+    assert baselines["denoise", "BM3D"] > baselines["denoise", "noisy input"] + 3
+    assert baselines["box", "biharmonic fill"] > baselines["box", "masked input"]
+
+
+def test_the_particle_benchmark_quick_run_writes_all_its_parts(tmp_path):
+    out = tmp_path / "particle_mode.md"
+    particle_mode.main(["--quick", "--out", str(out)])
+    report = out.read_text()
+    assert "## 1. The MCGdiff mixture" in report and "## 2. Gaussian prior" in report and "## 3. Images" in report
+    assert "K=50 / floor" in report and "particles K=2, 3 steps" in report
+    assert "## 1b. Why the schedule" in report and "### Weights without resampling" in report
+    tables = assert_numbers_are_finite(report)
+    weights = tables["task | steps | guided ESS / K"]
+    assert all(0 < float(row[2]) <= 1 and 0 < float(row[4]) <= 1 for row in weights)
+
+
+def test_training_curve_windows_and_report(tmp_path):
+    log = [(step, float(step % 2)) for step in range(1, 11)]  # losses 1, 0, 1, 0, ...
+    windows = training_curve.window_means(log, 4)
+    assert [(w.first, w.last, w.mean) for w in windows] == [(1, 4, 0.5), (5, 8, 0.5), (9, 12, 0.5)]
+    assert training_curve.window_means(log[6:], 2)[0].first == 7  # windows start at the first logged step
+    out = tmp_path / "curve.md"
+    training_curve.main(["--quick", "--window", "3000", "--out", str(out)])
+    text = out.read_text()
+    assert "| shipped model | 1-3000 |" in text and "shipped: held-out / training" in text
+    gap = assert_numbers_are_finite(text)["timestep | shipped: training photographs | shipped: held-out photographs"]
+    assert [row[0] for row in gap][-1] == "mean" and all(value > 0 for value in column(gap, 1) + column(gap, 2))
 
 
 def test_ddrm_gets_an_exact_svd_or_a_clear_refusal():
@@ -49,26 +170,3 @@ def test_peer_runs_are_seeded_and_count_network_evaluations():
     assert first.nfe == 6 and torch.equal(first.samples, again.samples)
     with pytest.raises(ValueError, match="image models only"):
         run_peer("diffpir", problem.prior, problem.operator, problem.y, 2, 4)
-
-
-def test_the_particle_benchmark_quick_run_writes_all_its_parts(tmp_path):
-    from benchmarks import particle_mode
-
-    out = tmp_path / "particle_mode.md"
-    particle_mode.main(["--quick", "--out", str(out)])
-    report = out.read_text()
-    assert "## 1. The MCGdiff mixture" in report and "## 2. Gaussian prior" in report and "## 3. Images" in report
-    assert "K=50 / floor" in report and "particles K=2, 3 steps" in report
-    assert "## 1b. Why the schedule" in report and "### Weights without resampling" in report
-
-
-def test_training_curve_windows_and_report(tmp_path):
-    from benchmarks import training_curve
-
-    log = [(step, float(step % 2)) for step in range(1, 11)]  # losses 1, 0, 1, 0, ...
-    assert training_curve.window_means(log, 4) == [(1, 4, 0.5), (5, 8, 0.5), (9, 12, 0.5)]
-    assert training_curve.window_means(log[6:], 2)[0] == (7, 8, 0.5)  # windows start at the first logged step
-    out = tmp_path / "curve.md"
-    training_curve.main(["--crops", "4", "--window", "3000", "--out", str(out)])
-    text = out.read_text()
-    assert "| shipped model | 1-3000 |" in text and "shipped: held-out / training" in text

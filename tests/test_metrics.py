@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from posterior_diff import GaussianPrior
-from posterior_diff.metrics import covariance_error, exact_sample_floor, gaussian_w2, mean_error, sliced_wasserstein
+from posterior_diff.metrics import (ERROR_KEYS, calibrated_coverage, coverage_within_two_std, covariance_error,
+                                    exact_sample_floor, gaussian_errors, gaussian_w2, interval_coverage, mean_error,
+                                    sliced_wasserstein, trace_ratio)
 
 DOUBLE = torch.float64
 
@@ -34,3 +36,38 @@ def test_errors_see_a_wrong_distribution():
     same = sliced_wasserstein(draws, prior.sample(5000, generator), generator=torch.Generator().manual_seed(2))
     shifted = sliced_wasserstein(draws, prior.sample(5000, generator) + 1, generator=torch.Generator().manual_seed(2))
     assert shifted > 10 * same
+
+
+def test_gaussian_errors_report_the_error_keys():
+    prior = GaussianPrior(torch.zeros(3, dtype=DOUBLE), torch.eye(3, dtype=DOUBLE))
+    draws = prior.sample(100, torch.Generator().manual_seed(0))
+    assert tuple(gaussian_errors(draws, prior.mean, prior.cov)) == ERROR_KEYS
+
+
+def test_trace_ratio_sees_shrunk_and_inflated_samples():
+    draws = torch.randn(4000, 5, generator=torch.Generator().manual_seed(0), dtype=DOUBLE)
+    identity = torch.eye(5, dtype=DOUBLE)
+    assert trace_ratio(draws, identity) == pytest.approx(1.0, abs=0.05)
+    assert trace_ratio(0.5 * draws, identity) == pytest.approx(0.25, abs=0.02)
+
+
+def test_interval_coverage_is_nominal_for_exact_draws_and_high_for_too_wide_ones():
+    mean, cov = torch.zeros(20, dtype=DOUBLE), torch.eye(20, dtype=DOUBLE)
+    exact = torch.randn(4000, 20, generator=torch.Generator().manual_seed(0), dtype=DOUBLE)
+    assert interval_coverage(exact, mean, cov, 0.9) == pytest.approx(0.9, abs=0.01)
+    assert interval_coverage(exact, mean, cov, 0.5) == pytest.approx(0.5, abs=0.02)
+    assert interval_coverage(3 * exact, mean, cov, 0.5) > 0.85
+
+
+def test_calibrated_coverage_is_what_exact_samples_reach():
+    # Truth and N posterior draws from the same Gaussian, many times over: the fraction of truths
+    # within 2 sample std of the sample mean is calibrated_coverage(N).
+    generator = torch.Generator().manual_seed(0)
+    for num_samples in (2, 4, 16):
+        draws = torch.randn(num_samples + 1, 20000, generator=generator, dtype=DOUBLE)
+        truth, samples = draws[0], draws[1:]
+        measured = coverage_within_two_std(samples.mean(0), samples.std(0), truth)
+        assert measured == pytest.approx(calibrated_coverage(num_samples), abs=0.01)
+    assert calibrated_coverage(10_000) == pytest.approx(0.9545, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 2"):
+        calibrated_coverage(1)
