@@ -43,7 +43,7 @@ from posterior_diff.images import save_panels
 from posterior_diff.tasks import get_task
 
 PATCH = 16
-NOISE_SIGMA = 0.02
+SIGMA_Y = 0.02
 JITTER = 1e-4
 MIN_PATCH_STD = 0.05  # held-out patches flatter than this show nothing worth super-resolving
 PANEL_TITLES = ("low-res", "bicubic", "post. mean", "sample", "post. std", "exact mean", "truth")
@@ -156,12 +156,12 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
     prior = fit_patch_prior(photograph("camera")[0].double().numpy())
-    operator = get_task(f"sr{args.factor}").operator((1, PATCH, PATCH), sigma_y=NOISE_SIGMA)
+    operator = get_task(f"sr{args.factor}").operator((1, PATCH, PATCH), sigma_y=SIGMA_Y)
     generator = torch.Generator().manual_seed(args.seed)
     astronaut = rgb2gray(photograph("astronaut").double().numpy().transpose(1, 2, 0))
     patches = held_out_patches(astronaut, args.patches, np.random.default_rng(args.seed))
     rows = [(position, super_resolve(patch, prior, operator, args, generator)) for position, patch in patches]
-    print(f"x{args.factor} super-resolution (average pooling, sigma_y = {NOISE_SIGMA}) of {args.patches} astronaut patches "
+    print(f"x{args.factor} super-resolution (average pooling, sigma_y = {SIGMA_Y}) of {args.patches} astronaut patches "
           f"with a Gaussian prior fitted to camera patches; {args.samples} samples, {args.steps} steps.\n")
     print_table(rows)
     write_figure(rows, args.out)

@@ -61,7 +61,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     """The options both super-resolution demos share: crop, noise, sampler and output figure."""
     parser.add_argument("--size", type=int, default=128, help=f"side of the centre crop restored, a multiple of {TASK.factor}")
     parser.add_argument("--downscale", type=float, default=2, help="shrink the photograph first by this factor")
-    parser.add_argument("--sigma", type=float, default=TASK.sigma_y, help="measurement noise in [0, 1] units")
+    parser.add_argument("--sigma-y", type=float, default=TASK.sigma_y, help="measurement noise standard deviation in [0, 1] units")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=IMAGE_DEFAULTS.steps)
     parser.add_argument("--covariance", default=IMAGE_DEFAULTS.covariance,
@@ -73,13 +73,13 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, out: str) -> None:
 
 def x4_measurement(args: argparse.Namespace, channels: int = 3):
     """(truth, operator, generator, low, bicubic): the ground truth crop with `channels`
-    channels, the sr4 operator with args.sigma, its noisy measurement and the bicubic baseline.
+    channels, the sr4 operator with args.sigma_y, its noisy measurement and the bicubic baseline.
     The generator drew the noise; the sampler goes on drawing from it."""
     if args.size % TASK.factor:
         raise SystemExit(f"--size must be a multiple of {TASK.factor}, got {args.size}")
     truth = ground_truth(args.image, args.size, args.downscale, channels)
     generator = torch.Generator().manual_seed(args.seed)
-    measurement = measure(TASK, truth, sigma_y=args.sigma, generator=generator)
+    measurement = measure(TASK, truth, sigma_y=args.sigma_y, generator=generator)
     return truth, measurement.operator, generator, measurement.y, baselines(measurement)[TASK.baseline]
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     start = time.perf_counter()
     result = restore(low, operator, default_model(), num_samples=args.samples, steps=args.steps,
                      covariance=args.covariance, cg_max_iter=args.cg_max_iter, generator=generator, progress=True)
-    print(f"\nx4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma}; {args.samples} samples, "
+    print(f"\nx4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma_y}; {args.samples} samples, "
           f"{args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, {result.vjps} VJPs, "
           f"{time.perf_counter() - start:.0f} s\n")
     report(truth, low, bicubic, result.mean, result.samples[0], result.std, args.out)
