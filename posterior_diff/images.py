@@ -1,14 +1,15 @@
-r"""Images and their units: the one place where [0, 1] and the model's [-1, 1] meet.
+r"""Images and their units: the one place where [0, 1] and a model's own data range meet.
 
 The public API takes images in [0, 1] as scikit-image, PIL and deepinv do, with sigma_y in
-those units; pretrained and locally trained image models work in [-1, 1]. With
-x_model = 2 x - 1 and a linear A,
+those units. An image model declares its `data_range` (low, high): [-1, 1] for DDPM and ADM
+networks, [0, 1] for score-SDE and deepinv denoisers. With width w = high - low,
+x_model = low + w x and a linear A,
 
-    y_model = A x_model + sigma_model n = 2 y - A 1,      sigma_model = 2 sigma_y,
+    y_model = A x_model + sigma_model n = w y + low A 1,      sigma_model = w sigma_y,
 
-so a measurement converts exactly (A 1 = 1 for super-resolution, the mask for inpainting)
-and a sigma_y of 0.05 in [0, 1] is 0.1 in model units. Results convert back with
-x = (x_model + 1) / 2 and std = std_model / 2.
+so a measurement converts exactly (A 1 = 1 for super-resolution, the mask for inpainting);
+for [-1, 1] that is 2 y - A 1 and a sigma_y of 0.05 in [0, 1] is 0.1 in model units. Results
+convert back with x = (x_model - low) / w and std = std_model / w.
 
 Accepted image inputs: torch tensors (C, H, W), numpy arrays (H, W) or (H, W, C) of floats in
 [0, 1] or integers (uint8 / uint16, scaled by their maximum), and PIL images.
@@ -98,25 +99,32 @@ def load_image_folder(folder: str | Path, channels: int = 3) -> list[Tensor]:
     return [to_model_range(match_channels(read_image(path), channels)) for path in files]
 
 
-def to_model_range(x: Tensor) -> Tensor:
-    """[0, 1] -> [-1, 1]."""
-    return 2 * x - 1
+MODEL_RANGE = (-1.0, 1.0)  # the data range of DDPM / ADM networks, the default here
 
 
-def from_model_range(x: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1] (not clamped)."""
-    return (x + 1) / 2
+def to_model_range(x: Tensor, data_range: tuple[float, float] = MODEL_RANGE) -> Tensor:
+    """[0, 1] -> data_range (default [-1, 1])."""
+    low, high = data_range
+    return low + (high - low) * x
 
 
-def measurement_to_model_units(y: Tensor, operator):
-    """(y, operator) in [0, 1] units -> (2 y - A 1, the operator with sigma_y doubled).
+def from_model_range(x: Tensor, data_range: tuple[float, float] = MODEL_RANGE) -> Tensor:
+    """data_range (default [-1, 1]) -> [0, 1] (not clamped)."""
+    low, high = data_range
+    return (x - low) / (high - low)
+
+
+def measurement_to_model_units(y: Tensor, operator, data_range: tuple[float, float] = MODEL_RANGE):
+    """(y, operator) in [0, 1] units -> (w y + low A 1, the operator with sigma_y times w),
+    w = high - low of the model's data_range (default [-1, 1]: 2 y - A 1 and 2 sigma_y).
 
     y has shape y_shape (one measurement, no batch). The caller's operator is not modified
     (`LinearOperator.with_sigma_y` shares its tensors).
     """
+    low, high = data_range
     x_shape = operator.x_shape(tuple(y.shape))
     ones = torch.ones((1, *x_shape), dtype=y.dtype, device=y.device)
-    return 2 * y - operator.A(ones)[0], operator.with_sigma_y(2 * operator.sigma_y)
+    return (high - low) * y + low * operator.A(ones)[0], operator.with_sigma_y((high - low) * operator.sigma_y)
 
 
 def save_panels(rows: list[list[Tensor]], titles: list[str], path: str | Path, zoom: int = 1) -> None:

@@ -10,8 +10,8 @@ The one-call API, in four stages:
 4. summarise: samples, mean and std back in the caller's units, with the network work done.
 
 Units: image models (those with a `data_range`, such as the default model) take y and
-sigma_y in [0, 1] and return images in [0, 1], clamped; the conversion to the model's
-[-1, 1] happens in `posterior_diff.images`, and nowhere else. Analytic priors (Gaussian,
+sigma_y in [0, 1] and return images in [0, 1], clamped; the conversion to the model's own
+range ([-1, 1] or [0, 1]) happens in `posterior_diff.images`, and nowhere else. Analytic priors (Gaussian,
 mixture) have no image range: y and the samples stay in the prior's own units.
 
 Defaults: steps, covariance and the CG cap left as None come from `defaults.defaults_for(model)`
@@ -269,7 +269,7 @@ def convert(problem: Problem, device) -> tuple[Problem, torch.device]:
     model, operator = placed(model, device), placed(problem.operator, device)
     y = problem.y.to(device=device, dtype=model.sampling_dtype())
     if problem.image_model:
-        y, operator = measurement_to_model_units(y, operator)
+        y, operator = measurement_to_model_units(y, operator, model.data_range)
     return Problem(model, operator, y, problem.x_shape, problem.image_model), device
 
 
@@ -297,7 +297,7 @@ def summarise(problem: Problem, samples: Tensor, cloud, nfe: int, vjps: int, sec
     `num_samples` from it)."""
 
     def to_output(x: Tensor) -> Tensor:
-        return from_model_range(x).clamp(0, 1) if problem.image_model else x
+        return from_model_range(x, problem.model.data_range).clamp(0, 1) if problem.image_model else x
 
     samples = to_output(samples)
     if cloud is None:

@@ -60,3 +60,14 @@ def test_channels_and_file_round_trip(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read"):
         read_image(tmp_path / "broken.png")
+
+
+@pytest.mark.parametrize("data_range", [(-1.0, 1.0), (0.0, 1.0), (-0.5, 2.0)])
+def test_measurements_convert_exactly_to_any_declared_data_range(data_range):
+    """y_model = A x_model + w sigma_y n for x_model = low + w x, whatever (low, high) the model declares."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for operator in (SuperResolution(2, sigma_y=0.05), Inpainting(box_mask((3, 8, 8), 2, 2, 3, 3), 0.02)):
+        y_model, model_operator = measurement_to_model_units(operator.A(x)[0], operator, data_range)
+        assert torch.allclose(y_model, operator.A(to_model_range(x, data_range))[0], atol=1e-6)
+        assert model_operator.sigma_y == pytest.approx((data_range[1] - data_range[0]) * operator.sigma_y)
+        assert torch.allclose(from_model_range(to_model_range(x, data_range), data_range), x, atol=1e-6)
