@@ -6,6 +6,7 @@
 """
 
 from .denoisers import Denoiser, ModuleDenoiser
+from .deepinv_prior import DeepinvPrior, from_deepinv_denoiser
 from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
@@ -19,6 +20,8 @@ __all__ = [
     "Restoration",
     "Denoiser",
     "ModuleDenoiser",
+    "DeepinvPrior",
+    "from_deepinv_denoiser",
     "GaussianPrior",
     "GaussianMixturePrior",
     "AveragedLikelihoodGuidance",

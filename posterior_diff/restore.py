@@ -36,6 +36,7 @@ from operators.base import check_sigma_y
 
 from .checks import positive_int
 from .defaults import defaults_for
+from .deepinv_prior import from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object, not_a_deepinv_denoiser
 from .denoisers import Denoiser
 from .guidance import AveragedLikelihoodGuidance, GuidanceSettings
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
@@ -213,8 +214,13 @@ def check_problem(y, operator, model) -> Problem:
         model = default_model()
     elif isinstance(model, (str, Path)):
         model = load_model(model)
+    elif is_deepinv_denoiser(model):
+        model = from_deepinv_denoiser(model)  # deepinv's D(x, sigma): VE, in [0, 1] units
+    elif is_deepinv_object(model):
+        raise TypeError(not_a_deepinv_denoiser(model, "model"))
     if not isinstance(model, Denoiser):
-        raise TypeError(f"model must be a posterior_diff.Denoiser, a model folder, a hub id or None, got {type(model).__name__}")
+        raise TypeError(f"model must be a posterior_diff.Denoiser, a deepinv.models.Denoiser, a model folder, a hub id "
+                        f"or None, got {type(model).__name__}")
     image_model = model.data_range is not None
     operator = as_operator(operator)  # a deepinv LinearPhysics is adapted here
     check_sigma_y(operator.sigma_y)  # an attribute set after construction is checked too
