@@ -143,8 +143,9 @@ def restore(
         operator: the forward model A with its noise level: an `operators.LinearOperator` or a
             deepinv `LinearPhysics` with Gaussian noise; sigma_y in the units of y.
         model: the prior: a Denoiser (GaussianPrior, ModuleDenoiser, UNetDenoiser, ...), a
-            folder holding a diffusers model, a Hugging Face hub id ("org/name", see
-            `load_model`), or None for the embedded default image model.
+            deepinv.models.Denoiser (adapted by `from_deepinv_denoiser`), a folder holding a
+            diffusers model, a Hugging Face hub id ("org/name", see `load_model`), or None for
+            the embedded default image model.
         num_samples: how many posterior samples to draw.
         steps: grid times of the sampler (network evaluations for the default solver);
             None: the model's default (`defaults.defaults_for`).
