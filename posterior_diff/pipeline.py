@@ -2,11 +2,14 @@
 
     from posterior_diff import PosteriorSamplingPipeline, DEFAULT_MODEL_DIR
     from operators import SuperResolution
-    pipe = PosteriorSamplingPipeline.from_pretrained(DEFAULT_MODEL_DIR)   # or any DDPM-family folder / hub id
+    pipe = PosteriorSamplingPipeline.from_pretrained(DEFAULT_MODEL_DIR)   # or any supported folder / hub id
     images = pipe(low_resolution, SuperResolution(4, sigma_y=0.025), num_samples=4).images
 
-It registers a `unet` (a pixel-space `UNet2DModel`) and a `scheduler` of the DDPM family, of
-which only the training `alphas_cumprod` and `prediction_type` are read. The sampling itself is
+It registers a `unet` (a pixel-space `UNet2DModel`) and its training `scheduler`: the DDPM family
+(DDPM, ADM), ScoreSdeVeScheduler (score-SDE VE) or an EDM scheduler, of which only the config is
+read (`posterior_diff.model_formats`). A pair that defines no posterior mean E[x_0 | x_t]
+(consistency models, unknown schedulers, a UNet that does not fit its scheduler) is refused when
+the pipeline is built, by `__init__` and so by `from_pretrained`. The sampling itself is
 `restore()`'s: one code path, so the pipeline and `restore()` give the same numbers for the same
 generator. Everything diffusers gives a pipeline comes with it: `save_pretrained`,
 `from_pretrained` (with `torch_dtype`), `from_pipe`, `.to(device)`, `enable_model_cpu_offload`,
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 
-from posterior_diff.models import denoiser_from_diffusers
+from posterior_diff.model_formats import check_diffusers_pair, denoiser_from_diffusers
 from posterior_diff.restore import restore
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -32,15 +35,22 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
     """Posterior samples of an image x from a measurement y = A x + noise, with a diffusion prior.
 
     Args:
-        unet: a `diffusers.UNet2DModel` trained on [-1, 1] images (noise, v or sample prediction).
+        unet: a `diffusers.UNet2DModel` (eps, v or x0 prediction; ADM's learned variance; a
+            score-SDE score network; an EDM-preconditioned network).
         scheduler: its training scheduler (DDPMScheduler, DDIMScheduler, PNDMScheduler,
-            EulerDiscreteScheduler, ...).
+            EulerDiscreteScheduler, ..., ScoreSdeVeScheduler, EDMEulerScheduler, ...).
+
+    Raises:
+        ModelLoadError: (a ValueError) a scheduler that cannot define E[x_0 | x_t], or a UNet that
+            does not fit it, named with the reason.
     """
 
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
+        if unet is not None and scheduler is not None:
+            check_diffusers_pair(unet, scheduler)
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def __call__(

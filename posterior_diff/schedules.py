@@ -16,6 +16,11 @@ schedule); `time_for_ratio` inverts it.
 | SubVPSchedule       | exp(-1/2 int_0^t beta)    | 1 - alpha^2                              |
 | RectifiedFlow       | 1 - t                     | t                                        |
 | DiscreteSchedule    | from alphas_cumprod       | sqrt(1 - alpha^2)                        |
+| GeometricVESchedule | 1                         | sigma_min (sigma_max / sigma_min)^t      |
+
+GeometricVESchedule is the time axis of the sigma-parametrised networks (score-SDE VE, EDM):
+there sigma(0) = sigma_min > 0 is the smallest noise the network was trained on, not clean
+data, and samplers end there with a denoising step x_0 = D(x, t_min = 0).
 """
 
 from __future__ import annotations
@@ -142,15 +147,11 @@ class SubVPSchedule(_LinearBeta):
         return self.beta(t) * -torch.expm1(-2 * self.integrated_beta(t))
 
 
-class VESchedule(Schedule):
-    """Variance exploding (SMLD): alpha = 1, sigma geometric between sigma_min and sigma_max.
+class _SigmaRange(Schedule):
+    """Shared part of the variance-exploding schedules: alpha = 1, f = 0, sigma set by a range
+    sigma_min < sigma_max."""
 
-    sigma(t)^2 = sigma_min^2 ((sigma_max / sigma_min)^(2t) - 1) is the variance that
-    dx = sigma_min (sigma_max / sigma_min)^t sqrt(2 log(sigma_max / sigma_min)) dw
-    accumulates from t = 0, so sigma(0) = 0 exactly and sigma ~ sigma_max at t = 1.
-    """
-
-    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+    def __init__(self, sigma_min: float, sigma_max: float):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min = float(sigma_min)
@@ -162,14 +163,56 @@ class VESchedule(Schedule):
     def alpha(self, t: Tensor) -> Tensor:
         return torch.ones_like(t)
 
-    def sigma(self, t: Tensor) -> Tensor:
-        return self.sigma_min * torch.sqrt(torch.expm1(2 * t * self._log_ratio()))
-
     def f(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)
 
+
+class VESchedule(_SigmaRange):
+    """Variance exploding (SMLD): alpha = 1, sigma geometric between sigma_min and sigma_max.
+
+    sigma(t)^2 = sigma_min^2 ((sigma_max / sigma_min)^(2t) - 1) is the variance that
+    dx = sigma_min (sigma_max / sigma_min)^t sqrt(2 log(sigma_max / sigma_min)) dw
+    accumulates from t = 0, so sigma(0) = 0 exactly and sigma ~ sigma_max at t = 1.
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        super().__init__(sigma_min, sigma_max)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.sqrt(torch.expm1(2 * t * self._log_ratio()))
+
     def g2(self, t: Tensor) -> Tensor:
         return 2 * self._log_ratio() * self.sigma_min**2 * torch.exp(2 * t * self._log_ratio())
+
+
+class GeometricVESchedule(_SigmaRange):
+    """Variance exploding with sigma log-linear in t: sigma(t) = sigma_min (sigma_max / sigma_min)^t.
+
+    The time axis of diffusers' ScoreSdeVeScheduler (its `sigmas` at its continuous timesteps t)
+    and of EDM's sigma range [sigma_min, sigma_max]. alpha = 1, f = 0 and
+    g^2 = d sigma^2 / dt = 2 log(sigma_max / sigma_min) sigma(t)^2.
+
+    Unlike VESchedule, sigma(0) = sigma_min > 0: t = 0 is the least noisy level the network
+    knows, so t_min = 0 and samplers finish with D there (time grids end at sigma = max(s_min,
+    sigma_min)). They start from N(0, (1 + sigma_max^2) I), within a factor 1 + 1/(2 sigma_max^2)
+    of the N(0, sigma_max^2 I) of diffusers' samplers; data in [0, 1] (mean 1/2) or [-1, 1] is
+    negligible against sigma_max (see Schedule.terminal_kl_bound).
+    """
+
+    t_min = 0.0
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 348.0):
+        super().__init__(sigma_min, sigma_max)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.exp(t * self._log_ratio())
+
+    def g2(self, t: Tensor) -> Tensor:
+        return 2 * self._log_ratio() * self.sigma(t) ** 2
+
+    def time_for_sigma(self, sigma: Tensor) -> Tensor:
+        """The time t with sigma(t) = sigma, in closed form (sigma within [sigma_min, sigma_max])."""
+        return torch.log(torch.as_tensor(sigma, dtype=torch.float64) / self.sigma_min) / self._log_ratio()
 
 
 class RectifiedFlow(Schedule):
@@ -200,14 +243,26 @@ class DiscreteSchedule(Schedule):
     (alpha = 1) and t = 1 the last training step. log alpha^2 is interpolated linearly in t
     between the knots, which makes beta(t) = -d/dt log alpha^2 piecewise constant and equal
     to T * (-log(1 - beta_n)) ~= T * beta_n on step n (docs/theory.md §1).
+
+    Zero terminal SNR (`rescale_betas_zero_snr=True`: alphas_cumprod[-1] = 0, or below 2^-24)
+    is accepted: the last value is set to 2^-24 (or half the one before, if that is smaller), as diffusers'
+    EulerDiscreteScheduler does, so alpha(1) = 2^-12 > 0 and s(1) = sigma / alpha ~ 4096 stay
+    finite. Samplers then start at t = 1 from N(0, I), which is that marginal up to 2^-24.
+    D at the last step is well defined for v and x0 prediction (eps prediction divides by alpha).
     """
 
+    TERMINAL_FLOOR = 2.0**-24
+
     def __init__(self, alphas_cumprod: Tensor):
-        values = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        values = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().clone()
         if values.numel() < 2:
             raise ValueError("alphas_cumprod needs at least two entries")
+        self.zero_terminal_snr = bool(0 <= values[-1] < self.TERMINAL_FLOOR) and bool(values[-2] > 0)
+        if self.zero_terminal_snr:
+            previous = float(values[-2])
+            values[-1] = self.TERMINAL_FLOOR if self.TERMINAL_FLOOR < previous else previous / 2
         if not bool(((values > 0) & (values <= 1)).all()):
-            raise ValueError("alphas_cumprod must lie in (0, 1]")
+            raise ValueError("alphas_cumprod must lie in (0, 1] (only the last entry may be 0: zero terminal SNR)")
         if not bool((values[1:] < values[:-1]).all()):
             raise ValueError("alphas_cumprod must be strictly decreasing")
         self.num_train_timesteps = values.numel()

@@ -170,3 +170,17 @@ def test_peer_runs_are_seeded_and_count_network_evaluations():
     assert first.nfe == 6 and torch.equal(first.samples, again.samples)
     with pytest.raises(ValueError, match="image models only"):
         run_peer("diffpir", problem.prior, problem.operator, problem.y, 2, 4)
+
+
+def test_the_model_families_quick_run_times_every_family(tmp_path):
+    from benchmarks import model_families
+
+    out = tmp_path / "model_families.md"
+    threads = torch.get_num_threads()
+    try:
+        report = model_families.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # main sets its own thread count
+    rows = assert_numbers_are_finite(report)
+    assert out.read_text() == report
+    assert [row[0] for row in next(iter(rows.values()))] == list(model_families.FAMILIES)

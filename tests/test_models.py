@@ -176,3 +176,109 @@ def test_an_uncached_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="someone/missing"):
         restore(torch.rand(3, 4, 4), SuperResolution(2, 0.05), "someone/missing")
+
+
+# --- Weight variants, legacy scheduler names, refusals and hub downloads of one format. ----------
+
+import json  # noqa: E402
+from fnmatch import fnmatch  # noqa: E402
+
+from posterior_diff.models import hub_attempts  # noqa: E402
+
+
+def test_a_folder_with_only_fp16_weights_loads_that_variant(tmp_path):
+    from conftest import tiny_unet
+
+    tiny_unet().half().save_pretrained(tmp_path / "unet", variant="fp16")
+    DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    model = load_model(tmp_path)  # no plain weights: the fp16 variant, run in float32 by default
+    reference = UNet2DModel.from_pretrained(tmp_path / "unet", variant="fp16").float()
+    assert next(model.module.parameters()).dtype == torch.float32
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(model(x, 0.5), denoiser_from_diffusers(reference, DDPMScheduler())(x, 0.5))
+    half = load_model(tmp_path, variant="fp16", torch_dtype=torch.bfloat16)
+    assert next(half.module.parameters()).dtype == torch.bfloat16 and half.sampling_dtype() == torch.float32
+    with pytest.raises(ModelLoadError, match="no diffusion_pytorch_model.ema"):
+        load_model(tmp_path, variant="ema")
+
+
+def test_legacy_scheduler_names_and_keys_are_mapped(tmp_path):
+    from conftest import tiny_unet
+
+    tiny_unet().save_pretrained(tmp_path)
+    legacy = {"_class_name": "GaussianDDPMScheduler", "_diffusers_version": "0.0.1", "timesteps": 500, "beta_start": 1e-4,
+              "beta_end": 0.02, "beta_schedule": "linear", "variance_type": "fixed_small", "clip_predicted_image": True}
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(legacy))
+    model = load_model(tmp_path)
+    expected = DDPMScheduler(num_train_timesteps=500, beta_start=1e-4, beta_end=0.02).alphas_cumprod.double()
+    n = torch.tensor([0, 250, 499])
+    assert model.schedule.num_train_timesteps == 500 and model.prediction == "epsilon"
+    assert torch.allclose(model.schedule.alpha(((n + 1) / 500).double()) ** 2, expected[n], rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheduler_config, message", [
+    ({"_class_name": "CMStochasticIterativeScheduler"}, r"CMStochasticIterativeScheduler cannot define a posterior-mean denoiser: .*E\[x_0 \| x_t\]"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, r"FlowMatchEulerDiscreteScheduler cannot define a posterior-mean denoiser: it has no alphas_cumprod"),
+    ({"_class_name": "ScoreSdeVpScheduler"}, r"ScoreSdeVpScheduler cannot define a posterior-mean denoiser"),
+    ({"_class_name": "NoSuchScheduler"}, r"unknown scheduler class 'NoSuchScheduler'"),
+])
+def test_a_folder_whose_scheduler_defines_no_posterior_mean_is_one_clear_error(tmp_path, scheduler_config, message):
+    from conftest import tiny_unet
+
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # refused before the weights are read
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(tmp_path)
+
+
+def _fake_hub(monkeypatch, repositories, fetched):
+    """Replace snapshot_download by a copy of the files of repositories[repo_id] that match the
+    allow_patterns (fnmatch, as huggingface_hub filters them); each call's files go to `fetched`."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, *, allow_patterns, cache_dir=None, local_files_only=False):
+        source = repositories[repo_id]
+        target = cache_dir / repo_id.replace("/", "--")
+        names = []
+        for path in sorted(source.rglob("*")):
+            name = path.relative_to(source).as_posix()
+            if path.is_file() and any(fnmatch(name, pattern) for pattern in allow_patterns):
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target / name)
+                names.append(name)
+        fetched.append(names)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_hub_downloads_fetch_one_weight_format_safetensors_first(tmp_path, monkeypatch):
+    from conftest import tiny_unet
+
+    repositories = {}
+    for name, formats in {"both": (True, False), "bin-only": (False,), "fp16-only": ("fp16",)}.items():
+        folder = tmp_path / "repos" / name
+        DDPMScheduler().save_pretrained(folder / "scheduler")
+        for form in formats:
+            if form == "fp16":
+                tiny_unet().half().save_pretrained(folder / "unet", variant="fp16")
+            else:
+                tiny_unet().save_pretrained(folder / "unet", safe_serialization=form)
+        repositories[f"someone/{name}"] = folder
+    fetched = []
+    _fake_hub(monkeypatch, repositories, fetched)
+    cache = tmp_path / "cache"
+    load_model("someone/both", cache_dir=cache)
+    assert len(fetched) == 1 and "unet/diffusion_pytorch_model.safetensors" in fetched[0]
+    assert not any(name.endswith(".bin") for name in fetched[0])
+    fetched.clear()
+    load_model("someone/bin-only", cache_dir=cache)
+    assert len(fetched) == 2 and fetched[-1][-1] == "unet/diffusion_pytorch_model.bin"  # safetensors, then .bin
+    fetched.clear()
+    load_model("someone/fp16-only", cache_dir=cache)  # no plain weights in either format: the fp16 variant
+    assert len(fetched) == 3 and "unet/diffusion_pytorch_model.fp16.safetensors" in fetched[-1]
+    assert all(len(patterns) == len(hub_attempts()[0]) for patterns in hub_attempts())

@@ -112,3 +112,29 @@ def test_bad_arguments_fail_before_any_sampling(pipe):
         pipe(MEASUREMENT, OPERATOR, covariance="full")
     with pytest.raises(ValueError, match="channel"):
         pipe(torch.rand(1, 4, 4), OPERATOR)
+
+
+def test_an_unusable_scheduler_is_refused_when_the_pipeline_is_built(tmp_path):
+    from diffusers import CMStochasticIterativeScheduler
+
+    from posterior_diff import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"CMStochasticIterativeScheduler cannot define a posterior-mean denoiser"):
+        PosteriorSamplingPipeline(unet=tiny_unet(), scheduler=CMStochasticIterativeScheduler())
+    DDPMPipeline(unet=tiny_unet(), scheduler=CMStochasticIterativeScheduler()).save_pretrained(tmp_path / "consistency")
+    with pytest.raises(ModelLoadError, match="CMStochasticIterativeScheduler"):
+        PosteriorSamplingPipeline.from_pretrained(tmp_path / "consistency")
+
+
+def test_a_score_sde_folder_runs_in_the_pipeline_as_in_restore(tmp_path):
+    from diffusers import ScoreSdeVePipeline, ScoreSdeVeScheduler
+
+    from test_model_formats import ncsnpp_unet
+
+    scheduler = ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=348.0)
+    ScoreSdeVePipeline(unet=ncsnpp_unet(), scheduler=scheduler).save_pretrained(tmp_path / "ve")
+    pipe = PosteriorSamplingPipeline.from_pretrained(tmp_path / "ve")
+    pipe.set_progress_bar_config(disable=True)
+    images = run(pipe, num_inference_steps=2)
+    result = restore(MEASUREMENT, OPERATOR, str(tmp_path / "ve"), num_samples=2, steps=2, generator=seeded())
+    assert torch.equal(images, result.samples) and float(images.min()) >= 0 and float(images.max()) <= 1

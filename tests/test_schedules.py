@@ -111,3 +111,86 @@ def test_terminal_kl_bound_falls_as_the_schedule_reaches_further():
     assert VPSchedule(0.1, 20.0).terminal_kl_bound(1e5, 800) > 1.0 > 0.05 > VPSchedule(0.1, 30.0).terminal_kl_bound(1e5, 800)
     with pytest.raises(ValueError, match="mean_square_norm"):
         VPSchedule().terminal_kl_bound(-1.0, 3)
+
+
+# The sigma-parametrised time axis (score-SDE VE, EDM) and zero terminal SNR.
+
+from posterior_diff.schedules import GeometricVESchedule  # noqa: E402
+
+GEOMETRIC = {"score-sde": GeometricVESchedule(0.01, 348.0), "edm": GeometricVESchedule(0.002, 80.0)}
+
+
+def test_geometric_schedule_is_the_score_sde_schedulers_time_axis():
+    from diffusers import ScoreSdeVeScheduler
+
+    scheduler = ScoreSdeVeScheduler(sigma_min=0.01, sigma_max=348.0)
+    scheduler.set_timesteps(50)
+    scheduler.set_sigmas(50)
+    schedule = GEOMETRIC["score-sde"]
+    assert torch.allclose(schedule.sigma(scheduler.timesteps.double()), scheduler.sigmas.double(), rtol=1e-5)
+    ends = torch.tensor([0.0, 1.0], dtype=DOUBLE)
+    assert torch.allclose(schedule.sigma(ends), torch.tensor([0.01, 348.0], dtype=DOUBLE))
+    assert torch.allclose(schedule.alpha(ends), torch.ones(2, dtype=DOUBLE))
+    assert torch.allclose(schedule.time_for_sigma(schedule.sigma(ends)), ends)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIC))
+def test_geometric_schedule_coefficients_and_inverse(name):
+    schedule = GEOMETRIC[name]
+    t = torch.linspace(0.05, 0.95, 19, dtype=DOUBLE)
+    h = 1e-6
+    g2 = (schedule.sigma(t + h) ** 2 - schedule.sigma(t - h) ** 2) / (2 * h)
+    assert torch.allclose(schedule.g2(t), g2, rtol=1e-6) and bool((schedule.f(t) == 0).all())
+    assert torch.allclose(schedule.time_for_ratio(schedule.ratio(t)), t, atol=1e-9)
+    # Euler–Maruyama from x(0) ~ N(0, v0 + sigma_min^2) reproduces the marginal variance v0 + sigma(t)^2.
+    generator = torch.Generator().manual_seed(0)
+    x = math.sqrt(0.25 + schedule.sigma_min**2) * torch.randn(20000, generator=generator, dtype=DOUBLE)
+    end, steps = 0.5, 1000
+    for i in range(steps):
+        middle = torch.tensor((i + 0.5) * end / steps, dtype=DOUBLE)
+        x = x + schedule.g2(middle).sqrt() * math.sqrt(end / steps) * torch.randn(20000, generator=generator, dtype=DOUBLE)
+    expected = 0.25 + float(schedule.sigma(torch.tensor(end, dtype=DOUBLE))) ** 2
+    assert float(x.var()) == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIC))
+def test_geometric_grids_end_at_sigma_min_and_start_at_sigma_max(name):
+    """The grid ends where the model was trained (sigma_min; s_min=2e-3 where that is larger),
+    and the start N(0, (1 + sigma_max^2) I) is diffusers' N(0, sigma_max^2 I) to 1 part in 1e4."""
+    from posterior_diff.time_grids import time_grid
+
+    schedule = GEOMETRIC[name]
+    times = time_grid(schedule, 20)
+    sigmas = schedule.sigma(times)
+    assert float(sigmas[0]) == pytest.approx(schedule.sigma_max) and bool((times[1:] < times[:-1]).all())
+    assert float(sigmas[-1]) == pytest.approx(max(2e-3, schedule.sigma_min), rel=1e-6)
+    start_std = math.sqrt(1 + schedule.sigma_max**2)
+    assert start_std / schedule.sigma_max == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_ve_start_fits_data_in_the_unit_range():
+    """Score-SDE data lie in [0, 1], mean about 1/2, not 0: against sigma_max = 348 that offset is
+    negligible. For d = 3 x 256 x 256 images (E x^2 <= 1/2) the start-up KL bound is 2e-6 nats
+    per entry, a tenth of what the DDPM schedule's start leaves for the same images in [-1, 1]."""
+    d = 3 * 256 * 256
+    score_sde = GEOMETRIC["score-sde"].terminal_kl_bound(mean_square_norm=0.5 * d, dimension=d)
+    ddpm = DiscreteSchedule(DDPM_ALPHAS_CUMPROD).terminal_kl_bound(mean_square_norm=1.0 * d, dimension=d)
+    assert score_sde / d < 3e-6 and score_sde < ddpm / 5
+
+
+def test_zero_terminal_snr_is_clipped_as_diffusers_euler_does():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    scheduler = DDIMScheduler(rescale_betas_zero_snr=True, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    schedule = DiscreteSchedule(scheduler.alphas_cumprod)
+    one = torch.tensor(1.0, dtype=DOUBLE)
+    assert schedule.zero_terminal_snr and float(schedule.alpha(one) ** 2) == pytest.approx(2.0**-24)
+    euler = EulerDiscreteScheduler(rescale_betas_zero_snr=True, beta_schedule="scaled_linear")
+    assert float(schedule.alpha(one) ** 2) == pytest.approx(float(euler.alphas_cumprod[-1]))
+    t = torch.linspace(1e-3, 1.0, 5000, dtype=DOUBLE)
+    assert bool(torch.isfinite(schedule.ratio(t)).all()) and bool((schedule.log_snr(t).diff() < 0).all())
+    assert float(schedule.alpha(one) ** 2 + schedule.sigma(one) ** 2) == pytest.approx(1.0)  # start from N(0, I)
+    assert not DiscreteSchedule(DDPM_ALPHAS_CUMPROD).zero_terminal_snr
+    with pytest.raises(ValueError, match="only the last"):
+        DiscreteSchedule(torch.tensor([0.9, 0.0, 0.0], dtype=DOUBLE))
