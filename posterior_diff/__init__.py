@@ -12,7 +12,8 @@ from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore
 from .samplers import SOLVERS, NonFiniteSampleError, sample
-from .schedules import DiscreteSchedule, RectifiedFlow, Schedule, SubVPSchedule, VESchedule, VPSchedule
+from .schedules import (DiscreteSchedule, GeometricVESchedule, RectifiedFlow, Schedule, SubVPSchedule, VESchedule,
+                        VPSchedule)
 from .time_grids import GRIDS, time_grid
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Schedule",
     "VPSchedule",
     "VESchedule",
+    "GeometricVESchedule",
     "SubVPSchedule",
     "RectifiedFlow",
     "DiscreteSchedule",
