@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"sampler steps (default {IMAGE_DEFAULTS.steps})")
     restore.add_argument("--covariance", default=IMAGE_DEFAULTS.covariance,
                          help=f"isotropic, tweedie (more exact, costs --cg-max-iter more network backward passes per "
-                              f"step), diagonal or zero (default {IMAGE_DEFAULTS.covariance})")
+                              f"step), diagonal, zero, or projection (no backward pass) (default {IMAGE_DEFAULTS.covariance})")
     restore.add_argument("--cg-max-iter", type=int, default=IMAGE_DEFAULTS.cg_max_iter,
                          help=f"conjugate-gradient cap per step for tweedie (default {IMAGE_DEFAULTS.cg_max_iter})")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "

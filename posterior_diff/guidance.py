@@ -23,6 +23,16 @@ Covariance choices for V_t, and what one call costs beyond the single network fo
 | "isotropic" | r_t^2 I, r_t^2 = sigma^2/(alpha^2+sigma^2) (PiGDM) | the operator's solve (closed form where it has one) | 1 |
 | "diagonal"  | diag(C) ~= row sums of A V_t A^T (TMPD)| division                                | 2     |
 | "tweedie"   | (sigma^2 / alpha) J, matrix-free      | conjugate gradient (preconditioned by the isotropic solve where closed form) | 1 + CG iterations |
+| "projection"| r_t^2 I, with the Jacobian it implies | the operator's solve                    | 0     |
+
+"projection" is Jacobian-free: the Gaussian p(x_0 | x_t) = N(D, r_t^2 I) implies, by Tweedie,
+J = (alpha / sigma^2) V_t = (alpha r_t^2 / sigma^2) I, so the guided mean is the Gaussian
+conditioning of D on y,
+
+    D_y = D + r_t^2 A^T (sigma_y^2 I + r_t^2 A A^T)^{-1} (y - A D),
+
+one network forward and no backward pass (docs/theory.md §5; the data-consistency step of DDNM
+and DiffPIR with ΠGDM's r_t). It is exact for a Gaussian prior N(mu, I).
 
 When the twist log l is asked for (particle mode) with the Tweedie covariance and y of at most
 EXACT_LOG_DET_MAX = 64 entries, the m rows of A J are built instead (m VJPs): C^{-1} r is then
@@ -54,7 +64,7 @@ from operators import LinearOperator, conjugate_gradient, per_sample
 from .checks import choice, number_in, positive_int
 from .denoisers import Denoiser, as_time
 
-COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")
+COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie", "projection")
 EXACT_LOG_DET_MAX = 64  # measurement sizes up to which the Tweedie twist's log det is exact
 
 
@@ -68,7 +78,7 @@ class GuidanceSettings:
     """The averaged likelihood's settings, checked when built (a ValueError naming the argument).
 
     Attributes:
-        covariance: "zero", "isotropic", "diagonal" or "tweedie" (see the module docstring).
+        covariance: "zero", "isotropic", "diagonal", "tweedie" or "projection" (see the module docstring).
         guidance_scale: multiplier on grad log l (1 = Bayes' rule), finite and >= 0.
         cg_tol: relative residual at which the Tweedie conjugate gradient stops, > 0.
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
@@ -136,7 +146,7 @@ class AveragedLikelihoodGuidance(Denoiser):
         operator: the forward model A with its noise level sigma_y.
         y: measurements, shape (B, *y_shape), one per sample of the batches that will be
             denoised (or (1, *y_shape), shared by every sample).
-        covariance: "zero", "isotropic", "diagonal" or "tweedie" (see the module docstring).
+        covariance: "zero", "isotropic", "diagonal", "tweedie" or "projection" (see the module docstring).
         guidance_scale: multiplier on grad log l (1 = Bayes' rule).
         cg_tol: relative residual at which the Tweedie conjugate gradient stops.
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
@@ -196,6 +206,8 @@ class AveragedLikelihoodGuidance(Denoiser):
         t = as_time(t, x_t)
         alpha = self.schedule.alpha(t)
         sigma = self.schedule.sigma(t)
+        if self.covariance == "projection":
+            return self._projection(x_t, t, alpha, sigma, likelihood)
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             denoised = self.denoiser(x, t)
@@ -228,6 +240,23 @@ class AveragedLikelihoodGuidance(Denoiser):
         if self.data_range is not None:
             guided_mean = guided_mean.clamp(*self.data_range)
         return Guided(denoised.detach(), guided_mean, log_likelihood, normalised, measurement_jacobian, eigenvalues, eigenvectors)
+
+    def _projection(self, x_t: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, likelihood: bool) -> Guided:
+        """covariance="projection": D_y = D + r_t^2 A^T C^{-1} (y - A D), C = sigma_y^2 I + r_t^2 A A^T,
+        from one forward pass without a graph (see the module docstring)."""
+        with torch.no_grad():
+            denoised = self.denoiser(x_t.detach(), t)
+        self.forward_count += 1
+        residual = self.y - self.operator.A(denoised)
+        r2 = pigdm_variance(alpha, sigma)
+        weighted = self.operator.solve(residual, r2)
+        step = per_sample(r2, x_t) * self.settings.guidance_scale
+        guided_mean = denoised + step * self.operator.A_adjoint(weighted)
+        if self.data_range is not None:
+            guided_mean = guided_mean.clamp(*self.data_range)
+        log_likelihood, normalised = (self._log_likelihood(residual, weighted, None, None, alpha, sigma)
+                                      if likelihood else (None, False))
+        return Guided(denoised, guided_mean, log_likelihood, normalised)
 
     def _log_likelihood(self, residual: Tensor, weighted: Tensor, diagonal: Tensor | None,
                         gram_eigenvalues: Tensor | None, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, bool]:

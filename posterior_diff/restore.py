@@ -149,8 +149,8 @@ def restore(
         num_samples: how many posterior samples to draw.
         steps: grid times of the sampler (network evaluations for the default solver);
             None: the model's default (`defaults.defaults_for`).
-        covariance: V_t in the averaged likelihood: "zero", "isotropic", "diagonal", "tweedie";
-            None: the model's default.
+        covariance: V_t in the averaged likelihood: "zero", "isotropic", "diagonal", "tweedie",
+            or the Jacobian-free "projection"; None: the model's default.
         eta: noise level in [0, 1]; 1 = reverse SDE, 0 = probability-flow ODE.
         solver: "multistep" (second order, default), "euler", "heun" (eta=0), "pc", "euler_maruyama".
         guidance_scale: multiplier on the likelihood gradient (1 = Bayes' rule).

@@ -36,9 +36,9 @@ def test_tweedie_guidance_is_the_exact_posterior_denoiser(name, t, schedule, gen
     assert torch.allclose(guided(x_t, t), exact(x_t, t), atol=1e-6)
 
 
-@pytest.mark.parametrize("covariance", ["isotropic", "diagonal", "tweedie"])
+@pytest.mark.parametrize("covariance", ["isotropic", "diagonal", "tweedie", "projection"])
 def test_isotropic_and_diagonal_are_exact_for_a_white_unit_prior(covariance, generator):
-    """With Sigma = I under VP, Cov[x_0 | x_t] = r_t^2 I, so all three choices coincide with Bayes."""
+    """With Sigma = I under VP, Cov[x_0 | x_t] = r_t^2 I, so all four choices coincide with Bayes."""
     prior = GaussianPrior(torch.zeros(1, 4, 4, dtype=DOUBLE), torch.eye(16, dtype=DOUBLE))
     operator = Denoising(0.3) if covariance == "diagonal" else SuperResolution(2, 0.3)
     y = operator.measure(prior.sample(1, generator), generator)
@@ -164,3 +164,19 @@ def test_the_diagonal_twist_reuses_the_diagonal_of_the_solve(generator):
     variance = 0.05**2 + (matrix @ posterior_covariance_at(prior, 0.5) @ matrix.T).sum(1)
     exact = torch.distributions.Normal(matrix @ result.denoised.flatten(), variance.sqrt())
     assert torch.allclose(result.log_likelihood, exact.log_prob(y.flatten()).sum(), atol=1e-8)
+
+
+def test_projection_is_jacobian_free_and_exact_only_where_its_covariance_is():
+    """covariance="projection" costs one forward and no VJP; on a white unit prior it is Bayes'
+    rule, on a smooth prior (whose Cov[x_0 | x_t] is not r_t^2 I) it is not."""
+    generator = torch.Generator().manual_seed(3)
+    operator = SuperResolution(2, 0.1)
+    x_t = torch.randn(3, 1, 6, 6, generator=generator, dtype=DOUBLE)
+    white = GaussianPrior(torch.full((1, 6, 6), 0.3, dtype=DOUBLE), torch.eye(36, dtype=DOUBLE))
+    y = operator.measure(white.sample(1, generator), generator)
+    guided = AveragedLikelihoodGuidance(white, operator, y, "projection")
+    assert torch.allclose(guided(x_t, 0.6), white.posterior(operator, y[0])(x_t, 0.6), atol=1e-10)
+    assert guided.vjp_count == 0 and guided.forward_count == 1
+    smooth = smooth_prior()
+    off = AveragedLikelihoodGuidance(smooth, operator, y, "projection")(x_t, 0.6)
+    assert (off - smooth.posterior(operator, y[0])(x_t, 0.6)).abs().max() > 1e-2
