@@ -131,16 +131,30 @@ def choose_variant(unet_folder: Path, variant: str | None) -> str | None:
     raise ModelLoadError(f"{unet_folder} holds no UNet weights ({WEIGHTS}[.variant].safetensors or .bin)")
 
 
-def _load_folder(folder: Path, class_label: int | None = None, variant: str | None = None,
-                 torch_dtype: torch.dtype | None = None) -> DiffusersUNetDenoiser:
+def names_legacy_scheduler(folder: Path) -> bool:
+    """Whether a model folder's scheduler config uses an early diffusers class name (LEGACY_SCHEDULERS)."""
+    try:
+        config = json.loads(_scheduler_config(folder).read_text())
+    except (ModelLoadError, ValueError):
+        return False
+    return config.get("_class_name") in LEGACY_SCHEDULERS
+
+
+def load_diffusers_components(folder: Path, variant: str | None = None, torch_dtype: torch.dtype | None = None):
+    """(UNet2DModel, scheduler) of a model folder through diffusers' own loaders, legacy scheduler
+    names mapped and the weights variant chosen by `choose_variant`; float32 unless torch_dtype."""
     from diffusers import UNet2DModel
 
-    unet_folder = _unet_folder(folder)
-    scheduler = _load_scheduler(folder)
+    unet_folder = _unet_folder(Path(folder))
+    scheduler = _load_scheduler(Path(folder))
     scheduler_family(scheduler)  # an unusable scheduler fails here, before the weights are read
     unet = UNet2DModel.from_pretrained(unet_folder, variant=choose_variant(unet_folder, variant), torch_dtype=torch_dtype)
-    if torch_dtype is None:
-        unet = unet.float()
+    return (unet.float() if torch_dtype is None else unet), scheduler
+
+
+def _load_folder(folder: Path, class_label: int | None = None, variant: str | None = None,
+                 torch_dtype: torch.dtype | None = None) -> DiffusersUNetDenoiser:
+    unet, scheduler = load_diffusers_components(folder, variant, torch_dtype)
     return denoiser_from_diffusers(unet, scheduler, class_label)
 
 

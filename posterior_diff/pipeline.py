@@ -21,11 +21,14 @@ This file imports only absolute names, so diffusers can also load it as a commun
 
 # No `from __future__ import annotations`: diffusers reads __init__'s annotations at run time
 # (from_pipe matches components by type).
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 
 from posterior_diff.model_formats import check_diffusers_pair, denoiser_from_diffusers
+from posterior_diff.models import load_diffusers_components, names_legacy_scheduler
 from posterior_diff.restore import restore
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -52,6 +55,21 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         if unet is not None and scheduler is not None:
             check_diffusers_pair(unet, scheduler)
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' `from_pretrained`, except for a local folder whose scheduler config uses an
+        early diffusers class name (e.g. GaussianDDPMScheduler), which diffusers no longer knows:
+        that one is read by `models.load_diffusers_components`, which maps the name (it takes
+        `torch_dtype` and `variant` only)."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if not (folder.is_dir() and names_legacy_scheduler(folder)):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        unknown = sorted(set(kwargs) - {"torch_dtype", "variant"})
+        if unknown:
+            raise TypeError(f"a folder with a legacy scheduler name loads with torch_dtype and variant only, got {unknown}")
+        unet, scheduler = load_diffusers_components(folder, kwargs.get("variant"), kwargs.get("torch_dtype"))
+        return cls(unet=unet, scheduler=scheduler)
 
     def __call__(
         self,

@@ -138,3 +138,28 @@ def test_a_score_sde_folder_runs_in_the_pipeline_as_in_restore(tmp_path):
     images = run(pipe, num_inference_steps=2)
     result = restore(MEASUREMENT, OPERATOR, str(tmp_path / "ve"), num_samples=2, steps=2, generator=seeded())
     assert torch.equal(images, result.samples) and float(images.min()) >= 0 and float(images.max()) <= 1
+
+
+def test_the_pipeline_loads_a_folder_with_a_legacy_scheduler_name(pipeline_folder):
+    """An early-diffusers folder (scheduler "GaussianDDPMScheduler", old config keys) loads through
+    the pipeline as through load_model, and both give the same samples."""
+    import json
+
+    from posterior_diff.models import load_model
+
+    config_path = pipeline_folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(_class_name="GaussianDDPMScheduler", timesteps=config.pop("num_train_timesteps"))
+    config_path.write_text(json.dumps(config))
+    index = json.loads((pipeline_folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "GaussianDDPMScheduler"]
+    (pipeline_folder / "model_index.json").write_text(json.dumps(index))
+    pipe = PosteriorSamplingPipeline.from_pretrained(pipeline_folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    low = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = pipe(low, OPERATOR, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    same = restore(low, OPERATOR, load_model(pipeline_folder), steps=3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(images, same.samples)
+    with pytest.raises(TypeError, match="torch_dtype and variant only"):
+        PosteriorSamplingPipeline.from_pretrained(pipeline_folder, low_cpu_mem_usage=True)
