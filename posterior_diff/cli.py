@@ -1,6 +1,7 @@
 """The `posterior-diff` command: `restore` an image file, or `train` a model by DSM.
 
     posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025] [--samples 4] [--std-map std.png]
+                           [--device auto|cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
     posterior-diff restore holes.png --task inpaint --mask mask.png -o filled.png
     posterior-diff train --data photos/ --out my_model/ [--steps 20000] [--resume]
 
@@ -14,6 +15,7 @@ unreadable file, an unknown task, a mask of the wrong size) prints one line and 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from .tasks import TASKS
 
 # The tasks a real measurement can name: the simulated ones ("box", "random") draw their own mask.
 CLI_TASKS = tuple(name for name, task in TASKS.items() if not task.draws_mask)
+NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class UsageError(Exception):
@@ -52,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
+    restore.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
+    restore.add_argument("--dtype", default="float32", choices=tuple(NETWORK_DTYPES),
+                         help="the network's dtype (the sampler state stays float32; default float32)")
     restore.add_argument("--seed", type=int, default=0)
     restore.add_argument("-o", "--output", type=Path, required=True, help="where to write the posterior mean")
     restore.add_argument("--std-map", type=Path, help="also write the posterior standard deviation (scaled to its maximum)")
@@ -87,22 +94,38 @@ def _operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_p
     return task.operator(tuple(image.shape), sigma_y=sigma_y, mask=observed)
 
 
+def _device(name: str) -> torch.device:
+    """The device `--device` names: auto means CUDA when present, else the CPU."""
+    if not DEVICE.match(name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available)")
+    return device
+
+
 def _restore(args) -> None:
     from . import restore
     from .images import match_channels, read_image, write_image
-    from .models import default_model, load_model
+    from .models import DEFAULT_MODEL_DIR, default_model, load_model
 
     for path in (args.output, args.std_map):
         if path is not None and path.exists() and not args.force:
             raise UsageError(f"{path} exists; pass --force to overwrite it")
+    device = _device(args.device)
     image = read_image(args.input)
-    model = load_model(args.model) if args.model is not None else default_model()
+    if args.dtype == "float32":
+        model = load_model(args.model) if args.model is not None else default_model()
+    else:  # the embedded model is a folder too; a half-precision copy leaves the cached one alone
+        model = load_model(args.model or DEFAULT_MODEL_DIR, torch_dtype=NETWORK_DTYPES[args.dtype])
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
     operator = _operator(args.task, args.sigma_y, image, args.mask)
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                      cg_max_iter=args.cg_max_iter, generator=torch.Generator().manual_seed(args.seed), progress=True,
-                     particles=args.particles)
+                     particles=args.particles, device=device)
     write_image(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if args.std_map is not None:

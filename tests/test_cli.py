@@ -49,6 +49,8 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys, monkeypatch
         ([str(image), "--task", "inpaint", *common], "needs --mask"),
         ([str(image), "--task", "denoise", "--sigma-y", "-1", *common], "sigma"),
         ([str(image), "--task", "sr2", *common, "--model", "someone/uncached-model"], "pass a local folder"),
+        ([str(image), "--task", "sr2", *common, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        ([str(image), "--task", "sr2", *common, "--device", "cuda:63"], "no such CUDA device"),
     ]
     for arguments, message in cases:
         assert main(["restore", *arguments]) == 2
@@ -64,3 +66,29 @@ def test_train_command(tmp_path):
                  "--batch-size", "2", "--crop-size", "8"]) == 0
     assert (tmp_path / "model" / "unet").is_dir()
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2"), "--steps", "1"]) == 2
+
+
+def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monkeypatch):
+    """--dtype sets the network's dtype (the sampler state stays float32) and --device where restore samples."""
+    import posterior_diff
+
+    seen = {}
+    real_restore = posterior_diff.restore
+
+    def spy(y, operator, model, **options):
+        seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"])
+        result = real_restore(y, operator, model, **options)
+        seen["samples"] = result.samples.dtype
+        return result
+
+    monkeypatch.setattr(posterior_diff, "restore", spy)
+    low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
+    out = tmp_path / "out.png"
+    assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
+                 "--dtype", "bfloat16", "--device", "cpu", "-o", str(out)]) == 0
+    assert seen == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "samples": torch.float32}
+    assert read_image(out).shape == (3, 8, 8)
+    assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
+                 "-o", str(out), "--force"]) == 0
+    expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    assert seen["dtype"] == torch.float32 and seen["device"] == expected  # auto, float32 by default
