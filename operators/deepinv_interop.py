@@ -21,9 +21,14 @@ from torch import Tensor
 from .base import LinearOperator, Shape
 
 
+def deepinv_classes(obj) -> list[type]:
+    """The classes in type(obj)'s MRO that deepinv defines (checked without importing deepinv)."""
+    return [cls for cls in type(obj).__mro__ if cls.__module__ == "deepinv" or cls.__module__.startswith("deepinv.")]
+
+
 def is_deepinv_physics(obj) -> bool:
     """True for a deepinv Physics object (checked without importing deepinv)."""
-    return any(cls.__module__.startswith("deepinv.") and cls.__name__ == "Physics" for cls in type(obj).__mro__)
+    return any(cls.__name__ == "Physics" for cls in deepinv_classes(obj))
 
 
 class DeepinvOperator(LinearOperator):

@@ -8,11 +8,11 @@ with sigma a float or a (B,) tensor, one noise level per sample. That is our con
 (docs/theory.md §2) for the variance-exploding schedule alpha(t) = 1 and the data range
 (0, 1), so the adapter converts nothing:
 
-    D(x_t, t) = denoiser(x_t, sigma(t)),    sigma(t) = sigma_min sqrt((sigma_max / sigma_min)^(2t) - 1)
+    D(x_t, t) = denoiser(x_t, sigma(t)),    sigma(t) = sigma_min (sigma_max / sigma_min)^t
 
-(`schedules.VESchedule`). Time enters only through sigma(t); x_t goes to the network unchanged
-and D comes back unchanged, so the guidance's VJPs run straight through the network, and with
-data_range (0, 1) `restore`'s unit conversion (`images.measurement_to_model_units`) is the
+(`schedules.GeometricVESchedule`, the time axis of score-SDE and EDM models too). Time enters
+only through sigma(t); x_t goes to the network unchanged and D comes back unchanged, so the
+guidance's VJPs run straight through the network, and with data_range (0, 1) `restore`'s unit conversion (`images.measurement_to_model_units`) is the
 identity: y and sigma_y stay in [0, 1] units.
 
 The two ends of the schedule, in [0, 1] units:
@@ -23,8 +23,7 @@ The two ends of the schedule, in [0, 1] units:
   the top of the linear DDPM schedule (beta from 1e-4 to 0.02, T = 1000) that DiffUNet was
   trained on.
 - sigma_min (default 0.002, half a grey level of an 8-bit image): the smallest noise level
-  the network is asked about. The schedule's `t_min` is the time where sigma(t) = sigma_min,
-  so the sampler's grid stops there (theory.md §3, time grids) and the last step returns
+  the network is asked about: sigma(0) = sigma_min, so the sampler's grid stops there (theory.md §3, time grids) and the last step returns
   D(x, sigma_min).
 
 A deepinv denoiser is only asked about noise levels in [sigma_min, sigma_max]; levels it was
@@ -34,50 +33,34 @@ deepinv is never imported here: its objects are recognised by the modules of the
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
+
+from operators.deepinv_interop import deepinv_classes
 
 from .checks import positive_int
 from .denoisers import Denoiser, as_time
-from .schedules import VESchedule
+from .schedules import GeometricVESchedule
 
 DEEPINV_SIGMA_MIN = 0.002  # half a grey level of an 8-bit image in [0, 1]
 DEEPINV_SIGMA_MAX = 80.0  # hides [0, 1] data; s = 160 in [-1, 1] units, the end of DDPM's schedule
 
 
-def _deepinv_classes(obj) -> list[type]:
-    """The classes in type(obj)'s MRO that deepinv defines (checked without importing deepinv)."""
-    return [cls for cls in type(obj).__mro__ if cls.__module__ == "deepinv" or cls.__module__.startswith("deepinv.")]
-
-
 def is_deepinv_object(obj) -> bool:
     """True for an instance of any class deepinv defines, or of a subclass of one."""
-    return bool(_deepinv_classes(obj))
+    return bool(deepinv_classes(obj))
 
 
 def is_deepinv_denoiser(obj) -> bool:
     """True for a `deepinv.models.Denoiser` (DRUNet, DiffUNet, ... or a subclass of your own)."""
-    return any(cls.__name__ == "Denoiser" and cls.__module__.startswith("deepinv.models") for cls in _deepinv_classes(obj))
+    return any(cls.__name__ == "Denoiser" and cls.__module__.startswith("deepinv.models") for cls in deepinv_classes(obj))
 
 
 def not_a_deepinv_denoiser(obj, name: str) -> str:
     """The TypeError message for a deepinv object given as argument `name` that is not a denoiser."""
-    families = {cls.__module__.split(".")[1] for cls in _deepinv_classes(obj) if "." in cls.__module__}
+    families = {cls.__module__.split(".")[1] for cls in deepinv_classes(obj) if "." in cls.__module__}
     family = "physics" if "physics" in families else "model" if "models" in families else "object"
     hint = " (a deepinv physics is the operator, not the model)" if family == "physics" else ""
     return f"{name} must be a deepinv.models.Denoiser, got the deepinv {family} {type(obj).__name__}{hint}"
-
-
-def ve_schedule(sigma_min: float = DEEPINV_SIGMA_MIN, sigma_max: float = DEEPINV_SIGMA_MAX) -> VESchedule:
-    """The VESchedule from sigma_min to sigma_max (both in [0, 1] units) with t_min at sigma(t) = sigma_min.
-
-    sigma(t) = sigma_min sqrt(r^(2t) - 1) with r = sigma_max / sigma_min equals sigma_min at
-    t = log 2 / (2 log r), so samplers never ask the network about less noise than sigma_min.
-    """
-    schedule = VESchedule(sigma_min, sigma_max)
-    schedule.t_min = math.log(2) / (2 * math.log(schedule.sigma_max / schedule.sigma_min))
-    return schedule
 
 
 def deepinv_channels(denoiser) -> int | None:
@@ -100,7 +83,7 @@ class DeepinvPrior(Denoiser):
         denoiser: the deepinv denoiser, called as `denoiser(x, sigma)` with x (B, C, H, W) in
             [0, 1] units and sigma a (B,) tensor; registered as the submodule `denoiser`, so
             `.to(device)` moves it and its parameters decide the sampling device and dtype.
-        schedule: the VE schedule giving sigma(t) (see `ve_schedule`).
+        schedule: the VE schedule giving sigma(t) (a GeometricVESchedule from sigma_min to sigma_max).
         channels: the image channels the denoiser takes, or None (any).
         x_shape: the shape of one x, if the denoiser takes only one, or None.
 
@@ -111,7 +94,7 @@ class DeepinvPrior(Denoiser):
 
     data_range = (0.0, 1.0)
 
-    def __init__(self, denoiser: nn.Module, schedule: VESchedule, channels: int | None = None,
+    def __init__(self, denoiser: nn.Module, schedule: GeometricVESchedule, channels: int | None = None,
                  x_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.denoiser = denoiser
@@ -154,4 +137,4 @@ def from_deepinv_denoiser(denoiser, channels: int | None = None, *, sigma_min: f
         raise TypeError(not_a_deepinv_denoiser(denoiser, "denoiser") if is_deepinv_object(denoiser) else
                         f"denoiser must be a deepinv.models.Denoiser, got {type(denoiser).__name__}")
     channels = deepinv_channels(denoiser) if channels is None else positive_int(channels, "channels")
-    return DeepinvPrior(denoiser.eval(), ve_schedule(sigma_min, sigma_max), channels, x_shape)
+    return DeepinvPrior(denoiser.eval(), GeometricVESchedule(sigma_min, sigma_max), channels, x_shape)

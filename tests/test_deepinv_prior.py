@@ -4,7 +4,7 @@ import torch
 deepinv = pytest.importorskip("deepinv")
 
 from operators import SuperResolution, from_deepinv  # noqa: E402
-from posterior_diff import DeepinvPrior, GaussianPrior, VESchedule, from_deepinv_denoiser, restore  # noqa: E402
+from posterior_diff import DeepinvPrior, GaussianPrior, GeometricVESchedule, from_deepinv_denoiser, restore  # noqa: E402
 from posterior_diff.deepinv_prior import is_deepinv_denoiser, is_deepinv_object  # noqa: E402
 from posterior_diff.images import from_model_range, to_model_range  # noqa: E402
 from posterior_diff.metrics import exact_sample_floor, gaussian_errors  # noqa: E402
@@ -55,7 +55,7 @@ def noisy(x0, sigma, seed):
 def test_the_adapter_is_a_ve_denoiser_in_unit_range():
     mean, cov = image_prior()
     prior = from_deepinv_denoiser(ExactGaussianDenoiser(mean, cov), sigma_min=0.005, sigma_max=50.0)
-    assert isinstance(prior, DeepinvPrior) and isinstance(prior.schedule, VESchedule)
+    assert isinstance(prior, DeepinvPrior) and isinstance(prior.schedule, GeometricVESchedule)
     assert prior.data_range == (0.0, 1.0) and prior.channels is None and prior.x_shape is None
     schedule = prior.schedule
     assert float(schedule.sigma(torch.tensor(schedule.t_min, dtype=DOUBLE))) == pytest.approx(0.005)
