@@ -184,11 +184,15 @@ class AveragedLikelihoodGuidance(Denoiser):
         self.x_shape = denoiser.x_shape
         self.data_range = denoiser.data_range
         self.settings = settings
-        self.covariance = settings.covariance
         self.register_buffer("y", y)
         self.forward_count = 0
         self.vjp_count = 0
         self.cg_iterations: list[int] = []
+
+    @property
+    def covariance(self) -> str:
+        """The covariance choice of the settings."""
+        return self.settings.covariance
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         return self.guide(x_t, t).guided_mean

@@ -254,26 +254,28 @@ def denoiser_from_diffusers(unet, scheduler, class_label: int | None = None) -> 
         ModelLoadError: a scheduler that cannot define E[x_0 | x_t] (consistency models, unknown
             ones), or a UNet that does not fit it; the message names the scheduler and the reason.
     """
-    family = scheduler_family(scheduler)
-    mean_channels = check_unet_for(family, unet, scheduler)
+    family, mean_channels, prediction = diffusers_format(unet, scheduler)
     if family == "score-sde":
         return ScoreSdeUNetDenoiser(unet, _config(scheduler, "sigma_min"), _config(scheduler, "sigma_max"), class_label)
     if family == "edm":
-        prediction = check_prediction(scheduler, ("epsilon", "v_prediction"))
         return EDMUNetDenoiser(unet, _config(scheduler, "sigma_min"), _config(scheduler, "sigma_max"),
                                _config(scheduler, "sigma_data", 0.5), prediction, class_label)
-    prediction = check_prediction(scheduler, tuple(PREDICTIONS))
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
     return UNetDenoiser(unet, alphas_cumprod, prediction, class_label, mean_channels)
 
 
+def diffusers_format(unet, scheduler) -> tuple[str, int, str]:
+    """(family, mean output channels, prediction type) of a UNet and its scheduler, checked
+    without building the denoiser; a ModelLoadError naming the scheduler where they define none."""
+    family = scheduler_family(scheduler)
+    mean_channels = check_unet_for(family, unet, scheduler)
+    if family == "score-sde":
+        return family, mean_channels, "score"
+    allowed = ("epsilon", "v_prediction") if family == "edm" else tuple(PREDICTIONS)
+    return family, mean_channels, check_prediction(scheduler, allowed)
+
+
 def check_diffusers_pair(unet, scheduler) -> str:
     """Check, without building the denoiser, that a UNet and scheduler define one; returns the family."""
-    family = scheduler_family(scheduler)
-    check_unet_for(family, unet, scheduler)
-    if family == "edm":
-        check_prediction(scheduler, ("epsilon", "v_prediction"))
-    elif family == "discrete":
-        check_prediction(scheduler, tuple(PREDICTIONS))
-    return family
+    return diffusers_format(unet, scheduler)[0]
 

@@ -257,6 +257,8 @@ def guide_cloud(guidance: AveragedLikelihoodGuidance, x: Tensor, point: GridPoin
     t = torch.full((x.shape[0],), point.t, dtype=dtype, device=x.device)
     parts = [guidance.guide(x[i : i + batch_size], t[i : i + batch_size], likelihood=True)
              for i in range(0, x.shape[0], batch_size)]
+    if len(parts) == 1:  # the whole cloud in one call: nothing to join (the rows of A J are K x m x d)
+        return replace(parts[0], log_likelihood=parts[0].log_likelihood.double())
 
     def cat(name: str) -> Tensor | None:
         values = [getattr(part, name) for part in parts]

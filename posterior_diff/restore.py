@@ -181,12 +181,11 @@ def restore(
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid)
     guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
                                 defaults.cg_max_iter if cg_max_iter is None else cg_max_iter)
-    settings = RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance,
-                               None if batch_size is None else positive_int(batch_size, "batch_size"))
-    if particles is not None:
-        settings = RestoreSettings(settings.num_samples, sampler, guidance, settings.batch_size, check_particle_settings(
-            particles, ess_threshold, proposal, settings.batch_size, sampler, guidance.covariance,
-            problem.operator.sigma_y, problem.y.numel()))
+    batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
+    particle_settings = None if particles is None else check_particle_settings(
+        particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.operator.sigma_y,
+        problem.y.numel())
+    settings = RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     # 2. Convert.
