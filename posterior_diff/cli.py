@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 
 from .defaults import IMAGE_DEFAULTS
+from .tasks import MEASURED_TASKS as CLI_TASKS
 from .tasks import TASKS
-
-# The tasks a real measurement can name: the simulated ones ("box", "random") draw their own mask.
-CLI_TASKS = tuple(name for name, task in TASKS.items() if not task.draws_mask)
 NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -81,9 +79,9 @@ def _operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_p
     if task_name not in CLI_TASKS:
         raise UsageError(f"unknown task {task_name!r}; choose one of {', '.join(CLI_TASKS)}")
     task = TASKS[task_name]
-    if mask_path is not None and task.mask != "given":
+    if mask_path is not None and not task.needs_mask:
         raise UsageError("--mask is only used with --task inpaint")
-    if task.mask != "given":
+    if not task.needs_mask:
         return task.operator(tuple(image.shape), sigma_y=sigma_y)
     if mask_path is None:
         raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")

@@ -41,7 +41,7 @@ from .metrics import calibrated_coverage, coverage_within_two_std, sliced_wasser
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore
 from .samplers import NonFiniteSampleError
-from .tasks import TASKS, Task, get_task
+from .tasks import SIMULATED_TASKS, Task, get_task
 
 __all__ = [
     "HELD_OUT_PHOTOGRAPHS", "HELD_OUT", "TRAINING_PHOTOGRAPHS", "SIMULATED_TASKS", "DIVERGED", "DIVERGENCE_BOUND",
@@ -54,8 +54,6 @@ HELD_OUT_PHOTOGRAPHS = ("astronaut", "camera", "coffee", "chelsea")
 HELD_OUT = HELD_OUT_PHOTOGRAPHS + ("cat",)  # cat is the chelsea photograph
 TRAINING_PHOTOGRAPHS = ("rocket", "coins", "clock", "moon", "brick", "grass", "gravel", "cell",
                         "hubble_deep_field", "immunohistochemistry", "retina", "page", "text")
-# The tasks whose measurement can be simulated from a clean image alone ("inpaint" needs a real mask).
-SIMULATED_TASKS = tuple(name for name, task in TASKS.items() if task.mask != "given")
 DIVERGED = "diverged"
 DIVERGENCE_BOUND = 1e4  # |x| beyond this counts as diverged: the priors here have scales from ~1 to ~20
 

@@ -52,6 +52,11 @@ class Task:
     mask: str | None = None
 
     @property
+    def needs_mask(self) -> bool:
+        """True for "inpaint", whose mask comes with a real measurement."""
+        return self.mask == "given"
+
+    @property
     def draws_mask(self) -> bool:
         """True for the simulated inpainting tasks, whose mask is made by `operator`."""
         return self.mask in ("box", "random")
@@ -67,7 +72,7 @@ class Task:
             generator: draws the mask of the "random" task.
         """
         sigma_y = self.sigma_y if sigma_y is None else sigma_y
-        if mask is not None and self.mask != "given":
+        if mask is not None and not self.needs_mask:
             raise ValueError(f"a mask is only used by the inpaint task, not by {self.name!r}")
         if self.factor is not None:
             return SuperResolution(self.factor, sigma_y, kernel=self.kernel)
@@ -96,6 +101,11 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("random", "inpainting, 70% of the pixels missing", 0.01, "biharmonic fill", mask="random"),
     Task("denoise", "denoising", 0.1, "BM3D"),
 )}
+
+
+# The tasks a real measurement can name (the command line), and those a clean image can simulate.
+MEASURED_TASKS = tuple(name for name, task in TASKS.items() if not task.draws_mask)
+SIMULATED_TASKS = tuple(name for name, task in TASKS.items() if not task.needs_mask)
 
 
 def get_task(name: str) -> Task:
