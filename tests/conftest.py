@@ -1,6 +1,18 @@
 import pytest
 import torch
 
+from posterior_diff import GaussianPrior
+
+
+class CountingPrior(GaussianPrior):
+    """A Gaussian prior that counts its denoiser calls (class-wide): work done shows up as calls > 0."""
+
+    calls = 0
+
+    def forward(self, x_t, t):
+        CountingPrior.calls += 1
+        return super().forward(x_t, t)
+
 
 @pytest.fixture
 def generator():

@@ -5,6 +5,8 @@ from operators import Denoising, Inpainting, MatrixOperator, SuperResolution, ra
 from posterior_diff import AveragedLikelihoodGuidance, GaussianPrior, VESchedule, VPSchedule
 from posterior_diff.problems import squared_exponential_covariance
 
+from conftest import CountingPrior
+
 DOUBLE = torch.float64
 
 
@@ -83,14 +85,6 @@ def test_guidance_scale_interpolates_between_prior_and_posterior(generator):
     double = AveragedLikelihoodGuidance(prior, operator, y, guidance_scale=2.0, cg_tol=1e-12)(x_t, 0.5)
     assert torch.allclose(unguided, prior(x_t, 0.5))
     assert torch.allclose(double - full, full - unguided, atol=1e-9)
-
-
-class CountingPrior(GaussianPrior):
-    calls = 0
-
-    def forward(self, x_t, t):
-        CountingPrior.calls += 1
-        return super().forward(x_t, t)
 
 
 def test_one_network_forward_per_call_whatever_the_cg_iterations(generator):

@@ -6,6 +6,8 @@ from posterior_diff import GaussianPrior, NonFiniteSampleError, restore
 from posterior_diff.metrics import exact_sample_floor, gaussian_errors
 from posterior_diff.problems import gaussian_image_problems
 
+from conftest import CountingPrior
+
 DOUBLE = torch.float64
 
 
@@ -77,16 +79,6 @@ def test_the_callers_operator_is_left_untouched(problems):
     mask_before = problem.operator.mask.clone()
     restore(problem.y, problem.operator, problem.prior, steps=3)
     assert torch.equal(problem.operator.mask, mask_before) and problem.operator.mask.device.type == "cpu"
-
-
-class CountingPrior(GaussianPrior):
-    """A Gaussian prior that counts its denoiser calls: work done shows up as calls > 0."""
-
-    calls = 0
-
-    def forward(self, x_t, t):
-        CountingPrior.calls += 1
-        return super().forward(x_t, t)
 
 
 def counting_copy(prior: GaussianPrior) -> CountingPrior:
