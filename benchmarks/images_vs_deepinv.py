@@ -39,6 +39,7 @@ class ImageRow:
     psnr: float = math.nan  # NaN: diverged or not applicable (see note)
     ssim: float = math.nan
     nfe: int = 0
+    vjps: int = 0
     seconds: float = math.nan
     peak_mb: float = math.nan
     note: str = ""
@@ -56,16 +57,17 @@ def image_study(model: Denoiser, images: list[str], tasks: list[str], size: int,
             name, estimate = next(iter(baselines(measurement).items()))
             rows.append(ImageRow(image, task, name, *psnr_ssim(estimate, truth)))
             for covariance in covariances:
-                rows.append(_ours(model, image, covariance, truth, measurement, num_samples, steps, cg_max_iter, seed, device))
+                rows.append(ours_row(model, image, covariance, truth, measurement, num_samples, steps, cg_max_iter, seed, device))
             for method in peers:
-                rows.append(_peer(model, image, method, truth, measurement, num_samples, steps, seed))
+                rows.append(peer_row(model, image, method, truth, measurement, num_samples, steps, seed))
             for row in rows[-len(covariances) - len(peers):]:
                 log_row(image, task, row.method, f"{row.psnr:.2f} dB", row.seconds, row.note)
     return rows
 
 
-def _ours(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
-          steps: int, cg_max_iter: int, seed: int, device: str | None) -> ImageRow:
+def ours_row(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
+             steps: int, cg_max_iter: int, seed: int, device: str | None) -> ImageRow:
+    """Our restore() with one covariance on one measurement: PSNR/SSIM of the posterior mean, NFE, seconds, memory."""
     row = ImageRow(image, measurement.task.name, f"ours {covariance}")
     with PeakMemory(device or "cpu") as peak:
         result = restore_unless_diverged(measurement.y, measurement.operator, model, num_samples=num_samples, steps=steps,
@@ -75,12 +77,13 @@ def _ours(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, mea
         row.note = DIVERGED
         return row
     row.psnr, row.ssim = psnr_ssim(result.mean.cpu(), truth)
-    row.nfe, row.seconds, row.peak_mb = result.nfe, result.seconds, peak.megabytes
+    row.nfe, row.vjps, row.seconds, row.peak_mb = result.nfe, result.vjps, result.seconds, peak.megabytes
     return row
 
 
-def _peer(model: Denoiser, image: str, method: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
-          steps: int, seed: int) -> ImageRow:
+def peer_row(model: Denoiser, image: str, method: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
+             steps: int, seed: int) -> ImageRow:
+    """A deepinv method (`peers.run_peer`) on one measurement, with `steps` network evaluations per sample."""
     row = ImageRow(image, measurement.task.name, f"deepinv {method}")
     try:
         with warnings.catch_warnings(), PeakMemory("cpu") as peak:

@@ -3,8 +3,13 @@
 Solves M v = b independently for every sample of a batch: b has shape (B, *), M acts
 sample-wise (its action on sample i depends on sample i only), and every inner product,
 step length and stopping test is taken per sample. A sample stops changing once its
-relative residual ||b - M v|| / ||b|| falls under `tol`; the loop stops when every sample
-has, or after `max_iter` iterations.
+relative residual ||b - M v|| / ||b|| falls under `tol` (or its residual norm under `atol`);
+the loop stops when every sample has, or after `max_iter` iterations.
+
+A caller whose matrix-vector product passes through a cheaper linear map G on its way
+(M = sigma^2 I + A G, say) can have G v carried along: with `with_image=True` the matvec
+returns the pair (M v, G v), and the solve also returns G v for the solution v, accumulated
+from the products it made, at no extra application of G.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ class CGInfo:
 
     iterations: matrix-vector products spent (one per iteration, shared by the batch).
     relative_residual: ||b - M v|| / ||b|| per sample, shape (B,).
+    image: G v for the solution v when the solve ran `with_image` (None otherwise, and None
+        when no product was made: v = 0 then, and so is G v).
     """
 
     iterations: int
     relative_residual: Tensor
+    image: Tensor | None = None
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -54,17 +62,22 @@ def conjugate_gradient(
     initial_guess: Tensor | None = None,
     preconditioner: MatVec | None = None,
     tol: float = 1e-5,
+    atol: float = 0.0,
     max_iter: int = 100,
+    with_image: bool = False,
 ) -> tuple[Tensor, CGInfo]:
     """Solve M v = b per sample by (preconditioned) conjugate gradient.
 
     Args:
-        matvec: v -> M v for a (B, *) tensor; M symmetric positive definite per sample.
+        matvec: v -> M v for a (B, *) tensor; M symmetric positive definite per sample. With
+            `with_image`, v -> (M v, G v) for a linear map G (see the module docstring).
         b: right-hand side, shape (B, *).
-        initial_guess: starting guess, shape (B, *); zeros when None.
+        initial_guess: starting guess, shape (B, *); zeros when None. It costs one product.
         preconditioner: u -> P^{-1} u with P symmetric positive definite, or None.
         tol: relative residual ||b - M v|| / ||b|| at which a sample is done.
-        max_iter: cap on matrix-vector products.
+        atol: residual norm ||b - M v|| at which a sample is done (0: the relative rule only).
+        max_iter: cap on matrix-vector products, the initial guess's included.
+        with_image: carry G v along (returned as `CGInfo.image`).
 
     Returns:
         v of shape (B, *) and a CGInfo. A sample whose curvature p^T M p is not positive
@@ -73,32 +86,45 @@ def conjugate_gradient(
     """
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if atol < 0:
+        raise ValueError(f"atol must be >= 0, got {atol}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     precond = preconditioner if preconditioner is not None else (lambda u: u)
-    x = torch.zeros_like(b) if initial_guess is None else initial_guess.clone()
+    product = matvec if with_image else (lambda v: (matvec(v), None))
     b_norm = batch_dot(b, b).sqrt()
     # A zero right-hand side is solved by zero: treat its norm as 1 to avoid 0/0.
     scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-    residual = b - matvec(x) if initial_guess is not None else b.clone()
-    iterations = 1 if initial_guess is not None else 0
+    threshold = torch.clamp(tol * scale, min=atol)
+
+    def unfinished(residual: Tensor) -> Tensor:
+        return batch_dot(residual, residual).sqrt() > threshold
+
+    if initial_guess is None:
+        x, residual, image, iterations = torch.zeros_like(b), b.clone(), None, 0
+    else:
+        x = initial_guess.clone()
+        m_x, image = product(x)
+        residual, iterations = b - m_x, 1
     z = precond(residual)
     direction = z.clone()
     rz = batch_dot(residual, z)
-    active = batch_dot(residual, residual).sqrt() / scale > tol
+    active = unfinished(residual)
     while bool(active.any()) and iterations < max_iter:
-        m_dir = matvec(direction)
+        m_dir, g_dir = product(direction)
         iterations += 1
         curvature = batch_dot(direction, m_dir)
         active = active & (curvature > 0)
         step = torch.where(active, rz / torch.where(active, curvature, torch.ones_like(curvature)), 0.0)
         x = x + per_sample(step, x) * direction
+        if with_image:
+            image = per_sample(step, g_dir) * g_dir + (0 if image is None else image)
         residual = residual - per_sample(step, x) * m_dir
         z = precond(residual)
         rz_new = batch_dot(residual, z)
         beta = torch.where(active, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), 0.0)
         direction = z + per_sample(beta, x) * direction
         rz = rz_new
-        active = active & (batch_dot(residual, residual).sqrt() / scale > tol)
+        active = active & unfinished(residual)
     relative = batch_dot(residual, residual).sqrt() / scale
-    return x, CGInfo(iterations=iterations, relative_residual=relative)
+    return x, CGInfo(iterations=iterations, relative_residual=relative, image=image)

@@ -82,12 +82,18 @@ class GuidanceSettings:
         guidance_scale: multiplier on grad log l (1 = Bayes' rule), finite and >= 0.
         cg_tol: relative residual at which the Tweedie conjugate gradient stops, > 0.
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
+        cg_noise_tol: residual norm at which the Tweedie CG stops, in units of the measurement
+            noise's norm sigma_y sqrt(m), >= 0. Stopping there solves the system exactly for a
+            y moved by that fraction of its own noise (0: the relative rule only).
+        warm_start: start each Tweedie solve from the previous step's solution.
     """
 
     covariance: str = "tweedie"
     guidance_scale: float = 1.0
-    cg_tol: float = 1e-4
+    cg_tol: float = 1e-3
     cg_max_iter: int = 50
+    cg_noise_tol: float = 0.1
+    warm_start: bool = True
 
     def __post_init__(self):
         choice(self.covariance, COVARIANCES, "covariance")
@@ -96,6 +102,21 @@ class GuidanceSettings:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
         object.__setattr__(self, "cg_tol", number_in(self.cg_tol, "cg_tol", 0.0, open_low=True))
         object.__setattr__(self, "cg_max_iter", positive_int(self.cg_max_iter, "cg_max_iter"))
+        object.__setattr__(self, "cg_noise_tol", number_in(self.cg_noise_tol, "cg_noise_tol", 0.0, math.inf))
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """The Tweedie solve of the last call, for the next one to start from: the batch's residual
+    shape, the time t of that call, C^{-1} r, and the isotropic solve of that r (None without a
+    closed form)."""
+
+    shape: torch.Size
+    t: float
+    solution: Tensor
+    isotropic: Tensor | None
 
 
 @dataclass
@@ -150,6 +171,7 @@ class AveragedLikelihoodGuidance(Denoiser):
         guidance_scale: multiplier on grad log l (1 = Bayes' rule).
         cg_tol: relative residual at which the Tweedie conjugate gradient stops.
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
+        cg_noise_tol, warm_start: as in `GuidanceSettings`.
 
     Counters `forward_count` and `vjp_count` record the network work done.
     """
@@ -161,10 +183,13 @@ class AveragedLikelihoodGuidance(Denoiser):
         y: Tensor,
         covariance: str = "tweedie",
         guidance_scale: float = 1.0,
-        cg_tol: float = 1e-4,
+        cg_tol: float = 1e-3,
         cg_max_iter: int = 50,
+        cg_noise_tol: float = 0.1,
+        warm_start: bool = True,
     ):
-        self._configure(denoiser, operator, y, GuidanceSettings(covariance, guidance_scale, cg_tol, cg_max_iter))
+        self._configure(denoiser, operator, y, GuidanceSettings(covariance, guidance_scale, cg_tol, cg_max_iter,
+                                                                cg_noise_tol, warm_start))
 
     @classmethod
     def from_settings(cls, denoiser: Denoiser, operator: LinearOperator, y: Tensor,
@@ -188,6 +213,7 @@ class AveragedLikelihoodGuidance(Denoiser):
         self.forward_count = 0
         self.vjp_count = 0
         self.cg_iterations: list[int] = []
+        self._warm_start: WarmStart | None = None
 
     @property
     def covariance(self) -> str:
@@ -235,8 +261,10 @@ class AveragedLikelihoodGuidance(Denoiser):
                 grad_log_likelihood = torch.einsum("bm,bm...->b...", weighted.flatten(1), measurement_jacobian)
                 diagonal = None
             else:
-                weighted, diagonal = self._apply_inverse_covariance(residual, vjp, alpha, sigma)
-                grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
+                weighted, diagonal, grad_log_likelihood = self._apply_inverse_covariance(
+                    residual, vjp, t, alpha, sigma, warm=self.settings.warm_start and not likelihood)
+                if grad_log_likelihood is None:
+                    grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
             log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, eigenvalues, alpha, sigma)
                                           if likelihood else (None, False))
         step = per_sample(sigma**2 / alpha, x_t) * self.settings.guidance_scale
@@ -298,40 +326,65 @@ class AveragedLikelihoodGuidance(Denoiser):
         eigenvalues, eigenvectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
         return torch.stack(rows, dim=1).detach(), eigenvalues.detach(), eigenvectors.detach()
 
+    def _initial_guess(self, residual: Tensor, t: Tensor, preconditioner, warm: bool) -> Tensor | None:
+        """Where the Tweedie CG starts: from the previous call's solution, corrected by the change
+        of the isotropic solve, where that call was on the same batch earlier in the run;
+        else from the isotropic solve (operators with a closed form), else from 0.
+
+        C_t and y - A D change little from one step to the next, and the isotropic solve P^{-1}
+        follows most of the change of the right-hand side: u_prev + P^{-1} r - P^{-1} r_prev.
+        """
+        isotropic = preconditioner(residual) if preconditioner else None
+        previous = self._warm_start
+        if not (warm and previous is not None and previous.shape == residual.shape and previous.t > float(t[0])):
+            return isotropic
+        if isotropic is None or previous.isotropic is None:
+            return previous.solution
+        return previous.solution + isotropic - previous.isotropic
+
     def _apply_inverse_covariance(
-        self, residual: Tensor, vjp: Callable[[Tensor], Tensor], alpha: Tensor, sigma: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
-        """C^{-1} (y - A D) per sample for the chosen covariance (shape of the residual), and the
-        diagonal of C when the covariance is "diagonal" (None otherwise)."""
+        self, residual: Tensor, vjp: Callable[[Tensor], Tensor], t: Tensor, alpha: Tensor, sigma: Tensor, warm: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """C^{-1} (y - A D) per sample for the chosen covariance (shape of the residual); the
+        diagonal of C when the covariance is "diagonal"; and the gradient J^T A^T C^{-1} (y - A D)
+        where the solve made it on the way (Tweedie), else None. `warm`: the Tweedie solve may
+        start from the previous call's solution (see `_initial_guess`)."""
         op = self.operator
         noise_variance = op.sigma_y**2
         if self.covariance == "zero":
-            return residual / noise_variance, None
+            return residual / noise_variance, None, None
         r2 = pigdm_variance(alpha, sigma)
         if self.covariance == "isotropic":
-            return op.solve(residual, r2), None
+            return op.solve(residual, r2), None, None
         tweedie_scale = sigma**2 / alpha  # V_t = tweedie_scale * J
         if self.covariance == "diagonal":
             ones = torch.ones_like(residual)
             row_sums = per_sample(tweedie_scale, residual) * op.A(vjp(op.A_adjoint(ones)))
             variance = noise_variance + row_sums.clamp_min(0)
-            return torch.where(variance > 0, residual / torch.where(variance > 0, variance, 1.0), 0.0), variance
+            return torch.where(variance > 0, residual / torch.where(variance > 0, variance, 1.0), 0.0), variance, None
 
-        def matvec(u: Tensor) -> Tensor:
-            return noise_variance * u + per_sample(tweedie_scale, u) * op.A(vjp(op.A_adjoint(u)))
+        def matvec(u: Tensor) -> tuple[Tensor, Tensor]:
+            """(C u, J^T A^T u): the second is the gradient's VJP, so CG hands back J^T A^T C^{-1} r."""
+            gradient = vjp(op.A_adjoint(u))
+            return noise_variance * u + per_sample(tweedie_scale, u) * op.A(gradient), gradient
 
         # The isotropic solve approaches the Tweedie one at small t, where V_t ~ (sigma/alpha)^2 I
         # for a smooth data density, and is free where the operator has a closed form: use it as
-        # preconditioner and starting guess there. (CG assumes a symmetric A J A^T, which a
-        # network's Jacobian is only nearly.)
+        # preconditioner there. (CG assumes a symmetric A J A^T, which a network's Jacobian is
+        # only nearly.)
         preconditioner = (lambda u: op.solve(u, r2)) if op.has_closed_form_solve else None
         solution, info = conjugate_gradient(
             matvec,
             residual,
-            initial_guess=preconditioner(residual) if preconditioner else None,
+            initial_guess=self._initial_guess(residual, t, preconditioner, warm),
             preconditioner=preconditioner,
             tol=self.settings.cg_tol,
+            atol=self.settings.cg_noise_tol * op.sigma_y * math.sqrt(residual[0].numel()),
             max_iter=self.settings.cg_max_iter,
+            with_image=True,
         )
+        if warm:
+            self._warm_start = WarmStart(residual.shape, float(t[0]), solution, preconditioner(residual) if preconditioner else None)
         self.cg_iterations.append(info.iterations)
-        return solution, None
+        # info.image is None only if CG made no product (the zero guess was good enough): the caller's VJP then.
+        return solution, None, info.image

@@ -127,8 +127,10 @@ def restore(
     device: torch.device | str | None = None,
     progress: bool | Callable[[int], Any] = False,
     grid: str = "log-snr",
-    cg_tol: float = 1e-4,
+    cg_tol: float = 1e-3,
     cg_max_iter: int | None = None,
+    cg_noise_tol: float = 0.1,
+    warm_start: bool = True,
     batch_size: int | None = None,
     particles: int | None = None,
     ess_threshold: float = 0.5,
@@ -160,8 +162,10 @@ def restore(
         progress: True shows a tqdm progress bar; a callable `progress(total)` returning a bar
             (e.g. a diffusers pipeline's `progress_bar`) shows that one.
         grid: time grid, "log-snr" (default), "uniform" or "karras".
-        cg_tol, cg_max_iter: stopping rule of the Tweedie conjugate gradient (cg_max_iter None:
-            the model's default).
+        cg_tol, cg_max_iter, cg_noise_tol: stopping rule of the Tweedie conjugate gradient: a
+            relative residual, a cap (None: the model's default), and a residual norm in units
+            of the noise's norm sigma_y sqrt(m); it stops at whichever comes first.
+        warm_start: start each step's Tweedie solve from the previous step's solution.
         batch_size: samples drawn per sampler run (all at once by default); in particle mode,
             particles denoised per network call.
         particles: K > 0 runs twisted sequential Monte Carlo with K particles (particle mode,
@@ -180,7 +184,7 @@ def restore(
     defaults = defaults_for(problem.model)
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid)
     guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
-                                defaults.cg_max_iter if cg_max_iter is None else cg_max_iter)
+                                defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol, warm_start)
     batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
     particle_settings = None if particles is None else check_particle_settings(
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.operator.sigma_y,

@@ -40,6 +40,32 @@ def test_cg_preconditioner_and_zero_right_hand_side(generator):
     assert torch.allclose(v, b / diagonal) and bool((v[1] == 0).all())
 
 
+def test_cg_carries_the_image_of_its_solution_and_stops_at_an_absolute_residual(generator):
+    """M = I + A G A^T with the products' G A^T u handed back: the accumulated image equals G A^T v
+    of the solution, from a zero and from a non-zero starting guess, and atol stops earlier."""
+    tall = torch.randn(3, 25, 8, generator=generator, dtype=torch.float64)
+    gram = random_spd(3, 25, 10.0, generator)
+    b = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+
+    def image_of(u):
+        return (gram @ (tall @ u[..., None]))[..., 0]
+
+    def product(u):
+        image = image_of(u)
+        return u + (tall.transpose(1, 2) @ image[..., None])[..., 0], image
+
+    for guess in (None, torch.randn(3, 8, generator=generator, dtype=torch.float64)):
+        v, info = conjugate_gradient(product, b, initial_guess=guess, tol=1e-10, max_iter=50, with_image=True)
+        assert torch.allclose(info.image, image_of(v), atol=1e-9)
+        assert torch.allclose(product(v)[0], b, atol=1e-8)
+    _, relative = conjugate_gradient(lambda u: product(u)[0], b, tol=1e-10, max_iter=50)
+    _, absolute = conjugate_gradient(lambda u: product(u)[0], b, tol=1e-10, atol=0.1, max_iter=50)
+    assert absolute.iterations < relative.iterations
+    assert bool((absolute.relative_residual * b.norm(dim=1) <= 0.1).all())
+
+
 def test_cg_rejects_bad_settings():
     with pytest.raises(ValueError, match="tol"):
         conjugate_gradient(lambda u: u, torch.ones(1, 2), tol=0)
+    with pytest.raises(ValueError, match="atol"):
+        conjugate_gradient(lambda u: u, torch.ones(1, 2), atol=-1.0)

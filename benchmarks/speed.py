@@ -1,0 +1,281 @@
+"""Speed: what each step costs against a bare network forward, and posterior-mean PSNR per second.
+
+Three tables, written to docs/speed.md, from which `posterior_diff.defaults.IMAGE_DEFAULTS` is chosen:
+
+1. **Cost per step.** With the embedded model at --cost-size (default 128x128) and a batch of
+   --samples images: seconds of one bare network forward (no graph), then, for every
+   covariance, seconds per sampler step of `restore` (SR x4, --cost-steps steps) divided by
+   it, with the VJPs per step. The floor is 1 forward per step; a VJP costs about two. The same
+   for deepinv's DDRM and DiffPIR on the same model, and the bare forward in bfloat16 and
+   float16 (the network's dtype; the sampler state stays float32), with the PSNR that the
+   bfloat16 network reaches.
+2. **Quality per second.** Every covariance x steps in --steps (20, 50, 100) on the held-out
+   photographs (`evaluation.HELD_OUT_PHOTOGRAPHS`) and the tasks sr4, random (70% missing) and
+   denoise: posterior-mean PSNR of --samples samples and seconds, averaged over the images;
+   DDRM and DiffPIR at the same NFE beside them; the task's classical baseline above.
+3. **The choice.** Per covariance and steps, the mean PSNR over tasks and the seconds a
+   128x128 restoration with 4 samples takes (table 1's seconds per step x steps), and the best
+   setting that fits --budget seconds (default 60) while at least matching isotropic at 50
+   steps.
+
+Every run is cached in a JSON file beside the report (--cache), so an interrupted run picks up
+where it stopped. Timings share the machine with whatever else runs on it: --threads pins
+torch's threads (run it alone, or pinned to its own cores with taskset).
+
+    python -m benchmarks.speed                                  # writes docs/speed.md (about 90 min, 1 thread)
+    python -m benchmarks.speed --quick --out /tmp/speed.md      # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import posterior_diff
+from posterior_diff import DEFAULT_MODEL_DIR, Denoiser, default_model, load_model
+from posterior_diff.defaults import IMAGE_DEFAULTS
+from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
+
+from .images_vs_deepinv import ImageRow, ours_row, peer_row
+from .peers import run_peer
+from .reporting import log_row, markdown_table, number, write_report
+
+TASKS = ("sr4", "random", "denoise")
+PEERS = ("ddrm", "diffpir")
+STEPS = (20, 50, 100)
+REFERENCE = ("isotropic", 50)  # the defaults the choice must at least match (those before this benchmark)
+NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: one image, 16x16, 2 and 3 steps")
+    parser.add_argument("--size", type=int, default=64, help="side of the centre crops of table 2 (default 64)")
+    parser.add_argument("--cost-size", type=int, default=128, help="side of the images of table 1 (default 128)")
+    parser.add_argument("--downscale", type=float, default=2.0, help="shrink each photograph by this factor before cropping")
+    parser.add_argument("--samples", type=int, default=4, help="posterior samples per restoration (default 4)")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampler steps of table 2")
+    parser.add_argument("--cost-steps", type=int, default=10, help="sampler steps timed per mode in table 1")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed for a 128x128, 4-sample restoration")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", type=Path, default=Path("docs/speed.md"))
+    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.steps = tuple(int(s) for s in args.steps.split(","))
+    args.images = HELD_OUT_PHOTOGRAPHS
+    if args.quick:
+        args.images, args.size, args.cost_size, args.steps, args.cost_steps = HELD_OUT_PHOTOGRAPHS[:1], 16, 16, (2, 3), 2
+    if min(args.steps) < 1 or args.samples < 1 or args.size < 8 or args.cost_steps < 2:
+        parser.error("--steps, --samples and --cost-steps must be >= 1 (cost steps >= 2), --size >= 8")
+    args.cache = args.cache or args.out.with_suffix(".json")
+    return args
+
+
+# -- table 1: cost per step -------------------------------------------------------------
+
+
+def bare_forward_seconds(model: Denoiser, batch: int, size: int, repeats: int = 5) -> float:
+    """Median seconds of one network forward on a (batch, 3, size, size) input at mid noise, without a graph."""
+    x = torch.randn(batch, 3, size, size)
+    t = torch.full((batch,), 0.5)
+    timings = []
+    with torch.no_grad():
+        model(x, t)  # warm-up: allocations, kernel choice
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x, t)
+            timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
+def cost_rows(model: Denoiser, args: argparse.Namespace) -> list[dict]:
+    """Table 1: seconds per step of every covariance and of the deepinv peers, against the bare forward."""
+    truth = load_photograph(args.images[0], args.cost_size, args.downscale)
+    measurement = measure("sr4", truth, generator=torch.Generator().manual_seed(0))
+    forward = bare_forward_seconds(model, args.samples, args.cost_size)
+    rows = [dict(method="bare forward", seconds_per_step=forward, ratio=1.0, vjps_per_step=0.0)]
+    for covariance in posterior_diff.COVARIANCES:
+        row = ours_row(model, args.images[0], covariance, truth, measurement, args.samples, args.cost_steps,
+                       IMAGE_DEFAULTS.cg_max_iter, 0, None)
+        rows.append(dict(method=f"ours {covariance}", seconds_per_step=row.seconds / args.cost_steps,
+                         ratio=row.seconds / args.cost_steps / forward, vjps_per_step=row.vjps / args.cost_steps))
+    for method in PEERS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = run_peer(method, model, measurement.operator, measurement.y, args.samples, args.cost_steps)
+        rows.append(dict(method=f"deepinv {method}", seconds_per_step=run.seconds / args.cost_steps,
+                         ratio=run.seconds / args.cost_steps / forward, vjps_per_step=math.nan))
+    for row in rows:
+        log_row("cost", row["method"], f"{row['seconds_per_step']:.3f} s/step", f"x{row['ratio']:.2f}")
+    return rows
+
+
+def precision_rows(args: argparse.Namespace) -> list[dict]:
+    """The bare forward in each network dtype, and the posterior-mean PSNR (sr4, isotropic) it reaches."""
+    truth = load_photograph(args.images[0], args.cost_size, args.downscale)
+    measurement = measure("sr4", truth, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, dtype in NETWORK_DTYPES.items():
+        model = default_model() if dtype == torch.float32 else load_model(DEFAULT_MODEL_DIR, torch_dtype=dtype)
+        row = ours_row(model, args.images[0], "isotropic", truth, measurement, args.samples, args.cost_steps,
+                       IMAGE_DEFAULTS.cg_max_iter, 0, None)
+        rows.append(dict(dtype=name, forward=bare_forward_seconds(model, args.samples, args.cost_size),
+                         seconds_per_step=row.seconds / args.cost_steps, psnr=row.psnr))
+        log_row("precision", name, f"{rows[-1]['forward']:.3f} s forward", f"{row.psnr:.2f} dB")
+    return rows
+
+
+# -- table 2: quality per second --------------------------------------------------------
+
+
+class RunCache:
+    """Finished runs, keyed by (steps, image, task, method), in a JSON file rewritten after each run."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings = path, settings
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        self.runs = stored.get("runs", {}) if stored.get("settings") == settings else {}
+
+    def get(self, key: str, compute) -> dict:
+        if key not in self.runs:
+            self.runs[key] = compute()
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"settings": self.settings, "runs": self.runs}, indent=1))
+            temporary.replace(self.path)  # atomic: an interrupted write never leaves half a cache
+        return self.runs[key]
+
+
+def quality_rows(model: Denoiser, args: argparse.Namespace, cache: RunCache) -> list[dict]:
+    """Table 2's runs: per steps, image and task, the baseline, every covariance and every peer."""
+    rows = []
+    for steps in args.steps:  # cheap settings first: an interrupted run has all of them
+        for image in args.images:
+            truth = load_photograph(image, args.size, args.downscale)
+            for task in TASKS:
+                measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+                name, estimate = next(iter(baselines(measurement).items()))
+                baseline_psnr = psnr_ssim(estimate, truth)[0]
+                for method in [f"ours {c}" for c in posterior_diff.COVARIANCES] + [f"deepinv {p}" for p in PEERS]:
+                    def compute(method=method):
+                        kind, which = method.split()
+                        row = (ours_row(model, image, which, truth, measurement, args.samples, steps,
+                                        IMAGE_DEFAULTS.cg_max_iter, 0, None) if kind == "ours"
+                               else peer_row(model, image, which, truth, measurement, args.samples, steps, 0))
+                        log_row(steps, image, task, method, f"{row.psnr:.2f} dB", row.seconds, row.note)
+                        return asdict(row)
+                    run = cache.get(f"{steps}|{image}|{task}|{method}", compute)
+                    rows.append(dict(run, steps=steps, baseline=name, baseline_psnr=baseline_psnr))
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """Per (task, method, steps): mean PSNR, mean gain over the baseline and mean seconds over images
+    (NaN PSNR where any image diverged or the method does not apply)."""
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["method"], row["steps"]), []).append(row)
+    return {key: dict(psnr=statistics.mean(r["psnr"] for r in group),
+                      gain=statistics.mean(r["psnr"] - r["baseline_psnr"] for r in group),
+                      seconds=statistics.mean(r["seconds"] for r in group), note=group[0]["note"])
+            for key, group in groups.items()}
+
+
+# -- table 3: the choice ----------------------------------------------------------------
+
+
+def choice_rows(summary: dict, cost: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Per covariance and steps: mean PSNR over tasks and the estimated 128x128 seconds (table 1)."""
+    per_step = {row["method"]: row["seconds_per_step"] for row in cost}
+    rows = []
+    for covariance in posterior_diff.COVARIANCES:
+        for steps in args.steps:
+            psnrs = [summary[(task, f"ours {covariance}", steps)]["psnr"] for task in TASKS]
+            rows.append(dict(covariance=covariance, steps=steps, psnr=statistics.mean(psnrs),
+                             seconds=per_step[f"ours {covariance}"] * steps))
+    return rows
+
+
+def best_choice(rows: list[dict], budget: float) -> dict | None:
+    """The highest mean PSNR within the budget among those at least as good as REFERENCE."""
+    reference = next((r for r in rows if (r["covariance"], r["steps"]) == REFERENCE), None)
+    floor = reference["psnr"] if reference else -math.inf
+    fitting = [r for r in rows if r["seconds"] <= budget and r["psnr"] >= floor and math.isfinite(r["psnr"])]
+    return max(fitting, key=lambda r: r["psnr"]) if fitting else None
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def report(args, cost, precision, rows, summary, choices, best, minutes: float) -> str:
+    cost_table = markdown_table(
+        ["method", "s / step", "x bare forward", "VJPs / step"],
+        [[r["method"], f"{r['seconds_per_step']:.3f}", f"{r['ratio']:.2f}", number(r["vjps_per_step"], ".1f")]
+         for r in cost])
+    precision_table = markdown_table(
+        ["network dtype", "bare forward s", "x float32", "isotropic s / step", "sr4 PSNR (dB)"],
+        [[r["dtype"], f"{r['forward']:.3f}", f"{r['forward'] / precision[0]['forward']:.2f}",
+          f"{r['seconds_per_step']:.3f}", number(r["psnr"])] for r in precision])
+    methods = [f"ours {c}" for c in posterior_diff.COVARIANCES] + [f"deepinv {p}" for p in PEERS]
+    quality_sections = []
+    for task in TASKS:
+        baseline = next(r for r in rows if r["task"] == task)
+        lines = [[baseline["baseline"], "—", number(statistics.mean(
+            r["baseline_psnr"] for r in rows if r["task"] == task and r["method"] == methods[0]
+            and r["steps"] == args.steps[0])), "", ""]]
+        for method in methods:
+            for steps in args.steps:
+                cell = summary[(task, method, steps)]
+                lines.append([method, str(steps), number(cell["psnr"]), number(cell["gain"], "+.2f"),
+                              f"{cell['seconds']:.1f}" + (f" ({cell['note']})" if cell["note"] else "")])
+        quality_sections.append(f"### {task}\n\n" + markdown_table(
+            ["method", "steps", "mean PSNR (dB)", "vs baseline (dB)", "s per image"], lines))
+    choice_table = markdown_table(
+        ["covariance", "steps", "mean PSNR over tasks (dB)", f"s at {args.cost_size}² ({args.samples} samples)"],
+        [[r["covariance"], str(r["steps"]), number(r["psnr"]), f"{r['seconds']:.0f}"] for r in choices])
+    verdict = (f"Best within {args.budget:g} s and at least as good as {REFERENCE[0]} at {REFERENCE[1]} steps: "
+               f"**{best['covariance']}, {best['steps']} steps** ({best['psnr']:.2f} dB, about {best['seconds']:.0f} s)."
+               if best else f"No setting fits {args.budget:g} s while matching {REFERENCE[0]} at {REFERENCE[1]} steps.")
+    sections = [
+        "## 1. Cost per step against a bare network forward\n\n"
+        f"SR x4 on a {args.cost_size}x{args.cost_size} crop of {args.images[0]}, {args.samples} samples per batch, "
+        f"{args.cost_steps} steps, {args.threads} thread(s). The floor is one forward per step; a VJP (backward pass) "
+        "costs about two forwards.\n\n" + cost_table,
+        "### Network precision\n\n" + precision_table,
+        f"## 2. Posterior-mean PSNR against seconds\n\n{len(args.images)} held-out photographs "
+        f"({', '.join(args.images)}), shrunk by {args.downscale:g}, centre crops of {args.size}x{args.size}, "
+        f"{args.samples} samples, mean over the images; deepinv's methods with the same model and NFE.\n\n"
+        + "\n\n".join(quality_sections),
+        "## 3. The choice of image defaults\n\n" + choice_table + "\n\n" + verdict,
+    ]
+    return write_report(args.out, "Speed: cost per step and quality per second", __doc__.split("\n\n")[1], sections,
+                        module="benchmarks.speed", argv=args.argv, minutes=minutes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = default_model()
+    settings = dict(size=args.size, downscale=args.downscale, samples=args.samples, images=list(args.images),
+                    posterior_diff=posterior_diff.__version__)
+    rows = quality_rows(model, args, RunCache(args.cache, settings))
+    cost = cost_rows(model, args)
+    precision = precision_rows(args)
+    summary = summarise(rows)
+    choices = choice_rows(summary, cost, args)
+    best = best_choice(choices, args.budget)
+    report(args, cost, precision, rows, summary, choices, best, (time.perf_counter() - start) / 60)
+
+
+if __name__ == "__main__":
+    main()
