@@ -19,8 +19,11 @@ Three tables, written to docs/speed.md, from which `posterior_diff.defaults.IMAG
    steps.
 
 Every run is cached in a JSON file beside the report (--cache), so an interrupted run picks up
-where it stopped. Timings share the machine with whatever else runs on it: --threads pins
-torch's threads (run it alone, or pinned to its own cores with taskset).
+where it stopped. Our settings that table 1 estimates at more than --skip-over seconds (twice
+the budget) at 128x128 are left out of table 2 ("not run"): they cannot be the choice. Timings share the machine with whatever else runs on it: --threads sets
+torch's threads for table 2 and --cost-threads for table 1 (run it alone, or pinned to its own
+cores with taskset). The estimated 128x128 seconds of table 3 come from table 1, so they are
+those of --cost-threads threads.
 
     python -m benchmarks.speed                                  # writes docs/speed.md (about 90 min, 1 thread)
     python -m benchmarks.speed --quick --out /tmp/speed.md      # seconds
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -47,10 +51,17 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_phot
 
 from .images_vs_deepinv import ImageRow, ours_row, peer_row
 from .peers import run_peer
-from .reporting import log_row, markdown_table, number, write_report
+from .reporting import log_row, markdown_table, write_report
 
 TASKS = ("sr4", "random", "denoise")
-PEERS = ("ddrm", "diffpir")
+PEERS = ("ddrm", "diffpir")  # table 2's deepinv methods
+COST_TASKS = ("sr4", "denoise")
+JACOBIAN_FREE = ("ddrm", "diffpir")  # deepinv methods without a backward pass: 0 VJPs
+# deepinv's methods closest to each covariance, by likelihood approximation: DPS (zero), PiGDM
+# (isotropic), moment matching (Tweedie), DDRM and DiffPIR (Jacobian-free data consistency, as the
+# projection). The diagonal covariance (TMPD) has no counterpart in deepinv.
+COUNTERPARTS = (("zero", "dps"), ("isotropic", "pigdm"), ("tweedie", "mm"), ("projection", "ddrm"),
+                ("projection", "diffpir"))
 STEPS = (20, 50, 100)
 REFERENCE = ("isotropic", 50)  # the defaults the choice must at least match (those before this benchmark)
 NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +69,7 @@ NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: one image, 16x16, 2 and 3 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one image, 16x16, 2 steps")
     parser.add_argument("--size", type=int, default=64, help="side of the centre crops of table 2 (default 64)")
     parser.add_argument("--cost-size", type=int, default=128, help="side of the images of table 1 (default 128)")
     parser.add_argument("--downscale", type=float, default=2.0, help="shrink each photograph by this factor before cropping")
@@ -66,7 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampler steps of table 2")
     parser.add_argument("--cost-steps", type=int, default=10, help="sampler steps timed per mode in table 1")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed for a 128x128, 4-sample restoration")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of table 2's runs (default 1)")
+    parser.add_argument("--cost-threads", type=int, default=os.cpu_count(),
+                        help="torch threads of table 1's timings and of the choice (default: every core)")
+    parser.add_argument("--skip-over", type=float, help="leave out our settings estimated (table 1) to take more "
+                        "than this many seconds at --cost-size (default: twice --budget)")
+    parser.add_argument("--report-only", action="store_true", help="run no new cell of table 2: report the cache")
     parser.add_argument("--out", type=Path, default=Path("docs/speed.md"))
     parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
     args = parser.parse_args(argv)
@@ -74,10 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = tuple(int(s) for s in args.steps.split(","))
     args.images = HELD_OUT_PHOTOGRAPHS
     if args.quick:
-        args.images, args.size, args.cost_size, args.steps, args.cost_steps = HELD_OUT_PHOTOGRAPHS[:1], 16, 16, (2, 3), 2
+        args.images, args.size, args.cost_size, args.steps, args.cost_steps = HELD_OUT_PHOTOGRAPHS[:1], 16, 16, (2,), 2
     if min(args.steps) < 1 or args.samples < 1 or args.size < 8 or args.cost_steps < 2:
         parser.error("--steps, --samples and --cost-steps must be >= 1 (cost steps >= 2), --size >= 8")
     args.cache = args.cache or args.out.with_suffix(".json")
+    args.skip_over = 2 * args.budget if args.skip_over is None else args.skip_over
     return args
 
 
@@ -99,25 +116,51 @@ def bare_forward_seconds(model: Denoiser, batch: int, size: int, repeats: int = 
 
 
 def cost_rows(model: Denoiser, args: argparse.Namespace) -> list[dict]:
-    """Table 1: seconds per step of every covariance and of the deepinv peers, against the bare forward."""
-    truth = load_photograph(args.images[0], args.cost_size, args.downscale)
-    measurement = measure("sr4", truth, generator=torch.Generator().manual_seed(0))
+    """Table 1: per task of COST_TASKS, seconds per step of every covariance and of the deepinv
+    methods, against the bare forward (a method that does not run on a task is a row marked n/a)."""
     forward = bare_forward_seconds(model, args.samples, args.cost_size)
-    rows = [dict(method="bare forward", seconds_per_step=forward, ratio=1.0, vjps_per_step=0.0)]
-    for covariance in posterior_diff.COVARIANCES:
-        row = ours_row(model, args.images[0], covariance, truth, measurement, args.samples, args.cost_steps,
-                       IMAGE_DEFAULTS.cg_max_iter, 0, None)
-        rows.append(dict(method=f"ours {covariance}", seconds_per_step=row.seconds / args.cost_steps,
-                         ratio=row.seconds / args.cost_steps / forward, vjps_per_step=row.vjps / args.cost_steps))
-    for method in PEERS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run = run_peer(method, model, measurement.operator, measurement.y, args.samples, args.cost_steps)
-        rows.append(dict(method=f"deepinv {method}", seconds_per_step=run.seconds / args.cost_steps,
-                         ratio=run.seconds / args.cost_steps / forward, vjps_per_step=math.nan))
+    rows = [dict(task="", method="bare forward", seconds_per_step=forward, ratio=1.0, vjps_per_step=0.0)]
+    truth = load_photograph(args.images[0], args.cost_size, args.downscale)
+    for task in COST_TASKS:
+        measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+        for covariance in posterior_diff.COVARIANCES:
+            row = ours_row(model, args.images[0], covariance, truth, measurement, args.samples, args.cost_steps,
+                           IMAGE_DEFAULTS.cg_max_iter, 0, None)
+            rows.append(cost_row(task, f"ours {covariance}", row.seconds, row.vjps, forward, args.cost_steps))
+        for method in dict.fromkeys(method for _, method in COUNTERPARTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    run = run_peer(method, model, measurement.operator, measurement.y, args.samples, args.cost_steps)
+            except ValueError:  # DDRM without an SVD of A
+                rows.append(cost_row(task, f"deepinv {method}", math.nan, math.nan, forward, args.cost_steps))
+                continue
+            rows.append(cost_row(task, f"deepinv {method}", run.seconds, 0 if method in JACOBIAN_FREE else math.nan,
+                                 forward, args.cost_steps))
     for row in rows:
-        log_row("cost", row["method"], f"{row['seconds_per_step']:.3f} s/step", f"x{row['ratio']:.2f}")
+        log_row("cost", row["task"], row["method"], f"{row['seconds_per_step']:.3f} s/step", f"x{row['ratio']:.2f}")
     return rows
+
+
+def cost_row(task: str, method: str, seconds: float, vjps: int, forward: float, steps: int) -> dict:
+    """One row of table 1 from a run's seconds and VJPs over `steps` steps (NaN VJPs: not counted, deepinv's
+    methods that backpropagate through the network)."""
+    return dict(task=task, method=method, seconds_per_step=seconds / steps, ratio=seconds / steps / forward,
+                vjps_per_step=vjps / steps)
+
+
+def counterpart_verdicts(cost: list[dict]) -> list[str]:
+    """Per task and covariance: ours against its deepinv counterpart (COUNTERPARTS), seconds per step."""
+    per_step = {(r["task"], r["method"]): r["seconds_per_step"] for r in cost}
+    lines = []
+    for task in COST_TASKS:
+        for covariance, method in COUNTERPARTS:
+            ours, theirs = per_step[task, f"ours {covariance}"], per_step[task, f"deepinv {method}"]
+            if math.isfinite(theirs):
+                verdict = "no slower" if ours <= theirs else "SLOWER"
+                lines.append(f"- {task}: ours {covariance} {ours:.3f} s/step vs deepinv {method} {theirs:.3f} "
+                             f"({ours / theirs:.2f}x): {verdict}")
+    return lines
 
 
 def precision_rows(args: argparse.Namespace) -> list[dict]:
@@ -155,8 +198,19 @@ class RunCache:
         return self.runs[key]
 
 
-def quality_rows(model: Denoiser, args: argparse.Namespace, cache: RunCache) -> list[dict]:
-    """Table 2's runs: per steps, image and task, the baseline, every covariance and every peer."""
+def skipped(method: str, steps: int, cost: list[dict], args: argparse.Namespace) -> str:
+    """Why a cell of table 2 is not run ("" if it is): with --report-only, any cell not in the
+    cache; else ours at a setting whose 128x128 estimate (table 1) is over --skip-over seconds."""
+    if args.report_only:
+        return "not run"
+    per_step = [r["seconds_per_step"] for r in cost if r["method"] == method]
+    estimate = statistics.mean(per_step) * steps if per_step and method.startswith("ours") else 0.0
+    return f"not run: about {estimate:.0f} s at {args.cost_size}²" if estimate > args.skip_over else ""
+
+
+def quality_rows(model: Denoiser, args: argparse.Namespace, cache: RunCache, cost: list[dict]) -> list[dict]:
+    """Table 2's runs: per steps, image and task, the baseline, every covariance and every peer
+    (a cell that `skipped` names is a row without numbers)."""
     rows = []
     for steps in args.steps:  # cheap settings first: an interrupted run has all of them
         for image in args.images:
@@ -173,7 +227,9 @@ def quality_rows(model: Denoiser, args: argparse.Namespace, cache: RunCache) -> 
                                else peer_row(model, image, which, truth, measurement, args.samples, steps, 0))
                         log_row(steps, image, task, method, f"{row.psnr:.2f} dB", row.seconds, row.note)
                         return asdict(row)
-                    run = cache.get(f"{steps}|{image}|{task}|{method}", compute)
+                    key, reason = f"{steps}|{image}|{task}|{method}", skipped(method, steps, cost, args)
+                    run = (asdict(ImageRow(image, task, method, note=reason)) if reason and key not in cache.runs
+                           else cache.get(key, compute))
                     rows.append(dict(run, steps=steps, baseline=name, baseline_psnr=baseline_psnr))
     return rows
 
@@ -186,7 +242,7 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
         groups.setdefault((row["task"], row["method"], row["steps"]), []).append(row)
     return {key: dict(psnr=statistics.mean(r["psnr"] for r in group),
                       gain=statistics.mean(r["psnr"] - r["baseline_psnr"] for r in group),
-                      seconds=statistics.mean(r["seconds"] for r in group), note=group[0]["note"])
+                      seconds=statistics.mean(r["seconds"] for r in group), note=group[0]["note"])  # NaN if any is
             for key, group in groups.items()}
 
 
@@ -194,8 +250,10 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
 
 
 def choice_rows(summary: dict, cost: list[dict], args: argparse.Namespace) -> list[dict]:
-    """Per covariance and steps: mean PSNR over tasks and the estimated 128x128 seconds (table 1)."""
-    per_step = {row["method"]: row["seconds_per_step"] for row in cost}
+    """Per covariance and steps: mean PSNR over tasks and the estimated 128x128 seconds (table 1's
+    seconds per step, averaged over its tasks, times the steps)."""
+    per_step = {method: statistics.mean(r["seconds_per_step"] for r in cost if r["method"] == method)
+                for method in {r["method"] for r in cost}}
     rows = []
     for covariance in posterior_diff.COVARIANCES:
         for steps in args.steps:
@@ -216,44 +274,52 @@ def best_choice(rows: list[dict], budget: float) -> dict | None:
 # -- report -----------------------------------------------------------------------------
 
 
+def value(number: float, spec: str = ".2f") -> str:
+    """A table cell: the number, or "n/a" where there is none (a method that does not apply)."""
+    return format(number, spec) if math.isfinite(number) else "n/a"
+
+
+
 def report(args, cost, precision, rows, summary, choices, best, minutes: float) -> str:
     cost_table = markdown_table(
-        ["method", "s / step", "x bare forward", "VJPs / step"],
-        [[r["method"], f"{r['seconds_per_step']:.3f}", f"{r['ratio']:.2f}", number(r["vjps_per_step"], ".1f")]
+        ["method", "task", "s / step", "x bare forward", "VJPs / step"],
+        [[r["method"], r["task"], value(r["seconds_per_step"], ".3f"), value(r["ratio"]), value(r["vjps_per_step"], ".1f")]
          for r in cost])
     precision_table = markdown_table(
         ["network dtype", "bare forward s", "x float32", "isotropic s / step", "sr4 PSNR (dB)"],
         [[r["dtype"], f"{r['forward']:.3f}", f"{r['forward'] / precision[0]['forward']:.2f}",
-          f"{r['seconds_per_step']:.3f}", number(r["psnr"])] for r in precision])
+          f"{r['seconds_per_step']:.3f}", value(r["psnr"])] for r in precision])
     methods = [f"ours {c}" for c in posterior_diff.COVARIANCES] + [f"deepinv {p}" for p in PEERS]
     quality_sections = []
     for task in TASKS:
         baseline = next(r for r in rows if r["task"] == task)
-        lines = [[baseline["baseline"], "—", number(statistics.mean(
+        lines = [[baseline["baseline"], "", value(statistics.mean(
             r["baseline_psnr"] for r in rows if r["task"] == task and r["method"] == methods[0]
             and r["steps"] == args.steps[0])), "", ""]]
         for method in methods:
             for steps in args.steps:
                 cell = summary[(task, method, steps)]
-                lines.append([method, str(steps), number(cell["psnr"]), number(cell["gain"], "+.2f"),
-                              f"{cell['seconds']:.1f}" + (f" ({cell['note']})" if cell["note"] else "")])
+                lines.append([method, str(steps), value(cell["psnr"]), value(cell["gain"], "+.2f"),
+                              value(cell["seconds"], ".1f") if math.isfinite(cell["seconds"]) or not cell["note"]
+                              else cell["note"].split(":")[0] if cell["note"].startswith("n/a") else cell["note"]])
         quality_sections.append(f"### {task}\n\n" + markdown_table(
             ["method", "steps", "mean PSNR (dB)", "vs baseline (dB)", "s per image"], lines))
     choice_table = markdown_table(
         ["covariance", "steps", "mean PSNR over tasks (dB)", f"s at {args.cost_size}² ({args.samples} samples)"],
-        [[r["covariance"], str(r["steps"]), number(r["psnr"]), f"{r['seconds']:.0f}"] for r in choices])
+        [[r["covariance"], str(r["steps"]), value(r["psnr"]), f"{r['seconds']:.0f}"] for r in choices])
     verdict = (f"Best within {args.budget:g} s and at least as good as {REFERENCE[0]} at {REFERENCE[1]} steps: "
                f"**{best['covariance']}, {best['steps']} steps** ({best['psnr']:.2f} dB, about {best['seconds']:.0f} s)."
                if best else f"No setting fits {args.budget:g} s while matching {REFERENCE[0]} at {REFERENCE[1]} steps.")
     sections = [
         "## 1. Cost per step against a bare network forward\n\n"
         f"SR x4 on a {args.cost_size}x{args.cost_size} crop of {args.images[0]}, {args.samples} samples per batch, "
-        f"{args.cost_steps} steps, {args.threads} thread(s). The floor is one forward per step; a VJP (backward pass) "
-        "costs about two forwards.\n\n" + cost_table,
+        f"{args.cost_steps} steps, {args.cost_threads} thread(s). The floor is one forward per step; a VJP (backward pass) "
+        "costs about two forwards.\n\n" + cost_table + "\n\n" + "\n".join(counterpart_verdicts(cost)),
         "### Network precision\n\n" + precision_table,
         f"## 2. Posterior-mean PSNR against seconds\n\n{len(args.images)} held-out photographs "
         f"({', '.join(args.images)}), shrunk by {args.downscale:g}, centre crops of {args.size}x{args.size}, "
-        f"{args.samples} samples, mean over the images; deepinv's methods with the same model and NFE.\n\n"
+        f"{args.samples} samples, mean over the images, {args.threads} thread(s) per run; deepinv's methods with the "
+        "same model and NFE. DDRM needs an SVD of A: it runs on denoising and inpainting, not on SR x4 at this size.\n\n"
         + "\n\n".join(quality_sections),
         "## 3. The choice of image defaults\n\n" + choice_table + "\n\n" + verdict,
     ]
@@ -268,9 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     model = default_model()
     settings = dict(size=args.size, downscale=args.downscale, samples=args.samples, images=list(args.images),
                     posterior_diff=posterior_diff.__version__)
-    rows = quality_rows(model, args, RunCache(args.cache, settings))
+    torch.set_num_threads(args.cost_threads)
     cost = cost_rows(model, args)
     precision = precision_rows(args)
+    torch.set_num_threads(args.threads)
+    rows = quality_rows(model, args, RunCache(args.cache, settings), cost)
     summary = summarise(rows)
     choices = choice_rows(summary, cost, args)
     best = best_choice(choices, args.budget)

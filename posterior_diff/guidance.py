@@ -22,7 +22,7 @@ Covariance choices for V_t, and what one call costs beyond the single network fo
 | "zero"      | 0 (DPS-like)                          | division by sigma_y^2                    | 1     |
 | "isotropic" | r_t^2 I, r_t^2 = sigma^2/(alpha^2+sigma^2) (PiGDM) | the operator's solve (closed form where it has one) | 1 |
 | "diagonal"  | diag(C) ~= row sums of A V_t A^T (TMPD)| division                                | 2     |
-| "tweedie"   | (sigma^2 / alpha) J, matrix-free      | conjugate gradient (preconditioned by the isotropic solve where closed form) | 1 + CG iterations |
+| "tweedie"   | (sigma^2 / alpha) J, matrix-free      | conjugate gradient (preconditioned by the isotropic solve where closed form) | CG products |
 | "projection"| r_t^2 I, with the Jacobian it implies | the operator's solve                    | 0     |
 
 "projection" is Jacobian-free: the Gaussian p(x_0 | x_t) = N(D, r_t^2 I) implies, by Tweedie,
@@ -37,6 +37,11 @@ and DiffPIR with ΠGDM's r_t). It is exact for a Gaussian prior N(mu, I).
 When the twist log l is asked for (particle mode) with the Tweedie covariance and y of at most
 EXACT_LOG_DET_MAX = 64 entries, the m rows of A J are built instead (m VJPs): C^{-1} r is then
 exact in the eigenbasis of A J A^T and the gradient a combination of the rows, with no CG.
+
+The Tweedie solve stops at a residual of a tenth of the noise's norm (`cg_noise_tol`), starts
+from the previous step's solution (`warm_start`), and hands back the gradient J^T A^T C^{-1} r
+accumulated from its own products, so a step costs one VJP per CG product and no more
+(docs/theory.md §5).
 
 All Jacobian products reuse the one forward pass (vector-Jacobian products on its graph).
 Every sample of a batch has its own residual, its own CG step lengths and stopping test.

@@ -14,10 +14,11 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import gaussian_exactness, image_restoration, particle_mode, run_benchmarks, training_curve  # noqa: E402
+from benchmarks import gaussian_exactness, image_restoration, particle_mode, run_benchmarks, speed, training_curve  # noqa: E402
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
 from operators import Denoising, MatrixOperator, SuperResolution  # noqa: E402
+from posterior_diff import COVARIANCES  # noqa: E402
 from posterior_diff.problems import gaussian_image_problems  # noqa: E402
 
 NOT_A_NUMBER = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
@@ -125,6 +126,27 @@ def test_the_image_quick_run_scores_the_baselines_and_the_restorations(tmp_path)
     baselines = {(row[1], row[2]): float(row[3]) for row in tables["image | task | baseline"]}
     assert baselines["denoise", "BM3D"] > baselines["denoise", "noisy input"] + 3
     assert baselines["box", "biharmonic fill"] > baselines["box", "masked input"]
+
+
+def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path):
+    out = tmp_path / "speed.md"
+    speed.main(["--quick", "--out", str(out)])
+    tables = assert_numbers_are_finite(out.read_text())
+    cost = {row[0]: row for row in tables["method | task | s / step"]}
+    assert set(cost) == {"bare forward", *(f"ours {c}" for c in COVARIANCES), *(f"deepinv {m}" for m in ("dps", "pigdm", "mm", "ddrm", "diffpir"))}
+    assert cost["ours projection"][4] == "0.0" and float(cost["ours tweedie"][4]) > 1  # VJPs per step
+    assert "ours projection" in out.read_text().split("## 2.")[0].split("x bare forward")[-1]  # the counterpart verdicts
+    assert [row[0] for row in tables["network dtype | bare forward s | x float32"]] == ["float32", "bfloat16", "float16"]
+    assert len(tables["covariance | steps | mean PSNR over tasks (dB)"]) == len(COVARIANCES)
+    assert (tmp_path / "speed.json").exists()
+
+
+def test_the_speed_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
+    path, computed = tmp_path / "runs.json", []
+    speed.RunCache(path, {"size": 64}).get("a", lambda: computed.append(1) or {"psnr": 20.0})
+    assert speed.RunCache(path, {"size": 64}).get("a", lambda: computed.append(2) or {}) == {"psnr": 20.0}
+    assert speed.RunCache(path, {"size": 32}).get("a", lambda: computed.append(3) or {"psnr": 1.0}) == {"psnr": 1.0}
+    assert computed == [1, 3] and not path.with_suffix(".tmp").exists()
 
 
 def test_the_particle_benchmark_quick_run_writes_all_its_parts(tmp_path):
