@@ -6,6 +6,7 @@ from .denoising import Denoising
 from .inpainting import Inpainting, box_mask, random_mask
 from .linalg import CGInfo, conjugate_gradient, per_sample
 from .matrix import MatrixOperator
+from .stacked import StackedOperator, stack_operators
 from .super_resolution import SuperResolution
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "SuperResolution",
     "Inpainting",
     "MatrixOperator",
+    "StackedOperator",
+    "stack_operators",
     "box_mask",
     "random_mask",
     "conjugate_gradient",

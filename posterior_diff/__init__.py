@@ -1,8 +1,9 @@
 """posterior-diff: posterior sampling for inverse problems with unconditional diffusion priors.
 
-    from posterior_diff import restore, GaussianPrior
+    from posterior_diff import restore, restore_batch, GaussianPrior
     from operators import SuperResolution
     result = restore(y, SuperResolution(2, sigma_y=0.05), GaussianPrior(mean, cov), num_samples=8)
+    results = restore_batch([y1, y2], SuperResolution(2, sigma_y=0.05), prior, generator=[g1, g2])  # one per y
 """
 
 from .denoisers import Denoiser, ModuleDenoiser
@@ -10,7 +11,7 @@ from .deepinv_prior import DeepinvPrior, from_deepinv_denoiser
 from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
-from .restore import Restoration, restore
+from .restore import Restoration, restore, restore_batch
 from .samplers import SOLVERS, NonFiniteSampleError, sample
 from .schedules import (DiscreteSchedule, GeometricVESchedule, RectifiedFlow, Schedule, SubVPSchedule, VESchedule,
                         VPSchedule)
@@ -18,6 +19,7 @@ from .time_grids import GRIDS, time_grid
 
 __all__ = [
     "restore",
+    "restore_batch",
     "Restoration",
     "Denoiser",
     "ModuleDenoiser",

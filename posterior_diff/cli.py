@@ -1,15 +1,22 @@
-"""The `posterior-diff` command: `restore` an image file, or `train` a model by DSM.
+"""The `posterior-diff` command: `restore` image files or folders, or `train` a model by DSM.
 
     posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025] [--samples 4] [--std-map std.png]
                            [--device auto|cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
     posterior-diff restore holes.png --task inpaint --mask mask.png -o filled.png
+    posterior-diff restore photos/ more/*.png --task sr4 -o restored/ [--batch-size 8] [--reference truth/]
+    torchrun --nproc_per_node 8 -m posterior_diff restore photos/ --task sr4 -o restored/
     posterior-diff train --data photos/ --out my_model/ [--steps 20000] [--resume]
 
 Images are ordinary files in [0, 1] (8-bit or 16-bit); sigma_y is in those units. Tasks and
 their default sigma_y come from `posterior_diff.tasks`, sampler defaults from
-`posterior_diff.defaults.IMAGE_DEFAULTS`. `restore`
-never overwrites an existing output unless --force is given. Every user error (a missing or
-unreadable file, an unknown task, a mask of the wrong size) prints one line and exits 2.
+`posterior_diff.defaults.IMAGE_DEFAULTS`. One input file with an output file is a single-file
+run; several inputs, a folder or a glob make a dataset run into an output folder
+(`posterior_diff.dataset`: resumable, sharded across processes, with a manifest and an optional
+PSNR/SSIM report). Each image's generator is seeded from --seed and the image's file name
+(`dataset.image_seed`), so an image gets the same result alone, in a folder, in any batch or
+process. `restore` never overwrites an existing output unless --force is given. Every user error
+(a missing or unreadable file, an unknown task, a mask of the wrong size) prints one line and
+exits 2; a dataset run that had to skip unreadable images exits 1 after doing the rest.
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posterior-diff", description="Posterior sampling with diffusion priors.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    restore = commands.add_parser("restore", help="restore a degraded image file")
-    restore.add_argument("input", type=Path, help="the measurement: low-resolution, holed or noisy image")
+    restore = commands.add_parser("restore", help="restore degraded image files (one file, or folders and globs)")
+    restore.add_argument("input", nargs="+", metavar="INPUT",
+                         help="the measurements (low-resolution, holed or noisy images): files, folders or globs; "
+                              "with several, a folder or a glob, -o is a folder and the outputs keep their file names")
     restore.add_argument("--task", required=True, help=f"one of {', '.join(CLI_TASKS)}")
-    restore.add_argument("--mask", type=Path, help="inpaint: image of the input's size, white = observed, black = missing")
+    restore.add_argument("--mask", type=Path, help="inpaint: image of the input's size, white = observed, black = missing "
+                         "(a dataset run also takes a folder of masks named like the inputs)")
     restore.add_argument("--sigma-y", dest="sigma_y", type=float,
                          help="measurement noise standard deviation in [0, 1] units (default per task: " +
                          ", ".join(f"{name} {TASKS[name].sigma_y}" for name in CLI_TASKS) + ")")
@@ -54,13 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
-    restore.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
+    restore.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU; under torchrun or "
+                         "accelerate launch cuda:LOCAL_RANK), cpu, cuda or cuda:N")
     restore.add_argument("--dtype", default="float32", choices=tuple(NETWORK_DTYPES),
                          help="the network's dtype (the sampler state stays float32; default float32)")
-    restore.add_argument("--seed", type=int, default=0)
-    restore.add_argument("-o", "--output", type=Path, required=True, help="where to write the posterior mean")
-    restore.add_argument("--std-map", type=Path, help="also write the posterior standard deviation (scaled to its maximum)")
-    restore.add_argument("--force", action="store_true", help="overwrite existing output files")
+    restore.add_argument("--seed", type=int, default=0,
+                         help="each image's generator is seeded from this and the image's file name (default 0)")
+    restore.add_argument("-o", "--output", type=Path, required=True,
+                         help="where to write the posterior mean: a file, or a folder for a dataset run")
+    restore.add_argument("--std-map", type=Path, help="also write the posterior standard deviation (scaled to its "
+                         "maximum): a file, or a folder for a dataset run")
+    restore.add_argument("--batch-size", type=int, default=1,
+                         help="dataset run: images per sampler run, images of one size together (default 1)")
+    restore.add_argument("--reference", type=Path, help="dataset run: folder of ground-truth images named like the "
+                         "inputs; writes metrics.csv (PSNR, SSIM per image) and summary.txt into the output folder")
+    restore.add_argument("--force", action="store_true",
+                         help="overwrite existing outputs (a dataset run otherwise skips the finished ones)")
 
     train = commands.add_parser("train", help="train a noise-prediction UNet by denoising score matching")
     train.add_argument("--data", type=Path, required=True, help="folder of training images")
@@ -73,18 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
-    from .images import match_channels, read_image
-
+def check_task(task_name: str, mask_path: Path | None) -> None:
+    """A UsageError for an unknown task, a mask the task does not use, or inpainting without one."""
     if task_name not in CLI_TASKS:
         raise UsageError(f"unknown task {task_name!r}; choose one of {', '.join(CLI_TASKS)}")
-    task = TASKS[task_name]
-    if mask_path is not None and not task.needs_mask:
+    if mask_path is not None and not TASKS[task_name].needs_mask:
         raise UsageError("--mask is only used with --task inpaint")
+    if mask_path is None and TASKS[task_name].needs_mask:
+        raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
+
+
+def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
+    """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting."""
+    from .images import match_channels, read_image
+
+    check_task(task_name, mask_path)
+    task = TASKS[task_name]
     if not task.needs_mask:
         return task.operator(tuple(image.shape), sigma_y=sigma_y)
-    if mask_path is None:
-        raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
     mask = read_image(mask_path)
     if mask.shape[-2:] != image.shape[-2:]:
         raise UsageError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the input is {image.shape[-1]}x{image.shape[-2]}")
@@ -92,7 +117,7 @@ def _operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_p
     return task.operator(tuple(image.shape), sigma_y=sigma_y, mask=observed)
 
 
-def _device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     """The device `--device` names: auto means CUDA when present, else the CPU."""
     if not DEVICE.match(name):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
@@ -104,52 +129,76 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _restore(args) -> None:
-    from . import restore
-    from .images import match_channels, read_image, write_image
+def load_network(model: str | None, dtype: str):
+    """The prior `--model` and `--dtype` name: a loaded folder or hub id, or the embedded model."""
     from .models import DEFAULT_MODEL_DIR, default_model, load_model
 
+    if dtype == "float32":
+        return load_model(model) if model is not None else default_model()
+    # the embedded model is a folder too; a half-precision copy leaves the cached one alone
+    return load_model(model or DEFAULT_MODEL_DIR, torch_dtype=NETWORK_DTYPES[dtype])
+
+
+def _restore(args) -> int:
+    """A single-file run, or a dataset run (`dataset.run_dataset`) for folders, globs and several inputs."""
+    from .dataset import is_single_file, run_dataset, terminate_cleanly
+
+    with terminate_cleanly():  # SIGTERM, too, leaves no temporary file behind
+        return _restore_file(args) if is_single_file(args.input, args.output) else run_dataset(args)
+
+
+def _restore_file(args) -> int:
+    """Restore one file into the file -o (and --std-map); refuse to overwrite either without --force."""
+    from . import restore
+    from .dataset import image_seed, needs_folder, write_image_atomic
+    from .images import match_channels, read_image
+
+    source = Path(args.input[0])
+    if args.reference is not None:
+        raise UsageError("--reference writes a report for a dataset run; give -o an existing folder")
     for path in (args.output, args.std_map):
         if path is not None and path.exists() and not args.force:
             raise UsageError(f"{path} exists; pass --force to overwrite it")
-    device = _device(args.device)
-    image = read_image(args.input)
-    if args.dtype == "float32":
-        model = load_model(args.model) if args.model is not None else default_model()
-    else:  # the embedded model is a folder too; a half-precision copy leaves the cached one alone
-        model = load_model(args.model or DEFAULT_MODEL_DIR, torch_dtype=NETWORK_DTYPES[args.dtype])
+        if path is not None:
+            needs_folder(path.parent, f"the folder of {path}")
+    device = pick_device(args.device)
+    image = read_image(source)
+    model = load_network(args.model, args.dtype)
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
-    operator = _operator(args.task, args.sigma_y, image, args.mask)
+    operator = task_operator(args.task, args.sigma_y, image, args.mask)
+    generator = torch.Generator().manual_seed(image_seed(args.seed, source.name))
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
-                     cg_max_iter=args.cg_max_iter, generator=torch.Generator().manual_seed(args.seed), progress=True,
+                     cg_max_iter=args.cg_max_iter, generator=generator, progress=True,
                      particles=args.particles, device=device)
-    write_image(match_channels(result.mean, channels), args.output)
+    write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if args.std_map is not None:
         std = match_channels(result.std, channels)
         scale = float(std.max()) or 1.0
-        write_image(std / scale, args.std_map)
+        write_image_atomic(std / scale, args.std_map)
         message += f"; {args.std_map} (white = std {scale:.3f})"
     print(message)
+    return 0
 
 
-def _train(args) -> None:
+def _train(args) -> int:
     from .training import TrainingConfig, train
 
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, channels=args.channels)
     out = train(args.data, args.out, config, resume=args.resume)
     print(f"wrote {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; 0 on success, 2 for a user error, 1 for a dataset run that skipped images."""
     args = _parser().parse_args(argv)
     try:
-        (_restore if args.command == "restore" else _train)(args)
+        return (_restore if args.command == "restore" else _train)(args)
     except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         print(f"posterior-diff {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

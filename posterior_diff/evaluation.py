@@ -231,11 +231,20 @@ def display_std(std: Tensor) -> Tensor:
 
 
 def psnr_ssim(estimate: Tensor, truth: Tensor) -> tuple[float, float]:
-    """PSNR (dB) and SSIM (scikit-image, data_range = 1) of an estimate (C, H, W) in [0, 1] against the truth."""
+    """PSNR (dB) and SSIM (scikit-image, data_range = 1) of an estimate (C, H, W) in [0, 1] against the truth.
+
+    SSIM's 7-pixel window shrinks to fit images smaller than that; under 3 pixels a side SSIM is
+    undefined (NaN). Identical images have an infinite PSNR.
+    """
     estimate_array, truth_array = _hwc(estimate), _hwc(truth)
-    psnr = metrics.peak_signal_noise_ratio(truth_array, estimate_array, data_range=1)
-    ssim = metrics.structural_similarity(truth_array, estimate_array, data_range=1, channel_axis=-1)
-    return float(psnr), float(ssim)
+    window = min(7, *truth_array.shape[:2])
+    window -= 1 - window % 2  # odd
+    with np.errstate(divide="ignore"):
+        psnr = float(metrics.peak_signal_noise_ratio(truth_array, estimate_array, data_range=1))
+    if window < 3:
+        return psnr, float("nan")
+    return psnr, float(metrics.structural_similarity(truth_array, estimate_array, data_range=1, channel_axis=-1,
+                                                     win_size=window))
 
 
 # -- divergence -------------------------------------------------------------------------

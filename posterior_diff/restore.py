@@ -1,13 +1,26 @@
-"""`restore(y, operator, model)`: posterior samples of x given one measurement y = A x + noise.
+"""`restore(y, operator, model)` and `restore_batch(measurements, operator, model)`: posterior
+samples of x given measurements y = A x + noise.
 
-The one-call API, in four stages:
+`restore` is the one-measurement call; `restore_batch` restores several measurements at once,
+drawing the samples of all of them in shared sampler runs with batched network calls. Both go
+through the same four stages (`restore` is a batch of one):
 
 1. check: every argument, once, before any work (a ValueError or TypeError naming it);
-2. convert: the model and the operator to the sampling device (the caller's are never
-   modified), and y and sigma_y to the model's units;
-3. sample: the guided sampler (`samplers.run_sampler` on `AveragedLikelihoodGuidance`),
-   `batch_size` samples at a time, or particle mode (`particles.particle_sample`);
-4. summarise: samples, mean and std back in the caller's units, with the network work done.
+2. convert: the model and the operators to the sampling device (the caller's are never
+   modified), and the measurements and sigma_y to the model's units;
+3. sample: the guided sampler (`samplers.run_sampler` on `AveragedLikelihoodGuidance`) in runs
+   of at most `batch_size` rows (`plan_runs`), a run holding samples of one or several
+   measurements (`sample_in_batches`); or particle mode (`particles.particle_sample`),
+   measurement by measurement;
+4. summarise: one Restoration per measurement, samples, mean and std back in the caller's
+   units, with the network work done.
+
+In a run that holds several measurements, row k of the batch is guided by its own measurement
+and measured by its own operator (a `operators.StackedOperator` where the measurements have
+operators of their own). Every step of the guidance is per row (the Tweedie conjugate gradient
+has per-row step lengths, stopping and warm starts), and with a list of generators every row's
+noise comes from its own measurement's generator (`samplers.NoiseSource`), so a measurement's
+samples do not depend on which others share its runs.
 
 Units: image models (those with a `data_range`, such as the default model) take y and
 sigma_y in [0, 1] and return images in [0, 1], clamped; the conversion to the model's own
@@ -24,14 +37,14 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from operators import LinearOperator, as_operator
+from operators import LinearOperator, as_operator, stack_operators
 from operators.base import check_sigma_y
 
 from .checks import positive_int
@@ -41,19 +54,24 @@ from .denoisers import Denoiser
 from .guidance import AveragedLikelihoodGuidance, GuidanceSettings
 from .images import from_model_range, measurement_to_model_units, to_image_tensor
 from .models import default_model, load_model
-from .particles import ParticleSettings, check_particle_settings, particle_sample
-from .samplers import SamplerSettings, run_sampler
+from .particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
+from .samplers import NoiseSource, SamplerSettings, run_sampler
+
+# A checked generator argument: one generator (or None) for every measurement, or a tuple
+# with one per measurement.
+Generators = Union[torch.Generator, None, tuple[torch.Generator, ...]]
 
 
 @dataclass(frozen=True)
 class RestoreSettings:
-    """The checked settings of one `restore` call; the result keeps them as its record.
+    """The checked settings of one `restore` or `restore_batch` call; each result keeps them
+    as its record.
 
     Attributes:
-        num_samples: posterior samples returned.
+        num_samples: posterior samples returned per measurement.
         sampler: time grid, steps, eta and solver.
         guidance: the averaged likelihood's covariance and its solve.
-        batch_size: samples per sampler run (None: all at once); in particle mode see `particles`.
+        batch_size: rows per sampler run (None: all at once); in particle mode see `particles`.
         particles: particle mode's settings, or None for the plain guided sampler.
     """
 
@@ -66,7 +84,7 @@ class RestoreSettings:
 
 @dataclass
 class Restoration:
-    """The result of `restore`.
+    """The result of `restore`, or of one measurement of `restore_batch`.
 
     Attributes:
         samples: posterior samples, shape (num_samples, *x_shape).
@@ -75,13 +93,20 @@ class Restoration:
         std: their standard deviation per entry, shape x_shape (zeros for one sample; in
             particle mode the weighted standard deviation of the cloud).
         nfe: network forward calls, each on a batch of samples (or a chunk of particles):
-            `steps` per sampler run for the one-evaluation solvers, summed over the runs.
+            `steps` per sampler run for the one-evaluation solvers, summed over the runs that
+            drew these samples.
         vjps: vector-Jacobian products the guidance spent, each on one such batch.
-        seconds: wall-clock time of the sampling.
+        seconds: wall-clock time of those sampler runs.
         settings: the checked settings used.
         ess, resampled, log_evidence: particle mode only (see `posterior_diff.particles`):
             ESS / K after each reweighting, the steps after which the cloud was resampled, and
             the estimate of log p(y) in the model's units (NaN where the twist has no log det).
+
+    In `restore_batch` a sampler run may hold the samples of several measurements: nfe, vjps
+    and seconds are then those of the shared runs this measurement took part in, the same
+    numbers for every measurement of a run (do not add them up over a batch; the work of the
+    whole call is that of its distinct runs). In particle mode each measurement has runs of
+    its own.
     """
 
     samples: Tensor
@@ -98,18 +123,45 @@ class Restoration:
 
 @dataclass
 class Problem:
-    """The checked inputs of one restoration, in the model's units once converted.
+    """The checked inputs of a batch of restorations (one for `restore`), in the model's units
+    once converted.
 
     Attributes:
-        model: the prior; operator: A with sigma_y; y: one measurement, shape y_shape.
-        x_shape: the shape of one x; image_model: whether the model has an image data range.
+        model: the prior.
+        operators: A with sigma_y, one per measurement; where the measurements share one
+            operator it is the same object each time. All have the same sigma_y.
+        measurements: the measurements y, each of shape y_shape (the same for all).
+        x_shape: the shape of one x (the same for all); image_model: whether the model has
+            an image data range.
     """
 
     model: Denoiser
-    operator: LinearOperator
-    y: Tensor
+    operators: tuple[LinearOperator, ...]
+    measurements: tuple[Tensor, ...]
     x_shape: tuple[int, ...]
     image_model: bool
+
+    @property
+    def count(self) -> int:
+        """The number of measurements."""
+        return len(self.measurements)
+
+    @property
+    def sigma_y(self) -> float:
+        """The measurement noise level every operator shares."""
+        return self.operators[0].sigma_y
+
+
+@dataclass
+class Draws:
+    """One measurement's samples in the model's units and the work of the runs that drew them
+    (`cloud`: the particle run's result in particle mode)."""
+
+    samples: Tensor
+    nfe: int
+    vjps: int
+    seconds: float
+    cloud: ParticleResult | None = None
 
 
 def restore(
@@ -178,45 +230,140 @@ def restore(
 
     Returns:
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
+
+    `restore(y, operator, model, generator=g, ...)` is `restore_batch([y], operator, model,
+    generator=[g], ...)[0]`: the same stages, the same numbers.
     """
-    # 1. Check.
-    problem = check_problem(y, operator, model)
-    defaults = defaults_for(problem.model)
-    sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid)
-    guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
-                                defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol, warm_start)
-    batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
-    particle_settings = None if particles is None else check_particle_settings(
-        particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.operator.sigma_y,
-        problem.y.numel())
-    settings = RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings)
+    problem = check_problem([y], [operator], model, ["y"], ["operator"])
+    settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
+                              cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold, proposal)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    # 2. Convert.
+    return run_stages(problem, settings, generator, device, progress)[0]
+
+
+def restore_batch(
+    measurements,
+    operator,
+    model: Denoiser | str | None = None,
+    *,
+    num_samples: int = 1,
+    steps: int | None = None,
+    covariance: str | None = None,
+    eta: float = 1.0,
+    solver: str = "multistep",
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | Callable[[int], Any] = False,
+    grid: str = "log-snr",
+    cg_tol: float = 1e-3,
+    cg_max_iter: int | None = None,
+    cg_noise_tol: float = 0.1,
+    warm_start: bool = True,
+    batch_size: int | None = None,
+    particles: int | None = None,
+    ess_threshold: float = 0.5,
+    proposal: str = "auto",
+) -> list[Restoration]:
+    """Posterior samples for several measurements at once: `num_samples` for each of them,
+    drawn together in shared sampler runs (batched network calls).
+
+    Args:
+        measurements: a list of measurements, each as `restore` takes one (for image models a
+            tensor (C, h, w), a numpy array (h, w[, C]) or a PIL image in [0, 1]; else a tensor
+            or array of shape y_shape), all of one shape; or a tensor (B, *y_shape).
+        operator: one operator for every measurement, or a list with one per measurement
+            (e.g. inpainting with a mask per image). The operators must map one x_shape to the
+            measurements' shape and share one sigma_y: the measurements are sampled in one
+            batch, whose guidance and conjugate-gradient stopping rule take one noise level.
+            (Mixing operators with and without a closed-form solve drops the Tweedie CG's
+            preconditioner for the run, so those items match restore to the CG's tolerance.)
+        model: the prior, as in `restore`.
+        num_samples: posterior samples per measurement.
+        generator: None, one torch.Generator for the whole batch (reproducible for the same
+            batch and batch_size), or a list with one per measurement (the diffusers
+            convention). With a list, measurement i's samples depend on generator[i] alone:
+            they equal `restore(measurements[i], operator_i, model, generator=generator[i],
+            ...)` with the same settings, whichever other measurements share the batch, up to
+            round-off: batched linear algebra rounds a row slightly differently in batches of
+            different sizes, and a Tweedie conjugate gradient stopped at `cg_tol` can magnify
+            that round-off up to the level of its own tolerance (solved tightly, or with a
+            CG-free covariance, the items agree to float precision).
+        batch_size: the most rows (samples) in one sampler run, over all measurements (memory);
+            None: every sample of every measurement in one run. With a list of generators each
+            measurement's samples are cut into runs as `restore` with this batch_size cuts
+            them, and such pieces share runs where they fit. In particle mode: particles per
+            network call.
+        steps, covariance, eta, solver, guidance_scale, device, progress, grid, cg_tol,
+        cg_max_iter, cg_noise_tol, warm_start, particles, ess_threshold, proposal: as in
+            `restore`.
+
+    Returns:
+        One Restoration per measurement, in order: samples (num_samples, *x_shape), mean, std,
+        and nfe / vjps / seconds of the sampler runs it took part in (shared with the other
+        measurements of those runs; see `Restoration`).
+
+    Particle mode (`particles=K`) runs the measurements one after the other: each measurement
+    needs a weighted cloud of its own, reweighted by its own likelihood and resampled when its
+    own ESS drops (with its own evidence and solver histories), so one shared cloud would be
+    wrong and a batch of clouds would need per-cloud resampling throughout `particles`.
+    Measurement i's particle run is then exactly restore's with generator[i].
+    """
+    items = as_measurement_list(measurements)
+    operators, operator_names = as_operator_list(operator, len(items))
+    problem = check_problem(items, operators, model, [f"measurements[{i}]" for i in range(len(items))], operator_names)
+    settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
+                              cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold, proposal)
+    generators = check_generators(generator, len(items))
+    return run_stages(problem, settings, generators, device, progress)
+
+
+def run_stages(problem: Problem, settings: RestoreSettings, generators: Generators, device,
+               progress) -> list[Restoration]:
+    """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per measurement)."""
     problem, device = convert(problem, device)
-    # 3. Sample.
-    start = time.perf_counter()
     if settings.particles is None:
-        samples, nfe, vjps = sample_in_batches(problem, settings, generator, device, progress)
-        cloud = None
+        draws = sample_in_batches(problem, settings, generators, device, progress)
     else:
-        cloud = particle_sample(problem.model, problem.operator, problem.y, problem.x_shape, settings.particles,
-                                sampler, guidance, num_samples=settings.num_samples, generator=generator,
-                                device=device, progress=progress)
-        samples, nfe, vjps = cloud.samples, cloud.nfe, cloud.vjps
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    # 4. Summarise.
-    return summarise(problem, samples, cloud, nfe, vjps, seconds, settings)
+        draws = sample_particles(problem, settings, generators, device, progress)
+    return [summarise(problem, item, settings) for item in draws]
 
 
-def check_problem(y, operator, model) -> Problem:
-    """The model (loaded if named), the operator (adapted if deepinv's) and y, checked against
-    each other; a ValueError or TypeError naming the argument that does not fit."""
+# -- 1. check ---------------------------------------------------------------------------------
+def as_measurement_list(measurements) -> list:
+    """`restore_batch`'s measurements as a non-empty list (a (B, *y_shape) tensor split into rows)."""
+    if isinstance(measurements, Tensor):
+        if measurements.dim() < 2:
+            raise ValueError(f"measurements as a tensor must have shape (B, *y_shape), got shape "
+                             f"{tuple(measurements.shape)}; pass a single measurement as [y] (or use restore)")
+        measurements = list(measurements.unbind(0))
+    elif isinstance(measurements, (list, tuple)):
+        measurements = list(measurements)
+    else:
+        raise TypeError(f"measurements must be a list of measurements or a tensor (B, *y_shape), got "
+                        f"{type(measurements).__name__}")
+    if not measurements:
+        raise ValueError("measurements is empty: give at least one measurement")
+    return measurements
+
+
+def as_operator_list(operator, count: int) -> tuple[list, list[str]]:
+    """One operator per measurement (the shared one repeated) and the name to report each by."""
+    if isinstance(operator, (list, tuple)):
+        if len(operator) != count:
+            raise ValueError(f"operator is a list of {len(operator)} operators for {count} measurements: give one "
+                             "per measurement, or a single operator for all")
+        return list(operator), [f"operator[{i}]" for i in range(count)]
+    return [operator] * count, ["operator"] * count
+
+
+def check_model(model) -> Denoiser:
+    """The model as a Denoiser: loaded if named by a folder or hub id, adapted if deepinv's, the
+    embedded default for None; a TypeError naming `model` otherwise."""
     if model is None:
-        model = default_model()
-    elif isinstance(model, (str, Path)):
+        return default_model()
+    if isinstance(model, (str, Path)):
         model = load_model(model)
     elif is_deepinv_denoiser(model):
         model = from_deepinv_denoiser(model)  # deepinv's D(x, sigma): VE, in [0, 1] units
@@ -225,42 +372,142 @@ def check_problem(y, operator, model) -> Problem:
     if not isinstance(model, Denoiser):
         raise TypeError(f"model must be a posterior_diff.Denoiser, a deepinv.models.Denoiser, a model folder, a hub id "
                         f"or None, got {type(model).__name__}")
+    return model
+
+
+def check_operators(operators: Sequence, names: Sequence[str]) -> tuple[LinearOperator, ...]:
+    """The operators as LinearOperators (a deepinv physics adapted once, however often it is
+    repeated), each sigma_y checked, all sigma_y equal; errors name the operator."""
+    adapted: dict[int, LinearOperator] = {}
+    for operator, name in zip(operators, names):
+        if id(operator) in adapted:
+            continue
+        try:
+            result = as_operator(operator)  # a deepinv LinearPhysics is adapted here
+        except TypeError:
+            raise TypeError(f"{name} must be an operators.LinearOperator or a deepinv LinearPhysics, got "
+                            f"{type(operator).__name__}") from None
+        try:
+            check_sigma_y(result.sigma_y)  # an attribute set after construction is checked too
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}: {error}") from None
+        adapted[id(operator)] = result
+    checked = tuple(adapted[id(operator)] for operator in operators)
+    for operator, name in zip(checked, names):
+        if operator.sigma_y != checked[0].sigma_y:
+            raise ValueError(f"{name} has sigma_y={operator.sigma_y} but {names[0]} has sigma_y={checked[0].sigma_y}: "
+                             "the measurements of one batch must share one noise level, because their samples are "
+                             "drawn in one sampler run whose guidance and conjugate-gradient stopping rule take one "
+                             "sigma_y; restore measurements of different noise levels in separate calls")
+    return checked
+
+
+def check_problem(measurements: Sequence, operators: Sequence, model, names: Sequence[str],
+                  operator_names: Sequence[str]) -> Problem:
+    """The model (loaded if named), the operators (adapted if deepinv's) and the measurements,
+    checked against each other; a ValueError or TypeError naming the argument that does not fit.
+
+    Args:
+        measurements: the measurements, one per restoration; operators: one per measurement.
+        model: as `restore` takes it.
+        names, operator_names: how errors name each measurement and operator ("y" and
+            "operator" for `restore`, "measurements[i]" and "operator[i]" for `restore_batch`).
+    """
+    model = check_model(model)
     image_model = model.data_range is not None
-    operator = as_operator(operator)  # a deepinv LinearPhysics is adapted here
-    check_sigma_y(operator.sigma_y)  # an attribute set after construction is checked too
-    y = as_measurement(y, image_model)
+    operators = check_operators(operators, operator_names)
+    checked, x_shapes = [], []
+    for y, operator, name, operator_name in zip(measurements, operators, names, operator_names):
+        y = as_measurement(y, image_model, name)
+        x_shapes.append(check_fit(y, operator, model, name, operator_name))
+        checked.append(y)
+    for y, x_shape, name in zip(checked, x_shapes, names):
+        if y.shape != checked[0].shape:
+            raise ValueError(f"{name} has shape {tuple(y.shape)} but {names[0]} has shape {tuple(checked[0].shape)}: "
+                             "the measurements of one batch must share one shape; restore them in separate calls")
+        if x_shape != x_shapes[0]:
+            raise ValueError(f"{name} implies x of shape {x_shape} but {names[0]} implies {x_shapes[0]}: the "
+                             "measurements of one batch must share one x_shape")
+    return Problem(model, operators, tuple(checked), x_shapes[0], image_model)
+
+
+def check_fit(y: Tensor, operator: LinearOperator, model: Denoiser, name: str, operator_name: str) -> tuple[int, ...]:
+    """The x_shape that y implies through the operator, checked against the model's channels
+    and x_shape; a ValueError naming y (as `name`) otherwise."""
     if model.channels is not None and y.dim() == 3 and y.shape[0] != model.channels:
-        raise ValueError(f"y has {y.shape[0]} channel(s) but the model takes {model.channels}; convert the image first "
-                         "(posterior_diff.images.match_channels)")
+        raise ValueError(f"{name} has {y.shape[0]} channel(s) but the model takes {model.channels}; convert the image "
+                         "first (posterior_diff.images.match_channels)")
     try:
         x_shape = operator.x_shape(tuple(y.shape))
         expected = operator.y_shape(x_shape)
     except ValueError as error:
-        raise ValueError(f"y of shape {tuple(y.shape)} does not fit the operator: {error}") from None
+        raise ValueError(f"{name} of shape {tuple(y.shape)} does not fit {operator_name}: {error}") from None
     if expected != tuple(y.shape):
-        raise ValueError(f"y has shape {tuple(y.shape)} but the operator produces {expected}")
+        raise ValueError(f"{name} has shape {tuple(y.shape)} but {operator_name} produces {expected}")
     if model.x_shape is not None and tuple(model.x_shape) != x_shape:
-        raise ValueError(f"y implies images of shape {x_shape} but the model takes {tuple(model.x_shape)}")
-    return Problem(model, operator, y, x_shape, image_model)
+        raise ValueError(f"{name} implies images of shape {x_shape} but the model takes {tuple(model.x_shape)}")
+    return x_shape
 
 
-def as_measurement(y, image_model: bool) -> Tensor:
-    """y as a floating-point tensor of shape y_shape, checked finite; images through `to_image_tensor`."""
+def as_measurement(y, image_model: bool, name: str = "y") -> Tensor:
+    """y as a floating-point tensor of shape y_shape, checked finite; images through
+    `to_image_tensor`. Errors name the measurement as `name`."""
     if image_model and isinstance(y, (np.ndarray, Image.Image)):
-        return to_image_tensor(y, "y")  # numpy (H, W[, C]) and PIL images, in [0, 1]
+        return to_image_tensor(y, name)  # numpy (H, W[, C]) and PIL images, in [0, 1]
     if isinstance(y, np.ndarray):
         y = torch.from_numpy(np.ascontiguousarray(y))
     if not isinstance(y, Tensor):
-        raise TypeError(f"y must be a torch.Tensor or numpy array, got {type(y).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(y).__name__}")
     if not y.is_floating_point():
         y = y.to(torch.get_default_dtype())
     if y.dim() == 0:
-        raise ValueError("y must be one measurement of shape y_shape (no batch dimension), got a scalar")
+        raise ValueError(f"{name} must be one measurement of shape y_shape (no batch dimension), got a scalar")
     if not bool(torch.isfinite(y).all()):
-        raise ValueError("y contains NaN or infinite values")
+        raise ValueError(f"{name} contains NaN or infinite values")
     return y
 
 
+def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
+                   cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold,
+                   proposal) -> RestoreSettings:
+    """The frozen settings of a call (each dataclass checks its own fields once); steps,
+    covariance and the CG cap left as None come from the model's defaults."""
+    defaults = defaults_for(problem.model)
+    sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid)
+    guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
+                                defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol, warm_start)
+    batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
+    particle_settings = None if particles is None else check_particle_settings(
+        particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
+        problem.measurements[0].numel())
+    return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings)
+
+
+def check_generators(generator, count: int) -> Generators:
+    """`restore_batch`'s generator: None or one torch.Generator as they are, a list as a tuple
+    of `count` distinct generators; a TypeError or ValueError naming `generator` otherwise."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if not isinstance(generator, (list, tuple)):
+        raise TypeError(f"generator must be a torch.Generator, a list with one per measurement, or None, got "
+                        f"{type(generator).__name__}")
+    if len(generator) != count:
+        raise ValueError(f"generator is a list of {len(generator)} generators for {count} measurements: give one per "
+                         "measurement, or a single generator for all")
+    first_use: dict[int, int] = {}
+    for index, item in enumerate(generator):
+        if not isinstance(item, torch.Generator):
+            raise TypeError(f"generator[{index}] must be a torch.Generator, got {type(item).__name__}")
+        if id(item) in first_use:
+            # Two measurements drawing from one generator would interleave their draws, so
+            # neither would get what restore with that generator gives it.
+            raise ValueError(f"generator[{index}] is the same generator as generator[{first_use[id(item)]}]: give "
+                             "each measurement a generator of its own, or a single generator for all")
+        first_use[id(item)] = index
+    return tuple(generator)
+
+
+# -- 2. convert -------------------------------------------------------------------------------
 def placed(module: nn.Module, device: torch.device) -> nn.Module:
     """`module` itself if its tensors are on `device` already, else a copy moved there."""
     tensors = list(module.parameters()) + list(module.buffers())
@@ -270,51 +517,175 @@ def placed(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def convert(problem: Problem, device) -> tuple[Problem, torch.device]:
-    """The problem on the sampling device (default: where the model lives), y in the sampler's
-    dtype, and y and sigma_y in the model's units. Model and operator are handled alike: moved
-    copies where they live elsewhere, so the caller's are never modified."""
+    """The problem on the sampling device (default: where the model lives), the measurements in
+    the sampler's dtype, and the measurements and sigma_y in the model's units. Model and
+    operators are handled alike: moved copies where they live elsewhere, so the caller's are
+    never modified. An operator shared by several measurements is converted once and stays shared."""
     model = problem.model
     reference = model.reference_tensor()
-    device = torch.device(device) if device is not None else (reference.device if reference is not None else problem.y.device)
-    model, operator = placed(model, device), placed(problem.operator, device)
-    y = problem.y.to(device=device, dtype=model.sampling_dtype())
-    if problem.image_model:
-        y, operator = measurement_to_model_units(y, operator, model.data_range)
-    return Problem(model, operator, y, problem.x_shape, problem.image_model), device
+    device = torch.device(device) if device is not None else (
+        reference.device if reference is not None else problem.measurements[0].device)
+    model = placed(model, device)
+    moved: dict[int, LinearOperator] = {}  # by the caller's operator: on the device
+    converted: dict[int, LinearOperator] = {}  # by the caller's operator: on the device, in model units
+    measurements = []
+    for y, operator in zip(problem.measurements, problem.operators):
+        if id(operator) not in moved:
+            moved[id(operator)] = placed(operator, device)
+        on_device = moved[id(operator)]
+        y = y.to(device=device, dtype=model.sampling_dtype())
+        in_units = on_device
+        if problem.image_model:
+            y, in_units = measurement_to_model_units(y, on_device, model.data_range)
+        converted.setdefault(id(operator), in_units)
+        measurements.append(y)
+    operators = tuple(converted[id(operator)] for operator in problem.operators)
+    return Problem(model, operators, tuple(measurements), problem.x_shape, problem.image_model), device
 
 
-def sample_in_batches(problem: Problem, settings: RestoreSettings, generator, device: torch.device,
-                      progress) -> tuple[Tensor, int, int]:
-    """The plain guided sampler, `batch_size` samples at a time: (samples, NFE, VJPs) in model units."""
-    batch_size = settings.batch_size or settings.num_samples
-    chunks, nfe, vjps = [], 0, 0
-    for first in range(0, settings.num_samples, batch_size):
-        count = min(batch_size, settings.num_samples - first)
-        guided = AveragedLikelihoodGuidance.from_settings(problem.model, problem.operator,
-                                                          problem.y.expand(count, *problem.y.shape), settings.guidance)
-        samples, evaluations = run_sampler(guided, (count, *problem.x_shape), settings.sampler, generator=generator,
-                                           device=device, dtype=problem.model.sampling_dtype(), progress=progress)
-        chunks.append(samples)
-        nfe += evaluations
-        vjps += guided.vjp_count
-    return torch.cat(chunks), nfe, vjps
+# -- 3. sample --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """`rows` consecutive rows of a sampler run that hold samples of measurement `item`."""
+
+    item: int
+    rows: int
 
 
-def summarise(problem: Problem, samples: Tensor, cloud, nfe: int, vjps: int, seconds: float,
-              settings: RestoreSettings) -> Restoration:
-    """The Restoration in the caller's units: plain samples' mean and std, or in particle mode
-    those of the whole weighted cloud (the SMC estimates, free of the extra noise of drawing
-    `num_samples` from it)."""
+def plan_runs(count: int, num_samples: int, batch_size: int | None, per_item: bool) -> list[tuple[Segment, ...]]:
+    """The sampler runs of a batch of `count` measurements with `num_samples` each: for each run,
+    which rows hold which measurement's samples. No run has more than `batch_size` rows.
+
+    Without per-item generators all the rows, measurement after measurement, are cut into runs
+    of `batch_size` rows.
+
+    per_item (a generator per measurement): each measurement's samples are cut into pieces of
+    `batch_size` as `restore` cuts them (b, b, ..., the rest), and a piece is never split, so its
+    generator makes the very draws restore makes, in the same order. Pieces are packed first-fit,
+    the first pieces of every measurement, then the second ones, and so on, each into the first
+    run with room that comes after the run of its measurement's previous piece: the runs are
+    sampled in order, so each generator still meets its pieces in restore's order, and no run
+    holds two pieces of one measurement (their draws would interleave).
+    """
+    capacity = batch_size or count * num_samples
+    if not per_item:
+        return [segments_of_rows(first, min(first + capacity, count * num_samples), num_samples)
+                for first in range(0, count * num_samples, capacity)]
+    runs: list[list[Segment]] = []
+    used: list[int] = []
+    last_run = [-1] * count  # the run of each measurement's latest piece
+    for first in range(0, num_samples, capacity):
+        rows = min(capacity, num_samples - first)
+        for item in range(count):
+            run = next((k for k in range(last_run[item] + 1, len(runs)) if used[k] + rows <= capacity), len(runs))
+            if run == len(runs):
+                runs.append([])
+                used.append(0)
+            runs[run].append(Segment(item, rows))
+            used[run] += rows
+            last_run[item] = run
+    return [tuple(run) for run in runs]
+
+
+def segments_of_rows(first: int, last: int, num_samples: int) -> tuple[Segment, ...]:
+    """The rows [first, last) of all the measurements' samples laid end to end, as segments."""
+    segments, row = [], first
+    while row < last:
+        item = row // num_samples
+        end = min(last, (item + 1) * num_samples)
+        segments.append(Segment(item, end - row))
+        row = end
+    return tuple(segments)
+
+
+def run_noise(segments: Sequence[Segment], generators: Generators) -> NoiseSource:
+    """Where a run's noise comes from: each segment from its measurement's generator, or the
+    whole run from the one generator."""
+    if isinstance(generators, tuple):
+        return NoiseSource(tuple((generators[segment.item], segment.rows) for segment in segments))
+    return NoiseSource(((generators, sum(segment.rows for segment in segments)),))
+
+
+def run_measurements(problem: Problem, segments: Sequence[Segment]) -> Tensor:
+    """y for every row of a run, (rows, *y_shape): each segment's measurement repeated."""
+    parts = [problem.measurements[s.item].expand(s.rows, *problem.measurements[s.item].shape) for s in segments]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock times are the work's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], generators: Generators,
+               device: torch.device, progress) -> tuple[Tensor, int, int, float]:
+    """One sampler run over the rows of `segments`: (samples in model units, NFE, VJPs, seconds).
+    Row k is guided by its own measurement and measured by its own operator (stacked where the
+    segments' operators differ)."""
+    rows = sum(segment.rows for segment in segments)
+    operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
+    guided = AveragedLikelihoodGuidance.from_settings(problem.model, operator, run_measurements(problem, segments),
+                                                      settings.guidance)
+    start = time.perf_counter()
+    samples, evaluations = run_sampler(guided, (rows, *problem.x_shape), settings.sampler,
+                                       generator=run_noise(segments, generators), device=device,
+                                       dtype=problem.model.sampling_dtype(), progress=progress)
+    synchronize(device)
+    return samples, evaluations, guided.vjp_count, time.perf_counter() - start
+
+
+def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
+                      progress) -> list[Draws]:
+    """The plain guided sampler for every measurement, in the runs of `plan_runs`: one Draws per
+    measurement, its samples in model units with the work of the runs that drew them."""
+    runs = plan_runs(problem.count, settings.num_samples, settings.batch_size, isinstance(generators, tuple))
+    chunks: list[list[Tensor]] = [[] for _ in range(problem.count)]
+    nfe, vjps, seconds = [0] * problem.count, [0] * problem.count, [0.0] * problem.count
+    for segments in runs:
+        samples, run_nfe, run_vjps, run_seconds = sample_run(problem, settings, segments, generators, device, progress)
+        # A run holds at most one segment of each measurement (see plan_runs): its work counts once.
+        for segment, part in zip(segments, samples.split([s.rows for s in segments])):
+            chunks[segment.item].append(part)
+            nfe[segment.item] += run_nfe
+            vjps[segment.item] += run_vjps
+            seconds[segment.item] += run_seconds
+    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i]) for i in range(problem.count)]
+
+
+def sample_particles(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
+                     progress) -> list[Draws]:
+    """Particle mode, measurement after measurement: each has its own cloud, weights and
+    resampling (see `restore_batch`), drawn from its own generator (or the shared one, in turn)."""
+    draws = []
+    for item in range(problem.count):
+        generator = generators[item] if isinstance(generators, tuple) else generators
+        start = time.perf_counter()
+        cloud = particle_sample(problem.model, problem.operators[item], problem.measurements[item], problem.x_shape,
+                                settings.particles, settings.sampler, settings.guidance,
+                                num_samples=settings.num_samples, generator=generator, device=device, progress=progress)
+        synchronize(device)
+        draws.append(Draws(cloud.samples, cloud.nfe, cloud.vjps, time.perf_counter() - start, cloud))
+    return draws
+
+
+# -- 4. summarise -----------------------------------------------------------------------------
+def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Restoration:
+    """One measurement's Restoration in the caller's units: plain samples' mean and std, or in
+    particle mode those of the whole weighted cloud (the SMC estimates, free of the extra noise
+    of drawing `num_samples` from it)."""
 
     def to_output(x: Tensor) -> Tensor:
         return from_model_range(x, problem.model.data_range).clamp(0, 1) if problem.image_model else x
 
-    samples = to_output(samples)
+    samples = to_output(draws.samples)
+    cloud = draws.cloud
     if cloud is None:
         std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
-        return Restoration(samples, samples.mean(dim=0), std, nfe, vjps, seconds, settings)
+        return Restoration(samples, samples.mean(dim=0), std, draws.nfe, draws.vjps, draws.seconds, settings)
     particles = to_output(cloud.particles)
     weights = cloud.weights.reshape(-1, *[1] * (particles.dim() - 1))
     mean = (weights * particles).sum(0)
     std = (weights * (particles - mean).square()).sum(0).sqrt()
-    return Restoration(samples, mean, std, nfe, vjps, seconds, settings, cloud.ess, cloud.resampled, cloud.log_evidence)
+    return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings, cloud.ess, cloud.resampled,
+                       cloud.log_evidence)

@@ -18,6 +18,10 @@ A solver is one step from grid point `now` to `nxt`, with one signature for all 
 expose the step's `transition(x, D, now, nxt)`: the mean and noise std of x_next given x,
 which particle mode needs for its weights. Each run ends with a denoising step x_0 = D(x, t_min).
 
+A run draws its start sample and then each step's noise from a torch.Generator, or from a
+`NoiseSource` that draws each block of rows from a generator of its own (so that a block's
+samples do not depend on the other rows of its batch; `restore_batch` relies on it).
+
 | solver            | step                                                         | NFE            |
 |-------------------|--------------------------------------------------------------|----------------|
 | "multistep"       | exponential step with D extrapolated from the previous step: second order (DPM-Solver++(2M), its SDE form for eta > 0). The default. | steps          |
@@ -122,10 +126,55 @@ def grid_points(schedule, steps: int, grid: str = "log-snr", s_min: float = 2e-3
     return points
 
 
-def start_sample(point: GridPoint, shape: tuple[int, ...], generator, device, dtype) -> Tensor:
+@dataclass(frozen=True)
+class NoiseSource:
+    """Where a batch's standard normal draws come from: consecutive blocks of rows, each drawn
+    from its own generator.
+
+    A sampler run draws its start sample and then each step's noise, every draw of the whole
+    batch's shape. With blocks ((g_1, n_1), (g_2, n_2), ...) each such draw is n_1 rows from
+    g_1, then n_2 rows from g_2, and so on, so the numbers of block k depend on g_k alone:
+    a block gets exactly what a run of its n_k rows alone with generator g_k would get,
+    whatever other blocks share the batch (`restore_batch` relies on this for a list of
+    generators). One block of all the rows is the plain single-generator draw.
+
+    Attributes:
+        blocks: ((generator or None, rows), ...) in row order; None draws from torch's global
+            generator. Drawn on each generator's own device (see `denoisers.randn`).
+    """
+
+    blocks: tuple[tuple[torch.Generator | None, int], ...]
+
+    @property
+    def rows(self) -> int:
+        """The batch size the source draws for: the sum of the blocks' rows."""
+        return sum(rows for _, rows in self.blocks)
+
+    def randn(self, shape: tuple[int, ...], device, dtype) -> Tensor:
+        """Standard normal draws of `shape` = (rows, *x_shape), block by block, on `device`."""
+        if shape[0] != self.rows:
+            raise ValueError(f"the noise source draws {self.rows} rows, asked for shape {tuple(shape)}")
+        if len(self.blocks) == 1:
+            return randn(tuple(shape), self.blocks[0][0], device, dtype)
+        return torch.cat([randn((rows, *shape[1:]), generator, device, dtype) for generator, rows in self.blocks])
+
+
+def as_noise_source(generator: torch.Generator | NoiseSource | None, rows: int) -> NoiseSource:
+    """`generator` as a NoiseSource for a batch of `rows`: one block, unless it is a source already."""
+    if isinstance(generator, NoiseSource):
+        if generator.rows != rows:
+            raise ValueError(f"the noise source has blocks of {generator.rows} rows in all for a batch of {rows}")
+        return generator
+    return NoiseSource(((generator, rows),))
+
+
+def start_sample(point: GridPoint, shape: tuple[int, ...], generator: torch.Generator | NoiseSource | None,
+                 device, dtype) -> Tensor:
     """x at t_max drawn from the reference N(0, (alpha^2 + sigma^2) I): the forward marginal of
-    data of unit variance (see Schedule.terminal_kl_bound for the mismatch this leaves)."""
-    return math.sqrt(point.alpha**2 + point.sigma**2) * randn(shape, generator, device, dtype)
+    data of unit variance (see Schedule.terminal_kl_bound for the mismatch this leaves).
+    `generator`: a torch.Generator, None, or a NoiseSource (one generator per block of rows)."""
+    noise = as_noise_source(generator, shape[0]).randn(shape, device, dtype)
+    return math.sqrt(point.alpha**2 + point.sigma**2) * noise
 
 
 @dataclass
@@ -264,23 +313,59 @@ def make_solver(settings: SamplerSettings) -> Solver:
 
 
 class CheckedDenoiser:
-    """D(x, t) at grid points for a batch: counts the calls (NFE) and stops on non-finite output."""
+    """D(x, t) at grid points for a batch: counts the calls (NFE) and stops on non-finite output
+    (through a FiniteGuard, which on an accelerator reads its verdict back only now and then)."""
 
-    def __init__(self, denoiser: Denoiser, device: torch.device, dtype: torch.dtype):
-        self.denoiser, self.device, self.dtype = denoiser, device, dtype
+    def __init__(self, denoiser: Denoiser, device: torch.device, dtype: torch.dtype, guard: "FiniteGuard"):
+        self.denoiser, self.device, self.dtype, self.guard = denoiser, device, dtype, guard
         self.calls = 0
 
     def __call__(self, x: Tensor, point: GridPoint) -> Tensor:
         self.calls += 1
         denoised = self.denoiser(x, torch.full((x.shape[0],), point.t, dtype=self.dtype, device=self.device))
-        check_finite(denoised, "the denoiser returned", point)
+        self.guard.observe(denoised, "the denoiser returned", point)
         return denoised
 
 
-def check_finite(x: Tensor, what: str, point: GridPoint) -> None:
-    """Raise NonFiniteSampleError naming the grid step unless every entry of x is finite."""
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteSampleError(f"{what} non-finite values at step {point.index} (t={point.t:.4g})")
+FINITE_CHECK_EVERY = 10  # steps between reads of the finiteness flag on an accelerator
+
+
+class FiniteGuard:
+    """Stops a run on non-finite values at little cost.
+
+    Reading a value back from a GPU waits for its queue to drain, so a check at every step would
+    stall the pipeline twice per step (after the denoiser and after the solver step). On an
+    accelerator the checks are therefore and-ed into a flag on the device, read every
+    FINITE_CHECK_EVERY steps and at the end: a diverging run stops at most that many steps late,
+    naming the steps in between. On the CPU a read costs nothing and every check is read at once.
+    """
+
+    def __init__(self, device: torch.device, every: int = FINITE_CHECK_EVERY):
+        self.every = 1 if device.type == "cpu" else every
+        self.flag: Tensor | None = None
+        self.first: GridPoint | None = None  # the first step since the last read
+        self.what = ""
+
+    def observe(self, x: Tensor, what: str, point: GridPoint) -> None:
+        finite = torch.isfinite(x).all()
+        self.flag = finite if self.flag is None else self.flag & finite
+        self.first = self.first or point
+        self.what = what
+        if self.every == 1 or point.index % self.every == 0:
+            self.read(point)
+
+    def read(self, point: GridPoint) -> None:
+        """Raise NonFiniteSampleError if any value observed since the last read was non-finite."""
+        if self.flag is None:
+            return
+        finite, first = bool(self.flag), self.first
+        self.flag, self.first = None, None
+        if finite:
+            return
+        if first.index == point.index:
+            raise NonFiniteSampleError(f"{self.what} non-finite values at step {point.index} (t={point.t:.4g})")
+        raise NonFiniteSampleError(f"non-finite values appeared between step {first.index} (t={first.t:.4g}) "
+                                   f"and step {point.index} (t={point.t:.4g})")
 
 
 def progress_bar(progress: bool | Callable[[int], Any], total: int, description: str):
@@ -306,7 +391,7 @@ def sample(
     grid: str = "log-snr",
     s_min: float = 2e-3,
     snr: float = 0.05,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | NoiseSource | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool | Callable[[int], Any] = False,
@@ -317,7 +402,8 @@ def sample(
         denoiser: gives D(x_t, t); wrap it in AveragedLikelihoodGuidance to sample a posterior.
         shape: (B, *x_shape), the batch of samples to draw.
         steps, eta, solver, grid, s_min, snr: the sampler, as in `SamplerSettings`.
-        generator: torch.Generator making the draw reproducible.
+        generator: torch.Generator making the draw reproducible, or a NoiseSource drawing
+            each block of rows from its own generator.
         device, dtype: where to sample; default: those of the denoiser's tensors.
         progress: True shows a tqdm progress bar; a callable `progress(total)` returning a bar
             (an object with `update(n)` and `close()`, e.g. a diffusers pipeline's
@@ -334,24 +420,27 @@ def sample(
 
 
 def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSettings, *,
-                generator: torch.Generator | None = None, device=None, dtype=None,
+                generator: torch.Generator | NoiseSource | None = None, device=None, dtype=None,
                 progress: bool | Callable[[int], Any] = False) -> tuple[Tensor, int]:
     """`sample` with settings checked already (see `sample` for the arguments)."""
     device, dtype = placement(denoiser, device, dtype)
     points = grid_points(denoiser.schedule, settings.steps, settings.grid, settings.s_min)
     solver = make_solver(settings)
-    denoise = CheckedDenoiser(denoiser, device, dtype)
+    guard = FiniteGuard(device)
+    denoise = CheckedDenoiser(denoiser, device, dtype, guard)
+    source = as_noise_source(generator, shape[0])
 
     def noise() -> Tensor:
-        return randn(shape, generator, device, dtype)
+        return source.randn(shape, device, dtype)
 
-    x = start_sample(points[0], shape, generator, device, dtype)
+    x = start_sample(points[0], shape, source, device, dtype)
     bar = progress_bar(progress, len(points), f"sampling ({settings.solver})")
     for now, nxt in zip(points[:-1], points[1:]):
         x = solver.step(x, now, nxt, denoise, noise)
-        check_finite(x, f"the {settings.solver} sampler produced", nxt)
+        guard.observe(x, f"the {settings.solver} sampler produced", nxt)
         bar.update(1)
     x0 = denoise(x, points[-1])  # the final denoising step
+    guard.read(points[-1])
     bar.update(1)
     bar.close()
     return x0, denoise.calls

@@ -86,3 +86,27 @@ def test_bad_sampler_arguments(kwargs, message):
 def test_progress_bar_reports_every_step(capsys):
     sample(mixture(), (2, 2), steps=7, progress=True)
     assert "7/7" in capsys.readouterr().err
+
+
+def test_on_an_accelerator_the_finiteness_checks_are_read_every_few_steps():
+    """FiniteGuard for a CUDA device reads its flag every FINITE_CHECK_EVERY steps (one stall per
+    window instead of two per step) and still stops the run, naming the window; on the CPU at once."""
+    from posterior_diff.samplers import FINITE_CHECK_EVERY, FiniteGuard, GridPoint
+
+    def point(index):
+        return GridPoint(index, 1.0 - index / 100, 1.0, 0.1, 0.0, 0.0)
+
+    bad = torch.tensor([float("nan")])
+    lazy = FiniteGuard(torch.device("cuda"))
+    for index in range(1, FINITE_CHECK_EVERY):
+        lazy.observe(bad if index == 4 else torch.ones(1), "the denoiser returned", point(index))  # no read yet
+    with pytest.raises(NonFiniteSampleError, match=rf"between step 1 .* and step {FINITE_CHECK_EVERY} "):
+        lazy.observe(torch.ones(1), "the denoiser returned", point(FINITE_CHECK_EVERY))
+    eager = FiniteGuard(torch.device("cpu"))
+    eager.observe(torch.ones(1), "the denoiser returned", point(1))
+    with pytest.raises(NonFiniteSampleError, match=r"the denoiser returned non-finite values at step 2 \(t="):
+        eager.observe(bad, "the denoiser returned", point(2))
+    tail = FiniteGuard(torch.device("cuda"))
+    tail.observe(bad, "the sampler produced", point(11))
+    with pytest.raises(NonFiniteSampleError, match="at step 11"):
+        tail.read(point(11))  # the run's last read, after the final denoising

@@ -1,0 +1,8 @@
+"""`python -m posterior_diff ...` is the `posterior-diff` command (also under torchrun and accelerate launch)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
