@@ -15,8 +15,8 @@ Three tables, written to docs/speed.md, from which `posterior_diff.defaults.IMAG
    DDRM and DiffPIR at the same NFE beside them; the task's classical baseline above.
 3. **The choice.** Per covariance and steps, the mean PSNR over tasks and the seconds a
    128x128 restoration with 4 samples takes (table 1's seconds per step x steps), and the best
-   setting that fits --budget seconds (default 60) while at least matching isotropic at 50
-   steps.
+   mean PSNR among the settings that fit --budget seconds (default 60) and are no worse than
+   isotropic at 50 steps (the defaults before this table) on any task by more than 0.1 dB.
 
 Every run is cached in a JSON file beside the report (--cache), so an interrupted run picks up
 where it stopped. Our settings that table 1 estimates at more than --skip-over seconds (twice
@@ -64,6 +64,7 @@ COUNTERPARTS = (("zero", "dps"), ("isotropic", "pigdm"), ("tweedie", "mm"), ("pr
                 ("projection", "diffpir"))
 STEPS = (20, 50, 100)
 REFERENCE = ("isotropic", 50)  # the defaults the choice must at least match (those before this benchmark)
+MAX_TASK_LOSS_DB = 0.1  # how far below REFERENCE on one task a choice may fall (the noise of 4-sample means)
 SLOW_DTYPE = 5.0
 NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -255,24 +256,29 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
 
 
 def choice_rows(summary: dict, cost: list[dict], args: argparse.Namespace) -> list[dict]:
-    """Per covariance and steps: mean PSNR over tasks and the estimated 128x128 seconds (table 1's
-    seconds per step, averaged over its tasks, times the steps)."""
+    """Per covariance and steps: PSNR per task and its mean over tasks, and the estimated 128x128
+    seconds (table 1's seconds per step, averaged over its tasks, times the steps)."""
     per_step = {method: statistics.mean(r["seconds_per_step"] for r in cost if r["method"] == method)
                 for method in {r["method"] for r in cost}}
     rows = []
     for covariance in posterior_diff.COVARIANCES:
         for steps in args.steps:
-            psnrs = [summary[(task, f"ours {covariance}", steps)]["psnr"] for task in TASKS]
-            rows.append(dict(covariance=covariance, steps=steps, psnr=statistics.mean(psnrs),
+            psnrs = {task: summary[(task, f"ours {covariance}", steps)]["psnr"] for task in TASKS}
+            rows.append(dict(covariance=covariance, steps=steps, tasks=psnrs, psnr=statistics.mean(psnrs.values()),
                              seconds=per_step[f"ours {covariance}"] * steps))
     return rows
 
 
 def best_choice(rows: list[dict], budget: float) -> dict | None:
-    """The highest mean PSNR within the budget among those at least as good as REFERENCE."""
+    """The highest mean PSNR within the budget among the settings that are no worse than REFERENCE
+    on any task (by more than MAX_TASK_LOSS_DB): a default must not trade one task for another."""
     reference = next((r for r in rows if (r["covariance"], r["steps"]) == REFERENCE), None)
-    floor = reference["psnr"] if reference else -math.inf
-    fitting = [r for r in rows if r["seconds"] <= budget and r["psnr"] >= floor and math.isfinite(r["psnr"])]
+
+    def no_worse(row: dict) -> bool:
+        return reference is None or all(row["tasks"][task] >= reference["tasks"][task] - MAX_TASK_LOSS_DB
+                                        for task in TASKS)
+
+    fitting = [r for r in rows if r["seconds"] <= budget and math.isfinite(r["psnr"]) and no_worse(r)]
     return max(fitting, key=lambda r: r["psnr"]) if fitting else None
 
 
@@ -310,11 +316,15 @@ def report(args, cost, precision, rows, summary, choices, best, minutes: float) 
         quality_sections.append(f"### {task}\n\n" + markdown_table(
             ["method", "steps", "mean PSNR (dB)", "vs baseline (dB)", "s per image"], lines))
     choice_table = markdown_table(
-        ["covariance", "steps", "mean PSNR over tasks (dB)", f"s at {args.cost_size}² ({args.samples} samples)"],
-        [[r["covariance"], str(r["steps"]), value(r["psnr"]), f"{r['seconds']:.0f}"] for r in choices])
-    verdict = (f"Best within {args.budget:g} s and at least as good as {REFERENCE[0]} at {REFERENCE[1]} steps: "
-               f"**{best['covariance']}, {best['steps']} steps** ({best['psnr']:.2f} dB, about {best['seconds']:.0f} s)."
-               if best else f"No setting fits {args.budget:g} s while matching {REFERENCE[0]} at {REFERENCE[1]} steps.")
+        ["covariance", "steps", *(f"{task} (dB)" for task in TASKS), "mean over tasks (dB)",
+         f"s at {args.cost_size}² ({args.samples} samples)"],
+        [[r["covariance"], str(r["steps"]), *(value(r["tasks"][task]) for task in TASKS), value(r["psnr"]),
+          f"{r['seconds']:.0f}"] for r in choices])
+    verdict = (f"Best within {args.budget:g} s and no worse than {REFERENCE[0]} at {REFERENCE[1]} steps on any task "
+               f"(by more than {MAX_TASK_LOSS_DB:g} dB): **{best['covariance']}, {best['steps']} steps** "
+               f"({best['psnr']:.2f} dB on average, about {best['seconds']:.0f} s)."
+               if best else f"No setting fits {args.budget:g} s while no worse than {REFERENCE[0]} at {REFERENCE[1]} "
+               "steps on every task.")
     sections = [
         "## 1. Cost per step against a bare network forward\n\n"
         f"SR x4 on a {args.cost_size}x{args.cost_size} crop of {args.images[0]}, {args.samples} samples per batch, "

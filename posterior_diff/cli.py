@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
     restore.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU; under torchrun or "
                          "accelerate launch cuda:LOCAL_RANK), cpu, cuda or cuda:N")
-    restore.add_argument("--dtype", default="float32", choices=tuple(NETWORK_DTYPES),
-                         help="the network's dtype (the sampler state stays float32; default float32)")
+    restore.add_argument("--dtype", default="float32",
+                         help="the network's dtype: float32, bfloat16 or float16 (the sampler state stays float32; "
+                              "default float32)")
     restore.add_argument("--seed", type=int, default=0,
                          help="each image's generator is seeded from this and the image's file name (default 0)")
     restore.add_argument("-o", "--output", type=Path, required=True,
@@ -129,6 +130,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_dtype(name: str) -> None:
+    """`--dtype` names one of NETWORK_DTYPES (checked here, not by argparse, for a one-line error)."""
+    if name not in NETWORK_DTYPES:
+        raise UsageError(f"--dtype must be {', '.join(NETWORK_DTYPES)}, got {name!r}")
+
+
 def load_network(model: str | None, dtype: str):
     """The prior `--model` and `--dtype` name: a loaded folder or hub id, or the embedded model."""
     from .models import DEFAULT_MODEL_DIR, default_model, load_model
@@ -143,6 +150,8 @@ def _restore(args) -> int:
     """A single-file run, or a dataset run (`dataset.run_dataset`) for folders, globs and several inputs."""
     from .dataset import is_single_file, run_dataset, terminate_cleanly
 
+    check_dtype(args.dtype)
+    pick_device(args.device)  # both named wrongly: one line before any file is read
     with terminate_cleanly():  # SIGTERM, too, leaves no temporary file behind
         return _restore_file(args) if is_single_file(args.input, args.output) else run_dataset(args)
 

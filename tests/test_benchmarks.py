@@ -137,8 +137,22 @@ def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path)
     assert cost["ours projection"][4] == "0.0" and float(cost["ours tweedie"][4]) > 1  # VJPs per step
     assert "ours projection" in out.read_text().split("## 2.")[0].split("x bare forward")[-1]  # the counterpart verdicts
     assert [row[0] for row in tables["network dtype | bare forward s | x float32"]] == ["float32", "bfloat16", "float16"]
-    assert len(tables["covariance | steps | mean PSNR over tasks (dB)"]) == len(COVARIANCES)
+    assert len(tables["covariance | steps | sr4 (dB)"]) == len(COVARIANCES)
     assert (tmp_path / "speed.json").exists()
+
+
+def test_the_speed_choice_does_not_trade_one_task_for_another():
+    def row(covariance, steps, sr4, random, denoise, seconds):
+        tasks = {"sr4": sr4, "random": random, "denoise": denoise}
+        return dict(covariance=covariance, steps=steps, tasks=tasks, psnr=sum(tasks.values()) / 3, seconds=seconds)
+
+    reference = row("isotropic", 50, 23.0, 25.0, 28.0, 40)
+    lopsided = row("diagonal", 20, 23.0, 27.0, 27.5, 25)  # a better mean, but 0.5 dB lost on denoising
+    level = row("projection", 50, 23.3, 25.0, 27.95, 20)  # within 0.1 dB everywhere, a higher mean
+    slow = row("tweedie", 50, 24.0, 27.0, 29.0, 200)
+    assert speed.best_choice([reference, lopsided, slow], budget=60) is reference
+    assert speed.best_choice([reference, lopsided, level, slow], budget=60) is level
+    assert speed.best_choice([slow], budget=60) is None
 
 
 def test_the_speed_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
@@ -206,3 +220,29 @@ def test_the_model_families_quick_run_times_every_family(tmp_path):
     rows = assert_numbers_are_finite(report)
     assert out.read_text() == report
     assert [row[0] for row in next(iter(rows.values()))] == list(model_families.FAMILIES)
+
+
+def test_the_throughput_quick_run_times_three_ways_and_deepinv_on_the_same_images(tmp_path):
+    from benchmarks import throughput
+
+    out = tmp_path / "throughput.md"
+    threads = torch.get_num_threads()
+    result = throughput.main(["--quick", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # main puts torch's thread count back
+    report = out.read_text()
+    assert result["report"] == report and "- command: `python -m benchmarks.throughput --quick" in report
+    tables = assert_numbers_are_finite(report)
+    ways = tables["way | images | rows per forward"]
+    labels = [row[0] for row in ways]
+    assert labels[0].startswith("ours, one by one") and labels[1].startswith("ours, batched")
+    assert labels[2].startswith("ours, 2 processes") and labels[3].startswith("ours, 2 processes")
+    assert labels[4] in ("deepinv ddrm, one by one", "deepinv diffpir, one by one")
+    timed = [row for row in ways if not row[6].startswith("n/a")]  # wall - start-up may be within the noise
+    assert len(timed) >= 4 and all(float(row[6]) > 0 for row in timed)  # images / s
+    assert [int(row[2]) for row in ways[:2]] == [2, 4]  # rows per forward: samples, then batch x samples
+    single, batch = result["ways"][0], result["ways"][1]
+    assert len(single.restorations) == len(batch.restorations) == 4
+    for alone, together in zip(single.restorations, batch.restorations):  # the same per-image generators
+        assert torch.allclose(alone.samples, together.samples, atol=1e-5)
+    agreement = {row[0]: float(row[1]) for row in tables["comparison | max abs difference"]}
+    assert max(agreement.values()) <= 1  # batched vs one by one; the CLI's PNGs within one 8-bit level

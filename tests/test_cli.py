@@ -51,6 +51,7 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys, monkeypatch
         ([str(image), "--task", "sr2", *common, "--model", "someone/uncached-model"], "pass a local folder"),
         ([str(image), "--task", "sr2", *common, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
         ([str(image), "--task", "sr2", *common, "--device", "cuda:63"], "no such CUDA device"),
+        ([str(image), "--task", "sr2", *common, "--dtype", "float64"], "--dtype must be float32, bfloat16, float16"),
     ]
     for arguments, message in cases:
         assert main(["restore", *arguments]) == 2

@@ -1,10 +1,23 @@
+import importlib.util
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from PIL import Image
+from safetensors.torch import load_file
 
 from posterior_diff import load_model
 from posterior_diff.images import write_image
-from posterior_diff.training import RandomCrops, TrainingConfig, load_checkpoint, train
+from posterior_diff.models import DEFAULT_MODEL_DIR
+from posterior_diff.training import (RandomCrops, TrainingConfig, TrainingRun, build_scheduler, config_from_init,
+                                     learning_rate, load_checkpoint, loss_weights, min_snr_weights, train)
+from posterior_diff.training_data import Photograph
 
 
 def smooth_images(count=3, size=24):
@@ -101,3 +114,223 @@ def test_a_checkpoint_carrying_pickled_code_is_refused_without_running_it(tmp_pa
     assert str(path) in str(refused.value)
     assert not UNPICKLED  # the payload's code never ran
     assert torch.load(path, weights_only=False)["loss_log"] == "payload" and UNPICKLED  # control: it is live
+
+
+# -- multi-scale crops, the recipe, continuing from trained weights, devices, the script --
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
+
+
+def ramp(height=96, width=300):
+    """An image whose value rises linearly from -1 to 1 across its width: a crop's slope tells its scale."""
+    row = torch.linspace(-1, 1, width)
+    return row.expand(3, height, width).clone()
+
+
+def measured_scales(crops, width):
+    centre = crops[:, 0, 2:-2, 2:-2]
+    slope = torch.maximum(centre.diff(dim=-1).mean(dim=(-2, -1)).abs(), centre.diff(dim=-2).mean(dim=(-2, -1)).abs())
+    return slope * (width - 1) / 2
+
+
+def test_multiscale_crops_have_the_requested_size_and_vary_in_scale():
+    image = ramp()
+    for dtype_image in (image, ((image + 1) * 127.5).round().to(torch.uint8)):
+        crops = RandomCrops([dtype_image], 16, torch.Generator().manual_seed(0), scale_range=(1.0, 4.0)).batch(64)
+        assert crops.shape == (64, 3, 16, 16) and crops.dtype == torch.float32
+        assert crops.min() >= -1.001 and crops.max() <= 1.001
+        scales = measured_scales(crops, image.shape[-1])
+        assert scales.min() > 0.9 and scales.max() < 4.3  # shrunk by 1..4
+        assert scales.max() / scales.min() > 2.5 and scales.std() > 0.4  # and by many factors between
+    # a small image caps the factor at what fits: 96 / 16 = 6 at most, even when 20 is asked for
+    capped = measured_scales(RandomCrops([image], 16, torch.Generator().manual_seed(1), scale_range=(4.0, 20.0)).batch(32), 300)
+    assert capped.min() > 3.7 and capped.max() < 6.4
+    native = measured_scales(RandomCrops([image], 16, torch.Generator().manual_seed(0)).batch(16), 300)
+    assert torch.allclose(native, torch.ones(16), atol=1e-3)  # (1, 1): the photographs' own scale
+
+
+def test_uint8_and_grey_images_give_the_same_crops_as_float_colour_ones():
+    grey = torch.randint(256, (1, 40, 50), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    as_float = (grey.float() / 127.5 - 1).expand(3, 40, 50)
+    for scale_range in ((1.0, 1.0), (1.0, 2.0)):
+        a = RandomCrops([grey], 8, torch.Generator().manual_seed(3), scale_range=scale_range, channels=3).batch(5)
+        b = RandomCrops([as_float], 8, torch.Generator().manual_seed(3), scale_range=scale_range, channels=3).batch(5)
+        assert a.shape == (5, 3, 8, 8) and torch.allclose(a, b, atol=2e-2 if scale_range[1] > 1 else 1e-6)
+
+
+def test_image_weightings():
+    small, large = torch.zeros(3, 10, 10), torch.zeros(3, 40, 40)
+    def weights(kind):
+        return RandomCrops([small, large], 8, torch.Generator(), weighting=kind).weights.tolist()
+    assert weights("area") == pytest.approx([1 / 17, 16 / 17])
+    assert weights("sqrt_area") == pytest.approx([0.2, 0.8])
+    assert weights("equal") == pytest.approx([0.5, 0.5])
+
+
+def test_min_snr_weights_equal_the_formula():
+    config = tiny_config(loss_weighting="min_snr", min_snr_gamma=5.0)
+    alphas_cumprod = build_scheduler(config).alphas_cumprod
+    timesteps = torch.tensor([0, 10, 50, 100, 200, 500, 999])
+    weights = loss_weights(config, alphas_cumprod, timesteps)
+    for t, w in zip(timesteps.tolist(), weights.tolist()):
+        a = float(alphas_cumprod[t])
+        snr = a / (1 - a)
+        assert w == pytest.approx(min(snr, 5.0) / snr, rel=1e-6)
+    assert weights[0] < 1e-3 and weights[-1] == 1.0  # low noise down-weighted, high noise (SNR < 5) untouched
+    assert torch.allclose(min_snr_weights(alphas_cumprod, timesteps, 1e9), torch.ones(7))
+    assert loss_weights(tiny_config(), alphas_cumprod, timesteps) is None  # uniform
+
+
+def test_learning_rate_warm_up_and_cosine():
+    config = tiny_config(steps=110, warmup_steps=10, learning_rate=1.0, lr_schedule="cosine", final_lr_fraction=0.1)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate(config, 110) == pytest.approx(0.1)
+    assert learning_rate(tiny_config(warmup_steps=4, learning_rate=1.0), 100) == 1.0  # constant
+
+
+def test_the_recipe_options_train(tmp_path):
+    config = tiny_config(steps=3, crop_size=8, scale_range=(1.0, 2.0), attention_levels=(1,), block_out_channels=(8, 16),
+                         loss_weighting="min_snr", lr_schedule="cosine", max_grad_norm=1.0, dropout=0.1,
+                         image_weighting="sqrt_area")
+    out = train(smooth_images(size=32), tmp_path / "run", config, progress=False)
+    unet = DDPMPipeline.from_pretrained(out).unet
+    assert list(unet.config.down_block_types) == ["DownBlock2D", "AttnDownBlock2D"]
+    assert list(unet.config.up_block_types) == ["AttnUpBlock2D", "UpBlock2D"]
+    assert TrainingConfig(**json.loads((out / "training_log.json").read_text())["config"]) == config
+    with pytest.raises(ValueError, match="loss_weighting"):
+        tiny_config(loss_weighting="snr")
+    with pytest.raises(ValueError, match="scale_range"):
+        tiny_config(scale_range=(0.5, 2.0))
+
+
+def state_of(folder):
+    return {key: value.float() for key, value in DDPMPipeline.from_pretrained(folder).unet.state_dict().items()}
+
+
+def test_init_from_loads_the_source_weights_then_trains(tmp_path):
+    images = smooth_images()
+    source = train(images, tmp_path / "source", tiny_config(steps=3, seed=1), progress=False)
+    config = config_from_init(tiny_config(steps=3, seed=7, init_from=str(source), block_out_channels=(16, 32)))
+    assert config.block_out_channels == (8, 16) and config.unet_config["block_out_channels"] == [8, 16]  # the source's
+    run = TrainingRun.start(config)
+    expected = state_of(source)
+    assert all(torch.equal(run.model.state_dict()[key], expected[key]) for key in expected)
+    assert run.step == 0 and not run.optimizer.state  # a fresh optimiser, warm-up from step 0
+    continued = train(images, tmp_path / "continued", tiny_config(steps=3, seed=7, init_from=str(source)), progress=False)
+    after = state_of(continued)
+    assert any(not torch.equal(after[key], expected[key]) for key in expected)  # it trained
+    assert load_model(continued).channels == 3
+    saved = json.loads((continued / "training_log.json").read_text())["config"]
+    assert saved["init_from"] == str(source)
+
+
+def test_init_from_the_package_model_folder(tmp_path):
+    config = config_from_init(TrainingConfig(steps=1, batch_size=2, crop_size=8, init_from=str(DEFAULT_MODEL_DIR)))
+    shipped = load_file(DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert config.block_out_channels == tuple(json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())["block_out_channels"])
+    model = TrainingRun.start(config).model.state_dict()
+    assert all(torch.equal(model[key], value.float()) for key, value in shipped.items())
+    with pytest.raises(FileNotFoundError, match="no diffusers UNet2DModel"):
+        config_from_init(tiny_config(init_from=str(tmp_path)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
+def test_device_cuda_without_cuda_is_a_clear_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA GPU is available") as error:
+        train(smooth_images(), tmp_path / "run", tiny_config(), progress=False, device="cuda")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # it failed before doing anything
+
+
+def test_stopping_on_time_or_sigterm_checkpoints_and_resumes(tmp_path, monkeypatch):
+    images = smooth_images()
+    out = train(images, tmp_path / "run", tiny_config(), progress=False, stop_after_seconds=0)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 0 and not (out / "unet").exists()
+    original_batch = RandomCrops.batch
+    calls = {"n": 0}
+
+    def terminated_batch(self, size):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does: the step finishes, then it checkpoints
+        return original_batch(self, size)
+
+    monkeypatch.setattr(RandomCrops, "batch", terminated_batch)
+    train(images, out, resume=True, progress=False)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(RandomCrops, "batch", original_batch)
+    train(images, out, resume=True, progress=False)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8 and (out / "unet").exists()
+
+
+# -- scripts/train_default_model.py ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_default_model", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_ARGS = ["--recipe", "v1", "--steps", "2", "--crop-size", "8", "--batch-size", "2", "--block-out-channels", "8", "16",
+             "--checkpoint-every", "1", "--scale-range", "1", "2"]
+
+
+def fake_photographs():
+    generator = np.random.default_rng(0)
+    return [Photograph("fake-package", f"photo{i}.png", f"{i:064x}",
+                       Image.fromarray(generator.integers(0, 256, (24, 32, 3), dtype=np.uint8)), "1.0") for i in range(2)] + [
+        Photograph("fake-package", "grey.png", "f" * 64, Image.fromarray(generator.integers(0, 256, (20, 20), dtype=np.uint8)), "1.0")]
+
+
+
+def test_the_script_records_what_it_trained_on(tmp_path, monkeypatch, capsys, script):
+    monkeypatch.setattr(script, "gather", lambda sources, install: (fake_photographs(), ["left out x: held out"]))
+    out = tmp_path / "model"
+    assert script.main(["--out", str(out), *TINY_ARGS]) == 0
+    record = json.loads((out / "training_data.json").read_text())
+    assert [p["file"] for p in record["photographs"]] == ["photo0.png", "photo1.png", "grey.png"]
+    assert record["photographs"][0] == {"package": "fake-package", "version": "1.0", "file": "photo0.png",
+                                        "sha256": f"{0:064x}", "size": [32, 24], "mode": "RGB"}
+    assert record["left_out"] == ["left out x: held out"] and record["totals"]["photographs"] == 3
+    assert load_model(out).channels == 3  # trained on the CPU, loads with posterior_diff.load_model
+    # continuing from it records where it started
+    assert script.main(["--out", str(tmp_path / "more"), "--init-from", str(out), *TINY_ARGS]) == 0
+    more = json.loads((tmp_path / "more" / "training_data.json").read_text())
+    assert more["init_from"]["folder"] == str(out) and len(more["init_from"]["weights"]) == 1
+    # resuming on other photographs is refused
+    monkeypatch.setattr(script, "gather", lambda sources, install: (fake_photographs()[:1], []))
+    assert script.main(["--out", str(out), "--resume", "--steps", "3"]) == 2
+    assert "the photographs differ from those" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
+def test_the_script_with_device_cuda_and_no_cuda_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys, script):
+    def must_not_gather(*args):
+        raise AssertionError("gathered photographs before checking the device")
+
+    monkeypatch.setattr(script, "gather", must_not_gather)
+    assert script.main(["--out", str(tmp_path / "model"), "--device", "cuda", *TINY_ARGS]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no CUDA GPU is available" in error and error.startswith("train_default_model: error:")
+
+
+def test_install_refuses_a_model_over_30_mb(tmp_path, script):
+    big = TrainingConfig(steps=1, block_out_channels=(128, 256, 512), layers_per_block=2)
+    assert script.shipped_megabytes(big) > 30
+    assert script.shipped_megabytes(TrainingConfig(**{k: v for k, v in script.RECIPES["v2"].items() if k != "sources"})) <= 30
+
+
+def test_the_script_trains_on_exported_photographs(tmp_path, script):
+    from posterior_diff.training_data import Source, export_photographs, gather_photographs
+
+    subset = Source("scikit-image", "pypi", ("data/coins.png", "data/text.png"), "skimage")
+    export_photographs(gather_photographs([subset], install=False), tmp_path / "photos", "scikit-image")
+    assert script.main(["--data", str(tmp_path / "photos"), "--out", str(tmp_path / "model"), *TINY_ARGS]) == 0
+    record = json.loads((tmp_path / "model" / "training_data.json").read_text())
+    assert record["sources"] == "scikit-image"
+    assert [p["file"] for p in record["photographs"]] == ["skimage/data/coins.png", "skimage/data/text.png"]
