@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4, help="posterior samples per restoration (default 4)")
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampler steps of table 2")
     parser.add_argument("--cost-steps", type=int, default=10, help="sampler steps timed per mode in table 1")
+    parser.add_argument("--cost-repeats", type=int, default=3, help="rounds of table 1's timings (median kept)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed for a 128x128, 4-sample restoration")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of table 2's runs (default 1)")
     parser.add_argument("--cost-threads", type=int, default=os.cpu_count(),
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.images = HELD_OUT_PHOTOGRAPHS
     if args.quick:
         args.images, args.size, args.cost_size, args.steps, args.cost_steps = HELD_OUT_PHOTOGRAPHS[:1], 16, 16, (2,), 2
+        args.cost_repeats = 1
     if min(args.steps) < 1 or args.samples < 1 or args.size < 8 or args.cost_steps < 2:
         parser.error("--steps, --samples and --cost-steps must be >= 1 (cost steps >= 2), --size >= 8")
     args.cache = args.cache or args.out.with_suffix(".json")
@@ -119,29 +121,46 @@ def bare_forward_seconds(model: Denoiser, batch: int, size: int, repeats: int = 
 
 def cost_rows(model: Denoiser, args: argparse.Namespace) -> list[dict]:
     """Table 1: per task of COST_TASKS, seconds per step of every covariance and of the deepinv
-    methods, against the bare forward (a method that does not run on a task is a row marked n/a)."""
-    forward = bare_forward_seconds(model, args.samples, args.cost_size)
-    rows = [dict(task="", method="bare forward", seconds_per_step=forward, ratio=1.0, vjps_per_step=0.0)]
+    methods, against the bare forward (a method that does not run on a task is a row marked n/a).
+
+    The machine's speed drifts over minutes, so the methods are timed in turn, --cost-repeats
+    rounds of all of them, and each keeps its median: a comparison is never between a method
+    timed early and one timed late.
+    """
     truth = load_photograph(args.images[0], args.cost_size, args.downscale)
-    for task in COST_TASKS:
-        measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
-        for covariance in posterior_diff.COVARIANCES:
-            row = ours_row(model, args.images[0], covariance, truth, measurement, args.samples, args.cost_steps,
-                           IMAGE_DEFAULTS.cg_max_iter, 0, None)
-            rows.append(cost_row(task, f"ours {covariance}", row.seconds, row.vjps, forward, args.cost_steps))
-        for method in dict.fromkeys(method for _, method in COUNTERPARTS):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    run = run_peer(method, model, measurement.operator, measurement.y, args.samples, args.cost_steps)
-            except ValueError:  # DDRM without an SVD of A
-                rows.append(cost_row(task, f"deepinv {method}", math.nan, math.nan, forward, args.cost_steps))
-                continue
-            rows.append(cost_row(task, f"deepinv {method}", run.seconds, 0 if method in JACOBIAN_FREE else math.nan,
-                                 forward, args.cost_steps))
+    peers = list(dict.fromkeys(method for _, method in COUNTERPARTS))
+    timings: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    forwards = []
+    for _ in range(args.cost_repeats):
+        forwards.append(bare_forward_seconds(model, args.samples, args.cost_size))
+        for task in COST_TASKS:
+            measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+            for covariance in posterior_diff.COVARIANCES:
+                row = ours_row(model, args.images[0], covariance, truth, measurement, args.samples, args.cost_steps,
+                               IMAGE_DEFAULTS.cg_max_iter, 0, None)
+                timings.setdefault((task, f"ours {covariance}"), []).append((row.seconds, row.vjps))
+            for method in peers:
+                timings.setdefault((task, f"deepinv {method}"), []).append(_peer_seconds(model, method, measurement, args))
+    forward = statistics.median(forwards)
+    rows = [dict(task="", method="bare forward", seconds_per_step=forward, ratio=1.0, vjps_per_step=0.0)]
+    for (task, method), runs in timings.items():
+        rows.append(cost_row(task, method, statistics.median(s for s, _ in runs), runs[0][1], forward, args.cost_steps))
     for row in rows:
         log_row("cost", row["task"], row["method"], f"{row['seconds_per_step']:.3f} s/step", f"x{row['ratio']:.2f}")
     return rows
+
+
+def _peer_seconds(model: Denoiser, method: str, measurement, args: argparse.Namespace) -> tuple[float, float]:
+    """(seconds, VJPs) of a deepinv method's run of --cost-steps steps: NaN seconds where it does not
+    run (DDRM without an SVD of A); VJPs 0 for the Jacobian-free methods, NaN (not counted) for the others."""
+    vjps = 0 if method in JACOBIAN_FREE else math.nan
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = run_peer(method, model, measurement.operator, measurement.y, args.samples, args.cost_steps)
+    except ValueError:
+        return math.nan, math.nan
+    return run.seconds, vjps
 
 
 def cost_row(task: str, method: str, seconds: float, vjps: int, forward: float, steps: int) -> dict:
@@ -327,8 +346,9 @@ def report(args, cost, precision, rows, summary, choices, best, minutes: float) 
                "steps on every task.")
     sections = [
         "## 1. Cost per step against a bare network forward\n\n"
-        f"SR x4 on a {args.cost_size}x{args.cost_size} crop of {args.images[0]}, {args.samples} samples per batch, "
-        f"{args.cost_steps} steps, {args.cost_threads} thread(s). The floor is one forward per step; a VJP (backward pass) "
+        f"SR x4 and denoising of a {args.cost_size}x{args.cost_size} crop of {args.images[0]}, {args.samples} samples per batch, "
+        f"{args.cost_steps} steps, {args.cost_threads} thread(s), median of {args.cost_repeats} rounds of every method "
+        "in turn. The floor is one forward per step; a VJP (backward pass) "
         "costs about two forwards.\n\n" + cost_table + "\n\n" + "\n".join(counterpart_verdicts(cost)),
         "### Network precision\n\n" + precision_table,
         f"## 2. Posterior-mean PSNR against seconds\n\n{len(args.images)} held-out photographs "
@@ -351,8 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                     posterior_diff=posterior_diff.__version__)
     cache = RunCache(args.cache, settings)
     torch.set_num_threads(args.cost_threads)
-    timing = f"{args.cost_size}|{args.cost_steps}|{args.cost_threads}"  # tables 1 are cached too, per setting
-    cost = cache.get(f"cost|{timing}", lambda: cost_rows(model, args))
+    timing = f"{args.cost_size}|{args.cost_steps}|{args.cost_threads}"  # table 1 is cached too, per setting
+    cost = cache.get(f"cost|{timing}|{args.cost_repeats}", lambda: cost_rows(model, args))
     precision = cache.get(f"precision|{timing}", lambda: precision_rows(args))
     torch.set_num_threads(args.threads)
     rows = quality_rows(model, args, cache, cost)

@@ -248,10 +248,11 @@ class AveragedLikelihoodGuidance(Denoiser):
             denoised = self.denoiser(x, t)
             self.forward_count += 1
 
-            def vjp(w: Tensor) -> Tensor:
-                """J^T w on the graph of this call's single forward pass."""
+            def vjp(w: Tensor, last: bool = False) -> Tensor:
+                """J^T w on the graph of this call's single forward pass; `last`: no VJP follows, so
+                the graph's buffers are freed as the backward pass goes (no copy kept for another)."""
                 self.vjp_count += 1
-                (product,) = torch.autograd.grad(denoised, x, grad_outputs=w, retain_graph=True)
+                (product,) = torch.autograd.grad(denoised, x, grad_outputs=w, retain_graph=not last)
                 return product
 
             residual = self.y - self.operator.A(denoised.detach())
@@ -269,7 +270,7 @@ class AveragedLikelihoodGuidance(Denoiser):
                 weighted, diagonal, grad_log_likelihood = self._apply_inverse_covariance(
                     residual, vjp, t, alpha, sigma, warm=self.settings.warm_start and not likelihood)
                 if grad_log_likelihood is None:
-                    grad_log_likelihood = vjp(self.operator.A_adjoint(weighted))
+                    grad_log_likelihood = vjp(self.operator.A_adjoint(weighted), last=True)
             log_likelihood, normalised = (self._log_likelihood(residual, weighted, diagonal, eigenvalues, alpha, sigma)
                                           if likelihood else (None, False))
         step = per_sample(sigma**2 / alpha, x_t) * self.settings.guidance_scale
