@@ -332,15 +332,15 @@ class AveragedLikelihoodGuidance(Denoiser):
         eigenvalues, eigenvectors = torch.linalg.eigh((gram + gram.transpose(1, 2)) / 2)
         return torch.stack(rows, dim=1).detach(), eigenvalues.detach(), eigenvectors.detach()
 
-    def _initial_guess(self, residual: Tensor, t: Tensor, preconditioner, warm: bool) -> Tensor | None:
+    def _initial_guess(self, residual: Tensor, isotropic: Tensor | None, t: Tensor, warm: bool) -> Tensor | None:
         """Where the Tweedie CG starts: from the previous call's solution, corrected by the change
         of the isotropic solve, where that call was on the same batch earlier in the run;
         else from the isotropic solve (operators with a closed form), else from 0.
 
         C_t and y - A D change little from one step to the next, and the isotropic solve P^{-1}
         follows most of the change of the right-hand side: u_prev + P^{-1} r - P^{-1} r_prev.
+        `isotropic` is P^{-1} r (None without a closed form), solved once per call by the caller.
         """
-        isotropic = preconditioner(residual) if preconditioner else None
         previous = self._warm_start
         if not (warm and previous is not None and previous.shape == residual.shape and previous.t > float(t[0])):
             return isotropic
@@ -379,10 +379,11 @@ class AveragedLikelihoodGuidance(Denoiser):
         # preconditioner there. (CG assumes a symmetric A J A^T, which a network's Jacobian is
         # only nearly.)
         preconditioner = (lambda u: op.solve(u, r2)) if op.has_closed_form_solve else None
+        isotropic = preconditioner(residual) if preconditioner else None  # the guess, and the warm start's anchor
         solution, info = conjugate_gradient(
             matvec,
             residual,
-            initial_guess=self._initial_guess(residual, t, preconditioner, warm),
+            initial_guess=self._initial_guess(residual, isotropic, t, warm),
             preconditioner=preconditioner,
             tol=self.settings.cg_tol,
             atol=self.settings.cg_noise_tol * op.sigma_y * math.sqrt(residual[0].numel()),
@@ -390,7 +391,7 @@ class AveragedLikelihoodGuidance(Denoiser):
             with_image=True,
         )
         if warm:
-            self._warm_start = WarmStart(residual.shape, float(t[0]), solution, preconditioner(residual) if preconditioner else None)
+            self._warm_start = WarmStart(residual.shape, float(t[0]), solution, isotropic)
         self.cg_iterations.append(info.iterations)
         # info.image is None only if CG made no product (the zero guess was good enough): the caller's VJP then.
         return solution, None, info.image
