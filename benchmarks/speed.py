@@ -47,6 +47,7 @@ import torch
 import posterior_diff
 from posterior_diff import DEFAULT_MODEL_DIR, Denoiser, default_model, load_model
 from posterior_diff.defaults import IMAGE_DEFAULTS
+from posterior_diff.files import write_text_atomic
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 
 from .images_vs_deepinv import ImageRow, ours_row, peer_row
@@ -217,9 +218,8 @@ class RunCache:
     def get(self, key: str, compute) -> dict:
         if key not in self.runs:
             self.runs[key] = compute()
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps({"settings": self.settings, "runs": self.runs}, indent=1))
-            temporary.replace(self.path)  # atomic: an interrupted write never leaves half a cache
+            # atomic: an interrupted write never leaves half a cache
+            write_text_atomic(json.dumps({"settings": self.settings, "runs": self.runs}, indent=1), self.path)
         return self.runs[key]
 
 

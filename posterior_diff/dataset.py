@@ -33,14 +33,11 @@ import glob
 import hashlib
 import io
 import json
-import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -48,17 +45,15 @@ from PIL import Image, UnidentifiedImageError
 
 from .cli import UsageError, check_task, load_network, pick_device, task_operator
 from .images import IMAGE_SUFFIXES, match_channels, read_image, write_image
+from .files import TEMPORARY, atomic_write, write_text_atomic
 from .restore import placed, restore_batch
 from .samplers import NonFiniteSampleError
 from .tasks import TASKS
 
 MANIFEST, METRICS, SUMMARY = "manifest.json", "metrics.csv", "summary.txt"
 PART = ".posterior-diff-process-{}.json"  # one process's records, merged by process 0
-TEMPORARY = ".partial"  # in the names of files being written: .NAME.XXXX.partial.SUFFIX
 GLOB_CHARACTERS = set("*?[")
 IMAGE_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, RuntimeError, NonFiniteSampleError)
-UMASK = os.umask(0o022)
-os.umask(UMASK)  # read once: the permissions an ordinary new file gets here
 SEED_RULE = "int.from_bytes(sha256(f'{seed}:{name}').digest()[:8], 'little') >> 1"
 
 
@@ -106,29 +101,9 @@ def needs_folder(path: Path, what: str) -> None:
         raise UsageError(f"{what} ({path}) is not a folder" if path.exists() else f"{what} ({path}) does not exist")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary)` on a hidden file in `path`'s folder, then rename it to `path`;
-    on any failure or interruption the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY + path.suffix)
-    os.close(handle)
-    try:
-        write(Path(name))
-        os.chmod(name, 0o666 & ~UMASK)  # mkstemp's files are private; an output is an ordinary file
-        os.replace(name, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-
-
 def write_image_atomic(image: torch.Tensor, path: Path) -> None:
     """`images.write_image`, atomically."""
     atomic_write(path, lambda temporary: write_image(image, temporary))
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write a text file atomically."""
-    atomic_write(path, lambda temporary: temporary.write_text(text))
 
 
 def remove_leftovers(*folders: Path | None) -> None:

@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import pickle
 import signal
 import threading
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import atomic_write
 from .images import load_image_folder
 
 CHECKPOINT = "checkpoint.pt"
@@ -439,9 +439,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _save_atomically(state: dict, path: Path) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)  # atomic on POSIX: a reader sees the old or the new file
+    atomic_write(path, lambda temporary: torch.save(state, temporary))  # a reader sees the old or the new file
 
 
 def _to_cpu(value):

@@ -1,22 +1,14 @@
 """scripts/gpu_check.py: it refuses a machine without CUDA, and its timing code runs (here on the CPU)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import load_script
 from posterior_diff import COVARIANCES, default_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script runs for real there")

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from diffusers import DDPMPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import load_script
 from posterior_diff import load_model
 from posterior_diff.images import write_image
 from posterior_diff.models import DEFAULT_MODEL_DIR
@@ -118,7 +118,6 @@ def test_a_checkpoint_carrying_pickled_code_is_refused_without_running_it(tmp_pa
 
 # -- multi-scale crops, the recipe, continuing from trained weights, devices, the script --
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
 
 
 def ramp(height=96, width=300):
@@ -270,10 +269,7 @@ def test_stopping_on_time_or_sigterm_checkpoints_and_resumes(tmp_path, monkeypat
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_default_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_default_model")
 
 
 TINY_ARGS = ["--recipe", "v1", "--steps", "2", "--crop-size", "8", "--batch-size", "2", "--block-out-channels", "8", "16",
