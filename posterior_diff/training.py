@@ -615,6 +615,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     stop_after_seconds: float | None = None,
+    snapshot_every: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Path:
     """Train a noise-predicting UNet by denoising score matching and save it to `out`.
@@ -634,6 +635,9 @@ def train(
             to split long runs; the final model is written only when config.steps is reached.
         stop_after_seconds: likewise, once this much wall time has passed in this call.
             SIGTERM (e.g. from `timeout`) also checkpoints and returns.
+        snapshot_every: also keep the EMA weights every this many steps, as
+            `out/snapshots/step_NNNNNN.safetensors` (float32; for curves of quality against steps,
+            read by `load_snapshot`). The checkpoint itself holds only the latest step.
         device: "cpu", "cuda" or "cuda:N" (ValueError at once if there is no CUDA GPU). The
             checkpoint and the saved model hold CPU tensors either way.
 
@@ -667,6 +671,8 @@ def train(
             bar.update(1)
             if run.step % config.checkpoint_every == 0 or run.step == config.steps:
                 run.save_checkpoint(checkpoint_path)
+            if snapshot_every and run.step % snapshot_every == 0:
+                save_snapshot(run.ema, out, run.step)
     bar.close()
     if run.step < config.steps:
         run.save_checkpoint(checkpoint_path)
@@ -674,6 +680,31 @@ def train(
     _save_pipeline(copy.deepcopy(run.ema).cpu(), run.scheduler, out)
     (out / "training_log.json").write_text(json.dumps({"config": asdict(config), "loss": run.loss_log}))
     return out
+
+
+SNAPSHOTS = "snapshots"
+
+
+def save_snapshot(ema, out: Path, step: int) -> Path:
+    """Write the EMA weights at `step` to out/snapshots/step_NNNNNN.safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    path = out / SNAPSHOTS / f"step_{step:06d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in ema.state_dict().items()}
+    atomic_write(path, lambda temporary: save_file(weights, str(temporary)))
+    return path
+
+
+def load_snapshot(run: str | Path, path: str | Path):
+    """The UNet of training run `run` (its checkpoint gives the architecture) with the weights of
+    snapshot `path`."""
+    from safetensors.torch import load_file
+
+    config = TrainingConfig(**load_checkpoint(Path(run) / CHECKPOINT)["config"])
+    unet = build_unet(config)
+    unet.load_state_dict(load_file(str(path)))
+    return unet.eval()
 
 
 def _save_pipeline(unet, scheduler, out: Path) -> None:

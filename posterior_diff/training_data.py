@@ -46,7 +46,7 @@ from PIL import Image
 
 __all__ = ["Source", "Photograph", "SOURCES", "PYPI_SOURCES", "DEBIAN_SOURCES", "install_missing", "gather_photographs",
            "held_out_signatures", "signature", "is_held_out_name", "records", "summary", "export_photographs",
-           "read_exported", "MANIFEST"]
+           "read_exported", "MANIFEST", "VALIDATION_FILES", "split_validation"]
 
 
 CONTENT_THRESHOLD = 0.9  # correlation of 32 x 32 grey signatures above which two photographs are the same
@@ -168,6 +168,14 @@ DEBIAN_SOURCES = (
 )
 
 SOURCES = PYPI_SOURCES + DEBIAN_SOURCES
+
+# Photographs kept out of training to choose a recipe on (never the evaluation's held-out ones,
+# which stay unseen until the final measurement): one each of flowers, rocks and sea, a town and a
+# still life, from the Debian packages, which have the most photographs to spare.
+VALIDATION_FILES = ("/usr/share/backgrounds/mate/nature/FreshFlower.jpg",
+                    "/usr/share/wallpapers/ColdRipple/contents/images/2560x1600.jpg",
+                    "/usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg",
+                    "/usr/share/wallpapers/ColorfulCups/contents/images/2560x1600.jpg")
 
 
 # -- installing -------------------------------------------------------------------------
@@ -366,6 +374,14 @@ def gather_photographs(sources: Sequence[Source] = SOURCES, *, install: bool = T
             kept_signatures.append(candidates[0])
             seen_sums.add(digest)
     return kept
+
+
+def split_validation(photographs: Sequence[Photograph],
+                     validation_files: Iterable[str] = VALIDATION_FILES) -> tuple[list[Photograph], list[Photograph]]:
+    """(training, validation): the photographs whose recorded file is in `validation_files` are
+    the validation set, the others the training set, both in their original order."""
+    chosen = set(validation_files)
+    return ([p for p in photographs if p.file not in chosen], [p for p in photographs if p.file in chosen])
 
 
 # -- recording --------------------------------------------------------------------------

@@ -106,12 +106,14 @@ def as_tensors(photographs) -> list[torch.Tensor]:
     return tensors
 
 
-def training_data_record(photographs, notes: list[str], sources: str, config: TrainingConfig) -> dict:
+def training_data_record(photographs, notes: list[str], sources: str, config: TrainingConfig, validation=()) -> dict:
     """What training_data.json holds: every photograph (package, version, file, sha256, size), the
-    lines about what was left out, the sources asked for and the model the run started from."""
+    lines about what was left out, the validation photographs kept out of training, the sources
+    asked for and the model the run started from."""
     from posterior_diff.training_data import records, summary
 
     record = {"sources": sources, "photographs": records(photographs), "left_out": notes,
+              "validation": records(validation),
               "totals": {"photographs": len(photographs),
                          "megapixels": round(sum(p.image.size[0] * p.image.size[1] for p in photographs) / 1e6, 3),
                          "per_package": summary(photographs)}}
@@ -192,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only copy the photographs' files and a manifest into DIR, to train elsewhere with --data")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="train on a folder written by --export-data (checksums checked) instead of the packages")
+    parser.add_argument("--include-validation", action="store_true",
+                        help="train on the validation photographs too (training_data.VALIDATION_FILES; by default kept out)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init-from", type=Path, metavar="DIR",
                         help="start from this model's UNet weights (posterior_diff/default_model, a pipeline or a UNet folder)")
@@ -200,6 +204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="bf16 autocast of the UNet (auto: bf16 on CUDA, none on the CPU)")
     parser.add_argument("--max-minutes", type=float, help="checkpoint and stop after this much wall time (resume later)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--snapshot-every", type=int, metavar="STEPS",
+                        help="also keep the EMA weights every STEPS steps in OUT/snapshots (for curves against steps)")
     parser.add_argument("--install", action="store_true", help="copy the result into posterior_diff/default_model")
     parser.add_argument("--export-checkpoint", type=Path, metavar="DIR",
                         help="only save the latest checkpoint's EMA weights of --out as a pipeline in DIR (no training)")
@@ -283,16 +289,23 @@ def run(args: argparse.Namespace) -> int:
         export_photographs(photographs, args.export_data, sources)
         print(f"copied {len(photographs)} photographs and their manifest into {args.export_data} (train with --data)")
         return 0
+    validation = []
+    if not args.include_validation:
+        from posterior_diff import training_data
+
+        photographs, validation = training_data.split_validation(photographs, training_data.VALIDATION_FILES)
+        print(f"{len(validation)} validation photographs kept out of training")
     if not photographs:
         raise ValueError("no training photographs were found")
-    record = training_data_record(photographs, notes, sources, config)
+    record = training_data_record(photographs, notes, sources, config, validation)
     if not args.resume and (args.out / CHECKPOINT).exists():
         raise FileExistsError(f"{args.out} already holds a training run; pass --resume to continue it")
     write_training_data(args.out, record, args.resume)
     seconds = None if args.max_minutes is None else 60 * args.max_minutes
     # On resume the checkpoint's own config holds (a given --steps replacing its total).
     given = None if args.resume and args.steps is None else config
-    train(as_tensors(photographs), args.out, given, resume=args.resume, device=device, stop_after_seconds=seconds)
+    train(as_tensors(photographs), args.out, given, resume=args.resume, device=device, stop_after_seconds=seconds,
+          snapshot_every=args.snapshot_every)
     state = load_checkpoint(args.out / CHECKPOINT)
     if state["step"] < state["config"]["steps"]:
         print(f"stopped at step {state['step']} of {state['config']['steps']}; continue with --resume")

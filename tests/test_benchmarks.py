@@ -7,6 +7,7 @@ or inf.
 """
 
 import math
+from pathlib import Path
 import re
 
 import pytest
@@ -175,17 +176,34 @@ def test_the_particle_benchmark_quick_run_writes_all_its_parts(tmp_path):
     assert all(0 < float(row[2]) <= 1 and 0 < float(row[4]) <= 1 for row in weights)
 
 
-def test_training_curve_windows_and_report(tmp_path):
+def test_training_curve_windows():
     log = [(step, float(step % 2)) for step in range(1, 11)]  # losses 1, 0, 1, 0, ...
     windows = training_curve.window_means(log, 4)
     assert [(w.first, w.last, w.mean) for w in windows] == [(1, 4, 0.5), (5, 8, 0.5), (9, 12, 0.5)]
     assert training_curve.window_means(log[6:], 2)[0].first == 7  # windows start at the first logged step
+
+
+def test_training_curve_report_scores_every_snapshot(tmp_path):
+    from posterior_diff.training import TrainingConfig, train
+    from posterior_diff.training_data import VALIDATION_FILES
+
+    if not all(Path(file).is_file() for file in VALIDATION_FILES):
+        pytest.skip("the validation photographs' Debian packages are not installed")
+    images = [torch.rand(3, 40, 40) * 2 - 1 for _ in range(2)]
+    config = TrainingConfig(steps=4, batch_size=2, crop_size=8, block_out_channels=(8, 16), checkpoint_every=2, warmup_steps=1)
+    run = train(images, tmp_path / "tiny", config, progress=False, snapshot_every=1)
     out = tmp_path / "curve.md"
-    training_curve.main(["--quick", "--window", "3000", "--out", str(out)])
-    text = out.read_text()
-    assert "| shipped model | 1-3000 |" in text and "shipped: held-out / training" in text
-    gap = assert_numbers_are_finite(text)["timestep | shipped: training photographs | shipped: held-out photographs"]
+    training_curve.main(["--quick", "--runs", str(run), "--every", "2", "--out", str(out)])
+    tables = assert_numbers_are_finite(out.read_text())
+    assert ["shipped", "1-500"] == tables["run | steps | mean objective"][0][:2]
+    assert ["tiny", "1-500"] in [row[:2] for row in tables["run | steps | mean objective"]]
+    gap = tables["timestep | shipped: training photographs | shipped: validation photographs"]
     assert [row[0] for row in gap][-1] == "mean" and all(value > 0 for value in column(gap, 1) + column(gap, 2))
+    scored = tables["model | total steps | sr4"]
+    assert [row[:2] for row in scored] == [["shipped", "6000"], ["tiny", "2"], ["tiny", "4"]]  # multiples of 2, and the last
+    assert all(5 < value < 60 for value in column(scored, 5))  # PSNR in dB
+    # the untrained tiny UNet predicts noise far worse than the shipped model
+    assert float(scored[1][-1]) > 3 * float(scored[0][-1])
 
 
 def test_ddrm_gets_an_exact_svd_or_a_clear_refusal():

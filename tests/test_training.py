@@ -41,6 +41,21 @@ def test_training_lowers_the_loss_and_saves_a_diffusers_pipeline(tmp_path):
     assert load_model(out).channels == 3  # and so do we
 
 
+def test_snapshots_keep_the_ema_weights_at_their_steps(tmp_path):
+    from safetensors.torch import load_file
+
+    from posterior_diff.training import load_snapshot
+
+    out = train(smooth_images(), tmp_path / "run", tiny_config(steps=6), progress=False, snapshot_every=3)
+    snapshots = sorted(path.name for path in (out / "snapshots").iterdir())
+    assert snapshots == ["step_000003.safetensors", "step_000006.safetensors"]
+    final = DDPMPipeline.from_pretrained(out).unet.state_dict()
+    last = load_snapshot(out, out / "snapshots" / snapshots[-1]).state_dict()
+    assert all(torch.equal(last[name], final[name]) for name in final)  # the last snapshot is the saved EMA model
+    first = load_file(str(out / "snapshots" / snapshots[0]))
+    assert any(not torch.equal(first[name], final[name]) for name in final)
+
+
 def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     images = smooth_images()
     reference = train(images, tmp_path / "whole", tiny_config(), progress=False)
@@ -292,6 +307,7 @@ def test_the_script_records_what_it_trained_on(tmp_path, monkeypatch, capsys, sc
     assert record["photographs"][0] == {"package": "fake-package", "version": "1.0", "file": "photo0.png",
                                         "sha256": f"{0:064x}", "size": [32, 24], "mode": "RGB"}
     assert record["left_out"] == ["left out x: held out"] and record["totals"]["photographs"] == 3
+    assert record["validation"] == []
     assert load_model(out).channels == 3  # trained on the CPU, loads with posterior_diff.load_model
     # continuing from it records where it started
     assert script.main(["--out", str(tmp_path / "more"), "--init-from", str(out), *TINY_ARGS]) == 0
@@ -301,6 +317,19 @@ def test_the_script_records_what_it_trained_on(tmp_path, monkeypatch, capsys, sc
     monkeypatch.setattr(script, "gather", lambda sources, install: (fake_photographs()[:1], []))
     assert script.main(["--out", str(out), "--resume", "--steps", "3"]) == 2
     assert "the photographs differ from those" in capsys.readouterr().err
+
+
+def test_the_script_keeps_the_validation_photographs_out_of_training(tmp_path, monkeypatch, script):
+    photographs = fake_photographs()
+    monkeypatch.setattr(script, "gather", lambda sources, install: (photographs, []))
+    monkeypatch.setattr("posterior_diff.training_data.VALIDATION_FILES", ("photo1.png",))
+    out = tmp_path / "model"
+    assert script.main(["--out", str(out), *TINY_ARGS]) == 0
+    record = json.loads((out / "training_data.json").read_text())
+    assert [p["file"] for p in record["photographs"]] == ["photo0.png", "grey.png"]
+    assert [p["file"] for p in record["validation"]] == ["photo1.png"]
+    assert script.main(["--out", str(tmp_path / "all"), "--include-validation", *TINY_ARGS]) == 0
+    assert json.loads((tmp_path / "all" / "training_data.json").read_text())["totals"]["photographs"] == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
