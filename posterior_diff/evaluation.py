@@ -5,8 +5,9 @@ package's public API.
 
 - Photographs: `load_photograph(name, size, downscale)`, a centre crop of a photograph that
   ships inside scikit-image (no download). The embedded model never saw HELD_OUT_PHOTOGRAPHS
-  (astronaut, camera, coffee, chelsea; `cat` is chelsea again, so HELD_OUT lists it too); it
-  was trained on TRAINING_PHOTOGRAPHS (`training_images`).
+  (astronaut, camera, coffee, chelsea; `cat` is chelsea again, so HELD_OUT lists it too).
+  TRAINING_PHOTOGRAPHS are scikit-image's other photographs, one of the training sources of
+  `posterior_diff.training_data`.
 - Measurements: `measure(task, truth)` builds the forward model of a task of
   `posterior_diff.tasks` and draws y = A x + sigma_y n from one generator (mask, then noise).
 - Classical baselines: bicubic upsampling (super-resolution), scikit-image's biharmonic fill
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from operators import LinearOperator
 
-from .images import match_channels, to_image_tensor, to_model_range
+from .images import match_channels, to_image_tensor
 from .metrics import calibrated_coverage, coverage_within_two_std, sliced_wasserstein
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore
@@ -45,7 +46,7 @@ from .tasks import SIMULATED_TASKS, Task, get_task
 
 __all__ = [
     "HELD_OUT_PHOTOGRAPHS", "HELD_OUT", "TRAINING_PHOTOGRAPHS", "SIMULATED_TASKS", "DIVERGED", "DIVERGENCE_BOUND",
-    "photograph", "centre_crop", "load_photograph", "training_images", "Measurement", "measure",
+    "photograph", "centre_crop", "load_photograph", "Measurement", "measure",
     "bicubic_upsample", "biharmonic_fill", "bm3d_denoise", "baselines", "nearest_upsample", "display_std", "psnr_ssim", "coverage_within_two_std",
     "calibrated_coverage", "has_diverged", "restore_unless_diverged", "single_precision", "posterior_distance",
 ]
@@ -93,16 +94,6 @@ def load_photograph(name: str, size: int, downscale: float = 1.0, channels: int 
     Grey photographs (camera) are repeated to three channels, colour ones averaged for one.
     """
     return match_channels(centre_crop(photograph(name), size, downscale), channels)
-
-
-def training_images() -> list[Tensor]:
-    """The photographs the embedded model was trained on, (3, H, W) each, in the model's [-1, 1] range.
-
-    TRAINING_PHOTOGRAPHS and both views of `stereo_motorcycle`, grey ones repeated to three channels.
-    """
-    arrays = [getattr(data, name)() for name in TRAINING_PHOTOGRAPHS]
-    arrays += list(data.stereo_motorcycle()[:2])  # left and right views
-    return [to_model_range(match_channels(to_image_tensor(np.asarray(array)), 3)) for array in arrays]
 
 
 def _hwc(image: Tensor) -> np.ndarray:
