@@ -63,7 +63,7 @@ def draw(method: Method, prior, operator, y: Tensor, num_samples: int, steps: in
     start = time.perf_counter()
     if method.family == "ours":
         result = restore_unless_diverged(y, operator, prior, num_samples=num_samples, steps=steps, covariance=method.name,
-                                         eta=method.eta, generator=torch.Generator().manual_seed(seed))
+                                         eta=method.eta, generator=torch.Generator().manual_seed(seed), start="prior")
         if result is None:
             return Draw(None, 0, time.perf_counter() - start)
         return Draw(result.samples, result.nfe, result.seconds)

@@ -101,7 +101,7 @@ def run_cell(problem: GaussianProblem, floor: dict[str, float], args: argparse.N
     runs, diverged = [], 0
     for seed in range(args.seeds):
         result = restore_unless_diverged(problem.y, problem.operator, problem.prior, num_samples=args.samples,
-                                         generator=torch.Generator().manual_seed(seed), **settings)
+                                         generator=torch.Generator().manual_seed(seed), start="prior", **settings)
         if result is None:
             diverged += 1
             continue

@@ -71,7 +71,7 @@ def ours_row(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, 
     row = ImageRow(image, measurement.task.name, f"ours {covariance}")
     with PeakMemory(device or "cpu") as peak:
         result = restore_unless_diverged(measurement.y, measurement.operator, model, num_samples=num_samples, steps=steps,
-                                         covariance=covariance, cg_max_iter=cg_max_iter,
+                                         covariance=covariance, cg_max_iter=cg_max_iter, start="prior",
                                          generator=torch.Generator().manual_seed(seed), device=device)
     if result is None:
         row.note = DIVERGED

@@ -97,6 +97,12 @@ class LinearOperator(nn.Module):
         return logs.flatten(1).sum(1)
 
     @property
+    def is_identity(self) -> bool:
+        """Whether A is the identity (pure denoising): y = x + sigma_y n is then itself a point
+        of the diffusion's forward process, which `restore` can start from (`start`)."""
+        return False
+
+    @property
     def has_closed_form_solve(self) -> bool:
         """True when `solve` is exact and costs no iterations (A A^T diagonal, or overridden)."""
         overridden = type(self).solve is not LinearOperator.solve

@@ -16,6 +16,10 @@ class Denoising(LinearOperator):
     Acts on x of any shape (B, *x_shape); y has the same shape.
     """
 
+    @property
+    def is_identity(self) -> bool:
+        return True
+
     def A(self, x: Tensor) -> Tensor:
         return x
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from operators import LinearOperator, as_operator, stack_operators
 from operators.base import check_sigma_y
 
-from .checks import positive_int
+from .checks import choice, positive_int
 from .defaults import defaults_for
 from .deepinv_prior import from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object, not_a_deepinv_denoiser
 from .denoisers import Denoiser
@@ -73,6 +73,8 @@ class RestoreSettings:
         guidance: the averaged likelihood's covariance and its solve.
         batch_size: rows per sampler run (None: all at once); in particle mode see `particles`.
         particles: particle mode's settings, or None for the plain guided sampler.
+        start: "prior" or "measurement" (resolved from "auto"; see `restore`). A measurement
+            start's noise ratio sigma_y (model units) is sampler.s_max.
     """
 
     num_samples: int
@@ -80,6 +82,7 @@ class RestoreSettings:
     guidance: GuidanceSettings
     batch_size: int | None = None
     particles: ParticleSettings | None = None
+    start: str = "prior"
 
 
 @dataclass
@@ -187,6 +190,7 @@ def restore(
     particles: int | None = None,
     ess_threshold: float = 0.5,
     proposal: str = "auto",
+    start: str = "auto",
 ) -> Restoration:
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
 
@@ -227,6 +231,14 @@ def restore(
         proposal: particle mode's proposal: "guided" (the guided step), "conditioned" (the
             unguided step conditioned on the linearised twist; Tweedie covariance, y of at most
             64 entries) or "auto" (conditioned wherever available; see `particles.choose_proposal`).
+        start: where the sampler starts. "prior": at t_max, from the reference distribution,
+            guided all the way down. "measurement": for denoising (an operator whose A is the
+            identity, `is_identity`, with sigma_y > 0) y = x + sigma_y n is itself the forward
+            process at the time t* where sigma / alpha = sigma_y, so p(x | y) = p(x_0 | x_t* =
+            alpha y): the run starts there from alpha(t*) y and needs no guidance (no VJP, any
+            covariance; exact with eta=1, the `steps` spread from t* down). "auto" (default):
+            "measurement" where it applies (identity operator, sigma_y below the schedule's
+            largest noise ratio, not particle mode), else "prior".
 
     Returns:
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
@@ -236,7 +248,8 @@ def restore(
     """
     problem = check_problem([y], [operator], model, ["y"], ["operator"])
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
-                              cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold, proposal)
+                              cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold, proposal,
+                              start)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return run_stages(problem, settings, generator, device, progress)[0]
@@ -265,6 +278,7 @@ def restore_batch(
     particles: int | None = None,
     ess_threshold: float = 0.5,
     proposal: str = "auto",
+    start: str = "auto",
 ) -> list[Restoration]:
     """Posterior samples for several measurements at once: `num_samples` for each of them,
     drawn together in shared sampler runs (batched network calls).
@@ -296,7 +310,7 @@ def restore_batch(
             them, and such pieces share runs where they fit. In particle mode: particles per
             network call.
         steps, covariance, eta, solver, guidance_scale, device, progress, grid, cg_tol,
-        cg_max_iter, cg_noise_tol, warm_start, particles, ess_threshold, proposal: as in
+        cg_max_iter, cg_noise_tol, warm_start, particles, ess_threshold, proposal, start: as in
             `restore`.
 
     Returns:
@@ -314,7 +328,8 @@ def restore_batch(
     operators, operator_names = as_operator_list(operator, len(items))
     problem = check_problem(items, operators, model, [f"measurements[{i}]" for i in range(len(items))], operator_names)
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
-                              cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold, proposal)
+                              cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold, proposal,
+                              start)
     generators = check_generators(generator, len(items))
     return run_stages(problem, settings, generators, device, progress)
 
@@ -469,18 +484,53 @@ def as_measurement(y, image_model: bool, name: str = "y") -> Tensor:
 
 def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                    cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold,
-                   proposal) -> RestoreSettings:
+                   proposal, start="prior") -> RestoreSettings:
     """The frozen settings of a call (each dataclass checks its own fields once); steps,
     covariance and the CG cap left as None come from the model's defaults."""
     defaults = defaults_for(problem.model)
-    sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid)
+    start = resolve_start(problem, start, particles)
+    s_max = measurement_ratio(problem) if start == "measurement" else None
+    sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
     guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
                                 defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol, warm_start)
     batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
     particle_settings = None if particles is None else check_particle_settings(
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
         problem.measurements[0].numel())
-    return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings)
+    return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings,
+                           start)
+
+
+START_CHOICES = ("auto", "prior", "measurement")
+
+
+def measurement_ratio(problem: Problem) -> float:
+    """sigma_y in the model's units: the noise ratio sigma / alpha at which y is the forward process."""
+    low, high = problem.model.data_range if problem.image_model else (0.0, 1.0)
+    return (high - low) * problem.sigma_y
+
+
+def resolve_start(problem: Problem, start, particles) -> str:
+    """`start` checked and "auto" resolved to "measurement" or "prior" (see `restore`); a
+    ValueError naming `start` where "measurement" is asked for and cannot apply."""
+    choice(start, START_CHOICES, "start")
+    reasons = []
+    if not all(operator.is_identity for operator in problem.operators):
+        reasons.append("its operator is not the identity (only a denoising y is a point of the forward process)")
+    if problem.sigma_y <= 0:
+        reasons.append("sigma_y is 0 (y is x itself)")
+    elif measurement_ratio(problem) <= SamplerSettings.s_min:
+        reasons.append(f"sigma_y is below the sampler's last noise level ({SamplerSettings.s_min:g} in model units)")
+    elif measurement_ratio(problem) >= float(problem.model.schedule.ratio(torch.tensor(problem.model.schedule.t_max,
+                                                                                       dtype=torch.float64))):
+        reasons.append("sigma_y is above the model's largest noise level")
+    if particles is not None:
+        reasons.append("particle mode guides its particles from t_max")
+    if start == "auto":
+        return "prior" if reasons else "measurement"
+    if start == "measurement" and reasons:
+        raise ValueError(f'start="measurement" cannot apply: {"; ".join(reasons)}; use start="prior"')
+    return start
 
 
 def check_generators(generator, count: int) -> Generators:
@@ -624,15 +674,25 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
     Row k is guided by its own measurement and measured by its own operator (stacked where the
     segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
+    measurements = run_measurements(problem, segments)
+    began = time.perf_counter()
+    if settings.start == "measurement":
+        # y = x_0 + sigma_y n is the forward process at ratio sigma_y: x_t* = alpha(t*) y, unguided from there.
+        schedule = problem.model.schedule
+        alpha = float(schedule.alpha(schedule.time_for_ratio(torch.tensor(settings.sampler.s_max, dtype=torch.float64))))
+        samples, evaluations = run_sampler(problem.model, (rows, *problem.x_shape), settings.sampler,
+                                           generator=run_noise(segments, generators), device=device,
+                                           dtype=problem.model.sampling_dtype(), progress=progress,
+                                           start=alpha * measurements)
+        synchronize(device)
+        return samples, evaluations, 0, time.perf_counter() - began
     operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
-    guided = AveragedLikelihoodGuidance.from_settings(problem.model, operator, run_measurements(problem, segments),
-                                                      settings.guidance)
-    start = time.perf_counter()
+    guided = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements, settings.guidance)
     samples, evaluations = run_sampler(guided, (rows, *problem.x_shape), settings.sampler,
                                        generator=run_noise(segments, generators), device=device,
                                        dtype=problem.model.sampling_dtype(), progress=progress)
     synchronize(device)
-    return samples, evaluations, guided.vjp_count, time.perf_counter() - start
+    return samples, evaluations, guided.vjp_count, time.perf_counter() - began
 
 
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,

@@ -72,6 +72,8 @@ class SamplerSettings:
         solver: one of SOLVERS (see the module docstring).
         grid: "log-snr", "uniform" or "karras" (see time_grids).
         s_min: noise ratio sigma / alpha at the last grid time.
+        s_max: noise ratio at the first grid time; None: the schedule's t_max. A run that starts
+            below t_max needs its start sample (`run_sampler(start=...)`).
         snr: signal-to-noise ratio of the Langevin corrector ("pc" only; Song et al. 2021 use
             0.16 with a first-order predictor; with the multistep predictor a smaller one is better).
     """
@@ -82,6 +84,7 @@ class SamplerSettings:
     grid: str = "log-snr"
     s_min: float = 2e-3
     snr: float = 0.05
+    s_max: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "steps", positive_int(self.steps, "steps"))
@@ -92,6 +95,8 @@ class SamplerSettings:
             raise ValueError(f'solver="heun" integrates the probability-flow ODE and needs eta=0, got eta={self.eta}')
         number_in(self.s_min, "s_min", 0.0, open_low=True)
         number_in(self.snr, "snr", 0.0, open_low=True)
+        if self.s_max is not None and not number_in(self.s_max, "s_max", 0.0, open_low=True) > self.s_min:
+            raise ValueError(f"s_max must exceed s_min={self.s_min}, got {self.s_max}")
 
 
 @dataclass(frozen=True)
@@ -116,10 +121,11 @@ class GridPoint:
         return math.log(self.sigma / self.alpha)
 
 
-def grid_points(schedule, steps: int, grid: str = "log-snr", s_min: float = 2e-3) -> list[GridPoint]:
+def grid_points(schedule, steps: int, grid: str = "log-snr", s_min: float = 2e-3,
+                s_max: float | None = None) -> list[GridPoint]:
     """The `steps` decreasing grid times of `time_grid` with their coefficients."""
     points = []
-    for index, t in enumerate(time_grid(schedule, steps, grid, s_min).tolist()):
+    for index, t in enumerate(time_grid(schedule, steps, grid, s_min, s_max=s_max).tolist()):
         time = torch.tensor(t, dtype=torch.float64)
         points.append(GridPoint(index, t, float(schedule.alpha(time)), float(schedule.sigma(time)),
                                 float(schedule.f(time)), float(schedule.g2(time))))
@@ -421,10 +427,17 @@ def sample(
 
 def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSettings, *,
                 generator: torch.Generator | NoiseSource | None = None, device=None, dtype=None,
-                progress: bool | Callable[[int], Any] = False) -> tuple[Tensor, int]:
-    """`sample` with settings checked already (see `sample` for the arguments)."""
+                progress: bool | Callable[[int], Any] = False, start: Tensor | None = None) -> tuple[Tensor, int]:
+    """`sample` with settings checked already (see `sample` for the other arguments).
+
+    `start`: x at the first grid time, of `shape` (needed where settings.s_max starts the grid
+    below t_max); None draws it from the reference distribution at t_max."""
     device, dtype = placement(denoiser, device, dtype)
-    points = grid_points(denoiser.schedule, settings.steps, settings.grid, settings.s_min)
+    if (start is None) != (settings.s_max is None):
+        raise ValueError("a run starting below t_max (s_max) needs its start sample, and only such a run takes one")
+    if start is not None and tuple(start.shape) != tuple(shape):
+        raise ValueError(f"start must have the batch's shape {tuple(shape)}, got {tuple(start.shape)}")
+    points = grid_points(denoiser.schedule, settings.steps, settings.grid, settings.s_min, settings.s_max)
     solver = make_solver(settings)
     guard = FiniteGuard(device)
     denoise = CheckedDenoiser(denoiser, device, dtype, guard)
@@ -433,7 +446,7 @@ def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSet
     def noise() -> Tensor:
         return source.randn(shape, device, dtype)
 
-    x = start_sample(points[0], shape, source, device, dtype)
+    x = start_sample(points[0], shape, source, device, dtype) if start is None else start.to(device, dtype)
     bar = progress_bar(progress, len(points), f"sampling ({settings.solver})")
     for now, nxt in zip(points[:-1], points[1:]):
         x = solver.step(x, now, nxt, denoise, noise)

@@ -26,13 +26,19 @@ from .schedules import Schedule
 GRIDS = ("log-snr", "uniform", "karras")
 
 
-def time_grid(schedule: Schedule, steps: int, kind: str = "log-snr", s_min: float = 2e-3, rho: float = 7.0) -> Tensor:
-    """Decreasing times (float64, shape (steps,)) from schedule.t_max down to t(s_min)."""
+def time_grid(schedule: Schedule, steps: int, kind: str = "log-snr", s_min: float = 2e-3, rho: float = 7.0,
+              s_max: float | None = None) -> Tensor:
+    """Decreasing times (float64, shape (steps,)) from schedule.t_max (or, given `s_max`, from
+    the time whose noise ratio sigma / alpha is s_max) down to t(s_min)."""
     steps = positive_int(steps, "steps")
     choice(kind, GRIDS, "grid")
     if not s_min > 0:
         raise ValueError(f"s_min must be positive, got {s_min}")
     t_max = torch.tensor(schedule.t_max, dtype=torch.float64)
+    if s_max is not None:
+        if not float(s_max) < float(schedule.ratio(t_max)):
+            raise ValueError(f"s_max={s_max} must be below the noise ratio {float(schedule.ratio(t_max)):.3g} at t_max")
+        t_max = schedule.time_for_ratio(torch.tensor(float(s_max), dtype=torch.float64))
     s_max = schedule.ratio(t_max)
     if not s_min < float(s_max):
         raise ValueError(f"s_min={s_min} must be below the noise ratio {float(s_max):.3g} at t_max")

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import gaussian_exactness, image_restoration, particle_mode, run_benchmarks, speed, training_curve  # noqa: E402
+from benchmarks import denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks, speed, training_curve  # noqa: E402
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
 from operators import Denoising, MatrixOperator, SuperResolution  # noqa: E402
@@ -174,6 +174,16 @@ def test_the_particle_benchmark_quick_run_writes_all_its_parts(tmp_path):
     tables = assert_numbers_are_finite(report)
     weights = tables["task | steps | guided ESS / K"]
     assert all(0 < float(row[2]) <= 1 and 0 < float(row[4]) <= 1 for row in weights)
+
+
+def test_denoising_start_report(tmp_path):
+    out = tmp_path / "denoising_start.md"
+    denoising_start.main(["--quick", "--out", str(out)])
+    rows = assert_numbers_are_finite(out.read_text())["method | start | eta"]
+    from_y = {row[2]: row for row in rows if row[1] == "measurement"}
+    assert set(from_y) == {"1", "0.5", "0"} and all(row[5] == "0" for row in from_y.values())  # no VJP
+    assert float(from_y["0"][8]) == 0 and float(from_y["1"][8]) > 0  # eta 0 from one point: every sample the same
+    assert {row[0] for row in rows} == {"ours", "ours projection", "deepinv ddrm"}
 
 
 def test_training_curve_windows():
