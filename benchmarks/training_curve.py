@@ -138,7 +138,8 @@ def centre_crops(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
 def shipped_model() -> Model:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    steps = json.loads((DEFAULT_MODEL_DIR / "training_log.json").read_text())["config"]["steps"]
+    log = json.loads((DEFAULT_MODEL_DIR / "training_log.json").read_text())
+    steps = log.get("total_steps", log["config"]["steps"])
     unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR / "unet").float().eval()
     return Model("shipped", steps, unet, DDPMScheduler.from_pretrained(DEFAULT_MODEL_DIR / "scheduler"))
 
@@ -149,19 +150,27 @@ def snapshot_models(run: Path, every: int) -> list[Model]:
     Steps are counted in total: a run started --init-from a model adds that model's steps."""
     state = load_checkpoint(run / CHECKPOINT)
     config = TrainingConfig(**state["config"])
-    offset = _init_steps(config)
+    offset = _init_steps(run, config)
     paths = sorted((run / SNAPSHOTS).glob("step_*.safetensors"))
     chosen = [p for p in paths if int(p.stem.split("_")[1]) % every == 0 or p == paths[-1]]
     scheduler = build_scheduler(config)
     return [Model(run.name, offset + int(p.stem.split("_")[1]), load_snapshot(run, p), scheduler) for p in chosen]
 
 
-def _init_steps(config: TrainingConfig) -> int:
-    """The training steps of the model a run was started from (0 for a run from scratch)."""
+def _init_steps(run: Path, config: TrainingConfig) -> int:
+    """The training steps of the model a run was started from (0 for a run from scratch): as the
+    run's training_data.json recorded them, else as the start folder's training_log.json says."""
     if config.init_from is None:
         return 0
+    record = run / "training_data.json"
+    start = json.loads(record.read_text()).get("init_from", {}) if record.exists() else {}
+    if "total_steps" in start:
+        return int(start["total_steps"])
     log = Path(config.init_from) / "training_log.json"
-    return json.loads(log.read_text())["config"]["steps"] if log.exists() else 0
+    if not log.exists():
+        return 0
+    log = json.loads(log.read_text())
+    return int(log.get("total_steps", log["config"]["steps"]))
 
 
 # -- measurements ------------------------------------------------------------------------

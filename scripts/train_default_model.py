@@ -119,7 +119,7 @@ def training_data_record(photographs, notes: list[str], sources: str, config: Tr
                          "per_package": summary(photographs)}}
     if config.init_from is not None:
         unet_folder = find_unet_folder(config.init_from)
-        record["init_from"] = {"folder": str(config.init_from),
+        record["init_from"] = {"folder": str(config.init_from), "total_steps": total_steps(Path(config.init_from)),
                                "weights": {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
                                            for path in sorted(unet_folder.glob("*.safetensors")) + sorted(unet_folder.glob("*.bin"))}}
     return record
@@ -162,21 +162,43 @@ def shipped_megabytes(config: TrainingConfig) -> float:
     return 2 * parameter_count(config) / 1e6
 
 
+def total_steps(folder: Path) -> int:
+    """The optimiser steps behind a model folder (0 without a training_log.json), counting those of
+    the model it was started from: "total_steps" where the log records it; else the run's own
+    steps plus the start model's, as training_data.json recorded them when the run began (or, for
+    older runs, as the start folder's log says now)."""
+    if not (folder / "training_log.json").exists():
+        return 0
+    log = json.loads((folder / "training_log.json").read_text())
+    if "total_steps" in log:
+        return int(log["total_steps"])
+    own = int(log.get("stopped_at_step", log["config"]["steps"]))
+    record = json.loads((folder / TRAINING_DATA).read_text()).get("init_from") if (folder / TRAINING_DATA).exists() else None
+    if record and "total_steps" in record:
+        return own + int(record["total_steps"])
+    init_from = log["config"].get("init_from")
+    return own + (total_steps(Path(init_from)) if init_from else 0)
+
+
 def install(run: Path, destination: Path = PACKAGE_MODEL) -> None:
-    """Copy the trained pipeline into the package, UNet weights in float16 (at most 30 MB)."""
+    """Copy the trained pipeline into the package, UNet weights in float16 (at most 30 MB); its
+    training_log.json gains "total_steps" (read before the old model, maybe its start, is replaced)."""
     from diffusers import UNet2DModel
 
     unet = UNet2DModel.from_pretrained(run / "unet")
     megabytes = 2 * sum(parameter.numel() for parameter in unet.parameters()) / 1e6
     if megabytes > MAX_SHIPPED_MB:
         raise ValueError(f"the UNet's float16 weights would be {megabytes:.1f} MB, over the {MAX_SHIPPED_MB:g} MB the package ships")
+    log = json.loads((run / "training_log.json").read_text())
+    log["total_steps"] = total_steps(run)
     if destination.exists():
         shutil.rmtree(destination)
     unet.to(torch.float16).save_pretrained(destination / "unet", safe_serialization=True)
     shutil.copytree(run / "scheduler", destination / "scheduler")
-    for name in ("model_index.json", "training_log.json", TRAINING_DATA):
+    for name in ("model_index.json", TRAINING_DATA):
         if (run / name).exists():
             shutil.copy(run / name, destination / name)
+    (destination / "training_log.json").write_text(json.dumps(log))
 
 
 # -- the command line ------------------------------------------------------------------
@@ -207,6 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--snapshot-every", type=int, metavar="STEPS",
                         help="also keep the EMA weights every STEPS steps in OUT/snapshots (for curves against steps)")
     parser.add_argument("--install", action="store_true", help="copy the result into posterior_diff/default_model")
+    parser.add_argument("--install-from", type=Path, metavar="DIR",
+                        help="only install DIR (a finished run, or one written by --export-checkpoint) into the package")
     parser.add_argument("--export-checkpoint", type=Path, metavar="DIR",
                         help="only save the latest checkpoint's EMA weights of --out as a pipeline in DIR (no training)")
     recipe = parser.add_argument_group("recipe (default: the --recipe's values)")
@@ -253,6 +277,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # before anything slow: no CUDA is a one-line error at once
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.install_from is not None:
+        install(args.install_from)
+        print(f"installed {args.install_from} into {PACKAGE_MODEL}")
+        return 0
     if args.export_checkpoint is not None:
         export_checkpoint(args.out, args.export_checkpoint)
         print(f"exported {args.out / CHECKPOINT} to {args.export_checkpoint}")

@@ -313,6 +313,10 @@ def test_the_script_records_what_it_trained_on(tmp_path, monkeypatch, capsys, sc
     assert script.main(["--out", str(tmp_path / "more"), "--init-from", str(out), *TINY_ARGS]) == 0
     more = json.loads((tmp_path / "more" / "training_data.json").read_text())
     assert more["init_from"]["folder"] == str(out) and len(more["init_from"]["weights"]) == 1
+    assert more["init_from"]["total_steps"] == 2  # the steps behind the start model
+    script.install(tmp_path / "more", destination=tmp_path / "installed")
+    assert json.loads((tmp_path / "installed" / "training_log.json").read_text())["total_steps"] == 4
+    assert script.total_steps(tmp_path / "installed") == 4 and load_model(tmp_path / "installed").channels == 3
     # resuming on other photographs is refused
     monkeypatch.setattr(script, "gather", lambda sources, install: (fake_photographs()[:1], []))
     assert script.main(["--out", str(out), "--resume", "--steps", "3"]) == 2
