@@ -110,3 +110,22 @@ def test_on_an_accelerator_the_finiteness_checks_are_read_every_few_steps():
     tail.observe(bad, "the sampler produced", point(11))
     with pytest.raises(NonFiniteSampleError, match="at step 11"):
         tail.read(point(11))  # the run's last read, after the final denoising
+
+
+def test_a_run_from_a_given_start_begins_at_its_noise_ratio():
+    from posterior_diff.samplers import SamplerSettings, run_sampler
+
+    prior = GaussianPrior(torch.zeros(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
+    start = torch.full((3, 4), 0.5, dtype=torch.float64)
+    settings = SamplerSettings(steps=5, eta=0.0, s_max=1e-2)
+    x0, nfe = run_sampler(prior, (3, 4), settings, start=start)
+    # from so little noise the ODE barely moves: x_0 ~ x_t / alpha, shrunk a little by the prior
+    assert nfe == 5 and torch.allclose(x0, torch.full_like(x0, 0.5), atol=0.02)
+    with pytest.raises(ValueError, match="needs its start sample"):
+        run_sampler(prior, (3, 4), settings)
+    with pytest.raises(ValueError, match="only such a run"):
+        run_sampler(prior, (3, 4), SamplerSettings(steps=5), start=start)
+    with pytest.raises(ValueError, match="batch's shape"):
+        run_sampler(prior, (2, 4), settings, start=start)
+    with pytest.raises(ValueError, match="s_max must exceed s_min"):
+        SamplerSettings(steps=5, s_max=1e-3)

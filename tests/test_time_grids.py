@@ -25,3 +25,14 @@ def test_log_snr_grid_is_denser_near_zero_than_uniform():
 def test_bad_grid_arguments(steps, kind, message):
     with pytest.raises(ValueError, match=message):
         time_grid(VPSchedule(), steps, kind)
+
+
+@pytest.mark.parametrize("kind", ["log-snr", "uniform", "karras"])
+@pytest.mark.parametrize("schedule", [VPSchedule(), VESchedule(), RectifiedFlow()], ids=["vp", "ve", "flow"])
+def test_a_grid_can_start_at_a_given_noise_ratio(kind, schedule):
+    times = time_grid(schedule, 12, kind, s_max=0.3)
+    ratios = schedule.ratio(times)
+    assert torch.isclose(ratios[0], torch.tensor(0.3, dtype=ratios.dtype), rtol=1e-9)
+    assert torch.all(times[1:] < times[:-1]) and torch.isclose(ratios[-1], torch.tensor(2e-3, dtype=ratios.dtype), rtol=1e-6)
+    with pytest.raises(ValueError, match="s_max"):
+        time_grid(schedule, 12, kind, s_max=1e9)
