@@ -6,6 +6,7 @@ names the row and may mix labels and numbers, as "50, 150, ..., mean"), and no c
 or inf.
 """
 
+import json
 import math
 from pathlib import Path
 import re
@@ -194,6 +195,7 @@ def test_training_curve_windows():
 
 
 def test_training_curve_report_scores_every_snapshot(tmp_path):
+    from posterior_diff.models import DEFAULT_MODEL_DIR
     from posterior_diff.training import TrainingConfig, train
     from posterior_diff.training_data import VALIDATION_FILES
 
@@ -210,7 +212,8 @@ def test_training_curve_report_scores_every_snapshot(tmp_path):
     gap = tables["timestep | shipped: training photographs | shipped: validation photographs"]
     assert [row[0] for row in gap][-1] == "mean" and all(value > 0 for value in column(gap, 1) + column(gap, 2))
     scored = tables["model | total steps | sr4"]
-    assert [row[:2] for row in scored] == [["shipped", "6000"], ["tiny", "2"], ["tiny", "4"]]  # multiples of 2, and the last
+    shipped_steps = json.loads((DEFAULT_MODEL_DIR / "training_log.json").read_text())["total_steps"]
+    assert [row[:2] for row in scored] == [["shipped", str(shipped_steps)], ["tiny", "2"], ["tiny", "4"]]  # multiples of 2, the last
     assert all(5 < value < 60 for value in column(scored, 5))  # PSNR in dB
     # the untrained tiny UNet predicts noise far worse than the shipped model
     assert float(scored[1][-1]) > 3 * float(scored[0][-1])
