@@ -675,24 +675,19 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
     segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
     measurements = run_measurements(problem, segments)
-    began = time.perf_counter()
     if settings.start == "measurement":
-        # y = x_0 + sigma_y n is the forward process at ratio sigma_y: x_t* = alpha(t*) y, unguided from there.
-        schedule = problem.model.schedule
-        alpha = float(schedule.alpha(schedule.time_for_ratio(torch.tensor(settings.sampler.s_max, dtype=torch.float64))))
-        samples, evaluations = run_sampler(problem.model, (rows, *problem.x_shape), settings.sampler,
-                                           generator=run_noise(segments, generators), device=device,
-                                           dtype=problem.model.sampling_dtype(), progress=progress,
-                                           start=alpha * measurements)
-        synchronize(device)
-        return samples, evaluations, 0, time.perf_counter() - began
-    operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
-    guided = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements, settings.guidance)
-    samples, evaluations = run_sampler(guided, (rows, *problem.x_shape), settings.sampler,
+        # y = x_0 + sigma_y n is the forward process at ratio sigma_y (x_t* / alpha = y): unguided from there.
+        denoiser, start = problem.model, measurements
+    else:
+        operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
+        denoiser, start = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements,
+                                                                   settings.guidance), None
+    began = time.perf_counter()
+    samples, evaluations = run_sampler(denoiser, (rows, *problem.x_shape), settings.sampler,
                                        generator=run_noise(segments, generators), device=device,
-                                       dtype=problem.model.sampling_dtype(), progress=progress)
+                                       dtype=problem.model.sampling_dtype(), progress=progress, start=start)
     synchronize(device)
-    return samples, evaluations, guided.vjp_count, time.perf_counter() - began
+    return samples, evaluations, getattr(denoiser, "vjp_count", 0), time.perf_counter() - began
 
 
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,

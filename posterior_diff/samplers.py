@@ -430,8 +430,9 @@ def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSet
                 progress: bool | Callable[[int], Any] = False, start: Tensor | None = None) -> tuple[Tensor, int]:
     """`sample` with settings checked already (see `sample` for the other arguments).
 
-    `start`: x at the first grid time, of `shape` (needed where settings.s_max starts the grid
-    below t_max); None draws it from the reference distribution at t_max."""
+    `start`: x_t / alpha at the first grid time (the variance-exploding point z, e.g. a denoising
+    measurement at noise ratio s_max), of `shape`; needed where settings.s_max starts the grid
+    below t_max. None draws x from the reference distribution at t_max."""
     device, dtype = placement(denoiser, device, dtype)
     if (start is None) != (settings.s_max is None):
         raise ValueError("a run starting below t_max (s_max) needs its start sample, and only such a run takes one")
@@ -446,7 +447,10 @@ def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSet
     def noise() -> Tensor:
         return source.randn(shape, device, dtype)
 
-    x = start_sample(points[0], shape, source, device, dtype) if start is None else start.to(device, dtype)
+    if start is None:
+        x = start_sample(points[0], shape, source, device, dtype)
+    else:
+        x = points[0].alpha * start.to(device, dtype)
     bar = progress_bar(progress, len(points), f"sampling ({settings.solver})")
     for now, nxt in zip(points[:-1], points[1:]):
         x = solver.step(x, now, nxt, denoise, noise)
