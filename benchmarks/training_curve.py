@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
-from posterior_diff.images import to_model_range
+from posterior_diff.images import match_channels, to_model_range
 from posterior_diff.model_formats import denoiser_from_diffusers
 from posterior_diff.models import DEFAULT_MODEL_DIR
 from posterior_diff.training import (CHECKPOINT, SNAPSHOTS, RandomCrops, TrainingConfig, build_scheduler, load_checkpoint,
-                                     load_snapshot)
+                                     load_snapshot, start_model_steps, total_steps)
 
 from .reporting import markdown_table, write_report
 
@@ -106,15 +106,12 @@ def held_out_images() -> list[torch.Tensor]:
 
 def package_photographs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(training, validation) photographs from the installed packages: the training ones as
-    uint8 (3, H, W) at full size, the validation ones as float (3, H, W) in [-1, 1], shrunk
-    (antialiased) to a SHORT_SIDE short side."""
-    import numpy as np
-
-    from posterior_diff.training_data import gather_photographs, split_validation
+    uint8 (C, H, W) at full size (C = 1 for grey), the validation ones as float (3, H, W) in
+    [-1, 1], shrunk (antialiased) to a SHORT_SIDE short side."""
+    from posterior_diff.training_data import as_tensors, gather_photographs, split_validation
 
     training, validation = split_validation(gather_photographs(install=False))
-    as_uint8 = [torch.from_numpy(np.asarray(p.image.convert("RGB")).transpose(2, 0, 1).copy()) for p in training + validation]
-    return as_uint8[: len(training)], [_shrunk(image.float() / 127.5 - 1) for image in as_uint8[len(training):]]
+    return as_tensors(training), [_shrunk(match_channels(image.float() / 127.5 - 1, 3)) for image in as_tensors(validation)]
 
 
 def _shrunk(image: torch.Tensor) -> torch.Tensor:
@@ -138,8 +135,7 @@ def centre_crops(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
 def shipped_model() -> Model:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    log = json.loads((DEFAULT_MODEL_DIR / "training_log.json").read_text())
-    steps = log.get("total_steps", log["config"]["steps"])
+    steps = total_steps(DEFAULT_MODEL_DIR)
     unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR / "unet").float().eval()
     return Model("shipped", steps, unet, DDPMScheduler.from_pretrained(DEFAULT_MODEL_DIR / "scheduler"))
 
@@ -150,27 +146,11 @@ def snapshot_models(run: Path, every: int) -> list[Model]:
     Steps are counted in total: a run started --init-from a model adds that model's steps."""
     state = load_checkpoint(run / CHECKPOINT)
     config = TrainingConfig(**state["config"])
-    offset = _init_steps(run, config)
+    offset = start_model_steps(run, config.init_from)
     paths = sorted((run / SNAPSHOTS).glob("step_*.safetensors"))
     chosen = [p for p in paths if int(p.stem.split("_")[1]) % every == 0 or p == paths[-1]]
     scheduler = build_scheduler(config)
     return [Model(run.name, offset + int(p.stem.split("_")[1]), load_snapshot(run, p), scheduler) for p in chosen]
-
-
-def _init_steps(run: Path, config: TrainingConfig) -> int:
-    """The training steps of the model a run was started from (0 for a run from scratch): as the
-    run's training_data.json recorded them, else as the start folder's training_log.json says."""
-    if config.init_from is None:
-        return 0
-    record = run / "training_data.json"
-    start = json.loads(record.read_text()).get("init_from", {}) if record.exists() else {}
-    if "total_steps" in start:
-        return int(start["total_steps"])
-    log = Path(config.init_from) / "training_log.json"
-    if not log.exists():
-        return 0
-    log = json.loads(log.read_text())
-    return int(log.get("total_steps", log["config"]["steps"]))
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -192,7 +172,7 @@ def random_crops(images: list[torch.Tensor], count: int, size: int, seed: int,
                  scale_range: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """`count` random size x size crops (N, 3, size, size) in [-1, 1] of images (uint8, or float in
     [-1, 1]), the same for every call with `seed`."""
-    return RandomCrops(images, size, torch.Generator().manual_seed(seed), scale_range=scale_range).batch(count)
+    return RandomCrops(images, size, torch.Generator().manual_seed(seed), scale_range=scale_range, channels=3).batch(count)
 
 
 def gap_rows(models: list[Model], groups: dict[str, torch.Tensor]) -> tuple[list[str], list[GapRow]]:

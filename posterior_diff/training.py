@@ -682,6 +682,31 @@ def train(
     return out
 
 
+def start_model_steps(run: Path, init_from: str | None) -> int:
+    """The optimiser steps behind the model that run folder `run` started from (`init_from`; 0 for
+    a run from scratch): as its training_data.json recorded them when the run began, else as the
+    start folder says now (`total_steps`)."""
+    if init_from is None:
+        return 0
+    record_path = Path(run) / "training_data.json"
+    record = json.loads(record_path.read_text()).get("init_from", {}) if record_path.exists() else {}
+    return int(record["total_steps"]) if "total_steps" in record else total_steps(Path(init_from))
+
+
+def total_steps(folder: str | Path) -> int:
+    """The optimiser steps behind a model folder, counting the model it started from: the
+    training_log.json's "total_steps" where recorded, else its own steps plus `start_model_steps`
+    (0 without a training_log.json)."""
+    folder = Path(folder)
+    if not (folder / "training_log.json").exists():
+        return 0
+    log = json.loads((folder / "training_log.json").read_text())
+    if "total_steps" in log:
+        return int(log["total_steps"])
+    own = int(log.get("stopped_at_step", log["config"]["steps"]))
+    return own + start_model_steps(folder, log["config"].get("init_from"))
+
+
 SNAPSHOTS = "snapshots"
 
 

@@ -42,11 +42,12 @@ from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 __all__ = ["Source", "Photograph", "SOURCES", "PYPI_SOURCES", "DEBIAN_SOURCES", "install_missing", "gather_photographs",
            "held_out_signatures", "signature", "is_held_out_name", "records", "summary", "export_photographs",
-           "read_exported", "MANIFEST", "VALIDATION_FILES", "split_validation"]
+           "read_exported", "MANIFEST", "VALIDATION_FILES", "split_validation", "as_tensors"]
 
 
 CONTENT_THRESHOLD = 0.9  # correlation of 32 x 32 grey signatures above which two photographs are the same
@@ -382,6 +383,14 @@ def split_validation(photographs: Sequence[Photograph],
     the validation set, the others the training set, both in their original order."""
     chosen = set(validation_files)
     return ([p for p in photographs if p.file not in chosen], [p for p in photographs if p.file in chosen])
+
+
+def as_tensors(photographs: Sequence[Photograph]) -> list[torch.Tensor]:
+    """The photographs as uint8 (C, H, W) tensors, C = 1 for grey ones (training converts each
+    crop to the model's channels)."""
+    arrays = [np.asarray(p.image) for p in photographs]
+    return [torch.from_numpy((a[:, :, None] if a.ndim == 2 else a).transpose(2, 0, 1).copy())  # PIL's arrays are read-only
+            for a in arrays]
 
 
 # -- recording --------------------------------------------------------------------------

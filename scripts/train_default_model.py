@@ -41,7 +41,8 @@ import torch
 
 from posterior_diff.training import (CHECKPOINT, IMAGE_WEIGHTINGS, LOSS_WEIGHTINGS, LR_SCHEDULES, TrainingConfig,
                                      build_scheduler, build_unet, find_unet_folder, load_checkpoint, parameter_count,
-                                     resolve_device, train)
+                                     resolve_device, total_steps, train)
+from posterior_diff.training_data import as_tensors
 
 PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "posterior_diff" / "default_model"
 TRAINING_DATA = "training_data.json"
@@ -92,18 +93,6 @@ def gather(sources: str, install_packages: bool):
     notes: list[str] = []
     photographs = gather_photographs(select_sources(sources), install=install_packages, log=notes.append)
     return photographs, notes
-
-
-def as_tensors(photographs) -> list[torch.Tensor]:
-    """PIL photographs as uint8 (C, H, W) tensors (C = 1 for grey; crops are matched to the model's channels)."""
-    import numpy as np
-
-    tensors = []
-    for photograph in photographs:
-        array = np.asarray(photograph.image)
-        array = array[:, :, None] if array.ndim == 2 else array
-        tensors.append(torch.from_numpy(array.transpose(2, 0, 1).copy()))  # a copy: PIL's arrays are read-only
-    return tensors
 
 
 def training_data_record(photographs, notes: list[str], sources: str, config: TrainingConfig, validation=()) -> dict:
@@ -160,24 +149,6 @@ def export_checkpoint(run: Path, destination: Path) -> None:
 
 def shipped_megabytes(config: TrainingConfig) -> float:
     return 2 * parameter_count(config) / 1e6
-
-
-def total_steps(folder: Path) -> int:
-    """The optimiser steps behind a model folder (0 without a training_log.json), counting those of
-    the model it was started from: "total_steps" where the log records it; else the run's own
-    steps plus the start model's, as training_data.json recorded them when the run began (or, for
-    older runs, as the start folder's log says now)."""
-    if not (folder / "training_log.json").exists():
-        return 0
-    log = json.loads((folder / "training_log.json").read_text())
-    if "total_steps" in log:
-        return int(log["total_steps"])
-    own = int(log.get("stopped_at_step", log["config"]["steps"]))
-    record = json.loads((folder / TRAINING_DATA).read_text()).get("init_from") if (folder / TRAINING_DATA).exists() else None
-    if record and "total_steps" in record:
-        return own + int(record["total_steps"])
-    init_from = log["config"].get("init_from")
-    return own + (total_steps(Path(init_from)) if init_from else 0)
 
 
 def install(run: Path, destination: Path = PACKAGE_MODEL) -> None:
