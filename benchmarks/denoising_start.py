@@ -36,7 +36,7 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_phot
 from posterior_diff.metrics import calibrated_coverage, coverage_within_two_std
 
 from .peers import run_peer
-from .reporting import log_row, markdown_table, write_report
+from .reporting import embedded_model, log_row, markdown_table, write_report
 
 STEPS = (5, 10, 20, 50)
 ETAS = (1.0, 0.5, 0.0)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(["method", "start", "eta", "steps", "NFE", "VJPs", "mean PSNR (dB)", "cover 2 std", "avg std",
                         "s per image"], rows),
     ], module="benchmarks.denoising_start", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
-        details=[f"{len(truths)} images, {args.size}x{args.size}, {args.samples} samples, {args.threads} thread(s)"])
+        details=[embedded_model(), f"{len(truths)} images, {args.size}x{args.size}, {args.samples} samples, {args.threads} thread(s)"])
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from posterior_diff.images import save_panels
 from posterior_diff.metrics import calibrated_coverage, coverage_within_two_std
 from posterior_diff.tasks import get_task
 
-from .reporting import markdown_table, write_report
+from .reporting import embedded_model, markdown_table, write_report
 
 TASKS = ("sr4", "sr4-bicubic", "box", "random", "denoise")  # the default tasks, those of docs/image_restoration.md
 GAIN_TARGET_DB = 1.5
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
-        model, model_name = default_model(), "the embedded default model (`posterior_diff/default_model`)"
+        model, model_name = default_model(), f"the embedded default model (`posterior_diff/default_model`: {embedded_model()})"
     else:
         model, model_name = load_model(args.model), f"`{args.model}`"
     start = time.perf_counter()

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import gc
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -22,6 +25,9 @@ import torch
 
 import posterior_diff
 from posterior_diff.evaluation import DIVERGED
+from posterior_diff.files import write_text_atomic
+from posterior_diff.models import DEFAULT_MODEL_DIR
+from posterior_diff.training import total_steps
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 VERSIONED = ("torch", "diffusers", "scikit-image", "deepinv", "bm3d")  # the packages whose versions a report names
@@ -58,6 +64,35 @@ def source_commit(repository: Path = REPOSITORY) -> str:
     except OSError:
         pass
     return "unknown"
+
+
+class ResultCache:
+    """Finished results by key, in a JSON file rewritten after each one, so that an interrupted
+    benchmark picks up where it stopped; a file written under other `settings` (a dict of what
+    the results depend on) is ignored."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.settings = path, settings
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        self.runs = stored.get("runs", {}) if stored.get("settings") == settings else {}
+
+    def get(self, key: str, compute):
+        """The result stored under `key`, else `compute()`'s (stored before it is returned)."""
+        if key not in self.runs:
+            self.runs[key] = compute()
+            # atomic: an interrupted write never leaves half a cache
+            write_text_atomic(json.dumps({"settings": self.settings, "runs": self.runs}, indent=1), self.path)
+        return self.runs[key]
+
+
+@functools.cache
+def embedded_model() -> str:
+    """Which embedded default model a report measured: its training steps (counting the models it
+    continued) and the first 12 hex digits of its UNet weights' sha256, so that a cached result or
+    a report can be told apart from one of another model."""
+    weights = DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.exists() else "missing"
+    return f"embedded model {digest}, {total_steps(DEFAULT_MODEL_DIR):,} training steps"
 
 
 def provenance(module: str, argv: list[str], minutes: float, details: list[str] = ()) -> str:

@@ -32,7 +32,6 @@ those of --cost-threads threads.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -47,12 +46,11 @@ import torch
 import posterior_diff
 from posterior_diff import DEFAULT_MODEL_DIR, Denoiser, default_model, load_model
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.files import write_text_atomic
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 
 from .images_vs_deepinv import ImageRow, ours_row, peer_row
 from .peers import run_peer
-from .reporting import log_row, markdown_table, write_report
+from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
 
 TASKS = ("sr4", "random", "denoise")
 PEERS = ("ddrm", "diffpir")  # table 2's deepinv methods
@@ -207,22 +205,6 @@ def precision_rows(args: argparse.Namespace) -> list[dict]:
 # -- table 2: quality per second --------------------------------------------------------
 
 
-class RunCache:
-    """Finished runs, keyed by (steps, image, task, method), in a JSON file rewritten after each run."""
-
-    def __init__(self, path: Path, settings: dict):
-        self.path, self.settings = path, settings
-        stored = json.loads(path.read_text()) if path.exists() else {}
-        self.runs = stored.get("runs", {}) if stored.get("settings") == settings else {}
-
-    def get(self, key: str, compute) -> dict:
-        if key not in self.runs:
-            self.runs[key] = compute()
-            # atomic: an interrupted write never leaves half a cache
-            write_text_atomic(json.dumps({"settings": self.settings, "runs": self.runs}, indent=1), self.path)
-        return self.runs[key]
-
-
 def skipped(method: str, steps: int, cost: list[dict], args: argparse.Namespace) -> str:
     """Why a cell of table 2 is not run ("" if it is): with --report-only, any cell not in the
     cache; else ours at a setting whose 128x128 estimate (table 1) is over --skip-over seconds."""
@@ -233,7 +215,7 @@ def skipped(method: str, steps: int, cost: list[dict], args: argparse.Namespace)
     return f"not run: about {estimate:.0f} s at {args.cost_size}²" if estimate > args.skip_over else ""
 
 
-def quality_rows(model: Denoiser, args: argparse.Namespace, cache: RunCache, cost: list[dict]) -> list[dict]:
+def quality_rows(model: Denoiser, args: argparse.Namespace, cache: ResultCache, cost: list[dict]) -> list[dict]:
     """Table 2's runs: per steps, image and task, the baseline, every covariance and every peer
     (a cell that `skipped` names is a row without numbers)."""
     rows = []
@@ -359,7 +341,7 @@ def report(args, cost, precision, rows, summary, choices, best, minutes: float) 
         "## 3. The choice of image defaults\n\n" + choice_table + "\n\n" + verdict,
     ]
     return write_report(args.out, "Speed: cost per step and quality per second", __doc__.split("\n\n")[1], sections,
-                        module="benchmarks.speed", argv=args.argv, minutes=minutes)
+                        module="benchmarks.speed", argv=args.argv, minutes=minutes, details=[embedded_model()])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -368,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     model = default_model()
     settings = dict(size=args.size, downscale=args.downscale, samples=args.samples, images=list(args.images),
-                    posterior_diff=posterior_diff.__version__)
-    cache = RunCache(args.cache, settings)
+                    posterior_diff=posterior_diff.__version__, model=embedded_model())
+    cache = ResultCache(args.cache, settings)
     torch.set_num_threads(args.cost_threads)
     timing = f"{args.cost_size}|{args.cost_steps}|{args.cost_threads}"  # table 1 is cached too, per setting
     cost = cache.get(f"cost|{timing}|{args.cost_repeats}", lambda: cost_rows(model, args))

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import posterior_diff
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
 from posterior_diff.images import match_channels, to_model_range
 from posterior_diff.model_formats import denoiser_from_diffusers
@@ -41,7 +43,7 @@ from posterior_diff.models import DEFAULT_MODEL_DIR
 from posterior_diff.training import (CHECKPOINT, SNAPSHOTS, RandomCrops, TrainingConfig, build_scheduler, load_checkpoint,
                                      load_snapshot, start_model_steps, total_steps)
 
-from .reporting import markdown_table, write_report
+from .reporting import ResultCache, embedded_model, markdown_table, write_report
 
 TIMESTEPS = [50, 150, 250, 400, 600, 800, 950]  # DDPM training timesteps (of 1000) to evaluate at
 DETAIL_TIMESTEPS = [50, 150, 250, 400]  # those that set fine detail: where held-out and training losses part
@@ -77,12 +79,14 @@ class GapRow:
 
 @dataclass(frozen=True)
 class Model:
-    """A UNet to evaluate: its label, the training steps behind it, the UNet and its scheduler."""
+    """A UNet to evaluate: its label, the training steps behind it, the UNet, its scheduler and
+    what tells its weights apart (the key of its cached scores)."""
 
     label: str
     steps: int
     unet: object
     scheduler: object
+    identity: str
 
 
 def window_means(log: list[tuple[int, float]], window: int) -> list[Window]:
@@ -137,7 +141,7 @@ def shipped_model() -> Model:
 
     steps = total_steps(DEFAULT_MODEL_DIR)
     unet = UNet2DModel.from_pretrained(DEFAULT_MODEL_DIR / "unet").float().eval()
-    return Model("shipped", steps, unet, DDPMScheduler.from_pretrained(DEFAULT_MODEL_DIR / "scheduler"))
+    return Model("shipped", steps, unet, DDPMScheduler.from_pretrained(DEFAULT_MODEL_DIR / "scheduler"), embedded_model())
 
 
 def snapshot_models(run: Path, every: int) -> list[Model]:
@@ -150,7 +154,8 @@ def snapshot_models(run: Path, every: int) -> list[Model]:
     paths = sorted((run / SNAPSHOTS).glob("step_*.safetensors"))
     chosen = [p for p in paths if int(p.stem.split("_")[1]) % every == 0 or p == paths[-1]]
     scheduler = build_scheduler(config)
-    return [Model(run.name, offset + int(p.stem.split("_")[1]), load_snapshot(run, p), scheduler) for p in chosen]
+    return [Model(run.name, offset + int(p.stem.split("_")[1]), load_snapshot(run, p), scheduler,
+                  f"snapshot {hashlib.sha256(p.read_bytes()).hexdigest()[:12]}") for p in chosen]
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -208,14 +213,17 @@ def validation_psnr(model: Model, truths: list[torch.Tensor], args: argparse.Nam
 
 
 def validation_rows(models: list[Model], truths: list[torch.Tensor], detail_crops: torch.Tensor,
-                    args: argparse.Namespace) -> list[list[str]]:
-    """One row per model: label, total steps, PSNR per task and their mean, detail-timestep DSM loss."""
+                    args: argparse.Namespace, cache: ResultCache) -> list[list[str]]:
+    """One row per model: label, total steps, PSNR per task and their mean, detail-timestep DSM
+    loss. A model's scores come from `cache` where its weights were scored before."""
     rows = []
     for model in models:
-        scores = validation_psnr(model, truths, args)
-        detail = statistics.fmean(dsm_loss(model.unet, model.scheduler, detail_crops, seed=1, timesteps=DETAIL_TIMESTEPS))
-        rows.append([model.label, str(model.steps), *(f"{scores[task]:.2f}" for task in VALIDATION_TASKS),
-                     f"{statistics.fmean(scores.values()):.2f}", f"{detail:.4f}"])
+        def compute(model=model):
+            detail = dsm_loss(model.unet, model.scheduler, detail_crops, seed=1, timesteps=DETAIL_TIMESTEPS)
+            return {"psnr": validation_psnr(model, truths, args), "detail_loss": statistics.fmean(detail)}
+        scored = cache.get(model.identity, compute)
+        rows.append([model.label, str(model.steps), *(f"{scored['psnr'][task]:.2f}" for task in VALIDATION_TASKS),
+                     f"{statistics.fmean(scored['psnr'].values()):.2f}", f"{scored['detail_loss']:.4f}"])
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -235,7 +243,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="side of the validation crops, pixels")
     parser.add_argument("--window", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("docs/training_curve.md"))
+    parser.add_argument("--cache", type=Path, help="JSON cache of the validation scores per model (default: the "
+                        "report's name, .json), so that a rerun scores only new snapshots")
     args = parser.parse_args(argv)
+    args.cache = args.cache or args.out.with_suffix(".json")
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.crops = args.crops or (4 if args.quick else 512)
     args.steps = args.steps or (2 if args.quick else 20)
@@ -264,8 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     names, gap = gap_rows(latest, groups)
     gap_table = [[row.timestep, *(f"{loss:.4f}" for loss in row.losses)] for row in gap]
     truths = centre_crops(validation, args.size)
+    settings = dict(size=args.size, steps=args.steps, samples=args.samples, crops=args.crops, images=len(truths),
+                    posterior_diff=posterior_diff.__version__)
     scored = validation_rows([shipped, *(m for models in snapshots.values() for m in models)], truths,
-                             groups["validation photographs"], args)
+                             groups["validation photographs"], args, ResultCache(args.cache, settings))
     write_report(args.out, "Training curves and generalisation of the embedded model", __doc__.split("\n\n", 2)[2], [
         f"## 1. Training objective against steps (mean over windows of {args.window} steps)",
         markdown_table(["run", "steps", "mean objective"], curve_rows(args.runs, args.window)),

@@ -18,6 +18,7 @@ pytest.importorskip("deepinv")
 
 from benchmarks import denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks, speed, training_curve  # noqa: E402
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
+from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
 from operators import Denoising, MatrixOperator, SuperResolution  # noqa: E402
 from posterior_diff import COVARIANCES  # noqa: E402
@@ -157,11 +158,11 @@ def test_the_speed_choice_does_not_trade_one_task_for_another():
     assert speed.best_choice([slow], budget=60) is None
 
 
-def test_the_speed_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
+def test_the_result_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
     path, computed = tmp_path / "runs.json", []
-    speed.RunCache(path, {"size": 64}).get("a", lambda: computed.append(1) or {"psnr": 20.0})
-    assert speed.RunCache(path, {"size": 64}).get("a", lambda: computed.append(2) or {}) == {"psnr": 20.0}
-    assert speed.RunCache(path, {"size": 32}).get("a", lambda: computed.append(3) or {"psnr": 1.0}) == {"psnr": 1.0}
+    reporting.ResultCache(path, {"size": 64}).get("a", lambda: computed.append(1) or {"psnr": 20.0})
+    assert reporting.ResultCache(path, {"size": 64}).get("a", lambda: computed.append(2) or {}) == {"psnr": 20.0}
+    assert reporting.ResultCache(path, {"size": 32}).get("a", lambda: computed.append(3) or {"psnr": 1.0}) == {"psnr": 1.0}
     assert computed == [1, 3] and not path.with_suffix(".tmp").exists()
 
 
@@ -194,7 +195,7 @@ def test_training_curve_windows():
     assert training_curve.window_means(log[6:], 2)[0].first == 7  # windows start at the first logged step
 
 
-def test_training_curve_report_scores_every_snapshot(tmp_path):
+def test_training_curve_report_scores_every_snapshot_once(tmp_path, monkeypatch):
     from posterior_diff.models import DEFAULT_MODEL_DIR
     from posterior_diff.training import TrainingConfig, train
     from posterior_diff.training_data import VALIDATION_FILES
@@ -217,6 +218,10 @@ def test_training_curve_report_scores_every_snapshot(tmp_path):
     assert all(5 < value < 60 for value in column(scored, 5))  # PSNR in dB
     # the untrained tiny UNet predicts noise far worse than the shipped model
     assert float(scored[1][-1]) > 3 * float(scored[0][-1])
+    # a rerun takes every score from the cache beside the report: the same table, nothing restored
+    monkeypatch.setattr(training_curve, "validation_psnr", lambda *args: pytest.fail("scored again"))
+    training_curve.main(["--quick", "--runs", str(run), "--every", "2", "--out", str(out)])
+    assert tables["model | total steps | sr4"] == assert_numbers_are_finite(out.read_text())["model | total steps | sr4"]
 
 
 def test_ddrm_gets_an_exact_svd_or_a_clear_refusal():
