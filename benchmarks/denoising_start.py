@@ -15,6 +15,8 @@ four held-out photographs (shrunk by 2, centre crops of --size, sigma_y 0.1 as i
 
 eta < 1 makes the run from the one point alpha y more and more deterministic (eta = 0: every
 sample the same), which raises the PSNR of a small-N mean while its std stops meaning anything.
+One step at eta = 0 is Tweedie's formula at t*: D(alpha(t*) y, t*) = E[x | y] under the model,
+the posterior mean itself (not a sample), in one network forward.
 
     python -m benchmarks.denoising_start                      # about 5 min on one core
     python -m benchmarks.denoising_start --quick --out /tmp/denoising_start.md
@@ -38,7 +40,7 @@ from posterior_diff.metrics import calibrated_coverage, coverage_within_two_std
 from .peers import run_peer
 from .reporting import embedded_model, log_row, markdown_table, write_report
 
-STEPS = (5, 10, 20, 50)
+STEPS = (1, 5, 10, 20, 50)
 ETAS = (1.0, 0.5, 0.0)
 PRIOR_START = (("projection", 20), ("projection", 50), ("isotropic", 20), ("isotropic", 50))
 DDRM_STEPS = (20, 50)

@@ -141,6 +141,8 @@ def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path)
     assert "ours projection" in out.read_text().split("## 2.")[0].split("x bare forward")[-1]  # the counterpart verdicts
     assert [row[0] for row in tables["network dtype | bare forward s | x float32"]] == ["float32", "bfloat16", "float16"]
     assert len(tables["covariance | steps | sr4 (dB)"]) == len(COVARIANCES)
+    # restore samples denoising from the measurement, where the covariance plays no part: not in the choice
+    assert "denoise" not in out.read_text().split("## 3.")[1].split("\n| covariance")[1].split("\n")[0]
     assert (tmp_path / "speed.json").exists()
 
 
