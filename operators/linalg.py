@@ -6,6 +6,13 @@ step length and stopping test is taken per sample. A sample stops changing once 
 relative residual ||b - M v|| / ||b|| falls under `tol` (or its residual norm under `atol`);
 the loop stops when every sample has, or after `max_iter` iterations.
 
+A learned M (a network's Jacobian inside it) is only nearly symmetric and positive definite,
+and there CG's residual can grow by orders of magnitude instead of shrinking. The residual
+b - M v stays exact for any linear M, so the solve keeps, per sample, the iterate with the
+smallest residual norm met so far, returns that one, and stops a sample whose residual has
+grown past DIVERGENCE_FACTOR times its smallest: for a symmetric positive-definite M that is
+the last iterate but in rare bumps, and elsewhere never worse than the starting guess.
+
 A caller whose matrix-vector product passes through a cheaper linear map G on its way
 (M = sigma^2 I + A G, say) can have G v carried along: with `with_image=True` the matvec
 returns the pair (M v, G v), and the solve also returns G v for the solution v, accumulated
@@ -21,6 +28,9 @@ import torch
 from torch import Tensor
 
 MatVec = Callable[[Tensor], Tensor]
+# A residual norm this many times the smallest one met means the iteration diverges (CG's
+# residual on an ill-conditioned symmetric positive-definite system bumps up by tens, not thousands).
+DIVERGENCE_FACTOR = 1e3
 
 
 @dataclass
@@ -80,9 +90,10 @@ def conjugate_gradient(
         with_image: carry G v along (returned as `CGInfo.image`).
 
     Returns:
-        v of shape (B, *) and a CGInfo. A sample whose curvature p^T M p is not positive
-        (M not positive definite along p, possible for a learned Jacobian) stops where it is
-        rather than diverging.
+        v of shape (B, *), the iterate with the smallest residual norm, and a CGInfo. A sample
+        whose curvature p^T M p is not positive (M not positive definite along p, possible for
+        a learned Jacobian), or whose residual grows past DIVERGENCE_FACTOR times its smallest,
+        stops rather than diverging.
     """
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol}")
@@ -106,6 +117,7 @@ def conjugate_gradient(
         x = initial_guess.clone()
         m_x, image = product(x)
         residual, iterations = b - m_x, 1
+    best = _Best(x, residual, image)
     z = precond(residual)
     direction = z.clone()
     rz = batch_dot(residual, z)
@@ -120,11 +132,32 @@ def conjugate_gradient(
         if with_image:
             image = per_sample(step, g_dir) * g_dir + (0 if image is None else image)
         residual = residual - per_sample(step, x) * m_dir
+        active = active & best.update(x, residual, image)
         z = precond(residual)
         rz_new = batch_dot(residual, z)
         beta = torch.where(active, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), 0.0)
         direction = z + per_sample(beta, x) * direction
         rz = rz_new
         active = active & unfinished(residual)
-    relative = batch_dot(residual, residual).sqrt() / scale
-    return x, CGInfo(iterations=iterations, relative_residual=relative, image=image)
+    return best.x, CGInfo(iterations=iterations, relative_residual=best.norm / scale, image=best.image)
+
+
+class _Best:
+    """Per sample, the iterate v (and G v) with the smallest residual norm ||b - M v|| met so far."""
+
+    def __init__(self, x: Tensor, residual: Tensor, image: Tensor | None):
+        self.x, self.image = x, image
+        self.norm = batch_dot(residual, residual).sqrt()
+
+    def update(self, x: Tensor, residual: Tensor, image: Tensor | None) -> Tensor:
+        """Keep the new iterate where its residual is smaller; returns, per sample, whether the
+        iteration may go on (its residual under DIVERGENCE_FACTOR times the smallest), (B,) bool."""
+        norm = batch_dot(residual, residual).sqrt()
+        better = norm < self.norm
+        self.x = torch.where(per_sample(better, x), x, self.x)
+        if image is not None:  # a None image is that of v = 0: zeros
+            kept = torch.zeros_like(image) if self.image is None else self.image
+            self.image = torch.where(per_sample(better, image), image, kept)
+        self.norm = torch.minimum(norm, self.norm)
+        return norm <= DIVERGENCE_FACTOR * self.norm
+

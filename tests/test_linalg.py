@@ -64,6 +64,40 @@ def test_cg_carries_the_image_of_its_solution_and_stops_at_an_absolute_residual(
     assert bool((absolute.relative_residual * b.norm(dim=1) <= 0.1).all())
 
 
+def test_cg_on_a_nonsymmetric_matrix_returns_its_smallest_residual_not_a_diverged_iterate(generator):
+    """A learned Jacobian makes M only nearly symmetric: p^T M p stays positive, yet plain CG's
+    residual can grow by orders of magnitude. The solve hands back the iterate of smallest
+    residual, with its image."""
+    n = 40
+    basis, _ = torch.linalg.qr(torch.randn(2, n, n, generator=generator, dtype=torch.float64))
+    values = torch.linspace(1e-3, 10.0, n, dtype=torch.float64).expand(2, n)
+    skew = torch.randn(2, n, n, generator=generator, dtype=torch.float64)
+    # positive definite symmetric part, so the curvature test never fires; a large skew part
+    matrices = basis @ torch.diag_embed(values) @ basis.transpose(1, 2) + (skew - skew.transpose(1, 2))
+    b = torch.randn(2, n, generator=generator, dtype=torch.float64)
+
+    def product(u):
+        return (matrices @ u[..., None])[..., 0], 3.0 * u  # G = 3 I: the image must follow the iterate
+
+    def relative_residual(v):
+        return (b - product(v)[0]).norm(dim=1) / b.norm(dim=1)
+
+    v, info = conjugate_gradient(product, b, tol=1e-12, max_iter=30, with_image=True)
+    assert bool(torch.isfinite(v).all()) and torch.allclose(info.image, 3.0 * v)
+    assert torch.allclose(info.relative_residual, relative_residual(v), rtol=1e-6)
+    assert bool((relative_residual(v) <= 1).all())  # never worse than the zero start
+    # the unguarded recurrence on these systems runs far above where it began
+    x, r = torch.zeros_like(b), b.clone()
+    d, largest = r.clone(), torch.zeros(2, dtype=torch.float64)
+    for _ in range(30):
+        md = product(d)[0]
+        step = (r * r).sum(1, keepdim=True) / (d * md).sum(1, keepdim=True)
+        x, r_new = x + step * d, r - step * md
+        d, r = r_new + ((r_new * r_new).sum(1, keepdim=True) / (r * r).sum(1, keepdim=True)) * d, r_new
+        largest = torch.maximum(largest, relative_residual(x))
+    assert bool((largest > 10).all())
+
+
 def test_cg_rejects_bad_settings():
     with pytest.raises(ValueError, match="tol"):
         conjugate_gradient(lambda u: u, torch.ones(1, 2), tol=0)
