@@ -65,8 +65,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--steps", type=int, default=IMAGE_DEFAULTS.steps)
     parser.add_argument("--covariance", default=IMAGE_DEFAULTS.covariance,
-                        help=f"{IMAGE_DEFAULTS.covariance} (default: two minutes on 2 CPU cores), tweedie (more exact, "
-                             "about 4x the time per conjugate-gradient iteration), diagonal or zero")
+                        help=f"default {IMAGE_DEFAULTS.covariance} (docs/speed.md); also isotropic, diagonal, zero "
+                             "or projection (no network backward pass)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(out))
 

@@ -57,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--steps", type=int, default=IMAGE_DEFAULTS.steps,
                          help=f"sampler steps (default {IMAGE_DEFAULTS.steps})")
     restore.add_argument("--covariance", default=IMAGE_DEFAULTS.covariance,
-                         help=f"isotropic, tweedie (more exact, costs --cg-max-iter more network backward passes per "
-                              f"step), diagonal, zero, or projection (no backward pass) (default {IMAGE_DEFAULTS.covariance})")
+                         help="tweedie (costs up to --cg-max-iter network backward passes per step), isotropic or "
+                              "diagonal (one or two), zero, or projection (no backward pass) "
+                              f"(default {IMAGE_DEFAULTS.covariance}; docs/speed.md)")
     restore.add_argument("--cg-max-iter", type=int, default=IMAGE_DEFAULTS.cg_max_iter,
                          help=f"conjugate-gradient cap per step for tweedie (default {IMAGE_DEFAULTS.cg_max_iter})")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
