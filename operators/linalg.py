@@ -108,8 +108,8 @@ def conjugate_gradient(
     scale = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
     threshold = torch.clamp(tol * scale, min=atol)
 
-    def unfinished(residual: Tensor) -> Tensor:
-        return batch_dot(residual, residual).sqrt() > threshold
+    def norm_of(residual: Tensor) -> Tensor:
+        return batch_dot(residual, residual).sqrt()
 
     if initial_guess is None:
         x, residual, image, iterations = torch.zeros_like(b), b.clone(), None, 0
@@ -117,11 +117,12 @@ def conjugate_gradient(
         x = initial_guess.clone()
         m_x, image = product(x)
         residual, iterations = b - m_x, 1
-    best = _Best(x, residual, image)
+    residual_norm = norm_of(residual)  # one per iteration: the guard and the stopping test share it
+    best = _Best(x, residual_norm, image)
     z = precond(residual)
     direction = z.clone()
     rz = batch_dot(residual, z)
-    active = unfinished(residual)
+    active = residual_norm > threshold
     while bool(active.any()) and iterations < max_iter:
         m_dir, g_dir = product(direction)
         iterations += 1
@@ -132,27 +133,26 @@ def conjugate_gradient(
         if with_image:
             image = per_sample(step, g_dir) * g_dir + (0 if image is None else image)
         residual = residual - per_sample(step, x) * m_dir
-        active = active & best.update(x, residual, image)
+        residual_norm = norm_of(residual)
+        active = active & best.update(x, residual_norm, image)
         z = precond(residual)
         rz_new = batch_dot(residual, z)
         beta = torch.where(active, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)), 0.0)
         direction = z + per_sample(beta, x) * direction
         rz = rz_new
-        active = active & unfinished(residual)
+        active = active & (residual_norm > threshold)
     return best.x, CGInfo(iterations=iterations, relative_residual=best.norm / scale, image=best.image)
 
 
 class _Best:
     """Per sample, the iterate v (and G v) with the smallest residual norm ||b - M v|| met so far."""
 
-    def __init__(self, x: Tensor, residual: Tensor, image: Tensor | None):
-        self.x, self.image = x, image
-        self.norm = batch_dot(residual, residual).sqrt()
+    def __init__(self, x: Tensor, norm: Tensor, image: Tensor | None):
+        self.x, self.norm, self.image = x, norm, image
 
-    def update(self, x: Tensor, residual: Tensor, image: Tensor | None) -> Tensor:
-        """Keep the new iterate where its residual is smaller; returns, per sample, whether the
-        iteration may go on (its residual under DIVERGENCE_FACTOR times the smallest), (B,) bool."""
-        norm = batch_dot(residual, residual).sqrt()
+    def update(self, x: Tensor, norm: Tensor, image: Tensor | None) -> Tensor:
+        """Keep the new iterate where its residual norm `norm` (B,) is smaller; returns, per
+        sample, whether the iteration may go on (under DIVERGENCE_FACTOR times the smallest)."""
         better = norm < self.norm
         self.x = torch.where(per_sample(better, x), x, self.x)
         if image is not None:  # a None image is that of v = 0: zeros
