@@ -341,7 +341,9 @@ def report(args, cost, precision, rows, summary, choices, best, minutes: float) 
         "### Network precision\n\n" + precision_table,
         f"## 2. Posterior-mean PSNR against seconds\n\n{len(args.images)} held-out photographs "
         f"({', '.join(args.images)}), shrunk by {args.downscale:g}, centre crops of {args.size}x{args.size}, "
-        f"{args.samples} samples, mean over the images, {args.threads} thread(s) per run; deepinv's methods with the "
+        f"{args.samples} samples, mean over the images, {args.threads} thread(s) per run; ours tweedie with restore's "
+        f"CG cap ({IMAGE_DEFAULTS.cg_max_iter}) and {'warm' if IMAGE_DEFAULTS.warm_start else 'cold'} start "
+        "(posterior_diff.defaults); deepinv's methods with the "
         "same model and NFE. DDRM needs an SVD of A: it runs on denoising and inpainting, not on SR x4 at this size.\n\n"
         + "\n\n".join(quality_sections),
         "## 3. The choice of image defaults\n\nOn the guided tasks: restore's defaults sample denoising from the "

@@ -178,7 +178,8 @@ class AveragedLikelihoodGuidance(Denoiser):
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
         cg_noise_tol, warm_start: as in `GuidanceSettings`.
 
-    Counters `forward_count` and `vjp_count` record the network work done.
+    Counters `forward_count` and `vjp_count` record the network work done; `cg_iterations` and
+    `cg_residuals` (per sample, ||r - C u|| / ||r||) each Tweedie solve's.
     """
 
     def __init__(
@@ -218,6 +219,8 @@ class AveragedLikelihoodGuidance(Denoiser):
         self.forward_count = 0
         self.vjp_count = 0
         self.cg_iterations: list[int] = []
+        # per solve, each sample's ||r - C u|| / ||r|| (B,), kept on the device: no sync per step
+        self.cg_residuals: list[Tensor] = []
         self._warm_start: WarmStart | None = None
 
     @property
@@ -393,5 +396,6 @@ class AveragedLikelihoodGuidance(Denoiser):
         if warm:
             self._warm_start = WarmStart(residual.shape, float(t[0]), solution, isotropic)
         self.cg_iterations.append(info.iterations)
+        self.cg_residuals.append(info.relative_residual.detach())
         # info.image is None only if CG made no product (the zero guess was good enough): the caller's VJP then.
         return solution, None, info.image

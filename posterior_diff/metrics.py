@@ -127,13 +127,15 @@ def coverage_within_two_std(mean: Tensor, std: Tensor, truth: Tensor) -> float:
     return float(((mean - truth).abs() <= 2 * std).double().mean())
 
 
-def calibrated_coverage(num_samples: int) -> float:
+def calibrated_coverage(num_samples: int, exact_mean: bool = False) -> float:
     """The coverage within 2 std that exact Gaussian posterior samples reach when mean and std come from N draws.
 
     truth - mean ~ N(0, s^2 (1 + 1/N)) and the sample std has N - 1 degrees of freedom, so the
     ratio is Student t: P(|T_{N-1}| <= 2 / sqrt(1 + 1/N)); 0.954 only as N grows.
+    `exact_mean`: the mean is the posterior mean itself (restore's mean from a measurement
+    start), so truth - mean ~ N(0, s^2) and the coverage is P(|T_{N-1}| <= 2).
     """
     if num_samples < 2:
         raise ValueError(f"a sample std needs at least 2 samples, got {num_samples}")
-    bound = 2 / math.sqrt(1 + 1 / num_samples)
+    bound = 2.0 if exact_mean else 2 / math.sqrt(1 + 1 / num_samples)
     return float(2 * stats.t.cdf(bound, df=num_samples - 1) - 1)

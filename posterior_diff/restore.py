@@ -27,13 +27,14 @@ sigma_y in [0, 1] and return images in [0, 1], clamped; the conversion to the mo
 range ([-1, 1] or [0, 1]) happens in `posterior_diff.images`, and nowhere else. Analytic priors (Gaussian,
 mixture) have no image range: y and the samples stay in the prior's own units.
 
-Defaults: steps, covariance and the CG cap left as None come from `defaults.defaults_for(model)`
+Defaults: steps, covariance, the CG cap and the warm start left as None come from `defaults.defaults_for(model)`
 (exact settings for analytic priors, faster ones for image models; see `posterior_diff.defaults`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,11 @@ class Restoration:
 
     Attributes:
         samples: posterior samples, shape (num_samples, *x_shape).
-        mean: their mean, shape x_shape (the posterior-mean estimate; in particle mode the
-            weighted mean of the whole cloud).
+        mean: the posterior-mean estimate, shape x_shape: the samples' mean; in particle mode
+            the weighted mean of the whole cloud; from a measurement start (denoising) the
+            model's posterior mean itself, Tweedie's E[x | y] = D(alpha(t*) y, t*) in one more
+            network forward, free of the sampling noise of an N-sample average (the samples'
+            own mean is `samples.mean(0)`).
         std: their standard deviation per entry, shape x_shape (zeros for one sample; in
             particle mode the weighted standard deviation of the cloud).
         nfe: network forward calls, each on a batch of samples (or a chunk of particles):
@@ -158,13 +162,15 @@ class Problem:
 @dataclass
 class Draws:
     """One measurement's samples in the model's units and the work of the runs that drew them
-    (`cloud`: the particle run's result in particle mode)."""
+    (`cloud`: the particle run's result in particle mode; `mean`: the exact posterior mean where
+    there is one, see `measurement_means`)."""
 
     samples: Tensor
     nfe: int
     vjps: int
     seconds: float
     cloud: ParticleResult | None = None
+    mean: Tensor | None = None
 
 
 def restore(
@@ -185,7 +191,7 @@ def restore(
     cg_tol: float = 1e-3,
     cg_max_iter: int | None = None,
     cg_noise_tol: float = 0.1,
-    warm_start: bool = True,
+    warm_start: bool | None = None,
     batch_size: int | None = None,
     particles: int | None = None,
     ess_threshold: float = 0.5,
@@ -221,7 +227,8 @@ def restore(
         cg_tol, cg_max_iter, cg_noise_tol: stopping rule of the Tweedie conjugate gradient: a
             relative residual, a cap (None: the model's default), and a residual norm in units
             of the noise's norm sigma_y sqrt(m); it stops at whichever comes first.
-        warm_start: start each step's Tweedie solve from the previous step's solution.
+        warm_start: start each step's Tweedie solve from the previous step's solution (None:
+            the model's default; off for image models, see `posterior_diff.defaults`).
         batch_size: samples drawn per sampler run (all at once by default); in particle mode,
             particles denoised per network call.
         particles: K > 0 runs twisted sequential Monte Carlo with K particles (particle mode,
@@ -236,7 +243,8 @@ def restore(
             identity, `is_identity`, with sigma_y > 0) y = x + sigma_y n is itself the forward
             process at the time t* where sigma / alpha = sigma_y, so p(x | y) = p(x_0 | x_t* =
             alpha y): the run starts there from alpha(t*) y and needs no guidance (no VJP, any
-            covariance; exact with eta=1, the `steps` spread from t* down). "auto" (default):
+            covariance; exact with eta=1, the `steps` spread from t* down), and the mean it
+            returns is the exact E[x | y] (see `Restoration.mean`). "auto" (default):
             "measurement" where it applies (identity operator, sigma_y below the schedule's
             largest noise ratio, not particle mode), else "prior".
 
@@ -273,7 +281,7 @@ def restore_batch(
     cg_tol: float = 1e-3,
     cg_max_iter: int | None = None,
     cg_noise_tol: float = 0.1,
-    warm_start: bool = True,
+    warm_start: bool | None = None,
     batch_size: int | None = None,
     particles: int | None = None,
     ess_threshold: float = 0.5,
@@ -486,13 +494,14 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
                    cg_max_iter, cg_noise_tol, warm_start, batch_size, particles, ess_threshold,
                    proposal, start="prior") -> RestoreSettings:
     """The frozen settings of a call (each dataclass checks its own fields once); steps,
-    covariance and the CG cap left as None come from the model's defaults."""
+    covariance, the CG cap and the warm start left as None come from the model's defaults."""
     defaults = defaults_for(problem.model)
     start = resolve_start(problem, start, particles)
     s_max = measurement_ratio(problem) if start == "measurement" else None
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
     guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
-                                defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol, warm_start)
+                                defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol,
+                                defaults.warm_start if warm_start is None else warm_start)
     batch_size = None if batch_size is None else positive_int(batch_size, "batch_size")
     particle_settings = None if particles is None else check_particle_settings(
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
@@ -705,7 +714,35 @@ def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: G
             nfe[segment.item] += run_nfe
             vjps[segment.item] += run_vjps
             seconds[segment.item] += run_seconds
-    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i]) for i in range(problem.count)]
+    draws = [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i]) for i in range(problem.count)]
+    if settings.start == "measurement":
+        draws = measurement_means(problem, settings, draws, device)
+    return draws
+
+
+def measurement_means(problem: Problem, settings: RestoreSettings, draws: list[Draws],
+                      device: torch.device) -> list[Draws]:
+    """`draws` with each measurement's exact posterior mean, for a measurement start.
+
+    y is the forward process at t* (sigma / alpha = sigma_y), so p(x | y) = p(x_0 | x_t* = alpha y)
+    and its mean is Tweedie's D(alpha(t*) y, t*): a one-step run from y, whose only network
+    call is that denoising (batches of at most `batch_size` measurements; one NFE and its
+    seconds added to each measurement's work), unless the sampler's run was that step already."""
+    if settings.sampler.steps == 1:  # the run was that one denoising: every sample is the mean already
+        return [dataclasses.replace(item, mean=item.samples[0]) for item in draws]
+    one_step = dataclasses.replace(settings.sampler, steps=1)
+    chunk = settings.batch_size or problem.count
+    updated = []
+    for first in range(0, problem.count, chunk):
+        measurements = torch.stack(problem.measurements[first:first + chunk])
+        began = time.perf_counter()
+        means, nfe = run_sampler(problem.model, tuple(measurements.shape), one_step, device=device,
+                                 dtype=problem.model.sampling_dtype(), start=measurements)
+        synchronize(device)
+        seconds = time.perf_counter() - began
+        for item, mean in zip(draws[first:first + chunk], means):
+            updated.append(dataclasses.replace(item, mean=mean, nfe=item.nfe + nfe, seconds=item.seconds + seconds))
+    return updated
 
 
 def sample_particles(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
@@ -726,7 +763,8 @@ def sample_particles(problem: Problem, settings: RestoreSettings, generators: Ge
 
 # -- 4. summarise -----------------------------------------------------------------------------
 def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Restoration:
-    """One measurement's Restoration in the caller's units: plain samples' mean and std, or in
+    """One measurement's Restoration in the caller's units: plain samples' mean (or the exact
+    posterior mean of a measurement start) and std, or in
     particle mode those of the whole weighted cloud (the SMC estimates, free of the extra noise
     of drawing `num_samples` from it)."""
 
@@ -737,7 +775,8 @@ def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Rest
     cloud = draws.cloud
     if cloud is None:
         std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
-        return Restoration(samples, samples.mean(dim=0), std, draws.nfe, draws.vjps, draws.seconds, settings)
+        mean = samples.mean(dim=0) if draws.mean is None else to_output(draws.mean)
+        return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings)
     particles = to_output(cloud.particles)
     weights = cloud.weights.reshape(-1, *[1] * (particles.dim() - 1))
     mean = (weights * particles).sum(0)

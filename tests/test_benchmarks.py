@@ -16,7 +16,8 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks, speed, training_curve  # noqa: E402
+from benchmarks import (denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks,  # noqa: E402
+                        speed, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
@@ -186,8 +187,20 @@ def test_denoising_start_report(tmp_path):
     rows = assert_numbers_are_finite(out.read_text())["method | start | eta"]
     from_y = {row[2]: row for row in rows if row[1] == "measurement"}
     assert set(from_y) == {"1", "0.5", "0"} and all(row[5] == "0" for row in from_y.values())  # no VJP
-    assert float(from_y["0"][8]) == 0 and float(from_y["1"][8]) > 0  # eta 0 from one point: every sample the same
+    assert float(from_y["0"][9]) == 0 and float(from_y["1"][9]) > 0  # eta 0 from one point: every sample the same
+    assert len({row[7] for row in from_y.values()}) == 1  # restore's mean from y: Tweedie's E[x | y] whatever eta
     assert {row[0] for row in rows} == {"ours", "ours projection", "deepinv ddrm"}
+
+
+def test_warm_start_report(tmp_path):
+    out = tmp_path / "warm_start.md"
+    warm_start.main(["--quick", "--out", str(out)])
+    tables = assert_numbers_are_finite(out.read_text())
+    runs = tables["task | steps | warm PSNR"]
+    assert {(row[0], row[1]) for row in runs} == {(task, steps) for task in ("sr4", "random") for steps in ("3", "6")}
+    solves = tables["steps | warm: residual > 1 | cold: residual > 1"]
+    assert all(0 <= float(cell) <= 1 for row in solves for cell in row[1:3])
+    assert (tmp_path / "warm_start.json").exists()  # the cache: a rerun picks up where it stopped
 
 
 def test_training_curve_windows():

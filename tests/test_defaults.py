@@ -17,9 +17,12 @@ def test_image_models_and_analytic_priors_get_their_own_defaults(pipeline_folder
     assert result.settings.sampler.steps == IMAGE_DEFAULTS.steps == result.nfe
     assert result.settings.guidance.covariance == IMAGE_DEFAULTS.covariance
     assert result.settings.guidance.cg_max_iter == IMAGE_DEFAULTS.cg_max_iter
+    assert result.settings.guidance.warm_start is IMAGE_DEFAULTS.warm_start is False  # docs/speed.md
     exact = restore(torch.zeros(1, 2, 2, dtype=torch.float64), SuperResolution(2, 0.1), prior)
     assert exact.settings.sampler.steps == EXACT_DEFAULTS.steps == exact.nfe
     assert exact.settings.guidance.covariance == EXACT_DEFAULTS.covariance
+    assert exact.settings.guidance.warm_start is EXACT_DEFAULTS.warm_start is True
+    assert restore(low, SuperResolution(2, 0.05), image_model, steps=2, warm_start=True).settings.guidance.warm_start
 
 
 def test_the_command_line_and_the_pipeline_read_the_same_defaults(pipeline_folder):

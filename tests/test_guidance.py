@@ -99,6 +99,8 @@ def test_one_network_forward_per_call_whatever_the_cg_iterations(generator):
     assert guided.cg_iterations[0] > 3  # a real iterative solve, not a fixed handful
     # The gradient J^T A^T C^{-1} r is accumulated from the CG products: no VJP beyond them.
     assert guided.vjp_count == guided.cg_iterations[0]
+    # each solve's per-sample relative residual is kept, and it met the tolerance asked for
+    assert guided.cg_residuals[0].shape == (2,) and bool((guided.cg_residuals[0] <= 1e-8).all())
 
 
 def test_cg_iterations_adapt_to_the_tolerance(generator):

@@ -68,6 +68,10 @@ def test_calibrated_coverage_is_what_exact_samples_reach():
         truth, samples = draws[0], draws[1:]
         measured = coverage_within_two_std(samples.mean(0), samples.std(0), truth)
         assert measured == pytest.approx(calibrated_coverage(num_samples), abs=0.01)
+        # With the exact posterior mean (0) in place of the sample mean the coverage is higher.
+        measured = coverage_within_two_std(torch.zeros(20000, dtype=DOUBLE), samples.std(0), truth)
+        assert measured == pytest.approx(calibrated_coverage(num_samples, exact_mean=True), abs=0.01)
+        assert calibrated_coverage(num_samples, exact_mean=True) > calibrated_coverage(num_samples) + 0.005
     assert calibrated_coverage(10_000) == pytest.approx(0.9545, abs=1e-3)
     with pytest.raises(ValueError, match="at least 2"):
         calibrated_coverage(1)
