@@ -29,7 +29,7 @@ $(VENV)/.benchmark-installed: $(VENV)/.installed
 
 # Every benchmark (`python -m benchmarks.NAME` from the repository root), each writing its
 # report (and figures) under docs/: about two and a half hours on 2 CPU cores.
-BENCHMARKS := gaussian_exactness run_benchmarks image_restoration particle_mode training_curve speed denoising_start
+BENCHMARKS := gaussian_exactness run_benchmarks image_restoration particle_mode training_curve speed denoising_start warm_start
 QUICK_OUT := /tmp/posterior-diff-benchmarks
 
 benchmark: $(VENV)/.benchmark-installed
@@ -40,6 +40,7 @@ benchmark: $(VENV)/.benchmark-installed
 	$(BIN)/python -m benchmarks.training_curve
 	$(BIN)/python -m benchmarks.speed
 	$(BIN)/python -m benchmarks.denoising_start
+	$(BIN)/python -m benchmarks.warm_start
 
 # A smoke run of every benchmark: each one's --quick mode, reports under $(QUICK_OUT).
 benchmark-quick: $(VENV)/.benchmark-installed
