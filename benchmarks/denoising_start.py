@@ -10,7 +10,7 @@ four held-out photographs (shrunk by 2, centre crops of --size, sigma_y 0.1 as i
 
 - samples' mean PSNR: of the mean of the samples, averaged over the images;
 - restore's mean PSNR: of `Restoration.mean`, which from the measurement is Tweedie's
-  E[x | y] = D(alpha(t*) y, t*) itself (one more forward, whatever eta and steps), elsewhere the
+  E[x | y] = D(alpha(t*) y, t*) itself (the run's first forward, whatever eta and steps), elsewhere the
   samples' mean;
 - cover 2 std: the fraction of pixels with |samples' mean - truth| <= 2 std, against what exact
   posterior samples reach at this N (`metrics.calibrated_coverage`): below it the samples are too alike;

@@ -304,7 +304,7 @@ def introduction(args: argparse.Namespace) -> str:
         f"|mean - truth| <= 2 std, `avg std` the average posterior std; calibrated posterior samples reach a coverage of "
         f"{calibrated_coverage(args.samples):.3f} with {args.samples} samples (Student t with {args.samples - 1} degrees "
         "of freedom; 0.954 only for many samples); for denoising, sampled from y, restore's mean is the exact "
-        f"posterior mean (Tweedie's E[x | y], one more forward) and calibrated samples reach "
+        f"posterior mean (Tweedie's E[x | y], the run's first forward) and calibrated samples reach "
         f"{calibrated_coverage(args.samples, exact_mean=True):.3f}. NFE = denoiser evaluations and VJPs = vector-Jacobian products per "
         "run (on the batch of samples), s = seconds of sampling per run. \"diverged\" = the sampler raised "
         f"NonFiniteSampleError or returned non-finite samples or samples beyond {DIVERGENCE_BOUND:g} "

@@ -34,7 +34,6 @@ Defaults: steps, covariance, the CG cap and the warm start left as None come fro
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +93,9 @@ class Restoration:
         samples: posterior samples, shape (num_samples, *x_shape).
         mean: the posterior-mean estimate, shape x_shape: the samples' mean; in particle mode
             the weighted mean of the whole cloud; from a measurement start (denoising) the
-            model's posterior mean itself, Tweedie's E[x | y] = D(alpha(t*) y, t*) in one more
-            network forward, free of the sampling noise of an N-sample average (the samples'
-            own mean is `samples.mean(0)`).
+            model's posterior mean itself, Tweedie's E[x | y] = D(alpha(t*) y, t*), the run's
+            first forward (no extra one), free of the sampling noise of an N-sample average (the
+            samples' own mean is `samples.mean(0)`).
         std: their standard deviation per entry, shape x_shape (zeros for one sample; in
             particle mode the weighted standard deviation of the cloud).
         nfe: network forward calls, each on a batch of samples (or a chunk of particles):
@@ -163,7 +162,7 @@ class Problem:
 class Draws:
     """One measurement's samples in the model's units and the work of the runs that drew them
     (`cloud`: the particle run's result in particle mode; `mean`: the exact posterior mean where
-    there is one, see `measurement_means`)."""
+    there is one, see `FirstDenoising`)."""
 
     samples: Tensor
     nfe: int
@@ -678,15 +677,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], generators: Generators,
-               device: torch.device, progress) -> tuple[Tensor, int, int, float]:
-    """One sampler run over the rows of `segments`: (samples in model units, NFE, VJPs, seconds).
-    Row k is guided by its own measurement and measured by its own operator (stacked where the
-    segments' operators differ)."""
+               device: torch.device, progress) -> tuple[Tensor, int, int, float, Tensor | None]:
+    """One sampler run over the rows of `segments`: (samples in model units, NFE, VJPs, seconds,
+    and for a measurement start each row's exact posterior mean, else None). Row k is guided by
+    its own measurement and measured by its own operator (stacked where the segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
     measurements = run_measurements(problem, segments)
     if settings.start == "measurement":
         # y = x_0 + sigma_y n is the forward process at ratio sigma_y (x_t* / alpha = y): unguided from there.
-        denoiser, start = problem.model, measurements
+        denoiser, start = FirstDenoising(problem.model), measurements
     else:
         operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
         denoiser, start = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements,
@@ -696,7 +695,33 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
                                        generator=run_noise(segments, generators), device=device,
                                        dtype=problem.model.sampling_dtype(), progress=progress, start=start)
     synchronize(device)
-    return samples, evaluations, getattr(denoiser, "vjp_count", 0), time.perf_counter() - began
+    first = denoiser.first if isinstance(denoiser, FirstDenoising) else None
+    return samples, evaluations, getattr(denoiser, "vjp_count", 0), time.perf_counter() - began, first
+
+
+class FirstDenoising(Denoiser):
+    """A denoiser that keeps its first output. From a measurement start every row begins at
+    alpha(t*) y, so the run's first call is Tweedie's D(alpha(t*) y, t*) = E[x | y] for each row's
+    measurement: the exact posterior mean, from a forward the sampler makes anyway."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+        self.schedule, self.x_shape, self.data_range, self.channels = (
+            denoiser.schedule, denoiser.x_shape, denoiser.data_range, denoiser.channels)
+        self.first: Tensor | None = None
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        denoised = self.denoiser(x_t, t)
+        if self.first is None:
+            self.first = denoised.detach()
+        return denoised
+
+    def sampling_dtype(self) -> torch.dtype:
+        return self.denoiser.sampling_dtype()
+
+    def reference_tensor(self) -> Tensor | None:
+        return self.denoiser.reference_tensor()
 
 
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
@@ -706,43 +731,20 @@ def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: G
     runs = plan_runs(problem.count, settings.num_samples, settings.batch_size, isinstance(generators, tuple))
     chunks: list[list[Tensor]] = [[] for _ in range(problem.count)]
     nfe, vjps, seconds = [0] * problem.count, [0] * problem.count, [0.0] * problem.count
+    means: dict[int, Tensor] = {}  # the exact posterior means of a measurement start
     for segments in runs:
-        samples, run_nfe, run_vjps, run_seconds = sample_run(problem, settings, segments, generators, device, progress)
+        samples, run_nfe, run_vjps, run_seconds, first = sample_run(problem, settings, segments, generators, device,
+                                                                    progress)
+        rows = [s.rows for s in segments]
         # A run holds at most one segment of each measurement (see plan_runs): its work counts once.
-        for segment, part in zip(segments, samples.split([s.rows for s in segments])):
+        for index, (segment, part) in enumerate(zip(segments, samples.split(rows))):
+            if first is not None:
+                means[segment.item] = first.split(rows)[index][0]
             chunks[segment.item].append(part)
             nfe[segment.item] += run_nfe
             vjps[segment.item] += run_vjps
             seconds[segment.item] += run_seconds
-    draws = [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i]) for i in range(problem.count)]
-    if settings.start == "measurement":
-        draws = measurement_means(problem, settings, draws, device)
-    return draws
-
-
-def measurement_means(problem: Problem, settings: RestoreSettings, draws: list[Draws],
-                      device: torch.device) -> list[Draws]:
-    """`draws` with each measurement's exact posterior mean, for a measurement start.
-
-    y is the forward process at t* (sigma / alpha = sigma_y), so p(x | y) = p(x_0 | x_t* = alpha y)
-    and its mean is Tweedie's D(alpha(t*) y, t*): a one-step run from y, whose only network
-    call is that denoising (batches of at most `batch_size` measurements; one NFE and its
-    seconds added to each measurement's work), unless the sampler's run was that step already."""
-    if settings.sampler.steps == 1:  # the run was that one denoising: every sample is the mean already
-        return [dataclasses.replace(item, mean=item.samples[0]) for item in draws]
-    one_step = dataclasses.replace(settings.sampler, steps=1)
-    chunk = settings.batch_size or problem.count
-    updated = []
-    for first in range(0, problem.count, chunk):
-        measurements = torch.stack(problem.measurements[first:first + chunk])
-        began = time.perf_counter()
-        means, nfe = run_sampler(problem.model, tuple(measurements.shape), one_step, device=device,
-                                 dtype=problem.model.sampling_dtype(), start=measurements)
-        synchronize(device)
-        seconds = time.perf_counter() - began
-        for item, mean in zip(draws[first:first + chunk], means):
-            updated.append(dataclasses.replace(item, mean=mean, nfe=item.nfe + nfe, seconds=item.seconds + seconds))
-    return updated
+    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i], mean=means.get(i)) for i in range(problem.count)]
 
 
 def sample_particles(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
