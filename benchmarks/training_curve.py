@@ -116,7 +116,15 @@ def package_photographs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     from posterior_diff.training_data import as_tensors, gather_photographs, split_validation
 
     training, validation = split_validation(gather_photographs(install=False))
-    return as_tensors(training), [_shrunk(match_channels(image.float() / 127.5 - 1, 3)) for image in as_tensors(validation)]
+    return as_tensors(training), validation_tensors(validation)
+
+
+def validation_tensors(photographs) -> list[torch.Tensor]:
+    """Validation photographs (training_data.Photograph) as float (3, H, W) in [-1, 1], shrunk
+    (antialiased) to a SHORT_SIDE short side."""
+    from posterior_diff.training_data import as_tensors
+
+    return [_shrunk(match_channels(image.float() / 127.5 - 1, 3)) for image in as_tensors(photographs)]
 
 
 def _shrunk(image: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ names the row and may mix labels and numbers, as "50, 150, ..., mean"), and no c
 or inf.
 """
 
+from dataclasses import replace
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks,  # noqa: E402
+from benchmarks import (data_size, denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks,  # noqa: E402
                         speed, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
@@ -237,6 +238,77 @@ def test_training_curve_report_scores_every_snapshot_once(tmp_path, monkeypatch)
     monkeypatch.setattr(training_curve, "validation_psnr", lambda *args: pytest.fail("scored again"))
     training_curve.main(["--quick", "--runs", str(run), "--every", "2", "--out", str(out)])
     assert tables["model | total steps | sr4"] == assert_numbers_are_finite(out.read_text())["model | total steps | sr4"]
+
+
+def fake_photograph(file: str, side: int, seed: int):
+    """A training_data.Photograph of random RGB pixels, side x side."""
+    import numpy as np
+    from PIL import Image
+
+    from posterior_diff.training_data import Photograph
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return Photograph("test", file, "0" * 64, Image.fromarray(pixels))
+
+
+def tiny_run(folder: Path, photographs, **changes) -> Path:
+    """A 4-step tiny training run on `photographs`, with the training_data.json the script writes."""
+    from posterior_diff.training import TrainingConfig, train
+    from posterior_diff.training_data import as_tensors, records
+
+    settings = dict(steps=4, batch_size=2, crop_size=8, block_out_channels=(8, 16), checkpoint_every=2, warmup_steps=1)
+    run = train([image.float() / 127.5 - 1 for image in as_tensors(photographs)], folder,
+                TrainingConfig(**(settings | changes)), progress=False, snapshot_every=2)
+    (run / "training_data.json").write_text(json.dumps({"sources": folder.name, "photographs": records(photographs)}))
+    return run
+
+
+def test_data_size_report_rows_by_data_and_a_slope_per_doubling(tmp_path, monkeypatch):
+    from posterior_diff.training_data import VALIDATION_FILES
+
+    photographs = [fake_photograph(f"photo{i}", 64, seed=i) for i in range(3)]
+    validation = fake_photograph(VALIDATION_FILES[0], 300, seed=9)
+    monkeypatch.setattr(data_size, "installed_photographs", lambda: [*photographs, validation])
+    large = tiny_run(tmp_path / "large", photographs)
+    small = tiny_run(tmp_path / "small", photographs[:1])
+    out = tmp_path / "data_size.md"
+    data_size.main(["--quick", "--runs", str(large), str(small), "--every", "2", "--out", str(out)])
+    tables = assert_numbers_are_finite(out.read_text())
+    rows = tables["run | sources | photographs"]
+    # ordered by data, then steps; megapixels from the recorded sizes (64 x 64 each)
+    assert [(row[0], row[2], row[3], row[4]) for row in rows] == [
+        ("small", "1", "0.0", "2"), ("small", "1", "0.0", "4"), ("large", "3", "0.0", "2"), ("large", "3", "0.0", "4")]
+    assert all(float(row[-1]) > 0 for row in rows)  # validation / own-training DSM ratio
+    assert [row[0] for row in tables["task | dB per doubling, all runs | dB per doubling, two largest"]] == [*training_curve.VALIDATION_TASKS, "mean"]
+    assert (tmp_path / "data_size.json").exists()  # the cache: a rerun scores nothing again
+
+
+def test_data_size_refuses_runs_that_differ_in_more_than_data(tmp_path, monkeypatch):
+    photographs = [fake_photograph(f"photo{i}", 64, seed=i) for i in range(2)]
+    first = data_size.run_data(tiny_run(tmp_path / "first", photographs))
+    longer = data_size.run_data(tiny_run(tmp_path / "longer", photographs[:1], steps=6))
+    with pytest.raises(ValueError, match="longer differs from first in steps"):
+        data_size.comparable_config([first, longer])
+    continued = replace(first, config=replace(first.config, init_from="posterior_diff/default_model"))
+    with pytest.raises(ValueError, match="trained from scratch"):
+        data_size.comparable_config([continued, first])
+    from posterior_diff.training_data import VALIDATION_FILES
+    peeking = replace(first, files=first.files | {("mate-backgrounds", VALIDATION_FILES[0])})
+    with pytest.raises(ValueError, match="validation photographs"):
+        data_size.comparable_config([first, peeking])
+    with pytest.raises(FileNotFoundError, match="not a training run folder"):
+        data_size.run_data(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not installed here"):
+        data_size.training_photographs(first, photographs[:1])
+    with pytest.raises(SystemExit):
+        data_size.parse_args(["--runs", str(tmp_path / "first")])  # one run is no curve
+
+
+def test_doubling_slope_is_the_change_per_doubling():
+    megapixels = [6.0, 42.0, 196.0]
+    assert data_size.doubling_slope(megapixels, [3 + 0.25 * math.log2(m) for m in megapixels]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="different amounts of data"):
+        data_size.doubling_slope([5.0, 5.0], [1.0, 2.0])
 
 
 def test_ddrm_gets_an_exact_svd_or_a_clear_refusal():
