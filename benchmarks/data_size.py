@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,8 @@ from posterior_diff.training import CHECKPOINT, TrainingConfig, load_checkpoint
 from posterior_diff.training_data import VALIDATION_FILES, as_tensors, gather_photographs, split_validation
 
 from .reporting import ResultCache, markdown_table, write_report
-from .training_curve import (DETAIL_TIMESTEPS, VALIDATION_TASKS, Model, centre_crops, dsm_loss, random_crops,
-                             snapshot_models, validation_psnr, validation_tensors)
+from .training_curve import (DETAIL_TIMESTEPS, VALIDATION_TASKS, Model, add_scoring_options, centre_crops, dsm_loss,
+                             random_crops, scoring_defaults, snapshot_models, validation_psnr, validation_tensors)
 
 TRAINING_DATA = "training_data.json"
 TARGET_GAINS = (0.5, 1.0)  # dB: the extrapolated data for these gains over the largest run is reported
@@ -49,15 +48,22 @@ MAX_DOUBLINGS = 30  # beyond a billion-fold more data an extrapolation says noth
 
 @dataclass(frozen=True)
 class RunData:
-    """What one run trained on: its folder's name, the `--sources` it was given, its photographs'
-    (package, file) pairs, their number and megapixels, and its training configuration."""
+    """What one run trained on: its folder, the `--sources` it was given, its photographs'
+    (package, file) pairs and their megapixels, and its training configuration."""
 
-    name: str
+    folder: Path
     sources: str
     files: frozenset[tuple[str, str]]
-    photographs: int
     megapixels: float
     config: TrainingConfig
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def photographs(self) -> int:
+        return len(self.files)
 
 
 def run_data(run: Path) -> RunData:
@@ -69,7 +75,7 @@ def run_data(run: Path) -> RunData:
     config = TrainingConfig(**load_checkpoint(run / CHECKPOINT)["config"])
     files = frozenset((p["package"], p["file"]) for p in record["photographs"])
     megapixels = sum(p["size"][0] * p["size"][1] for p in record["photographs"]) / 1e6
-    return RunData(run.name, record["sources"], files, len(files), megapixels, config)
+    return RunData(run, record["sources"], files, megapixels, config)
 
 
 def comparable_config(runs: list[RunData]) -> TrainingConfig:
@@ -166,21 +172,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True,
                         help="run folders trained from scratch on different --sources, otherwise alike")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: few crops, 1 validation image, 2 steps")
-    parser.add_argument("--every", type=int, default=1000, help="score the snapshots at multiples of this many steps")
-    parser.add_argument("--crops", type=int, help="random 32x32 crops per photograph group (default 512; 4 with --quick)")
-    parser.add_argument("--steps", type=int, help="sampler steps of the validation restorations (default 20)")
-    parser.add_argument("--samples", type=int, default=2, help="posterior samples per validation restoration")
-    parser.add_argument("--size", type=int, default=64, help="side of the validation crops, pixels")
+    add_scoring_options(parser)
     parser.add_argument("--out", type=Path, default=Path("docs/data_size.md"))
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("--runs: a data-size curve needs at least two runs")
     args.cache = args.out.with_suffix(".json")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.crops = args.crops or (4 if args.quick else 512)
-    args.steps = args.steps or (2 if args.quick else 20)
-    return args
+    return scoring_defaults(args, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +187,6 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     runs = sorted((run_data(path) for path in args.runs), key=lambda run: run.megapixels)
     config = comparable_config(runs)
-    folders = {path.name: path for path in args.runs}
     photographs = installed_photographs()
     validation = validation_tensors(split_validation(photographs)[1])[: 1 if args.quick else None]
     if not validation:
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
         own_crops = random_crops(training_photographs(run, photographs), args.crops, 32, seed=0,
                                  scale_range=tuple(config.scale_range))
-        models = snapshot_models(folders[run.name], args.every)
+        models = snapshot_models(run.folder, args.every)
         scores = [cache.get(m.identity, lambda m=m: score(m, own_crops, validation_crops, truths, args)) for m in models]
         rows += run_rows(run, models, scores)
         finals.append(scores[-1])

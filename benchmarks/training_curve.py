@@ -242,26 +242,36 @@ def validation_rows(models: list[Model], truths: list[torch.Tensor], detail_crop
 # -- command line ------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """The options of how snapshots are scored, shared with benchmarks.data_size (see scoring_defaults)."""
     parser.add_argument("--quick", action="store_true", help="a smoke run: few crops, 1 validation image, 2 steps")
-    parser.add_argument("--runs", type=Path, nargs="*", default=[],
-                        help="training run folders (scripts/train_default_model.py --out, with --snapshot-every)")
     parser.add_argument("--every", type=int, default=1000, help="score the snapshots at multiples of this many steps")
     parser.add_argument("--crops", type=int, help="random 32x32 crops per photograph group (default 512; 4 with --quick)")
     parser.add_argument("--steps", type=int, help="sampler steps of the validation restorations (default 20)")
     parser.add_argument("--samples", type=int, default=2, help="posterior samples per validation restoration")
     parser.add_argument("--size", type=int, default=64, help="side of the validation crops, pixels")
+
+
+def scoring_defaults(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """`args` with the scoring options' defaults filled in (they depend on --quick) and the argv recorded."""
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.crops = args.crops or (4 if args.quick else 512)
+    args.steps = args.steps or (2 if args.quick else 20)
+    return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_scoring_options(parser)
+    parser.add_argument("--runs", type=Path, nargs="*", default=[],
+                        help="training run folders (scripts/train_default_model.py --out, with --snapshot-every)")
     parser.add_argument("--window", type=int, default=500)
     parser.add_argument("--out", type=Path, default=Path("docs/training_curve.md"))
     parser.add_argument("--cache", type=Path, help="JSON cache of the validation scores per model (default: the "
                         "report's name, .json), so that a rerun scores only new snapshots")
     args = parser.parse_args(argv)
     args.cache = args.cache or args.out.with_suffix(".json")
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.crops = args.crops or (4 if args.quick else 512)
-    args.steps = args.steps or (2 if args.quick else 20)
-    return args
+    return scoring_defaults(args, argv)
 
 
 def curve_rows(runs: list[Path], window: int) -> list[list[str]]:

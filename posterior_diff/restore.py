@@ -37,7 +37,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -676,11 +676,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class SamplerRun(NamedTuple):
+    """What one sampler run over several segments gave: the samples in model units (rows, *x_shape),
+    its network forwards and VJPs (each on the whole batch of rows), its seconds, and for a
+    measurement start each row's exact posterior mean (rows, *x_shape), else None."""
+
+    samples: Tensor
+    nfe: int
+    vjps: int
+    seconds: float
+    exact_means: Tensor | None
+
+
 def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], generators: Generators,
-               device: torch.device, progress) -> tuple[Tensor, int, int, float, Tensor | None]:
-    """One sampler run over the rows of `segments`: (samples in model units, NFE, VJPs, seconds,
-    and for a measurement start each row's exact posterior mean, else None). Row k is guided by
-    its own measurement and measured by its own operator (stacked where the segments' operators differ)."""
+               device: torch.device, progress) -> SamplerRun:
+    """One sampler run over the rows of `segments`. Row k is guided by its own measurement and
+    measured by its own operator (stacked where the segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
     measurements = run_measurements(problem, segments)
     if settings.start == "measurement":
@@ -695,14 +706,15 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
                                        generator=run_noise(segments, generators), device=device,
                                        dtype=problem.model.sampling_dtype(), progress=progress, start=start)
     synchronize(device)
-    first = denoiser.first if isinstance(denoiser, FirstDenoising) else None
-    return samples, evaluations, getattr(denoiser, "vjp_count", 0), time.perf_counter() - began, first
+    return SamplerRun(samples, evaluations, getattr(denoiser, "vjp_count", 0), time.perf_counter() - began,
+                      getattr(denoiser, "first", None))
 
 
 class FirstDenoising(Denoiser):
     """A denoiser that keeps its first output. From a measurement start every row begins at
     alpha(t*) y, so the run's first call is Tweedie's D(alpha(t*) y, t*) = E[x | y] for each row's
-    measurement: the exact posterior mean, from a forward the sampler makes anyway."""
+    measurement: the exact posterior mean, from a forward the sampler makes anyway. (The wrapped
+    model is a submodule, so device and dtype come from its parameters as for any Denoiser.)"""
 
     def __init__(self, denoiser: Denoiser):
         super().__init__()
@@ -717,12 +729,6 @@ class FirstDenoising(Denoiser):
             self.first = denoised.detach()
         return denoised
 
-    def sampling_dtype(self) -> torch.dtype:
-        return self.denoiser.sampling_dtype()
-
-    def reference_tensor(self) -> Tensor | None:
-        return self.denoiser.reference_tensor()
-
 
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
                       progress) -> list[Draws]:
@@ -733,17 +739,17 @@ def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: G
     nfe, vjps, seconds = [0] * problem.count, [0] * problem.count, [0.0] * problem.count
     means: dict[int, Tensor] = {}  # the exact posterior means of a measurement start
     for segments in runs:
-        samples, run_nfe, run_vjps, run_seconds, first = sample_run(problem, settings, segments, generators, device,
-                                                                    progress)
+        run = sample_run(problem, settings, segments, generators, device, progress)
         rows = [s.rows for s in segments]
+        exact_means = run.exact_means.split(rows) if run.exact_means is not None else [None] * len(segments)
         # A run holds at most one segment of each measurement (see plan_runs): its work counts once.
-        for index, (segment, part) in enumerate(zip(segments, samples.split(rows))):
-            if first is not None:
-                means[segment.item] = first.split(rows)[index][0]
+        for segment, part, exact_mean in zip(segments, run.samples.split(rows), exact_means):
+            if exact_mean is not None:
+                means[segment.item] = exact_mean[0]  # every row of a segment starts at the same y
             chunks[segment.item].append(part)
-            nfe[segment.item] += run_nfe
-            vjps[segment.item] += run_vjps
-            seconds[segment.item] += run_seconds
+            nfe[segment.item] += run.nfe
+            vjps[segment.item] += run.vjps
+            seconds[segment.item] += run.seconds
     return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i], mean=means.get(i)) for i in range(problem.count)]
 
 
