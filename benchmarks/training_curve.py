@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -207,7 +208,8 @@ def gap_rows(models: list[Model], groups: dict[str, torch.Tensor]) -> tuple[list
 def validation_psnr(model: Model, truths: list[torch.Tensor], args: argparse.Namespace) -> dict[str, float]:
     """Mean PSNR (dB) of the samples' mean per task over `truths` (3, s, s) in [0, 1], isotropic
     guidance. The samples' mean, not `Restoration.mean`: for denoising that is now the exact
-    posterior mean, and the curve must stay comparable with the scores cached before it was."""
+    posterior mean, and the curve must stay comparable with the scores cached before it was; for
+    the same reason the guidance takes the network's Jacobian at every step (jacobian_s_max=inf)."""
     from posterior_diff import restore
 
     denoiser = denoiser_from_diffusers(model.unet, model.scheduler)
@@ -217,7 +219,7 @@ def validation_psnr(model: Model, truths: list[torch.Tensor], args: argparse.Nam
         for index, truth in enumerate(truths):
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(index))
             result = restore(measurement.y, measurement.operator, denoiser, num_samples=args.samples, steps=args.steps,
-                             covariance="isotropic", generator=torch.Generator().manual_seed(index))
+                             covariance="isotropic", jacobian_s_max=math.inf, generator=torch.Generator().manual_seed(index))
             values.append(psnr_ssim(result.samples.mean(0), truth)[0])
         scores[task] = statistics.fmean(values)
     return scores

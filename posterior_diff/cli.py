@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                               f"(default {IMAGE_DEFAULTS.covariance}; docs/speed.md)")
     restore.add_argument("--cg-max-iter", type=int, default=IMAGE_DEFAULTS.cg_max_iter,
                          help=f"conjugate-gradient cap per step for tweedie (default {IMAGE_DEFAULTS.cg_max_iter})")
+    restore.add_argument("--jacobian-s-max", dest="jacobian_s_max", type=float, default=IMAGE_DEFAULTS.jacobian_s_max,
+                         help="noise ratio sigma/alpha above which the guidance takes no backward pass (the projection "
+                              f"step), inf for the network's Jacobian at every step (default {IMAGE_DEFAULTS.jacobian_s_max:g}; "
+                              "docs/jacobian_range.md)")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
@@ -153,6 +157,9 @@ def _restore(args) -> int:
 
     check_dtype(args.dtype)
     pick_device(args.device)  # both named wrongly: one line before any file is read
+    if not args.jacobian_s_max > 0:  # NaN too
+        raise UsageError(f"--jacobian-s-max must be a number > 0 (inf: the network's Jacobian at every step), "
+                         f"got {args.jacobian_s_max}")
     with terminate_cleanly():  # SIGTERM, too, leaves no temporary file behind
         return _restore_file(args) if is_single_file(args.input, args.output) else run_dataset(args)
 
@@ -179,7 +186,7 @@ def _restore_file(args) -> int:
     operator = task_operator(args.task, args.sigma_y, image, args.mask)
     generator = torch.Generator().manual_seed(image_seed(args.seed, source.name))
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
-                     cg_max_iter=args.cg_max_iter, generator=generator, progress=True,
+                     cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, generator=generator, progress=True,
                      particles=args.particles, device=device)
     write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"

@@ -212,7 +212,8 @@ def run_settings(args) -> dict:
     """The settings that decide the outputs' values (the manifest's record, compared on a rerun)."""
     return {"task": args.task, "sigma_y": TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y,
             "samples": args.samples, "steps": args.steps, "covariance": args.covariance,
-            "cg_max_iter": args.cg_max_iter, "particles": args.particles, "model": args.model or "embedded",
+            "cg_max_iter": args.cg_max_iter, "jacobian_s_max": args.jacobian_s_max, "particles": args.particles,
+            "model": args.model or "embedded",
             "dtype": args.dtype, "seed": args.seed, "mask": None if args.mask is None else str(args.mask)}
 
 
@@ -296,7 +297,8 @@ def restore_group(jobs: list[Job], model, args, device: torch.device) -> list[di
     if not prepared:
         return records
     options = dict(num_samples=args.samples, steps=args.steps, covariance=args.covariance,
-                   cg_max_iter=args.cg_max_iter, particles=args.particles, device=device)
+                   cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, particles=args.particles,
+                   device=device)
     try:
         results = restore_batch([y for _, _, y, _ in prepared], [A for _, _, _, A in prepared], model,
                                 generator=[torch.Generator().manual_seed(job.seed) for job, *_ in prepared], **options)

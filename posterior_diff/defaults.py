@@ -4,14 +4,15 @@
 Analytic priors (Gaussian, mixture) keep the exact settings: the Tweedie covariance solved to
 a tight tolerance with enough steps that the posterior is reproduced to the noise floor of exact
 samples. Image models get the settings chosen in docs/speed.md (`python -m benchmarks.speed`):
-of every covariance at 20, 50 and 100 steps, the best posterior-mean PSNR on the held-out
-photographs, over SR x4 and 70% random inpainting, that restores 128x128 with 4 samples in about
-a minute on 2 CPU cores and is no worse than isotropic at 50 steps (the defaults before it) on
-either task. (Denoising is not in the choice: restore starts it from the measurement, unguided.)
-Tweedie at 20 steps with CG capped at 4 is that setting: +0.1 dB on SR x4 and +1.7 dB on
-inpainting over isotropic at 50 steps, in about the same time. Diagonal at 20 steps is as good on
-inpainting but 0.2 dB worse on SR, projection as good on SR in a sixth of the time but 2.4 dB
-worse on inpainting. The two sets differ because a network's Jacobian costs a backward pass per
+of every covariance at 20, 50 and 100 steps, the fastest within 0.05 dB of the best posterior-mean
+PSNR on the held-out photographs, over SR x4 and 70% random inpainting, that restores 128x128 with
+4 samples in about a minute on 2 CPU cores and is no worse than isotropic at 50 steps (the defaults
+before it) on either task. (Denoising is not in the choice: restore starts it from the measurement,
+unguided.) Tweedie at 20 steps with CG capped at 4 is that setting: +0.1 dB on SR x4 and +1.6 dB on
+inpainting over isotropic at 50 steps, in 12 s against 20 s (tweedie at 50 steps is 0.04 dB better
+on average in 2.5 times the time). That run took jacobian_s_max = 2 (below); the run before it, with
+the network's Jacobian at every step, chose the same setting. Diagonal at 20 steps is 0.1-0.2 dB worse on both tasks in the
+same time, projection level on SR in less than half the time but 4.2 dB worse on inpainting. The two sets differ because a network's Jacobian costs a backward pass per
 CG iteration: the exact Tweedie solve that analytic priors can afford would take minutes per image.
 
 Image models also start every Tweedie solve cold, from the isotropic solve, not from the previous
@@ -24,10 +25,23 @@ while the cold start holds 27.53 and 27.57 at the same VJPs; SR x4 is within 0.1
 The cold start gives up 0.2 dB on inpainting at the default 20 steps for a sampler that does not
 get worse when a user asks for more steps. On the analytic priors the warm start halves the VJPs
 at the same exactness and stays on.
+
+Both sets take the network's Jacobian at every step (`jacobian_s_max` = inf). Above a noise ratio
+`jacobian_s_max` every covariance would take the Jacobian-free projection step instead: at high noise a
+network's Jacobian is learned poorly and the guidance amplifies its errors by s^2, so the guided mean
+sits at the clipping bounds there (docs/theory.md §5). docs/jacobian_range.md (`python -m
+benchmarks.jacobian_range`) chose among 0.5, 1, 2, 4, 8 and inf the value of fewest VJPs within 0.05 dB
+of the best on the validation photographs (SR x4, 70% random and a box hole) that is no more than 0.1
+dB below inf on any task on the held-out photographs: inf. 2 is as good as inf on SR x4 and random
+inpainting for less than half the VJPs and keeps runs of 5-10 steps from collapsing, but loses 2 dB on
+the held-out box hole, which needs the network's Jacobian at high noise to carry the surroundings
+into the hole; 8 passes the guard but falls 0.05 dB short on the validation photographs. Pass
+`jacobian_s_max=2` for SR and scattered missing pixels, or few steps.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -40,16 +54,21 @@ class SamplerDefaults:
         covariance: V_t of the averaged likelihood (see `guidance.COVARIANCES`).
         cg_max_iter: cap on the Tweedie conjugate-gradient iterations per step.
         warm_start: whether each step's Tweedie solve starts from the previous step's solution.
+        jacobian_s_max: the noise ratio sigma / alpha above which the guidance takes the Jacobian its
+            Gaussian approximation implies (the projection step, no VJP) instead of the network's.
     """
 
     steps: int
     covariance: str
     cg_max_iter: int
     warm_start: bool
+    jacobian_s_max: float
 
 
-EXACT_DEFAULTS = SamplerDefaults(steps=100, covariance="tweedie", cg_max_iter=50, warm_start=True)
-IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, warm_start=False)
+EXACT_DEFAULTS = SamplerDefaults(steps=100, covariance="tweedie", cg_max_iter=50, warm_start=True,
+                                 jacobian_s_max=math.inf)
+IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, warm_start=False,
+                                 jacobian_s_max=math.inf)
 
 
 def defaults_for(model) -> SamplerDefaults:

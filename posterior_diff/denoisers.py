@@ -106,6 +106,17 @@ class Denoiser(nn.Module):
         """D(x_t, t) for x_t of shape (B, *event) and t a float or a (B,) tensor in [0, 1]."""
         raise NotImplementedError
 
+    def at_time(self, x_t: Tensor, t: float) -> Tensor:
+        """D(x_t, t) with every sample at one time t, a Python float, as the samplers ask for it: here
+        the time goes to `forward` as a (B,) tensor on x_t's device. (A wrapper that branches on the
+        time, as the guidance does on `jacobian_s_max`, reads the float and costs no device sync.)"""
+        return self(x_t, torch.full((x_t.shape[0],), t, dtype=x_t.dtype, device=x_t.device))
+
+    def final_estimate(self, x_t: Tensor, t: float) -> Tensor:
+        """The x_0 a sampler returns from its last grid time t_min: `at_time` here. A wrapper whose
+        D is costly may take a cheaper estimate that agrees with it as t -> 0 (the guidance does)."""
+        return self.at_time(x_t, t)
+
     def score(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         """grad_x log p_t(x_t) = -(x_t - alpha D) / sigma^2, shape of x_t."""
         t = as_time(t, x_t)

@@ -91,6 +91,11 @@ class GuidanceSettings:
             noise's norm sigma_y sqrt(m), >= 0. Stopping there solves the system exactly for a
             y moved by that fraction of its own noise (0: the relative rule only).
         warm_start: start each Tweedie solve from the previous step's solution.
+        jacobian_s_max: the noise ratio s = sigma / alpha above which the gradient is pulled back
+            through the Jacobian the Gaussian approximation implies (the projection step: no VJP)
+            instead of the network's; > 0, inf (the default) for the network's Jacobian at every
+            step, the default for image models too (`defaults.IMAGE_DEFAULTS`); 2 pays on SR and scattered
+            missing pixels and at few steps (docs/theory.md §5, docs/jacobian_range.md).
     """
 
     covariance: str = "tweedie"
@@ -99,6 +104,7 @@ class GuidanceSettings:
     cg_max_iter: int = 50
     cg_noise_tol: float = 0.1
     warm_start: bool = True
+    jacobian_s_max: float = math.inf
 
     def __post_init__(self):
         choice(self.covariance, COVARIANCES, "covariance")
@@ -110,6 +116,8 @@ class GuidanceSettings:
         object.__setattr__(self, "cg_noise_tol", number_in(self.cg_noise_tol, "cg_noise_tol", 0.0, math.inf))
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
+        object.__setattr__(self, "jacobian_s_max", number_in(self.jacobian_s_max, "jacobian_s_max", 0.0, math.inf,
+                                                             open_low=True))
 
 
 @dataclass(frozen=True)
@@ -176,7 +184,7 @@ class AveragedLikelihoodGuidance(Denoiser):
         guidance_scale: multiplier on grad log l (1 = Bayes' rule).
         cg_tol: relative residual at which the Tweedie conjugate gradient stops.
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
-        cg_noise_tol, warm_start: as in `GuidanceSettings`.
+        cg_noise_tol, warm_start, jacobian_s_max: as in `GuidanceSettings`.
 
     Counters `forward_count` and `vjp_count` record the network work done; `cg_iterations` and
     `cg_residuals` (per sample, ||r - C u|| / ||r||) each Tweedie solve's.
@@ -193,9 +201,10 @@ class AveragedLikelihoodGuidance(Denoiser):
         cg_max_iter: int = 50,
         cg_noise_tol: float = 0.1,
         warm_start: bool = True,
+        jacobian_s_max: float = math.inf,
     ):
         self._configure(denoiser, operator, y, GuidanceSettings(covariance, guidance_scale, cg_tol, cg_max_iter,
-                                                                cg_noise_tol, warm_start))
+                                                                cg_noise_tol, warm_start, jacobian_s_max))
 
     @classmethod
     def from_settings(cls, denoiser: Denoiser, operator: LinearOperator, y: Tensor,
@@ -231,6 +240,24 @@ class AveragedLikelihoodGuidance(Denoiser):
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         return self.guide(x_t, t).guided_mean
 
+    def at_time(self, x_t: Tensor, t: float) -> Tensor:
+        """D_y at one time t: the float goes to `guide` as it is (see `_above_network_jacobian`)."""
+        return self.guide(x_t, t).guided_mean
+
+    def final_estimate(self, x_t: Tensor, t: float) -> Tensor:
+        """The sampler's closing x_0 at t_min, guided Jacobian-free (the projection mean), whatever
+        the covariance: one forward and no VJP.
+
+        At t_min (s = sigma/alpha = 2e-3 by default) the posterior p(x_0 | x_t) has shrunk to
+        Cov ~= s^2 I for any prior whose density is smooth at that scale, so V_t = r_t^2 I and the
+        Jacobian it implies, J = (alpha r_t^2 / sigma^2) I ~= I / alpha, are what every covariance
+        choice tends to there, and the correction is at most r_t^2 / sigma_y^2 (4e-6 / sigma_y^2 at the
+        default s_min) of the residual (docs/theory.md §5). deepinv's DPS and PiGDM skip the last
+        step's guidance altogether; this keeps its data consistency and, like them, spends no
+        backward pass on it."""
+        t = as_time(t, x_t)
+        return self._projection(x_t, t, self.schedule.alpha(t), self.schedule.sigma(t), False).guided_mean
+
     def guide(self, x_t: Tensor, t: Tensor | float, likelihood: bool = False) -> "Guided":
         """One guided denoising: the unguided D, the guided mean D_y, and (if `likelihood`) log l.
 
@@ -240,11 +267,15 @@ class AveragedLikelihoodGuidance(Denoiser):
         EXACT_LOG_DET_MAX entries (m more VJPs); beyond that the Tweedie twist takes the
         isotropic log det, which does not depend on x_t (and is left out where the operator has
         none: `normalised` is then False). Such x-independent terms drop out of normalised weights.
+
+        Above `jacobian_s_max` (any sample's s = sigma / alpha) every covariance takes the projection
+        step instead: one forward and no VJP.
         """
+        implied_jacobian = self.covariance == "projection" or self._above_network_jacobian(t)
         t = as_time(t, x_t)
         alpha = self.schedule.alpha(t)
         sigma = self.schedule.sigma(t)
-        if self.covariance == "projection":
+        if implied_jacobian:
             return self._projection(x_t, t, alpha, sigma, likelihood)
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
@@ -281,6 +312,15 @@ class AveragedLikelihoodGuidance(Denoiser):
         if self.data_range is not None:
             guided_mean = guided_mean.clamp(*self.data_range)
         return Guided(denoised.detach(), guided_mean, log_likelihood, normalised, measurement_jacobian, eigenvalues, eigenvectors)
+
+    def _above_network_jacobian(self, t: Tensor | float) -> bool:
+        """Whether any time of `t` has s = sigma / alpha above `jacobian_s_max`. The samplers pass t as a
+        Python float (`at_time`), so the test runs on the CPU and costs an accelerator no sync."""
+        s_max = self.settings.jacobian_s_max
+        if math.isinf(s_max):
+            return False
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return bool((self.schedule.sigma(t) / self.schedule.alpha(t)).max() > s_max)
 
     def _projection(self, x_t: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, likelihood: bool) -> Guided:
         """covariance="projection": D_y = D + r_t^2 A^T C^{-1} (y - A D), C = sigma_y^2 I + r_t^2 A A^T,

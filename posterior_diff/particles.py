@@ -251,11 +251,9 @@ class Cloud:
         self.resampled.append(step)
 
 
-def guide_cloud(guidance: AveragedLikelihoodGuidance, x: Tensor, point: GridPoint, batch_size: int,
-                dtype: torch.dtype) -> Guided:
+def guide_cloud(guidance: AveragedLikelihoodGuidance, x: Tensor, point: GridPoint, batch_size: int) -> Guided:
     """D, D_y and the log twist for the whole cloud at a grid point, `batch_size` particles at a time."""
-    t = torch.full((x.shape[0],), point.t, dtype=dtype, device=x.device)
-    parts = [guidance.guide(x[i : i + batch_size], t[i : i + batch_size], likelihood=True)
+    parts = [guidance.guide(x[i : i + batch_size], point.t, likelihood=True)  # a float t: no device sync
              for i in range(0, x.shape[0], batch_size)]
     if len(parts) == 1:  # the whole cloud in one call: nothing to join (the rows of A J are K x m x d)
         return replace(parts[0], log_likelihood=parts[0].log_likelihood.double())
@@ -331,7 +329,7 @@ def particle_sample(
     points = grid_points(model.schedule, sampler.steps, sampler.grid, sampler.s_min)
     twist = AveragedLikelihoodGuidance.from_settings(model, operator, y[None], guidance)
     x = start_sample(points[0], (count, *x_shape), generator, device, dtype)
-    first = guide_cloud(twist, x, points[0], batch_size, dtype)
+    first = guide_cloud(twist, x, points[0], batch_size)
     cloud = Cloud(x, first, first.log_likelihood.clone(), normalised=first.normalised)
     # The unguided step (the target's transition) and the guided one keep separate D histories.
     prior_solver, proposal_solver = make_solver(sampler), make_solver(sampler)
@@ -344,7 +342,7 @@ def particle_sample(
         else:
             proposal = proposal_solver.transition(cloud.x, cloud.guided.guided_mean, now, nxt)
             x_next, log_ratio = guided_proposal(cloud, prior, proposal, generator)
-        cloud.move(x_next, guide_cloud(twist, x_next, nxt, batch_size, dtype), log_ratio)
+        cloud.move(x_next, guide_cloud(twist, x_next, nxt, batch_size), log_ratio)
         cloud.resample_if_degenerate(nxt.index, settings.ess_threshold, generator, [prior_solver, proposal_solver])
         bar.update(1)
     result = finish(cloud, operator, y, num_samples, generator, forward_calls=twist.forward_count, vjps=twist.vjp_count)

@@ -87,6 +87,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         class_label: int | None = None,
         solver: str = "multistep",
         cg_max_iter: int | None = None,
+        jacobian_s_max: float | None = None,
         batch_size: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw `num_samples` posterior samples.
@@ -97,9 +98,9 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             operator: an `operators.LinearOperator` (or a deepinv physics, once adapted) with
                 sigma_y in [0, 1] units.
             num_inference_steps: sampler steps (network evaluations per sample for the default solver);
-                None: `defaults.IMAGE_DEFAULTS`, as for covariance and cg_max_iter.
+                None: `defaults.IMAGE_DEFAULTS`, as for covariance, cg_max_iter and jacobian_s_max.
             num_samples: how many posterior samples to return.
-            covariance, eta, guidance_scale, solver, cg_max_iter, batch_size: as in `restore()`.
+            covariance, eta, guidance_scale, solver, cg_max_iter, jacobian_s_max, batch_size: as in `restore()`.
             generator: a torch.Generator for reproducible draws.
             output_type: "pil" (list of PIL images), "np" (array (B, H, W, C)) or "pt" (tensor
                 (B, C, H, W)); all in [0, 1].
@@ -116,7 +117,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             measurement, operator, denoiser, num_samples=num_samples, steps=num_inference_steps,
             covariance=covariance, eta=eta, solver=solver, guidance_scale=guidance_scale, generator=generator,
             device=self._execution_device, progress=lambda total: self.progress_bar(total=total),
-            cg_max_iter=cg_max_iter, batch_size=batch_size,
+            cg_max_iter=cg_max_iter, jacobian_s_max=jacobian_s_max, batch_size=batch_size,
         )
         self.maybe_free_model_hooks()
         images = result.samples

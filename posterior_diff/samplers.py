@@ -16,7 +16,8 @@ which is DDPM ancestral sampling at eta = 1 and DDIM at eta = 0.
 A solver is one step from grid point `now` to `nxt`, with one signature for all of them:
 `solver.step(x, now, nxt, denoise, noise)`. The Gaussian solvers ("euler", "multistep") also
 expose the step's `transition(x, D, now, nxt)`: the mean and noise std of x_next given x,
-which particle mode needs for its weights. Each run ends with a denoising step x_0 = D(x, t_min).
+which particle mode needs for its weights. Each run ends with a denoising step x_0 = D(x, t_min)
+(`Denoiser.final_estimate`: the guidance takes it without a backward pass, docs/theory.md §5).
 
 A run draws its start sample and then each step's noise from a torch.Generator, or from a
 `NoiseSource` that draws each block of rows from a generator of its own (so that a block's
@@ -322,13 +323,14 @@ class CheckedDenoiser:
     """D(x, t) at grid points for a batch: counts the calls (NFE) and stops on non-finite output
     (through a FiniteGuard, which on an accelerator reads its verdict back only now and then)."""
 
-    def __init__(self, denoiser: Denoiser, device: torch.device, dtype: torch.dtype, guard: "FiniteGuard"):
-        self.denoiser, self.device, self.dtype, self.guard = denoiser, device, dtype, guard
+    def __init__(self, denoiser: Denoiser, guard: "FiniteGuard"):
+        self.denoiser, self.guard = denoiser, guard
         self.calls = 0
 
-    def __call__(self, x: Tensor, point: GridPoint) -> Tensor:
+    def __call__(self, x: Tensor, point: GridPoint, final: bool = False) -> Tensor:
+        """D(x, t) at `point`; `final`: the run's closing estimate (`Denoiser.final_estimate`)."""
         self.calls += 1
-        denoised = self.denoiser(x, torch.full((x.shape[0],), point.t, dtype=self.dtype, device=self.device))
+        denoised = self.denoiser.final_estimate(x, point.t) if final else self.denoiser.at_time(x, point.t)
         self.guard.observe(denoised, "the denoiser returned", point)
         return denoised
 
@@ -441,7 +443,7 @@ def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSet
     points = grid_points(denoiser.schedule, settings.steps, settings.grid, settings.s_min, settings.s_max)
     solver = make_solver(settings)
     guard = FiniteGuard(device)
-    denoise = CheckedDenoiser(denoiser, device, dtype, guard)
+    denoise = CheckedDenoiser(denoiser, guard)
     source = as_noise_source(generator, shape[0])
 
     def noise() -> Tensor:
@@ -456,7 +458,7 @@ def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSet
         x = solver.step(x, now, nxt, denoise, noise)
         guard.observe(x, f"the {settings.solver} sampler produced", nxt)
         bar.update(1)
-    x0 = denoise(x, points[-1])  # the final denoising step
+    x0 = denoise(x, points[-1], final=True)  # the final denoising step
     guard.read(points[-1])
     bar.update(1)
     bar.close()

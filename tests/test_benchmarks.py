@@ -17,8 +17,8 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (data_size, denoising_start, gaussian_exactness, image_restoration, particle_mode, run_benchmarks,  # noqa: E402
-                        speed, training_curve, warm_start)
+from benchmarks import (data_size, denoising_start, gaussian_exactness, image_restoration, jacobian_range,  # noqa: E402
+                        particle_mode, run_benchmarks, speed, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
@@ -138,8 +138,15 @@ def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path)
     speed.main(["--quick", "--out", str(out)])
     tables = assert_numbers_are_finite(out.read_text())
     cost = {row[0]: row for row in tables["method | task | s / step"]}
-    assert set(cost) == {"bare forward", *(f"ours {c}" for c in COVARIANCES), *(f"deepinv {m}" for m in ("dps", "pigdm", "mm", "ddrm", "diffpir"))}
-    assert cost["ours projection"][4] == "0.0" and float(cost["ours tweedie"][4]) > 1  # VJPs per step
+    every_step = {f"ours {c}, {speed.EVERY_STEP}" for c in COVARIANCES if c != "projection"}
+    assert set(cost) == {"bare forward", *(f"ours {c}" for c in COVARIANCES), *every_step,
+                         *(f"deepinv {m}" for m in ("dps", "pigdm", "mm", "ddrm", "diffpir"))}
+    assert cost["ours projection"][4] == "0.0"  # VJPs per step
+    # no VJP above jacobian_s_max: the defaults spend at most what the Jacobian at every step spends
+    assert all(float(cost[f"ours {c}"][4]) <= float(cost[f"ours {c}, {speed.EVERY_STEP}"][4])
+               for c in COVARIANCES if c != "projection")
+    # with the network's Jacobian at every step, one VJP on each step but the closing one
+    assert cost[f"ours isotropic, {speed.EVERY_STEP}"][4] == "0.5"  # 2 steps: 1 VJP
     assert "ours projection" in out.read_text().split("## 2.")[0].split("x bare forward")[-1]  # the counterpart verdicts
     assert [row[0] for row in tables["network dtype | bare forward s | x float32"]] == ["float32", "bfloat16", "float16"]
     assert len(tables["covariance | steps | sr4 (dB)"]) == len(COVARIANCES)
@@ -160,6 +167,17 @@ def test_the_speed_choice_does_not_trade_one_task_for_another():
     assert speed.best_choice([reference, lopsided, slow], budget=60) is reference
     assert speed.best_choice([reference, lopsided, level, slow], budget=60) is level
     assert speed.best_choice([slow], budget=60) is None
+    tie = row("tweedie", 20, 23.2, 25.0, 27.95, 10)  # a mean 0.03 dB below level's, in half its time
+    assert speed.best_choice([reference, level, tie], budget=60) is tie
+
+
+def test_the_speed_verdict_pairs_the_rounds():
+    """A drift that slows every method in round 2 cancels: ours is faster in each round, so no slower,
+    though its median over rounds is above theirs."""
+    ours = speed.cost_row("sr4", "ours zero", [1.0, 2.0, 2.1], 3, 1.0, 1)
+    theirs = speed.cost_row("sr4", "deepinv dps", [1.1, 1.5, 2.2], math.nan, 1.0, 1)
+    assert ours["seconds_per_step"] > theirs["seconds_per_step"]
+    assert speed.paired_ratio(ours, theirs) < 1
 
 
 def test_the_result_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
@@ -202,6 +220,33 @@ def test_warm_start_report(tmp_path):
     solves = tables["steps | warm: residual > 1 | cold: residual > 1"]
     assert all(0 <= float(cell) <= 1 for row in solves for cell in row[1:3])
     assert (tmp_path / "warm_start.json").exists()  # the cache: a rerun picks up where it stopped
+
+
+def test_jacobian_range_report(tmp_path):
+    from posterior_diff.images import write_image
+
+    photograph = tmp_path / "photograph.png"
+    write_image(torch.nn.functional.avg_pool2d(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+                                               3, 1, 1)[0], photograph)
+    out = tmp_path / "jacobian_range.md"
+    jacobian_range.main(["--quick", "--validation", str(photograph), "--out", str(out)])
+    tables = assert_numbers_are_finite(out.read_text())
+    choice = {row[0]: row for row in tables["covariance, jacobian_s_max | sr4 (dB) | random (dB)"]}
+    assert set(choice) == {f"{c}, {s}" for c in jacobian_range.COVARIANCES for s in ("1", "∞")}
+    assert all(float(choice[f"{c}, 1"][-1]) < float(choice[f"{c}, ∞"][-1]) for c in jacobian_range.COVARIANCES)  # VJPs
+    assert "Chosen for tweedie" in out.read_text()
+    (check,) = [rows for key, rows in tables.items() if key.startswith("covariance | steps | s_max")]
+    assert len(check) == len(jacobian_range.COVARIANCES)
+    assert (tmp_path / "jacobian_range.json").exists()
+
+
+def test_the_jacobian_range_choice_takes_the_cheapest_of_the_best_that_passes_the_guard():
+    scores = {1.0: (30.0, 20), 2.0: (30.2, 25), 8.0: (30.19, 30), math.inf: (30.22, 60)}
+    assert jacobian_range.choose(scores) == 2.0
+    assert jacobian_range.choose({1.0: (30.0, 20), math.inf: (30.3, 60)}) == math.inf
+    held_out = {2.0: dict(sr4=24.3, box=29.6), 8.0: dict(sr4=24.3, box=31.7), math.inf: dict(sr4=24.27, box=31.73)}
+    assert jacobian_range.guard(held_out) == {8.0, math.inf}  # 2 loses 2 dB on the box hole
+    assert jacobian_range.choose(scores, jacobian_range.guard(held_out)) == 8.0
 
 
 def test_training_curve_windows():

@@ -1,6 +1,7 @@
 import torch
 
 from posterior_diff.cli import main
+from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.images import read_image, write_image
 
 
@@ -52,6 +53,8 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys, monkeypatch
         ([str(image), "--task", "sr2", *common, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
         ([str(image), "--task", "sr2", *common, "--device", "cuda:63"], "no such CUDA device"),
         ([str(image), "--task", "sr2", *common, "--dtype", "float64"], "--dtype must be float32, bfloat16, float16"),
+        ([str(image), "--task", "sr2", *common, "--jacobian-s-max", "0"], "--jacobian-s-max must be a number > 0"),
+        ([str(image), "--task", "sr2", *common, "--jacobian-s-max", "nan"], "--jacobian-s-max must be a number > 0"),
     ]
     for arguments, message in cases:
         assert main(["restore", *arguments]) == 2
@@ -77,7 +80,8 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
     real_restore = posterior_diff.restore
 
     def spy(y, operator, model, **options):
-        seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"])
+        seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"],
+                    jacobian_s_max=options["jacobian_s_max"])
         result = real_restore(y, operator, model, **options)
         seen["samples"] = result.samples.dtype
         return result
@@ -86,10 +90,12 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
     low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
     out = tmp_path / "out.png"
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
-                 "--dtype", "bfloat16", "--device", "cpu", "-o", str(out)]) == 0
-    assert seen == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "samples": torch.float32}
+                 "--dtype", "bfloat16", "--device", "cpu", "--jacobian-s-max", "2", "-o", str(out)]) == 0
+    assert seen == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "jacobian_s_max": 2.0,
+                    "samples": torch.float32}
     assert read_image(out).shape == (3, 8, 8)
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
                  "-o", str(out), "--force"]) == 0
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert seen["dtype"] == torch.float32 and seen["device"] == expected  # auto, float32 by default
+    assert seen["jacobian_s_max"] == IMAGE_DEFAULTS.jacobian_s_max

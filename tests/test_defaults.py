@@ -18,10 +18,12 @@ def test_image_models_and_analytic_priors_get_their_own_defaults(pipeline_folder
     assert result.settings.guidance.covariance == IMAGE_DEFAULTS.covariance
     assert result.settings.guidance.cg_max_iter == IMAGE_DEFAULTS.cg_max_iter
     assert result.settings.guidance.warm_start is IMAGE_DEFAULTS.warm_start is False  # docs/speed.md
+    assert result.settings.guidance.jacobian_s_max == IMAGE_DEFAULTS.jacobian_s_max == float("inf")  # docs/jacobian_range.md
     exact = restore(torch.zeros(1, 2, 2, dtype=torch.float64), SuperResolution(2, 0.1), prior)
     assert exact.settings.sampler.steps == EXACT_DEFAULTS.steps == exact.nfe
     assert exact.settings.guidance.covariance == EXACT_DEFAULTS.covariance
     assert exact.settings.guidance.warm_start is EXACT_DEFAULTS.warm_start is True
+    assert exact.settings.guidance.jacobian_s_max == EXACT_DEFAULTS.jacobian_s_max == float("inf")
     assert restore(low, SuperResolution(2, 0.05), image_model, steps=2, warm_start=True).settings.guidance.warm_start
 
 

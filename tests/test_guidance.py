@@ -4,6 +4,7 @@ import torch
 from operators import Denoising, Inpainting, MatrixOperator, SuperResolution, random_mask
 from posterior_diff import AveragedLikelihoodGuidance, GaussianPrior, VESchedule, VPSchedule
 from posterior_diff.problems import squared_exponential_covariance
+from posterior_diff.samplers import grid_points
 
 from conftest import CountingPrior
 
@@ -122,6 +123,8 @@ def test_cg_iterations_adapt_to_the_tolerance(generator):
         (dict(covariance="zero", operator=Denoising(0.0)), "sigma_y > 0"),
         (dict(cg_tol=0.0), "cg_tol"),
         (dict(cg_noise_tol=-0.1), "cg_noise_tol"),
+        (dict(jacobian_s_max=0.0), "jacobian_s_max"),
+        (dict(jacobian_s_max=float("nan")), "jacobian_s_max"),
     ],
 )
 def test_bad_guidance_settings_are_clear_errors(kwargs, message):
@@ -199,3 +202,38 @@ def test_projection_is_jacobian_free_and_exact_only_where_its_covariance_is():
     smooth = smooth_prior()
     off = AveragedLikelihoodGuidance(smooth, operator, y, "projection")(x_t, 0.6)
     assert (off - smooth.posterior(operator, y[0])(x_t, 0.6)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("covariance", ["zero", "isotropic", "diagonal", "tweedie"])
+def test_the_final_estimate_spends_no_vjp_and_keeps_bayes_at_t_min(covariance, generator):
+    """The sampler's closing x_0 is guided Jacobian-free: one forward, no VJP, and at the grid's
+    t_min (s = 2e-3) within 1 % of the exact correction E[x_0 | x_t, y] - D of a smooth prior."""
+    prior = smooth_prior()
+    operator = Inpainting(random_mask((1, 6, 6), 0.5, generator=torch.Generator().manual_seed(0)).to(DOUBLE), 0.01)
+    y = operator.measure(prior.sample(1, generator), generator)
+    t = grid_points(prior.schedule, 10)[-1].t
+    alpha, sigma = prior.schedule.alpha(torch.tensor(t)), prior.schedule.sigma(torch.tensor(t))
+    x_t = alpha * prior.sample(4, generator) + sigma * torch.randn(4, 1, 6, 6, generator=generator, dtype=DOUBLE)
+    guided = AveragedLikelihoodGuidance(prior, operator, y, covariance)
+    final = guided.final_estimate(x_t, t)
+    assert guided.vjp_count == 0 and guided.forward_count == 1
+    exact, unguided = prior.posterior(operator, y[0])(x_t, t), prior(x_t, t)
+    assert (final - exact).abs().max() < 0.01 * (exact - unguided).abs().max()
+
+
+@pytest.mark.parametrize("covariance", ["zero", "isotropic", "diagonal", "tweedie"])
+def test_above_jacobian_s_max_every_covariance_takes_the_projection_step(covariance, generator):
+    """Above s = sigma / alpha = jacobian_s_max the guided mean is the projection's, with no VJP;
+    at or below it the covariance's own (VJPs on the network's Jacobian)."""
+    prior, operator = smooth_prior(), SuperResolution(2, 0.1)
+    y = operator.measure(prior.sample(1, generator), generator)
+    x_t = torch.randn(2, 1, 6, 6, generator=generator, dtype=DOUBLE)
+    points = grid_points(prior.schedule, 10)
+    high, low = points[2], points[-3]  # s about 20 and 0.02
+    switched = AveragedLikelihoodGuidance(prior, operator, y, covariance, jacobian_s_max=1.0)
+    projection = AveragedLikelihoodGuidance(prior, operator, y, "projection")
+    assert torch.equal(switched.at_time(x_t, high.t), projection.at_time(x_t, high.t))
+    assert switched.vjp_count == 0
+    network = AveragedLikelihoodGuidance(prior, operator, y, covariance)
+    assert torch.allclose(switched.at_time(x_t, low.t), network.at_time(x_t, low.t), atol=1e-12)
+    assert switched.vjp_count == network.vjp_count > 0

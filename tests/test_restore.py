@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from operators import Denoising, Inpainting, MatrixOperator, SuperResolution
 from posterior_diff import GaussianPrior, NonFiniteSampleError, restore
 from posterior_diff.metrics import exact_sample_floor, gaussian_errors
 from posterior_diff.problems import gaussian_image_problems
+from posterior_diff.samplers import grid_points
 
 from conftest import CountingPrior
 
@@ -97,7 +100,20 @@ def test_start_auto_takes_the_measurement_only_where_it_applies(problems):
     too_noisy = restore(denoising.y, Denoising(1e3), denoising.prior, steps=3)  # beyond the schedule's noise levels
     assert too_noisy.settings.start == "prior"
     guided = restore(denoising.y, denoising.operator, denoising.prior, steps=3, covariance="isotropic", start="prior")
-    assert guided.settings.start == "prior" and guided.vjps == 3
+    assert guided.settings.start == "prior" and guided.vjps == 2  # the closing estimate takes no VJP
+
+
+def test_jacobian_s_max_spends_vjps_only_on_the_steps_at_or_below_it(problems):
+    """isotropic: one VJP per step whose noise ratio s is at most jacobian_s_max, none above it
+    and none at the closing estimate; inf (the analytic priors' default) spends one on every step."""
+    problem = problems["super-resolution"]
+    points = grid_points(problem.prior.schedule, 12)
+    ratios = [p.sigma / p.alpha for p in points[:-1]]
+    for s_max in (0.05, 1.0, math.inf):
+        result = restore(problem.y, problem.operator, problem.prior, steps=12, covariance="isotropic", jacobian_s_max=s_max)
+        assert result.settings.guidance.jacobian_s_max == s_max
+        assert result.vjps == sum(s <= s_max for s in ratios)
+    assert 0 < sum(s <= 1.0 for s in ratios) < 11
 
 
 @pytest.mark.parametrize("name, changes, message", [
