@@ -66,11 +66,10 @@ def image_study(model: Denoiser, images: list[str], tasks: list[str], size: int,
 
 
 def ours_row(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
-             steps: int, cg_max_iter: int, seed: int, device: str | None, jacobian_s_max: float | None = None,
-             method: str | None = None) -> ImageRow:
+             steps: int, cg_max_iter: int, seed: int, device: str | None, jacobian_s_max: float | None = None) -> ImageRow:
     """Our restore() with one covariance on one measurement: PSNR/SSIM of the posterior mean, NFE, seconds, memory.
-    `jacobian_s_max`: as in restore (None: the model's default); `method`: the row's name (default "ours COVARIANCE")."""
-    row = ImageRow(image, measurement.task.name, method or f"ours {covariance}")
+    `jacobian_s_max`: as in restore (None: the model's default)."""
+    row = ImageRow(image, measurement.task.name, f"ours {covariance}")
     with PeakMemory(device or "cpu") as peak:
         result = restore_unless_diverged(measurement.y, measurement.operator, model, num_samples=num_samples, steps=steps,
                                          covariance=covariance, cg_max_iter=cg_max_iter, start="prior",

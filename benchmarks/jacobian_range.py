@@ -9,7 +9,7 @@ approximation implies (the projection step, no VJP) above a noise ratio s. Two t
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`, kept out of
    training and out of the evaluation): posterior-mean PSNR and VJPs of `restore` for each
    covariance and each jacobian_s_max in --s-max, at the image defaults' steps, for SR x4 and 70%
-   random inpainting and a 32x32-of-128 box hole. The default, for the default covariance, is the
+   random inpainting and a centred box hole a quarter of the side. The default covariance takes the
    value of fewest VJPs within 0.05 dB of the best mean PSNR over the tasks, among those that pass a
    guard on the held-out photographs at the default steps: no task more than 0.1 dB below inf.
 2. **The check, on the held-out photographs**: the chosen value against inf (the network's
@@ -29,17 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from posterior_diff import default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
+from posterior_diff.images import match_channels, read_image
 from posterior_diff.training_data import VALIDATION_FILES
 
 from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
-from .training_curve import _shrunk, centre_crops
+from .training_curve import centre_crops, shrink_to_short_side
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")  # the ones that take VJPs
 S_MAX = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -85,8 +84,7 @@ def validation_crops(files: tuple[str, ...], size: int) -> dict[str, torch.Tenso
         if not Path(file).exists():
             raise FileNotFoundError(f"validation photograph {file} is not installed: `python "
                                     "scripts/train_default_model.py --list-data` installs its Debian package")
-        array = np.asarray(Image.open(file).convert("RGB"))
-        images.append(_shrunk(torch.from_numpy(array.transpose(2, 0, 1).copy()).float() / 127.5 - 1))
+        images.append(shrink_to_short_side(match_channels(read_image(file), 3) * 2 - 1))
     return {photograph_name(file): crop for file, crop in zip(files, centre_crops(images, size))}
 
 

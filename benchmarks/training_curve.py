@@ -125,10 +125,11 @@ def validation_tensors(photographs) -> list[torch.Tensor]:
     (antialiased) to a SHORT_SIDE short side."""
     from posterior_diff.training_data import as_tensors
 
-    return [_shrunk(match_channels(image.float() / 127.5 - 1, 3)) for image in as_tensors(photographs)]
+    return [shrink_to_short_side(match_channels(image.float() / 127.5 - 1, 3)) for image in as_tensors(photographs)]
 
 
-def _shrunk(image: torch.Tensor) -> torch.Tensor:
+def shrink_to_short_side(image: torch.Tensor) -> torch.Tensor:
+    """An image (C, H, W) in [-1, 1] resized (antialiased) to a SHORT_SIDE short side, as validation scores it."""
     scale = SHORT_SIDE / min(image.shape[-2:])
     size = [round(side * scale) for side in image.shape[-2:]]
     return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(-1, 1)
