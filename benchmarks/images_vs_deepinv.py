@@ -66,13 +66,17 @@ def image_study(model: Denoiser, images: list[str], tasks: list[str], size: int,
 
 
 def ours_row(model: Denoiser, image: str, covariance: str, truth: torch.Tensor, measurement: Measurement, num_samples: int,
-             steps: int, cg_max_iter: int, seed: int, device: str | None, jacobian_s_max: float | None = None) -> ImageRow:
+             steps: int, cg_max_iter: int, seed: int, device: str | None, jacobian_s_max: float | None = None,
+             start: str = "prior") -> ImageRow:
     """Our restore() with one covariance on one measurement: PSNR/SSIM of the posterior mean, NFE, seconds, memory.
-    `jacobian_s_max`: as in restore (None: the model's default)."""
-    row = ImageRow(image, measurement.task.name, f"ours {covariance}")
+    `jacobian_s_max` (None: the model's default) and `start`: as in restore. From the prior the guidance is
+    compared; any other start is labelled by it ("ours from the measurement"), since the covariance plays
+    no part in an unguided run from y."""
+    method = f"ours {covariance}" if start == "prior" else f"ours from the {start}"
+    row = ImageRow(image, measurement.task.name, method)
     with PeakMemory(device or "cpu") as peak:
         result = restore_unless_diverged(measurement.y, measurement.operator, model, num_samples=num_samples, steps=steps,
-                                         covariance=covariance, cg_max_iter=cg_max_iter, start="prior",
+                                         covariance=covariance, cg_max_iter=cg_max_iter, start=start,
                                          jacobian_s_max=jacobian_s_max, generator=torch.Generator().manual_seed(seed),
                                          device=device)
     if result is None:

@@ -16,7 +16,9 @@ Three tables, written to docs/speed.md, from which `posterior_diff.defaults.IMAG
 2. **Quality per second.** Every covariance x steps in --steps (20, 50, 100) on the held-out
    photographs (`evaluation.HELD_OUT_PHOTOGRAPHS`) and the tasks sr4, random (70% missing) and
    denoise: posterior-mean PSNR of --samples samples and seconds, averaged over the images;
-   DDRM and DiffPIR at the same NFE beside them; the task's classical baseline above.
+   DDRM and DiffPIR at the same NFE beside them; the task's classical baseline above. Denoising
+   also runs restore's own default, from the measurement (DDRM's like-for-like), with a verdict
+   against DDRM per steps: PSNR at least DDRM's within 1.1x its seconds.
 3. **The choice.** Per covariance and steps, the mean PSNR over the guided tasks (sr4 and
    random) and the seconds a 128x128 restoration with 4 samples takes (table 1's seconds per
    step x steps), and among the settings that fit --budget seconds (default 60) and are no worse
@@ -64,6 +66,11 @@ TASKS = ("sr4", "random", "denoise")
 # measurement without guidance, so the covariance cannot change a default restore of it
 CHOICE_TASKS = ("sr4", "random")
 PEERS = ("ddrm", "diffpir")  # table 2's deepinv methods
+# Table 2's denoising also runs restore's own default (start="auto" is the measurement there, the covariance
+# plays no part): the like-for-like row for DDRM, whose eta_b = 1 sets its state to y plus noise at every
+# sigma >= sigma_y (deepinv's ddrm.py), so that it too starts from the measurement in effect.
+MEASUREMENT_START = "ours from the measurement"
+MAX_DDRM_STEP_RATIO = 1.1  # the seconds per step within which our denoising must match DDRM's PSNR
 COST_TASKS = ("sr4", "denoise")
 JACOBIAN_FREE = ("ddrm", "diffpir")  # deepinv methods without a backward pass: 0 VJPs
 # deepinv's methods closest to each covariance, by likelihood approximation: DPS (zero), PiGDM
@@ -250,6 +257,31 @@ def skipped(method: str, steps: int, cost: list[dict], args: argparse.Namespace)
     return f"not run: about {estimate:.0f} s at {args.cost_size}²" if estimate > args.skip_over else ""
 
 
+def task_methods(task: str) -> list[str]:
+    """Table 2's methods on one task: every covariance from the prior, restore's measurement start
+    on denoising, then the deepinv peers."""
+    measurement_start = [MEASUREMENT_START] if task == "denoise" else []
+    return [f"ours {c}" for c in posterior_diff.COVARIANCES] + measurement_start + [f"deepinv {p}" for p in PEERS]
+
+
+def denoising_verdicts(summary: dict, args: argparse.Namespace) -> list[str]:
+    """Per steps: restore's default denoising (from the measurement, projection covariance) and the
+    projection from the prior against DDRM at the same NFE, posterior-mean PSNR and seconds per image
+    (the same steps, so their ratio is that of the seconds per step)."""
+    lines = []
+    for steps in args.steps:
+        ddrm = summary[("denoise", "deepinv ddrm", steps)]
+        for method in (MEASUREMENT_START, "ours projection"):
+            ours = summary[("denoise", method, steps)]
+            ratio = ours["seconds"] / ddrm["seconds"]
+            verdict = ("BELOW" if ours["psnr"] < ddrm["psnr"] else "SLOWER" if ratio > MAX_DDRM_STEP_RATIO
+                       else f"at least matches, within {MAX_DDRM_STEP_RATIO:g}x per step")
+            lines.append(f"- denoise, {steps} steps: {method} {value(ours['psnr'])} dB at {value(ours['seconds'], '.1f')} s "
+                         f"vs deepinv ddrm {value(ddrm['psnr'])} dB at {value(ddrm['seconds'], '.1f')} s "
+                         f"(seconds ratio {ratio:.2f}x): {verdict}")
+    return lines
+
+
 def quality_rows(model: Denoiser, args: argparse.Namespace, cache: ResultCache, cost: list[dict]) -> list[dict]:
     """Table 2's runs: per steps, image and task, the baseline, every covariance and every peer
     (a cell that `skipped` names is a row without numbers)."""
@@ -261,11 +293,14 @@ def quality_rows(model: Denoiser, args: argparse.Namespace, cache: ResultCache, 
                 measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
                 name, estimate = next(iter(baselines(measurement).items()))
                 baseline_psnr = psnr_ssim(estimate, truth)[0]
-                for method in [f"ours {c}" for c in posterior_diff.COVARIANCES] + [f"deepinv {p}" for p in PEERS]:
+                for method in task_methods(task):
                     def compute(method=method):
-                        kind, which = method.split()
-                        row = (ours_row(model, image, which, truth, measurement, args.samples, steps,
-                                        IMAGE_DEFAULTS.cg_max_iter, 0, None) if kind == "ours"
+                        kind, which = method.split()[:2]
+                        row = (ours_row(model, image, "projection", truth, measurement, args.samples, steps,
+                                        IMAGE_DEFAULTS.cg_max_iter, 0, None, start="measurement")
+                               if method == MEASUREMENT_START
+                               else ours_row(model, image, which, truth, measurement, args.samples, steps,
+                                             IMAGE_DEFAULTS.cg_max_iter, 0, None) if kind == "ours"
                                else peer_row(model, image, which, truth, measurement, args.samples, steps, 0))
                         log_row(steps, image, task, method, f"{row.psnr:.2f} dB", row.seconds, row.note)
                         return asdict(row)
@@ -341,9 +376,9 @@ def report(args, cost, precision, rows, summary, choices, best, minutes: float) 
          f"sr4 PSNR at {args.precision_steps} steps (dB)"],
         [[r["dtype"], f"{r['forward']:.3f}", f"{r['forward'] / precision[0]['forward']:.2f}",
           value(r['seconds_per_step'], '.3f'), value(r["psnr"])] for r in precision])
-    methods = [f"ours {c}" for c in posterior_diff.COVARIANCES] + [f"deepinv {p}" for p in PEERS]
     quality_sections = []
     for task in TASKS:
+        methods = task_methods(task)
         baseline = next(r for r in rows if r["task"] == task)
         lines = [[baseline["baseline"], "", value(statistics.mean(
             r["baseline_psnr"] for r in rows if r["task"] == task and r["method"] == methods[0]
@@ -356,6 +391,10 @@ def report(args, cost, precision, rows, summary, choices, best, minutes: float) 
                               else cell["note"].split(":")[0] if cell["note"].startswith("n/a") else cell["note"]])
         quality_sections.append(f"### {task}\n\n" + markdown_table(
             ["method", "steps", "mean PSNR (dB)", "vs baseline (dB)", "s per image"], lines))
+    quality_sections[-1] += (
+        f"\n\n{MEASUREMENT_START}: restore's default denoising (start=\"auto\"), whose mean is Tweedie's E[x | y] "
+        "under the model (docs/denoising_start.md). DDRM's eta_b = 1 sets its state to y plus noise at every "
+        "sigma >= sigma_y, the same coupling: it is the like-for-like row.\n\n" + "\n".join(denoising_verdicts(summary, args)))
     choice_table = markdown_table(
         ["covariance", "steps", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean over tasks (dB)",
          f"s at {args.cost_size}² ({args.samples} samples)"],

@@ -6,6 +6,7 @@ names the row and may mix labels and numbers, as "50, 150, ..., mean"), and no c
 or inf.
 """
 
+import argparse
 from dataclasses import replace
 import json
 import math
@@ -153,6 +154,22 @@ def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path)
     # restore samples denoising from the measurement, where the covariance plays no part: not in the choice
     assert "denoise" not in out.read_text().split("## 3.")[1].split("\n| covariance")[1].split("\n")[0]
     assert (tmp_path / "speed.json").exists()
+    denoising = tables["method | steps | mean PSNR (dB)"]  # of the tables alike, the last one's: denoise
+    assert speed.MEASUREMENT_START in [row[0] for row in denoising]
+    assert f"denoise, 2 steps: {speed.MEASUREMENT_START}" in out.read_text()
+
+
+def test_the_denoising_verdict_needs_ddrm_psnr_within_its_seconds_per_step():
+    def summary(ours_psnr, ours_seconds):
+        cells = {speed.MEASUREMENT_START: (ours_psnr, ours_seconds), "ours projection": (29.0, 1.0),
+                 "deepinv ddrm": (29.1, 1.0)}
+        return {("denoise", method, 20): dict(psnr=psnr, seconds=seconds) for method, (psnr, seconds) in cells.items()}
+
+    args = argparse.Namespace(steps=(20,))
+    matched, projection = speed.denoising_verdicts(summary(30.3, 1.05), args)
+    assert matched.endswith("at least matches, within 1.1x per step")
+    assert projection.endswith("BELOW")  # 29.0 against DDRM's 29.1
+    assert speed.denoising_verdicts(summary(30.3, 1.2), args)[0].endswith("SLOWER")
 
 
 def test_the_speed_choice_does_not_trade_one_task_for_another():
