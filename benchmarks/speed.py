@@ -205,10 +205,20 @@ def paired_ratio(ours: dict, theirs: dict) -> float:
     return statistics.median(pairs) if pairs else ours["seconds_per_step"] / theirs["seconds_per_step"]
 
 
+def speed_verdict(ours: dict, theirs: dict) -> str:
+    """"no slower" where the median per-round ratio is at most 1; "SLOWER" where ours is slower in every
+    round (a sign test: 2^-n by chance over n rounds); between the two, a level race within the timing
+    noise, said as such with the rounds ours won."""
+    if paired_ratio(ours, theirs) <= 1:
+        return "no slower"
+    won = sum(a <= b for a, b in zip(ours["rounds"], theirs["rounds"]))
+    return "SLOWER" if won == 0 else f"level (faster in {won} of {len(ours['rounds'])} rounds)"
+
+
 def counterpart_verdicts(cost: list[dict]) -> list[str]:
     """Per task and covariance: ours (at the defaults, and with the Jacobian at every step where it takes
     VJPs) against its deepinv counterpart (COUNTERPARTS), seconds per step, as the median of the
-    per-round ratios (`paired_ratio`)."""
+    per-round ratios (`paired_ratio`), with `speed_verdict`."""
     rows = {(r["task"], r["method"]): r for r in cost}
     lines = []
     for task in COST_TASKS:
@@ -218,7 +228,7 @@ def counterpart_verdicts(cost: list[dict]) -> list[str]:
             for ours_method in ours_methods if math.isfinite(theirs["seconds_per_step"]) else ():
                 ours = rows[task, ours_method]
                 ratio = paired_ratio(ours, theirs)
-                verdict = "no slower" if ratio <= 1 else "SLOWER"
+                verdict = speed_verdict(ours, theirs)
                 lines.append(f"- {task}: {ours_method} {ours['seconds_per_step']:.3f} s/step vs deepinv {method} "
                              f"{theirs['seconds_per_step']:.3f} (per-round ratio {ratio:.2f}x): {verdict}")
     return lines

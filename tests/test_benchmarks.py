@@ -195,6 +195,12 @@ def test_the_speed_verdict_pairs_the_rounds():
     theirs = speed.cost_row("sr4", "deepinv dps", [1.1, 1.5, 2.2], math.nan, 1.0, 1)
     assert ours["seconds_per_step"] > theirs["seconds_per_step"]
     assert speed.paired_ratio(ours, theirs) < 1
+    assert speed.speed_verdict(ours, theirs) == "no slower"
+    # a median above 1 with a round won is a level race; slower in every round is slower
+    close = speed.cost_row("sr4", "ours zero", [1.0, 1.6, 2.3], 3, 1.0, 1)
+    assert speed.speed_verdict(close, theirs) == "level (faster in 1 of 3 rounds)"
+    slow = speed.cost_row("sr4", "ours zero", [1.2, 1.6, 2.3], 3, 1.0, 1)
+    assert speed.speed_verdict(slow, theirs) == "SLOWER"
 
 
 def test_the_result_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
