@@ -292,6 +292,18 @@ def denoising_verdicts(summary: dict, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def quality_cell(model: Denoiser, method: str, image: str, truth: torch.Tensor, measurement, steps: int,
+                 args: argparse.Namespace) -> ImageRow:
+    """One method of table 2 on one measurement: ours from the prior with its covariance, ours from the
+    measurement (MEASUREMENT_START, the projection covariance, which plays no part there) or a deepinv peer."""
+    kind, which = method.split()[:2]
+    if kind == "deepinv":
+        return peer_row(model, image, which, truth, measurement, args.samples, steps, 0)
+    covariance, start = ("projection", "measurement") if method == MEASUREMENT_START else (which, "prior")
+    return ours_row(model, image, covariance, truth, measurement, args.samples, steps, IMAGE_DEFAULTS.cg_max_iter, 0,
+                    None, start=start)
+
+
 def quality_rows(model: Denoiser, args: argparse.Namespace, cache: ResultCache, cost: list[dict]) -> list[dict]:
     """Table 2's runs: per steps, image and task, the baseline, every covariance and every peer
     (a cell that `skipped` names is a row without numbers)."""
@@ -305,13 +317,7 @@ def quality_rows(model: Denoiser, args: argparse.Namespace, cache: ResultCache, 
                 baseline_psnr = psnr_ssim(estimate, truth)[0]
                 for method in task_methods(task):
                     def compute(method=method):
-                        kind, which = method.split()[:2]
-                        row = (ours_row(model, image, "projection", truth, measurement, args.samples, steps,
-                                        IMAGE_DEFAULTS.cg_max_iter, 0, None, start="measurement")
-                               if method == MEASUREMENT_START
-                               else ours_row(model, image, which, truth, measurement, args.samples, steps,
-                                             IMAGE_DEFAULTS.cg_max_iter, 0, None) if kind == "ours"
-                               else peer_row(model, image, which, truth, measurement, args.samples, steps, 0))
+                        row = quality_cell(model, method, image, truth, measurement, steps, args)
                         log_row(steps, image, task, method, f"{row.psnr:.2f} dB", row.seconds, row.note)
                         return asdict(row)
                     key, reason = f"{steps}|{image}|{task}|{method}", skipped(method, steps, cost, args)
