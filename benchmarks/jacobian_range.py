@@ -37,13 +37,13 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, mea
 from posterior_diff.images import match_channels, read_image
 from posterior_diff.training_data import VALIDATION_FILES
 
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import (TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row,
+                        markdown_table, write_report)
 from .training_curve import centre_crops, shrink_to_short_side
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")  # the ones that take VJPs
 S_MAX = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 TASKS = ("sr4", "random", "box")
-TIE_DB = 0.05
 GUARD_DB = 0.1  # how far below inf, on any task of the held-out guard, a chosen value may fall
 
 
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one image, 16x16, 2 samples, few values (seconds)")
     parser.add_argument("--size", type=int, default=64, help="side of the centre crops")
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--s-max", default=",".join(map(str, S_MAX)), help="comma list of jacobian_s_max values")
-    parser.add_argument("--steps", default="5,10,20", help="comma list of sampler steps of table 2")
+    parser.add_argument("--s-max", type=comma_numbers(float), default=S_MAX, help="comma list of jacobian_s_max values")
+    parser.add_argument("--steps", type=comma_numbers(int), default=(5, 10, 20), help="comma list of sampler steps of table 2")
     parser.add_argument("--validation", nargs="+", default=VALIDATION_FILES, metavar="FILE",
                         help="the photographs of table 1 (default: training_data.VALIDATION_FILES)")
     parser.add_argument("--threads", type=int, default=2)
@@ -61,8 +61,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.s_max = tuple(float(s) for s in args.s_max.split(","))
-    args.steps = tuple(int(s) for s in args.steps.split(","))
     args.validation, args.held_out = tuple(args.validation), HELD_OUT_PHOTOGRAPHS
     if args.quick:
         args.size, args.samples, args.s_max, args.steps = 16, 2, (1.0, math.inf), (3,)
@@ -126,9 +124,8 @@ def table_cells(cache: ResultCache, model, truths: dict[str, torch.Tensor], labe
 def choose(scores: dict[float, tuple[float, float]], allowed: set[float] | None = None) -> float:
     """Among the `allowed` values (default: all), the fewest VJPs within TIE_DB of their best mean PSNR.
     `scores`: value -> (mean PSNR over the tasks, VJPs)."""
-    candidates = {value: score for value, score in scores.items() if allowed is None or value in allowed}
-    best = max(psnr for psnr, _ in candidates.values())
-    return min((vjps, value) for value, (psnr, vjps) in candidates.items() if psnr >= best - TIE_DB)[1]
+    candidates = [value for value in scores if allowed is None or value in allowed]
+    return cheapest_of_the_best(candidates, lambda value: scores[value][0], lambda value: scores[value][1])
 
 
 def guard(psnrs: dict[float, dict[str, float]]) -> set[float]:
@@ -136,6 +133,50 @@ def guard(psnrs: dict[float, dict[str, float]]) -> set[float]:
     reference = psnrs[math.inf]
     return {value for value, tasks in psnrs.items()
             if all(tasks[task] >= reference[task] - GUARD_DB for task in reference)}
+
+
+def choice_table(cache: ResultCache, model, validation: dict, args) -> tuple[list[list[str]], dict]:
+    """Table 1's rows (per covariance and value: PSNR per task, their mean, VJPs) on the validation
+    photographs, and the default covariance's scores: value -> (mean PSNR, VJPs)."""
+    rows, scores = [], {}
+    for covariance in COVARIANCES:
+        for s_max in args.s_max:
+            cells = table_cells(cache, model, validation, "validation", covariance, s_max, IMAGE_DEFAULTS.steps,
+                                args.samples)
+            psnrs = [mean_of(cells[task], "psnr") for task in TASKS]
+            vjps = statistics.fmean(mean_of(cells[task], "vjps") for task in TASKS)
+            if covariance == IMAGE_DEFAULTS.covariance:
+                scores[s_max] = (statistics.fmean(psnrs), vjps)
+            rows.append([f"{covariance}, {label(s_max)}", *(f"{p:.2f}" for p in psnrs), f"{statistics.fmean(psnrs):.2f}",
+                         f"{vjps:.0f}"])
+    return rows, scores
+
+
+def guard_psnrs(cache: ResultCache, model, held_out: dict, args) -> dict[float, dict[str, float]]:
+    """The guard's runs: the default covariance at the default steps on the held-out photographs,
+    value -> task -> mean PSNR."""
+    psnrs = {}
+    for s_max in args.s_max:
+        cells = table_cells(cache, model, held_out, "held-out", IMAGE_DEFAULTS.covariance, s_max, IMAGE_DEFAULTS.steps,
+                            args.samples)
+        psnrs[s_max] = {task: mean_of(cells[task], "psnr") for task in TASKS}
+    return psnrs
+
+
+def check_table(cache: ResultCache, model, held_out: dict, chosen: float, args) -> list[list[str]]:
+    """Table 2's rows: per covariance and --steps, the chosen value and inf side by side (PSNR per
+    task, VJPs, seconds) on the held-out photographs."""
+    rows = []
+    for covariance in COVARIANCES:
+        for steps in args.steps:
+            row = [covariance, str(steps)]
+            for s_max in (chosen, math.inf):
+                cells = table_cells(cache, model, held_out, "held-out", covariance, s_max, steps, args.samples)
+                row += [*(f"{mean_of(cells[task], 'psnr'):.2f}" for task in TASKS),
+                        f"{statistics.fmean(mean_of(cells[task], 'vjps') for task in TASKS):.0f}",
+                        f"{statistics.fmean(mean_of(cells[task], 'seconds') for task in TASKS):.1f}"]
+            rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,37 +188,14 @@ def main(argv: list[str] | None = None) -> None:
                                          validation=list(args.validation), cg_max_iter=IMAGE_DEFAULTS.cg_max_iter,
                                          default_steps=IMAGE_DEFAULTS.steps))
     validation = validation_crops(args.validation, args.size)
-    choice_rows, scores = [], {}
-    for covariance in COVARIANCES:
-        for s_max in args.s_max:
-            cells = table_cells(cache, model, validation, "validation", covariance, s_max, IMAGE_DEFAULTS.steps,
-                                args.samples)
-            psnrs = [mean_of(cells[task], "psnr") for task in TASKS]
-            vjps = statistics.fmean(mean_of(cells[task], "vjps") for task in TASKS)
-            if covariance == IMAGE_DEFAULTS.covariance:
-                scores[s_max] = (statistics.fmean(psnrs), vjps)
-            choice_rows.append([f"{covariance}, {label(s_max)}", *(f"{p:.2f}" for p in psnrs), f"{statistics.fmean(psnrs):.2f}",
-                                f"{vjps:.0f}"])
+    choice_rows, scores = choice_table(cache, model, validation, args)
     held_out = {name: load_photograph(name, args.size, 2.0) for name in args.held_out}
-    guarded = {}
-    for s_max in args.s_max:
-        cells = table_cells(cache, model, held_out, "held-out", IMAGE_DEFAULTS.covariance, s_max, IMAGE_DEFAULTS.steps,
-                            args.samples)
-        guarded[s_max] = {task: mean_of(cells[task], "psnr") for task in TASKS}
+    guarded = guard_psnrs(cache, model, held_out, args)
     allowed = guard(guarded)
     chosen = choose(scores, allowed)
     guard_rows = [[label(s_max), *(f"{guarded[s_max][task]:.2f}" for task in TASKS),
                    "yes" if s_max in allowed else "no"] for s_max in args.s_max]
-    check_rows = []
-    for covariance in COVARIANCES:
-        for steps in args.steps:
-            row = [covariance, str(steps)]
-            for s_max in (chosen, math.inf):
-                cells = table_cells(cache, model, held_out, "held-out", covariance, s_max, steps, args.samples)
-                row += [*(f"{mean_of(cells[task], 'psnr'):.2f}" for task in TASKS),
-                        f"{statistics.fmean(mean_of(cells[task], 'vjps') for task in TASKS):.0f}",
-                        f"{statistics.fmean(mean_of(cells[task], 'seconds') for task in TASKS):.1f}"]
-            check_rows.append(row)
+    check_rows = check_table(cache, model, held_out, chosen, args)
     per_setting = [f"{task} (dB)" for task in TASKS] + ["VJPs", "s"]
     write_report(args.out, "Where a network's Jacobian helps the guidance", __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0], [
         f"## 1. The choice: validation photographs\n\n{len(validation)} validation photographs ({', '.join(validation)}), "

@@ -8,6 +8,7 @@ under every title.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import functools
@@ -30,6 +31,8 @@ from posterior_diff.models import DEFAULT_MODEL_DIR
 from posterior_diff.training import total_steps
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+# Mean PSNRs this close to the best are a tie (below the noise of a 4-image mean): the cheaper setting wins.
+TIE_DB = 0.05
 VERSIONED = ("torch", "diffusers", "scikit-image", "deepinv", "bm3d")  # the packages whose versions a report names
 
 
@@ -198,3 +201,28 @@ def _status_kilobytes(field: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def cheapest_of_the_best(candidates, psnr, cost, tie_db: float = TIE_DB):
+    """Of `candidates` (any iterable), the one of least `cost(c)` among those whose `psnr(c)` is within
+    `tie_db` of the best: a choice rule that does not pay for a difference below the noise. Ties in cost
+    go to the first in order."""
+    candidates = list(candidates)
+    best = max(psnr(c) for c in candidates)
+    return min((c for c in candidates if psnr(c) >= best - tie_db), key=cost)
+
+
+def comma_numbers(kind=float):
+    """An argparse type: a comma-separated list of numbers of `kind` (int or float; "inf" for float), as a
+    tuple in the order given; a bad item is a usage error naming it."""
+
+    def parse(text: str) -> tuple:
+        try:
+            items = tuple(kind(item) for item in text.split(",") if item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+        return items
+
+    return parse

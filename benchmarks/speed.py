@@ -59,7 +59,8 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_phot
 
 from .images_vs_deepinv import ImageRow, ours_row, peer_row
 from .peers import run_peer
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import (TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row,
+                        markdown_table, write_report)
 
 TASKS = ("sr4", "random", "denoise")
 # the tasks that choose the covariance: restore's start="auto" samples denoising from the
@@ -85,7 +86,6 @@ OPT_IN = f"jacobian_s_max {OPT_IN_S_MAX:g}"
 STEPS = (20, 50, 100)
 REFERENCE = ("isotropic", 50)  # the defaults the choice must at least match (those before this benchmark)
 MAX_TASK_LOSS_DB = 0.1  # how far below REFERENCE on one task a choice may fall (the noise of 4-sample means)
-TIE_DB = 0.05  # mean PSNRs this close to the best are a tie (below the noise of 4 images): the fastest wins
 SLOW_DTYPE = 5.0
 NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cost-size", type=int, default=128, help="side of the images of table 1 (default 128)")
     parser.add_argument("--downscale", type=float, default=2.0, help="shrink each photograph by this factor before cropping")
     parser.add_argument("--samples", type=int, default=4, help="posterior samples per restoration (default 4)")
-    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="sampler steps of table 2")
+    parser.add_argument("--steps", type=comma_numbers(int), default=STEPS, help="sampler steps of table 2")
     parser.add_argument("--cost-steps", type=int, default=10, help="sampler steps timed per mode in table 1")
     parser.add_argument("--cost-repeats", type=int, default=3, help="rounds of table 1's timings (median kept)")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds allowed for a 128x128, 4-sample restoration")
@@ -111,7 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.steps = tuple(int(s) for s in args.steps.split(","))
     args.images = HELD_OUT_PHOTOGRAPHS
     if args.quick:
         args.images, args.size, args.cost_size, args.steps, args.cost_steps = HELD_OUT_PHOTOGRAPHS[:1], 16, 16, (2,), 2
@@ -201,8 +200,7 @@ def cost_row(task: str, method: str, rounds: list[float], vjps: int, forward: fl
 def paired_ratio(ours: dict, theirs: dict) -> float:
     """The median over rounds of ours / theirs, each pair timed in the same round (minutes apart at most):
     the machine's drift between rounds, which moves both, cancels in each pair."""
-    pairs = [a / b for a, b in zip(ours["rounds"], theirs["rounds"])]
-    return statistics.median(pairs) if pairs else ours["seconds_per_step"] / theirs["seconds_per_step"]
+    return statistics.median(a / b for a, b in zip(ours["rounds"], theirs["rounds"]))
 
 
 def speed_verdict(ours: dict, theirs: dict) -> str:
@@ -216,7 +214,7 @@ def speed_verdict(ours: dict, theirs: dict) -> str:
 
 
 def counterpart_verdicts(cost: list[dict]) -> list[str]:
-    """Per task and covariance: ours (at the defaults, and with the Jacobian at every step where it takes
+    """Per task and covariance: ours (at the defaults, and at the opt-in OPT_IN_S_MAX where it takes
     VJPs) against its deepinv counterpart (COUNTERPARTS), seconds per step, as the median of the
     per-round ratios (`paired_ratio`), with `speed_verdict`."""
     rows = {(r["task"], r["method"]): r for r in cost}
@@ -369,8 +367,7 @@ def best_choice(rows: list[dict], budget: float) -> dict | None:
     fitting = [r for r in rows if r["seconds"] <= budget and math.isfinite(r["psnr"]) and no_worse(r)]
     if not fitting:
         return None
-    best = max(r["psnr"] for r in fitting)
-    return min((r for r in fitting if r["psnr"] >= best - TIE_DB), key=lambda r: r["seconds"])
+    return cheapest_of_the_best(fitting, lambda r: r["psnr"], lambda r: r["seconds"])
 
 
 # -- report -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from posterior_diff.guidance import AveragedLikelihoodGuidance, GuidanceSettings
 from posterior_diff.images import measurement_to_model_units
 from posterior_diff.samplers import SamplerSettings, run_sampler
 
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import ResultCache, comma_numbers, embedded_model, log_row, markdown_table, write_report
 
 STARTS = {"warm": True, "cold": False}
 STRETCHES = 5
@@ -46,14 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one image, 16x16, 2 samples, 3 and 6 steps (seconds)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--steps", default="20,50,100", help="comma list of sampler steps")
+    parser.add_argument("--steps", type=comma_numbers(int), default=(20, 50, 100), help="comma list of sampler steps")
     parser.add_argument("--tasks", default="sr4,random", help="comma list of tasks (posterior_diff.tasks)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("docs/warm_start.md"))
     parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.steps = tuple(int(s) for s in args.steps.split(","))
     args.tasks = tuple(args.tasks.split(","))
     args.images = HELD_OUT_PHOTOGRAPHS
     if args.quick:

@@ -203,6 +203,15 @@ def test_the_speed_verdict_pairs_the_rounds():
     assert speed.speed_verdict(slow, theirs) == "SLOWER"
 
 
+def test_comma_numbers_parse_lists_and_name_a_bad_item():
+    assert reporting.comma_numbers(float)("0.5,2,inf") == (0.5, 2.0, math.inf)
+    assert reporting.comma_numbers(int)("20,50") == (20, 50)
+    with pytest.raises(argparse.ArgumentTypeError, match="'20,x'"):
+        reporting.comma_numbers(int)("20,x")
+    with pytest.raises(SystemExit):  # through argparse: a usage error, not a traceback
+        speed.parse_args(["--steps", "2.5"])
+
+
 def test_the_result_cache_keeps_finished_runs_and_drops_them_when_the_settings_change(tmp_path):
     path, computed = tmp_path / "runs.json", []
     reporting.ResultCache(path, {"size": 64}).get("a", lambda: computed.append(1) or {"psnr": 20.0})
