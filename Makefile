@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
 #   make demo   installs into .venv (first time only) and runs the main job
 #   make test   installs into .venv (first time only) and runs the test suite
+# and `make docs` builds the documentation site into site/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all benchmark benchmark-quick clean
+.PHONY: demo test test-all docs benchmark benchmark-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,16 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "slow or not slow"
+
+# The documentation site (mkdocs.yml: docs/ and the API reference from the docstrings), built
+# strictly (a warning, such as a broken link, fails it) into site/.
+# The `docs` extra (mkdocs, mkdocstrings) is in `test` too; this installs it where it is missing.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/python -m mkdocs build --strict --site-dir site
 
 # The benchmarks' own dependencies (deepinv, BM3D, matplotlib): the `benchmark` extra.
 $(VENV)/.benchmark-installed: $(VENV)/.installed
@@ -47,4 +58,4 @@ benchmark-quick: $(VENV)/.benchmark-installed
 	for name in $(BENCHMARKS); do $(BIN)/python -m benchmarks.$$name --quick --out $(QUICK_OUT)/$$name.md || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis

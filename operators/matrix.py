@@ -14,8 +14,9 @@ from .linalg import per_sample
 class MatrixOperator(LinearOperator):
     """y = M x + sigma_y * n with a dense (m, d) matrix M, x of shape (B, d), y of shape (B, m).
 
-    The regularised solve (sigma_y^2 I + r M M^T) v = u is done directly (m x m systems), so it
-    is exact whatever the structure of M.
+    The regularised solve (sigma_y^2 I + r M M^T) v = u is exact whatever the structure of M:
+    M M^T is factored once into its eigenbasis (`gram_eigen`), so a solve for any r, one number
+    or one per sample, is two products.
     """
 
     def __init__(self, matrix: Tensor, sigma_y: float = 0.0):
@@ -47,17 +48,32 @@ class MatrixOperator(LinearOperator):
         self.x_shape(y.shape[1:])
         return y @ self.matrix.to(y.dtype)
 
+    def gram_eigen(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The eigendecomposition M M^T = Q diag(lambda) Q^T: lambda (m,) and Q (m, m), in dtype on device.
+
+        M M^T never changes, so it is factored once (in float64, then cast) and cached per
+        dtype and device: every solve and log det after that costs two (B, m) x (m, m) products.
+        """
+        key = (dtype, device, self.matrix.device, self.matrix.data_ptr(), self.matrix._version)
+        cache = self.__dict__.setdefault("_gram_eigen", {})
+        if key not in cache:
+            m = self.matrix.to(torch.float64)
+            eigenvalues, eigenvectors = torch.linalg.eigh(m @ m.T)
+            # M M^T is positive semi-definite: a negative eigenvalue is rounding of a zero one
+            eigenvalues = eigenvalues.clamp_min(0)
+            cache[key] = (eigenvalues.to(dtype=dtype, device=device), eigenvectors.to(dtype=dtype, device=device))
+        return cache[key]
+
     def solve(self, u: Tensor, r: Tensor | float, *, tol: float = 1e-6, max_iter: int = 200) -> Tensor:
-        m = self.matrix.to(u.dtype)
-        gram = m @ m.T
-        eye = torch.eye(gram.shape[0], dtype=u.dtype, device=u.device)
-        systems = self.sigma_y**2 * eye + per_sample(r, u)[..., None] * gram if isinstance(r, Tensor) and r.dim() > 0 \
-            else self.sigma_y**2 * eye + r * gram
-        return torch.linalg.solve(systems, u.unsqueeze(-1)).squeeze(-1)
+        """(sigma_y^2 I + r M M^T)^{-1} u for u (B, m), r a float or (B,): exact, in the eigenbasis of M M^T."""
+        eigenvalues, eigenvectors = self.gram_eigen(u.dtype, u.device)
+        if self.sigma_y == 0 and bool((eigenvalues == 0).any()):
+            raise ValueError("sigma_y = 0 with a rank-deficient matrix: sigma_y^2 I + r M M^T is singular")
+        variance = self.sigma_y**2 + per_sample(r, u) * eigenvalues  # (m,) or (B, m)
+        return ((u @ eigenvectors) / variance) @ eigenvectors.T
 
     def log_det(self, r: Tensor | float, y_like: Tensor) -> Tensor:
-        m = self.matrix.to(y_like.dtype)
-        eigenvalues = torch.linalg.eigvalsh(m @ m.T)  # (m,)
+        eigenvalues, _ = self.gram_eigen(y_like.dtype, y_like.device)
         r = torch.as_tensor(r, dtype=y_like.dtype, device=y_like.device).reshape(-1, 1)  # scalar or (B,)
         variance = (self.sigma_y**2 + r * eigenvalues).expand(y_like.shape[0], -1)  # (B, m)
         return variance.clamp_min(torch.finfo(y_like.dtype).tiny).log().sum(1)
