@@ -1,10 +1,48 @@
+"""Shared fixtures, and the suite's environment: offline, and a chosen number of torch threads.
+
+Both are set here, before anything imports torch's thread pool or a hub library, and they are
+put in os.environ so that every subprocess a test starts (the CLI, torchrun) runs alike:
+
+- HF_HUB_OFFLINE=1: huggingface_hub reads it at import, so no test can reach the network.
+- POSTERIOR_DIFF_TEST_THREADS=N (default: torch's own choice): torch.set_num_threads(N) in this
+  process and OMP_NUM_THREADS=N for subprocesses. The suite must pass with 1 and with 2 threads:
+  a test that only passes at one thread count depends on how that count rounds reductions.
+"""
+
 import importlib.util
+import os
 from pathlib import Path
 
-import pytest
-import torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+THREADS_VARIABLE = "POSTERIOR_DIFF_TEST_THREADS"
+if os.environ.get(THREADS_VARIABLE):
+    os.environ["OMP_NUM_THREADS"] = os.environ[THREADS_VARIABLE]
 
-from posterior_diff import GaussianPrior
+import pytest  # noqa: E402  (after the environment above, on purpose)
+import torch  # noqa: E402
+
+from posterior_diff import GaussianPrior  # noqa: E402
+
+
+def requested_threads() -> int | None:
+    """The thread count POSTERIOR_DIFF_TEST_THREADS asks for, None if unset; a bad value is a usage error."""
+    value = os.environ.get(THREADS_VARIABLE)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise pytest.UsageError(f"{THREADS_VARIABLE} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+
+def pytest_configure(config):
+    threads = requested_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def pytest_report_header(config):
+    return f"torch threads: {torch.get_num_threads()} ({THREADS_VARIABLE}={os.environ.get(THREADS_VARIABLE, 'unset')})"
 
 
 class CountingPrior(GaussianPrior):
