@@ -34,7 +34,6 @@ def requested_threads() -> int | None:
     return int(value)
 
 
-
 def pytest_configure(config):
     threads = requested_threads()
     if threads is not None:
