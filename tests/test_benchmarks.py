@@ -442,7 +442,13 @@ def test_the_throughput_quick_run_times_three_ways_and_deepinv_on_the_same_image
     assert [int(row[2]) for row in ways[:2]] == [2, 4]  # rows per forward: samples, then batch x samples
     single, batch = result["ways"][0], result["ways"][1]
     assert len(single.restorations) == len(batch.restorations) == 4
-    for alone, together in zip(single.restorations, batch.restorations):  # the same per-image generators
-        assert torch.allclose(alone.samples, together.samples, atol=1e-5)
-    agreement = {row[0]: float(row[1]) for row in tables["comparison | max abs difference"]}
-    assert max(agreement.values()) <= 1  # batched vs one by one; the CLI's PNGs within one 8-bit level
+    # The same per-image generators, at the image defaults: a Tweedie CG stopped at a relative residual
+    # of cg_tol = 1e-3 (or its cap) may take one iteration more or fewer when the batch size changes the
+    # float32 round-off, and so moves a guided step by up to ~1e-3 of its correction (O(1) in [0, 1]
+    # units). So the runs agree to one 8-bit level, the resolution the CLI writes, not to round-off;
+    # a shifted generator moves a sample by the sampler's noise, O(0.1).
+    for alone, together in zip(single.restorations, batch.restorations):
+        assert float((alone.samples - together.samples).abs().max()) <= 1 / 255
+    samples_row, levels_row = tables["comparison | max abs difference"]
+    assert samples_row[0].startswith("batched samples") and float(samples_row[1]) <= 1 / 255  # [0, 1] units
+    assert "8-bit levels" in levels_row[0] and float(levels_row[1]) <= 1  # PNGs: one level of rounding

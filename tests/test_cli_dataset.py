@@ -35,6 +35,17 @@ def files(folder):
     return sorted(path.name for path in folder.iterdir())
 
 
+def stamp(path):
+    """Give `path` a modification time no write of today can leave; returns what must not change."""
+    os.utime(path, ns=(1, 1))
+    return path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns
+
+
+def untouched(path, stamped):
+    """Same bytes, same inode and the old stamp: neither rewritten in place nor replaced by a rename."""
+    return (path.read_bytes(), path.stat().st_ino, path.stat().st_mtime_ns) == stamped
+
+
 def environment():
     """The environment of a command-line subprocess: one thread, no network, this checkout importable."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +65,10 @@ def test_several_inputs_go_into_a_folder_under_their_own_names(tmp_path, pipelin
     assert manifest["settings"]["task"] == "sr2" and manifest["settings"]["steps"] == 2
     assert manifest["counts"] == {"restored": 4, "existing": 0, "failed": 0}
     assert {line["name"]: line["seed"] for line in manifest["images"]}["a.png"] == image_seed(0, "a.png")
-    before = {name: (out / name).read_bytes() for name in files(out)}
+    outputs = ["a.png", "b.png", "c.png", "d.png"]
+    before = {name: stamp(out / name) for name in outputs}
     assert main(["restore", str(a), str(b), str(tmp_path / "two" / "*.png"), *common]) == 0  # all there: skipped
-    assert all((out / name).read_bytes() == before[name] for name in ["a.png", "b.png", "c.png", "d.png"])
+    assert all(untouched(out / name, before[name]) for name in outputs)
     assert json.loads((out / MANIFEST).read_text())["counts"] == {"restored": 0, "existing": 4, "failed": 0}
     assert "0 of 4" in capsys.readouterr().out
 
@@ -69,20 +81,24 @@ def test_a_single_file_into_an_existing_folder_and_std_maps(tmp_path, pipeline_f
                  "--std-map", str(std)]) == 0
     assert files(out) == ["low.png", MANIFEST] and files(std) == ["low.png"]
     std.joinpath("low.png").unlink()  # a std map asked for later is made without touching the mean
-    mean = (out / "low.png").read_bytes()
+    before = stamp(out / "low.png")
     assert main(["restore", str(low), *FAST, "--samples", "2", "--model", str(pipeline_folder), "-o", str(out),
                  "--std-map", str(std)]) == 0
-    assert files(std) == ["low.png"] and (out / "low.png").read_bytes() == mean
+    assert files(std) == ["low.png"] and untouched(out / "low.png", before)
 
 
 def test_a_killed_run_resumes_and_every_image_equals_its_single_file_run(tmp_path, pipeline_folder):
     names = [f"{index:02d}.png" for index in range(6)]
     images(tmp_path / "in", names)
-    out, slow = tmp_path / "out", ["--task", "sr2", "--steps", "25", "--samples", "1", "--model", str(pipeline_folder)]
+    out = tmp_path / "out"
+    slow = ["--task", "sr2", "--steps", "25", "--samples", "1", "--model", str(pipeline_folder), "--device", "cpu"]
     command = [sys.executable, "-m", "posterior_diff", "restore", str(tmp_path / "in"), *slow, "-o", str(out)]
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 50
-    while process.poll() is None and not (out.is_dir() and set(names) & set(files(out))) and time.monotonic() < deadline:
+    # Kill it once its first image is written, however long the start-up takes on a loaded machine;
+    # the hang guard only stops a run that never writes (a bug), it is no performance deadline.
+    hang_guard = time.monotonic() + 600
+    while process.poll() is None and not (out.is_dir() and set(names) & set(files(out))):
+        assert time.monotonic() < hang_guard, "the run wrote no image in 10 minutes"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -99,7 +115,11 @@ def test_a_killed_run_resumes_and_every_image_equals_its_single_file_run(tmp_pat
         single = tmp_path / "single" / name
         single.parent.mkdir(exist_ok=True)
         assert main(["restore", str(tmp_path / "in" / name), *slow, "-o", str(single)]) == 0
-        assert torch.equal(read_image(single), read_image(out / name)), name
+        # The same seed and settings on the CPU, but another process, maybe at another thread count: its
+        # float32 reductions may round differently, and 25 guided steps through a CG stopped at
+        # cg_tol = 1e-3 may carry that to ~1e-3, so a PNG pixel may round one 8-bit level apart.
+        # Another image's seed would move pixels by many levels.
+        assert float((read_image(single) - read_image(out / name)).abs().max()) <= 1 / 255 + 1e-6, name
 
 
 def test_batches_give_the_images_their_own_results(tmp_path, pipeline_folder):
@@ -179,11 +199,11 @@ def test_existing_outputs_are_kept_unless_forced_and_settings_must_match(tmp_pat
     out = tmp_path / "out"
     common = ["restore", str(tmp_path / "in"), *FAST, "--model", str(pipeline_folder), "-o", str(out)]
     assert main(common) == 0
-    mine = write(out / "a.png", torch.zeros(3, 16, 16)).read_bytes()  # someone's file where an output would go
-    assert main(common) == 0 and (out / "a.png").read_bytes() == mine
+    mine = stamp(write(out / "a.png", torch.zeros(3, 16, 16)))  # someone's file where an output would go
+    assert main(common) == 0 and untouched(out / "a.png", mine)
     assert main([*common, "--seed", "3"]) == 2
-    assert "other settings (seed 0 -> 3)" in capsys.readouterr().err and (out / "a.png").read_bytes() == mine
-    assert main([*common, "--seed", "3", "--force"]) == 0 and (out / "a.png").read_bytes() != mine
+    assert "other settings (seed 0 -> 3)" in capsys.readouterr().err and untouched(out / "a.png", mine)
+    assert main([*common, "--seed", "3", "--force"]) == 0 and (out / "a.png").read_bytes() != mine[0]
     assert json.loads((out / MANIFEST).read_text())["settings"]["seed"] == 3
 
 

@@ -26,11 +26,16 @@ def test_folder_loads_into_a_denoiser_that_matches_the_unet(pipeline_folder):
 
 
 def test_any_image_size_works_by_padding(pipeline_folder):
+    """A 7 x 9 image is padded by reflection at its bottom and right to the UNet's multiple of 2 (8 x 10)
+    and cropped back: its output is the 8 x 10 output's top-left 7 x 9, the same network call on the
+    same padded input, so equal to the last bit. Zero padding or a crop from elsewhere would differ."""
     model = load_model(pipeline_folder)
     x = torch.randn(1, 3, 7, 9)
+    padded = torch.nn.functional.pad(x, (0, 1, 0, 1), mode="reflect")
     with torch.no_grad():
-        out = model(x, 0.5)
+        out, whole = model(x, 0.5), model(padded, 0.5)
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
+    assert torch.equal(out, whole[..., :7, :9])
 
 
 def test_restore_with_an_image_model_returns_clamped_images_in_unit_range(pipeline_folder):
@@ -167,13 +172,13 @@ def test_hub_ids_load_through_the_same_code_from_the_cache(pipeline_folder, tmp_
         assert torch.equal(from_hub(x, 0.4), from_folder(x, 0.4))
 
 
-def test_an_uncached_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
+def test_an_uncached_hub_id_offline_is_one_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="pass a local folder") as error:
         load_model("someone/missing", cache_dir=tmp_path, local_files_only=True)
     assert "HF_HUB_OFFLINE" in str(error.value) and "local_files_only" in str(error.value)
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest.py sets HF_HUB_OFFLINE=1 before any import
     with pytest.raises(ModelLoadError, match="someone/missing"):
         restore(torch.rand(3, 4, 4), SuperResolution(2, 0.05), "someone/missing")
 

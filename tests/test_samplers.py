@@ -84,6 +84,23 @@ def test_bad_sampler_arguments(kwargs, message):
 
 
 def test_progress_bar_reports_every_step(capsys):
+    """A bar of `progress(total)` sees one update(1) per step, in order, then close(); the tqdm bar
+    (progress=True, which tqdm redraws at most every 0.1 s) ends at 7/7."""
+
+    class RecordingBar:
+        def __init__(self, total):
+            self.total, self.updates, self.closed = total, [], False
+
+        def update(self, n):
+            assert not self.closed
+            self.updates.append(n)
+
+        def close(self):
+            self.closed = True
+
+    bars = []
+    sample(mixture(), (2, 2), steps=7, progress=lambda total: bars.append(RecordingBar(total)) or bars[-1])
+    assert len(bars) == 1 and bars[0].total == 7 and bars[0].updates == [1] * 7 and bars[0].closed
     sample(mixture(), (2, 2), steps=7, progress=True)
     assert "7/7" in capsys.readouterr().err
 
