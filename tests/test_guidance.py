@@ -36,7 +36,7 @@ def test_tweedie_guidance_is_the_exact_posterior_denoiser(name, t, schedule, gen
     guided = AveragedLikelihoodGuidance(prior, operator, y.expand(4, *y.shape[1:]), "tweedie", cg_tol=1e-10, cg_noise_tol=0, cg_max_iter=200)
     x_t = torch.randn(4, 1, 6, 6, generator=generator, dtype=DOUBLE) * 2
     exact = prior.posterior(operator, y[0])
-    assert torch.allclose(guided(x_t, t), exact(x_t, t), atol=1e-6)
+    assert torch.allclose(guided(x_t, t), exact(x_t, t), atol=1e-6)  # float64, CG to 1e-10: rounding of the 36x36 algebra
 
 
 WHITE_PRIOR_OPERATORS = {
@@ -71,7 +71,7 @@ def test_zero_covariance_is_the_plain_residual_gradient(generator):
     alpha, sigma = prior.schedule.alpha(t), prior.schedule.sigma(t)
     expected = prior(x_t.detach(), t) + sigma**2 / alpha * grad
     guided = AveragedLikelihoodGuidance(prior, operator, y, "zero")
-    assert torch.allclose(guided(x_t.detach(), t), expected, atol=1e-10)
+    assert torch.allclose(guided(x_t.detach(), t), expected, atol=1e-10)  # the same float64 gradient, taken two ways
 
 
 def test_each_sample_is_guided_by_its_own_measurement(generator):
@@ -83,7 +83,7 @@ def test_each_sample_is_guided_by_its_own_measurement(generator):
         batched = AveragedLikelihoodGuidance(prior, operator, y, covariance, cg_tol=1e-10, cg_noise_tol=0)(x_t, 0.6)
         for i in range(3):
             single = AveragedLikelihoodGuidance(prior, operator, y[i : i + 1], covariance, cg_tol=1e-10, cg_noise_tol=0)(x_t[i : i + 1], 0.6)
-            assert torch.allclose(batched[i : i + 1], single, atol=1e-8), covariance
+            assert torch.allclose(batched[i : i + 1], single, atol=1e-8), covariance  # float64, CG to 1e-10
 
 
 def test_guidance_scale_interpolates_between_prior_and_posterior(generator):
@@ -95,7 +95,7 @@ def test_guidance_scale_interpolates_between_prior_and_posterior(generator):
     full = AveragedLikelihoodGuidance(prior, operator, y, guidance_scale=1.0, cg_tol=1e-12, cg_noise_tol=0)(x_t, 0.5)
     double = AveragedLikelihoodGuidance(prior, operator, y, guidance_scale=2.0, cg_tol=1e-12, cg_noise_tol=0)(x_t, 0.5)
     assert torch.allclose(unguided, prior(x_t, 0.5))
-    assert torch.allclose(double - full, full - unguided, atol=1e-9)
+    assert torch.allclose(double - full, full - unguided, atol=1e-9)  # linear in the scale; CG to 1e-12 in float64
 
 
 def test_one_network_forward_per_call_whatever_the_cg_iterations(generator):
@@ -181,6 +181,7 @@ def test_the_twist_is_the_exact_log_likelihood_on_a_gaussian_prior(generator):
     matrix = operator.to_matrix((1, 6, 6))
     covariance = matrix @ posterior_covariance_at(prior, 0.5) @ matrix.T + 0.05**2 * torch.eye(9, dtype=DOUBLE)
     exact = torch.distributions.MultivariateNormal(matrix @ result.denoised.flatten(), covariance)
+    # float64, CG to 1e-12; the log det comes from an eigendecomposition of the 9x9 covariance
     assert result.normalised and torch.allclose(result.log_likelihood, exact.log_prob(y.flatten()), atol=1e-6)
 
 
@@ -195,7 +196,7 @@ def test_the_diagonal_twist_reuses_the_diagonal_of_the_solve(generator):
     # TMPD's diagonal: row sums of A V_t A^T, V_t the exact Cov(x_0 | x_t) of a Gaussian prior
     variance = 0.05**2 + (matrix @ posterior_covariance_at(prior, 0.5) @ matrix.T).sum(1)
     exact = torch.distributions.Normal(matrix @ result.denoised.flatten(), variance.sqrt())
-    assert torch.allclose(result.log_likelihood, exact.log_prob(y.flatten()).sum(), atol=1e-8)
+    assert torch.allclose(result.log_likelihood, exact.log_prob(y.flatten()).sum(), atol=1e-8)  # float64, no solver
 
 
 def test_projection_is_jacobian_free_and_exact_only_where_its_covariance_is():
@@ -207,7 +208,7 @@ def test_projection_is_jacobian_free_and_exact_only_where_its_covariance_is():
     white = GaussianPrior(torch.full((1, 6, 6), 0.3, dtype=DOUBLE), torch.eye(36, dtype=DOUBLE))
     y = operator.measure(white.sample(1, generator), generator)
     guided = AveragedLikelihoodGuidance(white, operator, y, "projection")
-    assert torch.allclose(guided(x_t, 0.6), white.posterior(operator, y[0])(x_t, 0.6), atol=1e-10)
+    assert torch.allclose(guided(x_t, 0.6), white.posterior(operator, y[0])(x_t, 0.6), atol=1e-10)  # closed forms, float64
     assert guided.vjp_count == 0 and guided.forward_count == 1
     smooth = smooth_prior()
     off = AveragedLikelihoodGuidance(smooth, operator, y, "projection")(x_t, 0.6)
@@ -242,8 +243,8 @@ def test_above_jacobian_s_max_every_covariance_takes_the_projection_step(covaria
     high, low = points[2], points[-3]  # s about 20 and 0.02
     switched = AveragedLikelihoodGuidance(prior, operator, y, covariance, jacobian_s_max=1.0)
     projection = AveragedLikelihoodGuidance(prior, operator, y, "projection")
-    assert torch.equal(switched.at_time(x_t, high.t), projection.at_time(x_t, high.t))
+    assert torch.equal(switched.at_time(x_t, high.t), projection.at_time(x_t, high.t))  # the same code path
     assert switched.vjp_count == 0
     network = AveragedLikelihoodGuidance(prior, operator, y, covariance)
-    assert torch.allclose(switched.at_time(x_t, low.t), network.at_time(x_t, low.t), atol=1e-12)
+    assert torch.allclose(switched.at_time(x_t, low.t), network.at_time(x_t, low.t), atol=1e-12)  # the same solve, float64
     assert switched.vjp_count == network.vjp_count > 0

@@ -148,7 +148,7 @@ def test_result_shapes_and_bookkeeping(problems):
                      generator=torch.Generator().manual_seed(0))
     assert result.samples.shape == (5, 1, 8, 8)
     assert result.mean.shape == result.std.shape == (1, 8, 8)
-    assert torch.allclose(result.mean, result.samples.mean(0)) and bool((result.std > 0).all())
+    assert torch.allclose(result.mean, result.samples.mean(0)) and bool((result.std > 0).all())  # the same float64 mean
     assert result.nfe == 3 * 10  # three sampler runs (batches of 2, 2, 1) of 10 evaluations
     assert result.vjps > result.nfe and result.seconds > 0
     single = restore(problem.y, problem.operator, problem.prior, steps=5)
@@ -169,7 +169,11 @@ def test_vector_problem_with_a_matrix_operator():
     y = operator.measure(prior.sample(1, generator), generator)[0]
     result = restore(y, operator, prior, num_samples=4000, steps=50, generator=generator)
     posterior = prior.posterior(operator, y)
-    assert torch.allclose(result.mean, posterior.mean, atol=0.05)
+    # Each coordinate of the mean of N exact draws is off by its posterior std / sqrt(N) (a standard
+    # error); seeds 0-5 stay within 2.3 of them here. 5 standard errors leave room for 6 coordinates
+    # and the 50 steps' discretisation; a wrong guidance moves the mean by tens of them.
+    standard_errors = (torch.diagonal(posterior.cov) / 4000).sqrt()
+    assert bool(((result.mean - posterior.mean).abs() <= 5 * standard_errors).all())
 
 
 def test_the_callers_operator_is_left_untouched(problems):

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -31,11 +33,23 @@ def test_unconditional_sampling_reproduces_a_mixture_prior(schedule, solver, eta
     n = 3000
     drawn, _ = sample(prior, (n, 2), steps=60, eta=eta, solver=solver, generator=torch.Generator().manual_seed(0))
     exact = prior.sample(n, torch.Generator().manual_seed(1))
-    exact_again = prior.sample(n, torch.Generator().manual_seed(2))
-    projections = torch.Generator().manual_seed(3)
-    floor = sliced_wasserstein(exact, exact_again, generator=projections)
     distance = sliced_wasserstein(drawn, exact, generator=torch.Generator().manual_seed(3))
-    assert distance < 1.5 * floor + 0.01, (distance, floor)
+    assert distance < exact_distance_bound(n), (distance, exact_distance_bound(n))
+
+
+@functools.cache
+def exact_distance_bound(n: int, pairs: int = 10) -> float:
+    """Where the sliced Wasserstein distance between two sets of n exact mixture draws stays: the mean
+    over `pairs` pairs plus 4 standard deviations. One pair is no yardstick: the share of draws in
+    each mode varies, and one pair's distance ranges 0.03-0.21 at n = 3000 (mean 0.09, sd 0.03-0.05),
+    while a sampler that misses the mixture sits at 6 (test_a_too_coarse_sampler_...)."""
+    prior = mixture()  # the schedule is the sampler's; exact draws do not depend on it
+    distances = torch.tensor([
+        sliced_wasserstein(prior.sample(n, torch.Generator().manual_seed(1000 + 2 * k)),
+                           prior.sample(n, torch.Generator().manual_seed(1001 + 2 * k)),
+                           generator=torch.Generator().manual_seed(3))
+        for k in range(pairs)], dtype=DOUBLE)
+    return float(distances.mean() + 4 * distances.std())
 
 
 def test_a_too_coarse_sampler_is_detected_by_the_same_measure():
@@ -43,8 +57,7 @@ def test_a_too_coarse_sampler_is_detected_by_the_same_measure():
     prior = mixture()
     drawn, _ = sample(prior, (3000, 2), steps=4, eta=1.0, solver="euler_maruyama", generator=torch.Generator().manual_seed(0))
     exact = prior.sample(3000, torch.Generator().manual_seed(1))
-    floor = sliced_wasserstein(exact, prior.sample(3000, torch.Generator().manual_seed(2)), generator=torch.Generator().manual_seed(3))
-    assert sliced_wasserstein(drawn, exact, generator=torch.Generator().manual_seed(3)) > 3 * floor
+    assert sliced_wasserstein(drawn, exact, generator=torch.Generator().manual_seed(3)) > 3 * exact_distance_bound(3000)
 
 
 @pytest.mark.parametrize("solver, eta", [("multistep", 1.0), ("euler", 0.5), ("heun", 0.0), ("pc", 1.0), ("euler_maruyama", 1.0)])
@@ -52,6 +65,8 @@ def test_every_solver_gets_the_variance_of_a_gaussian_right(solver, eta):
     prior = GaussianPrior(torch.tensor([0.5, -1.0], dtype=DOUBLE), torch.diag(torch.tensor([1.0, 0.04], dtype=DOUBLE)))
     drawn, _ = sample(prior, (20000, 2), steps=200, eta=eta, solver=solver, generator=torch.Generator().manual_seed(0))
     mean, cov = sample_moments(drawn)
+    # Monte Carlo at N = 20000: the mean's standard error is sqrt(1 / N) = 0.007 (atol: 4 of them), a
+    # variance's relative one sqrt(2 / N) = 0.01 (rtol: 10 of them, room for 200 steps' discretisation).
     assert torch.allclose(mean, prior.mean, atol=0.03)
     assert torch.allclose(torch.diagonal(cov), torch.tensor([1.0, 0.04], dtype=DOUBLE), rtol=0.1)
 
