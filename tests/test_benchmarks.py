@@ -393,7 +393,7 @@ def test_ddrm_gets_an_exact_svd_or_a_clear_refusal():
     operator = MatrixOperator(matrix, sigma_y=0.1)
     physics = SVDPhysics(operator, (6,))
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
-    assert torch.allclose(physics.A(x), operator.A(x), atol=1e-5)
+    assert torch.allclose(physics.A(x), operator.A(x), atol=1e-5)  # U S V^T x against M x: float32 SVD rounding
     assert type(decomposable_physics(Denoising(0.1), (3, 8, 8))).__name__ == "Denoising"
     with pytest.raises(ValueError, match="SVD"):
         decomposable_physics(SuperResolution(4, 0.05), (3, 128, 128))
@@ -403,7 +403,7 @@ def test_peer_runs_are_seeded_and_count_network_evaluations():
     problem = gaussian_image_problems(dtype=torch.float32)[1]
     first = run_peer("mm", problem.prior, problem.operator, problem.y, 8, 6, seed=3)
     again = run_peer("mm", problem.prior, problem.operator, problem.y, 8, 6, seed=3)
-    assert first.nfe == 6 and torch.equal(first.samples, again.samples)
+    assert first.nfe == 6 and torch.equal(first.samples, again.samples)  # the same seeded computation
     with pytest.raises(ValueError, match="image models only"):
         run_peer("diffpir", problem.prior, problem.operator, problem.y, 2, 4)
 
