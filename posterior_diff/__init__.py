@@ -8,6 +8,7 @@
 
 from .denoisers import Denoiser, ModuleDenoiser
 from .deepinv_prior import DeepinvPrior, from_deepinv_denoiser
+from .ffdnet_prior import ffdnet
 from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
@@ -25,6 +26,7 @@ __all__ = [
     "ModuleDenoiser",
     "DeepinvPrior",
     "from_deepinv_denoiser",
+    "ffdnet",
     "GaussianPrior",
     "GaussianMixturePrior",
     "AveragedLikelihoodGuidance",
