@@ -20,7 +20,7 @@ def test_choice_names_the_options():
 
 
 def test_number_in_checks_type_and_range():
-    assert number_in(0.5, "eta", 0, 1) == 0.5 and number_in(1, "eta", 0, 1) == 1.0
+    assert number_in(0.5, "eta", 0, 1) == 0.5 and number_in(1, "eta", 0, 1) == 1.0  # returned as given: exact
     with pytest.raises(TypeError, match="eta must be a number"):
         number_in("x", "eta", 0, 1)
     with pytest.raises(TypeError, match="eta must be a number"):

@@ -58,11 +58,13 @@ def test_the_adapter_is_a_ve_denoiser_in_unit_range():
     assert isinstance(prior, DeepinvPrior) and isinstance(prior.schedule, GeometricVESchedule)
     assert prior.data_range == (0.0, 1.0) and prior.channels is None and prior.x_shape is None
     schedule = prior.schedule
+    # float64 exp/log of the geometric schedule: exact to ~1e-15 (measured 9e-16)
     assert float(schedule.sigma(torch.tensor(schedule.t_min, dtype=DOUBLE))) == pytest.approx(0.005)
     assert float(schedule.sigma(torch.tensor(1.0, dtype=DOUBLE))) == pytest.approx(50.0, rel=1e-6)
     t = torch.tensor([0.2, 0.5, 0.8], dtype=DOUBLE)  # one time per sample
     sigma = schedule.sigma(t)
     x = noisy(mean.expand(3, 1, SIZE, SIZE), sigma, seed=1)
+    # float64, d = 36: eigenbasis against a dense solve of cov + sigma^2 I (cond <= 40): ~1e-14
     assert torch.allclose(prior(x, t), ve_posterior_mean(mean, cov, x, sigma), atol=1e-10)
     assert torch.allclose(prior(x[:1], 0.5), ve_posterior_mean(mean, cov, x[:1], sigma[1:2]), atol=1e-10)
     # differentiable in x_t: the guidance's VJP J^T w, with J = cov (cov + sigma^2 I)^{-1} (symmetric)
@@ -70,7 +72,7 @@ def test_the_adapter_is_a_ve_denoiser_in_unit_range():
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=DOUBLE)
     (vjp,) = torch.autograd.grad(prior(x, 0.5), x, grad_outputs=w)
     expected = cov @ torch.linalg.solve(cov + sigma[1] ** 2 * torch.eye(SIZE * SIZE, dtype=DOUBLE), w.flatten())
-    assert torch.allclose(vjp.flatten(), expected, atol=1e-10)
+    assert torch.allclose(vjp.flatten(), expected, atol=1e-10)  # float64 rounding, as above
     # the deepinv module is a registered submodule: .to() moves it, and it decides the sampling dtype
     assert prior.sampling_dtype() == DOUBLE
     prior.to(torch.float32)
@@ -84,8 +86,8 @@ def test_round_trip_through_to_deepinv_keeps_a_gaussian_posterior_mean():
     t = torch.tensor([0.3, 0.45, 0.6], dtype=DOUBLE)  # sigma(t) from about 0.04 to 1
     sigma = back.schedule.sigma(t)
     x = noisy(mean.expand(3, 1, 4, 4), sigma, seed=3)
-    with torch.no_grad():
-        assert torch.allclose(back(x, t), ve_posterior_mean(mean, cov, x, sigma), atol=1e-6)
+    with torch.no_grad():  # float64 throughout, d = 16: rounding, measured 1e-15
+        assert torch.allclose(back(x, t), ve_posterior_mean(mean, cov, x, sigma), atol=1e-10)
 
 
 def test_round_trip_through_to_deepinv_keeps_an_image_models_estimate(pipeline_folder):
@@ -101,6 +103,8 @@ def test_round_trip_through_to_deepinv_keeps_an_image_models_estimate(pipeline_f
     alpha = model.schedule.alpha(model_t).reshape(-1, 1, 1, 1)
     with torch.no_grad():
         expected = from_model_range(model(alpha * to_model_range(x), model_t)).clamp(0, 1)
+        # float32 network; the adapter's times and scalings are re-derived here in its own order
+        # (bit-equal today); 1e-5 allows float32 rounding of t and alpha amplified by 1 / alpha ~ 4
         assert torch.allclose(back(x, t), expected, atol=1e-5)
 
 
@@ -140,19 +144,38 @@ def averaged_errors(model, operator, y, posterior, seeds):
     return errors
 
 
+def grouped_error_ratios(model, operator, y, posterior, groups=12, group_size=500, seed=10):
+    """Mean and covariance errors over the exact-sample floor (200 draws of `group_size`: a 1%
+    standard error), averaged over `groups` groups of `group_size` samples drawn in one run.
+
+    One group's ratio scatters by ~20% whatever its size (the mean error is chi-like with few
+    degrees of freedom), so averaging many groups is what narrows it: 12 groups, ~6%."""
+    floor = exact_sample_floor(posterior, group_size, repeats=200)
+    result = restore(y, operator, model=model, covariance="tweedie", steps=100, num_samples=groups * group_size,
+                     cg_max_iter=50, generator=torch.Generator().manual_seed(seed))
+    ratios = {"mean_error": 0.0, "cov_error": 0.0}
+    for group in result.samples.split(group_size):
+        measured = gaussian_errors(group, posterior.mean, posterior.cov)
+        for key in ratios:
+            ratios[key] += measured[key] / floor[key] / groups
+    return ratios
+
+
 def test_posterior_samples_through_the_deepinv_interface_are_as_exact_as_exact_samples():
     """The deepinv interface loses nothing: a deepinv denoiser returning the exact Gaussian
     E[x_0 | x_0 + sigma n], adapted, gives posterior samples whose mean and covariance errors
-    (2000 samples, 100 steps, Tweedie covariance, 3 seeds) are within 1.3x of exact samples'."""
+    (100 steps, Tweedie covariance, 12 groups of 500 samples) are within 1.3x of exact samples'.
+    Monte Carlo: over 6 seeds the ratios were 1.04 +- 0.06 (mean error) and 1.00 +- 0.03
+    (covariance error), so 1.3 is over 4 standard deviations away."""
     mean, cov, operator, y, posterior = sr_problem()
-    floor = exact_sample_floor(posterior, 2000, repeats=30)
-    errors = averaged_errors(from_deepinv_denoiser(ExactGaussianDenoiser(mean, cov)), operator, y, posterior, (10, 11, 12))
-    for key in errors:
-        assert errors[key] <= 1.3 * floor[key], (key, errors[key] / floor[key])
+    ratios = grouped_error_ratios(from_deepinv_denoiser(ExactGaussianDenoiser(mean, cov)), operator, y, posterior)
+    for key in ratios:
+        assert ratios[key] <= 1.3, (key, ratios[key])
 
 
 def test_the_exactness_study_rejects_wrong_sigma_units():
-    """The yardstick can fail: a denoiser that reads sigma twice too large (a units slip) is far off."""
+    """The yardstick can fail: a denoiser that reads sigma twice too large (a units slip) is far off.
+    A bias, not a Monte Carlo spread: 24.6-24.9x and 6.4-6.5x the floor over 6 seeds."""
     mean, cov, operator, y, posterior = sr_problem()
     floor = exact_sample_floor(posterior, 2000, repeats=10)
     errors = averaged_errors(from_deepinv_denoiser(ExactGaussianDenoiser(mean, cov, sigma_scale=2.0)), operator, y,
@@ -166,7 +189,7 @@ def test_restore_takes_a_deepinv_denoiser_directly():
     direct, adapted = (restore(y, operator, model=model, num_samples=3, steps=6, covariance="tweedie",
                                generator=torch.Generator().manual_seed(0))
                        for model in (denoiser, from_deepinv_denoiser(denoiser)))
-    assert torch.equal(direct.samples, adapted.samples) and direct.nfe == 6
+    assert torch.equal(direct.samples, adapted.samples) and direct.nfe == 6  # restore adapts it alike: same computation
 
 
 def test_a_real_deepinv_network_with_a_deepinv_physics():
@@ -184,7 +207,7 @@ def test_a_real_deepinv_network_with_a_deepinv_physics():
                      generator=torch.Generator().manual_seed(0))
     assert result.samples.shape == (2, 3, 8, 8) and result.nfe == 3 and result.vjps > result.nfe
     assert bool(torch.isfinite(result.samples).all()) and 0 <= float(result.samples.min()) <= float(result.samples.max()) <= 1
-    assert from_deepinv(physics).sigma_y == pytest.approx(0.05)
+    assert from_deepinv(physics).sigma_y == pytest.approx(0.05)  # deepinv stores sigma in float32: 1.5e-8 off
 
 
 @pytest.mark.parametrize("model, message", [

@@ -36,4 +36,4 @@ def test_the_command_line_and_the_pipeline_read_the_same_defaults(pipeline_folde
     low = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     images = pipe(low, SuperResolution(2, 0.05), generator=torch.Generator().manual_seed(1), output_type="pt").images
     same = restore(low, SuperResolution(2, 0.05), load_model(pipeline_folder), generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(images, same.samples)
+    assert torch.equal(images, same.samples)  # the pipeline calls restore on the same weights: the same computation

@@ -37,6 +37,8 @@ def test_every_prediction_type_converts_exactly(prediction, schedule):
     wrapped = ModuleDenoiser(OraclePrediction(prior, prediction), schedule, prediction)
     x = torch.randn(6, 4, dtype=DOUBLE)
     t = torch.linspace(0.05, 0.95, 6, dtype=DOUBLE)
+    # float64 conversions there and back, amplified by 1 / alpha (<= 100) and 1 / sigma^2 (the
+    # score): measured 8e-15 and 2e-12
     assert torch.allclose(wrapped(x, t), prior(x, t), atol=1e-9)
     assert torch.allclose(wrapped.score(x, t), prior.score(x, t), atol=1e-7)
 
@@ -53,8 +55,8 @@ def test_discrete_schedule_feeds_training_timesteps_to_the_module():
     wrapped = ModuleDenoiser(OraclePrediction(prior, "epsilon", time_to_t), schedule)
     x = torch.randn(2, 4, dtype=DOUBLE)
     t = torch.tensor([0.25, 0.8], dtype=DOUBLE)
-    assert torch.allclose(wrapped(x, t), prior(x, t), atol=1e-9)
-    assert torch.allclose(seen[0], torch.tensor([249.0, 799.0], dtype=DOUBLE))
+    assert torch.allclose(wrapped(x, t), prior(x, t), atol=1e-9)  # float64 rounding, as above
+    assert torch.allclose(seen[0], torch.tensor([249.0, 799.0], dtype=DOUBLE))  # 1000 t - 1 in float64
     assert seen[0].is_floating_point()  # a float timestep, never silently truncated
 
 
@@ -66,7 +68,7 @@ def test_module_outputs_with_a_sample_attribute_are_unwrapped():
     wrapped = ModuleDenoiser(lambda x, t: Output(torch.zeros_like(x)), VPSchedule(), "epsilon")
     x = torch.randn(3, 2)
     alpha = VPSchedule().alpha(torch.tensor(0.5))
-    assert torch.allclose(wrapped(x, 0.5), x / alpha)
+    assert torch.allclose(wrapped(x, 0.5), x / alpha)  # the same float32 division
 
 
 def test_unknown_prediction_type_is_an_error():

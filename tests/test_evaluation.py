@@ -30,7 +30,7 @@ def test_held_out_photographs_load_as_centre_crops_in_unit_range():
 
 def test_centre_crop_takes_the_middle_and_refuses_what_does_not_fit():
     image = torch.arange(36.0).reshape(1, 6, 6)
-    assert torch.equal(centre_crop(image, 2), image[:, 2:4, 2:4])
+    assert torch.equal(centre_crop(image, 2), image[:, 2:4, 2:4])  # indexing: exact
     with pytest.raises(ValueError, match="smaller than"):
         centre_crop(image, 4, downscale=2)
     with pytest.raises(ValueError, match="no photograph"):
@@ -41,9 +41,9 @@ def test_measurements_follow_the_task_table_and_the_generator():
     truth = smooth_image(32)
     first = measure("random", truth, generator=torch.Generator().manual_seed(3))
     again = measure("random", truth, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(first.y, again.y) and first.operator.sigma_y == TASKS["random"].sigma_y
+    assert torch.equal(first.y, again.y) and first.operator.sigma_y == TASKS["random"].sigma_y  # same seed, same computation
     missing = float((first.operator.mask == 0).double().mean())
-    assert missing == pytest.approx(0.7, abs=0.01)
+    assert missing == pytest.approx(0.7, abs=0.5 / 32**2)  # exactly round(0.7 n) of n = 32^2 pixels
     low = measure("sr4", truth, sigma_y=0.0)
     assert low.y.shape == (3, 8, 8) and low.x_shape == (3, 32, 32)
     assert "inpaint" not in SIMULATED_TASKS and "denoise" in SIMULATED_TASKS
@@ -51,6 +51,7 @@ def test_measurements_follow_the_task_table_and_the_generator():
 
 def test_bicubic_of_a_constant_image_is_that_constant():
     constant = torch.full((3, 8, 8), 0.3)
+    # float32: the kernel's weights sum to 1 up to rounding
     assert torch.allclose(bicubic_upsample(constant, (3, 32, 32)), torch.full((3, 32, 32), 0.3), atol=1e-6)
 
 
@@ -59,13 +60,13 @@ def test_the_biharmonic_fill_keeps_what_was_observed_and_beats_the_holes():
     measurement = measure("box", truth, sigma_y=0.0)
     mask = measurement.operator.mask
     filled = biharmonic_fill(measurement.y, mask)
-    assert torch.equal(filled[mask == 1], measurement.y[mask == 1])
-    assert psnr_ssim(filled, truth)[0] > psnr_ssim(measurement.y, truth)[0] + 10
+    assert torch.equal(filled[mask == 1], measurement.y[mask == 1])  # observed pixels are copied: exact
+    assert psnr_ssim(filled, truth)[0] > psnr_ssim(measurement.y, truth)[0] + 10  # noiseless; measured +72 dB
     # a mask that differs between channels is filled channel by channel
     ragged = mask.clone()
     ragged[1, :4, :4] = 0
     filled = biharmonic_fill(truth * ragged, ragged)
-    assert torch.equal(filled[ragged == 1], truth[ragged == 1]) and psnr_ssim(filled, truth)[0] > 30
+    assert torch.equal(filled[ragged == 1], truth[ragged == 1]) and psnr_ssim(filled, truth)[0] > 30  # measured 62 dB
 
 
 def test_bm3d_beats_the_noisy_input():
@@ -73,9 +74,9 @@ def test_bm3d_beats_the_noisy_input():
     measurement = measure("denoise", truth, generator=torch.Generator().manual_seed(0))
     denoised = bm3d_denoise(measurement.y, measurement.operator.sigma_y)
     assert denoised.shape == truth.shape and 0 <= float(denoised.min()) and float(denoised.max()) <= 1
-    assert psnr_ssim(denoised, truth)[0] > psnr_ssim(measurement.y.clamp(0, 1), truth)[0] + 5
+    assert psnr_ssim(denoised, truth)[0] > psnr_ssim(measurement.y.clamp(0, 1), truth)[0] + 5  # +15 dB over 3 noise seeds
     grey = bm3d_denoise(measurement.y[:1], measurement.operator.sigma_y)  # one channel: the grey path
-    assert psnr_ssim(grey, truth[:1])[0] > psnr_ssim(measurement.y[:1].clamp(0, 1), truth[:1])[0] + 5
+    assert psnr_ssim(grey, truth[:1])[0] > psnr_ssim(measurement.y[:1].clamp(0, 1), truth[:1])[0] + 5  # +15-17 dB
 
 
 @pytest.mark.parametrize("task", [name for name in SIMULATED_TASKS if name != "denoise"])
@@ -89,9 +90,10 @@ def test_the_reference_baseline_comes_first_and_is_an_image(task):
 def test_psnr_follows_the_mean_square_error():
     truth = smooth_image(16)
     psnr, _ = psnr_ssim(truth + 0.1, truth)
-    assert psnr == pytest.approx(20.0, abs=1e-4)  # 10 log10(1 / 0.01)
+    # 10 log10(1 / 0.01); float32 makes the offset 0.1 to 1e-6 relative: 1e-5 dB (measured 1.5e-6)
+    assert psnr == pytest.approx(20.0, abs=1e-4)
     noise = torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))
-    assert psnr_ssim(truth + 0.001, truth)[1] > 0.99 > psnr_ssim(truth + 0.1 * noise, truth)[1]
+    assert psnr_ssim(truth + 0.001, truth)[1] > 0.99 > psnr_ssim(truth + 0.1 * noise, truth)[1]  # 0.999998 and 0.25
 
 
 def test_one_divergence_rule(monkeypatch):
@@ -113,7 +115,15 @@ def test_exact_problems_in_single_precision_and_their_distance_floor():
     problem = mixture_problem(8, 1, seed=0)
     prior, operator, y = single_precision(problem.prior, problem.operator, problem.y)
     assert prior.means.dtype == torch.float32 and y.dtype == torch.float32 and problem.y.dtype == torch.float64
-    distance, floor = posterior_distance(problem, 500, seed=0, projections=100)
-    exact = problem.posterior.sample(500, torch.Generator().manual_seed(7))
-    prior_draws = problem.prior.sample(500, torch.Generator().manual_seed(7))
-    assert 0 < floor and distance(exact) < 3 * floor < distance(prior_draws)
+    # Monte Carlo: the floor is one exact draw's distance, and the ratio of two such distances
+    # scatters widely (1.07 +- 0.46 over 40 seeds at 500 samples, up to 2.9; prior draws down to
+    # 3.0x): average 5 seeds of 1000 samples. Exact draws then give 1.01 +- 0.14 of the floor (1.33
+    # at worst in 30 repetitions), prior draws 6.5 +- 0.9 (5.1 at worst): 2.5 is over 4 sd from both.
+    floors, exact, prior_draws = [], [], []
+    for seed in range(5):
+        distance, one_floor = posterior_distance(problem, 1000, seed=seed, projections=100)
+        floors.append(one_floor)
+        exact.append(distance(problem.posterior.sample(1000, torch.Generator().manual_seed(7 + seed))))
+        prior_draws.append(distance(problem.prior.sample(1000, torch.Generator().manual_seed(7 + seed))))
+    floor = sum(floors) / 5
+    assert 0 < floor and sum(exact) / 5 < 2.5 * floor < sum(prior_draws) / 5

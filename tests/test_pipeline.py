@@ -33,25 +33,26 @@ def test_folder_pipeline_and_restore_give_the_same_numbers(pipe, pipeline_folder
     images = run(pipe)
     result = restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4, generator=seeded())
     assert images.shape == (2, 3, 8, 8)
-    assert torch.equal(images, result.samples)
+    assert torch.equal(images, result.samples)  # the pipeline calls restore: the same computation
 
 
 def test_generator_reproducibility(pipe):
-    assert torch.equal(run(pipe), run(pipe))
-    assert not torch.allclose(run(pipe), run(pipe, generator=seeded(1)))
+    assert torch.equal(run(pipe), run(pipe))  # same seed, same computation
+    assert not torch.allclose(run(pipe), run(pipe, generator=seeded(1)))  # other draws: O(1) apart
 
 
 def test_output_types_and_tuple_return(pipe):
     tensor = run(pipe)
     array = run(pipe, output_type="np")
     assert isinstance(array, np.ndarray) and array.shape == (2, 8, 8, 3)
-    assert np.allclose(array, tensor.permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(array, tensor.permute(0, 2, 3, 1).numpy())  # the same float32 numbers, moved
     pictures = run(pipe, output_type="pil")
     assert len(pictures) == 2 and all(isinstance(p, Image.Image) and p.size == (8, 8) for p in pictures)
+    # 8-bit rounding: half a level, plus float32 rounding of x * 255
     assert np.abs(np.asarray(pictures[0]) / 255.0 - array[0]).max() <= 0.5 / 255 + 1e-6
     as_tuple = pipe(MEASUREMENT, OPERATOR, num_inference_steps=4, num_samples=2, generator=seeded(),
                     output_type="pt", return_dict=False)
-    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], tensor)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], tensor)  # the same run, packed otherwise
     assert isinstance(pipe(MEASUREMENT, OPERATOR, num_inference_steps=2), ImagePipelineOutput)
     with pytest.raises(ValueError, match="output_type"):
         pipe(MEASUREMENT, OPERATOR, output_type="latent")
@@ -65,14 +66,16 @@ def test_measurements_as_numpy_and_pil_match_the_tensor(pipe):
     outputs = [pipe(form, operator, num_inference_steps=3, generator=seeded(), output_type="pt").images
                for form in (as_uint8, (as_uint8.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
                             Image.fromarray((as_uint8.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))]
-    assert torch.allclose(outputs[0], outputs[1], atol=1e-6) and torch.allclose(outputs[0], outputs[2], atol=1e-6)
+    # k / 255 in float32 is the same number from a uint8 array, a PIL image or the tensor above:
+    # the same measurement, so the same computation
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
 def test_save_and_load_round_trip_and_from_pipe(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     reloaded = PosteriorSamplingPipeline.from_pretrained(tmp_path / "saved")
     reloaded.set_progress_bar_config(disable=True)
-    assert torch.equal(run(reloaded), run(pipe))
+    assert torch.equal(run(reloaded), run(pipe))  # the same weights, saved and read back exactly
     ddpm = DDPMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler())
     converted = PosteriorSamplingPipeline.from_pipe(ddpm)
     assert converted.unet is ddpm.unet and converted.scheduler is ddpm.scheduler
@@ -85,7 +88,7 @@ def test_diffusers_loads_it_as_a_custom_pipeline(pipe, pipeline_folder):
                                                trust_remote_code=True)
     assert type(custom).__name__ == "PosteriorSamplingPipeline"
     custom.set_progress_bar_config(disable=True)
-    assert torch.equal(run(custom), run(pipe))
+    assert torch.equal(run(custom), run(pipe))  # the same class and weights: the same computation
 
 
 def test_half_precision_weights_and_cpu_offload(pipeline_folder, pipe):
@@ -95,6 +98,7 @@ def test_half_precision_weights_and_cpu_offload(pipeline_folder, pipe):
     images = run(half)
     assert images.dtype == torch.float32 and bool(torch.isfinite(images).all())
     pipe.enable_model_cpu_offload(device="cpu")  # the offload hooks; on a GPU machine device="cuda"
+    # the hooks only move the weights: the same computation
     assert torch.equal(run(pipe), run(PosteriorSamplingPipeline.from_pretrained(pipeline_folder)))
 
 
@@ -137,7 +141,7 @@ def test_a_score_sde_folder_runs_in_the_pipeline_as_in_restore(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     images = run(pipe, num_inference_steps=2)
     result = restore(MEASUREMENT, OPERATOR, str(tmp_path / "ve"), num_samples=2, steps=2, generator=seeded())
-    assert torch.equal(images, result.samples) and float(images.min()) >= 0 and float(images.max()) <= 1
+    assert torch.equal(images, result.samples) and float(images.min()) >= 0 and float(images.max()) <= 1  # same computation
 
 
 def test_the_pipeline_loads_a_folder_with_a_legacy_scheduler_name(pipeline_folder):
@@ -160,6 +164,6 @@ def test_the_pipeline_loads_a_folder_with_a_legacy_scheduler_name(pipeline_folde
     low = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     images = pipe(low, OPERATOR, num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt").images
     same = restore(low, OPERATOR, load_model(pipeline_folder), steps=3, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(images, same.samples)
+    assert torch.equal(images, same.samples)  # the pipeline calls restore on the same weights: the same computation
     with pytest.raises(TypeError, match="torch_dtype and variant only"):
         PosteriorSamplingPipeline.from_pretrained(pipeline_folder, low_cpu_mem_usage=True)

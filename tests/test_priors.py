@@ -25,6 +25,7 @@ def test_gaussian_denoiser_and_tweedie_covariance_are_exact(schedule, generator)
     x = torch.randn(3, d, generator=generator, dtype=DOUBLE)
     marginal = alpha**2 * cov + sigma**2 * torch.eye(d, dtype=DOUBLE)
     expected = mean + (alpha * cov @ torch.linalg.solve(marginal, (x - alpha * mean).T)).T
+    # float64, d = 5, well-conditioned (jitter 0.1): rounding, measured 3e-15 here and below
     assert torch.allclose(prior(x, t), expected, atol=1e-10)
     # Second-order Tweedie: (sigma^2 / alpha) dD/dx = Cov[x_0 | x_t].
     jacobian = vmap(jacrev(lambda xi: prior(xi[None], t)[0]))(x)
@@ -48,7 +49,7 @@ def test_mixture_denoiser_is_tweedie_of_the_exact_marginal(generator):
 
     x = torch.randn(7, d, generator=generator, dtype=DOUBLE).requires_grad_(True)
     (score,) = torch.autograd.grad(log_density(x), x)
-    assert torch.allclose(prior(x.detach(), t), (x.detach() + sigma**2 * score) / alpha, atol=1e-10)
+    assert torch.allclose(prior(x.detach(), t), (x.detach() + sigma**2 * score) / alpha, atol=1e-10)  # float64: 1e-15
 
 
 def test_one_component_mixture_equals_the_gaussian(generator):
@@ -58,7 +59,7 @@ def test_one_component_mixture_equals_the_gaussian(generator):
     mixture = GaussianMixturePrior(torch.ones(1), mean[None], cov[None])
     x = torch.randn(3, 1, 2, 2, generator=generator, dtype=DOUBLE)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=DOUBLE)
-    assert torch.allclose(mixture(x, t), gaussian(x, t), atol=1e-10)
+    assert torch.allclose(mixture(x, t), gaussian(x, t), atol=1e-10)  # float64 rounding
 
 
 def test_prior_samples_have_the_prior_moments(generator):
@@ -66,12 +67,15 @@ def test_prior_samples_have_the_prior_moments(generator):
     prior = GaussianMixturePrior(torch.tensor([0.3, 0.7]), torch.tensor([[-2.0, 0, 1], [1.0, 1, 0]], dtype=DOUBLE), torch.stack([cov, 2 * cov]))
     draws = prior.sample(40000, generator)
     mean, _ = sample_moments(draws)
+    # Monte Carlo: 40000 draws of sd <= 2.2, standard error <= 0.011; over 31 seeds 0.017 at worst
     assert torch.allclose(mean, 0.3 * prior.means[0] + 0.7 * prior.means[1], atol=0.05)
     assert draws.shape == (40000, 3)
     # E||x||^2 in closed form, with weights given unnormalised (x10) to check they are normalised
     unnormalised = GaussianMixturePrior(10 * prior.weights, prior.means, prior.covs)
+    # Monte Carlo: relative standard error 0.003 (31 seeds: 0.005 at worst)
     assert unnormalised.mean_square_norm() == pytest.approx(float((draws**2).sum(1).mean()), rel=0.02)
     single = GaussianPrior(prior.means[1], 2 * cov)
+    # the closed form itself, in float64
     assert single.mean_square_norm() == pytest.approx(float(prior.means[1] @ prior.means[1] + 2 * cov.trace()), rel=1e-12)
 
 
@@ -82,7 +86,7 @@ def test_gaussian_posterior_is_bayes_rule(generator):
     y = torch.randn(1, 2, 2, generator=generator, dtype=DOUBLE)
     posterior = prior.posterior(operator, y)
     A = operator.to_matrix((1, 4, 4))
-    precision = torch.linalg.inv(cov) + A.T @ A / 0.01
+    precision = torch.linalg.inv(cov) + A.T @ A / 0.01  # float64, d = 16, condition ~90: rounding, measured 8e-15
     assert torch.allclose(posterior.cov, torch.linalg.inv(precision), atol=1e-9)
     assert torch.allclose(posterior.mean.flatten(), torch.linalg.solve(precision, A.T @ y.flatten() / 0.01), atol=1e-9)
 
@@ -114,10 +118,12 @@ def test_mixture_posterior_is_prior_times_likelihood():
     x = 3 * torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=DOUBLE)
     log_likelihood = -0.5 * ((operator.A(x) - y) ** 2).sum(-1) / operator.sigma_y**2
     difference = posterior.log_prob(x) - prior.log_prob(x) - log_likelihood
-    assert float(difference.max() - difference.min()) < 1e-9  # equal up to the evidence
+    assert float(difference.max() - difference.min()) < 1e-9  # equal up to the evidence; float64 on terms up to 330: 2e-13
     # and it integrates to one: the normalising constant is the evidence p(y)
     grid = torch.stack(torch.meshgrid(torch.linspace(-12, 12, 601, dtype=DOUBLE), torch.linspace(-12, 12, 601, dtype=DOUBLE), indexing="ij"), -1)
     mass = posterior.log_prob(grid.reshape(-1, 2)).exp().sum() * (24 / 600) ** 2
+    # a Riemann sum of a smooth density (component sd >= 0.3, 25 points per sd) is spectrally
+    # accurate and the tails beyond +-12 are > 8 sd out: only rounding is left, measured 7e-16
     assert float(mass) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -125,6 +131,7 @@ def test_the_mcgdiff_mixture_problem_has_its_published_structure():
     from posterior_diff.problems import mixture_problem
 
     problem = mixture_problem(8, 2, seed=3)
+    # the 2-D grid of means repeated along the dimensions: copies, exact
     assert problem.prior.means.shape == (25, 8) and torch.equal(problem.prior.means[:, :2], problem.prior.means[:, 2:4])
     assert set(problem.prior.means[:, 0].tolist()) == {-16.0, -8.0, 0.0, 8.0, 16.0}
     singular = torch.linalg.svdvals(problem.operator.matrix)
@@ -157,6 +164,7 @@ def test_isotropic_mixtures_take_the_fast_path_with_the_same_answer():
     assert fast.isotropic and not general.isotropic
     x = 5 * torch.randn(7, 6, generator=torch.Generator().manual_seed(3), dtype=DOUBLE)
     t = torch.linspace(0.05, 0.95, 7, dtype=DOUBLE)
-    # Both paths against the mixture's definition, so neither is checked only against the other.
+    # Both paths against the mixture's definition, so neither is checked only against the other
+    # (float64, d = 6: rounding, measured 4e-14).
     assert torch.allclose(fast(x, t), reference_mixture_denoiser(fast, x, t), atol=1e-10)
     assert torch.allclose(general(x, t), reference_mixture_denoiser(general, x, t), atol=1e-10)
