@@ -9,6 +9,7 @@
 from .denoisers import Denoiser, ModuleDenoiser
 from .deepinv_prior import DeepinvPrior, from_deepinv_denoiser
 from .ffdnet_prior import ffdnet
+from .ladder import Ladder, default_ladder, ladder
 from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance
 from .priors import GaussianMixturePrior, GaussianPrior
@@ -27,6 +28,9 @@ __all__ = [
     "DeepinvPrior",
     "from_deepinv_denoiser",
     "ffdnet",
+    "ladder",
+    "default_ladder",
+    "Ladder",
     "GaussianPrior",
     "GaussianMixturePrior",
     "AveragedLikelihoodGuidance",

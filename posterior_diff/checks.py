@@ -37,3 +37,15 @@ def number_in(value, name: str, low: float, high: float = math.inf, *, open_low:
         bracket = "(" if open_low else "["
         raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}")
     return number
+
+
+def check_sigma_range(value, name: str) -> tuple[float, float]:
+    """A noise range (low, high) with 0 <= low < high (high may be inf) as a tuple of floats; a
+    TypeError or ValueError naming `name` otherwise."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (low, high) of noise levels, got {value!r}")
+    low = number_in(value[0], f"{name}[0]", 0.0)
+    high = number_in(value[1], f"{name}[1]", 0.0, open_low=True)
+    if not low < high:
+        raise ValueError(f"{name} must have low < high, got {value!r}")
+    return low, high

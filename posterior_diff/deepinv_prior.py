@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from operators.deepinv_interop import deepinv_classes
 
-from .checks import positive_int
+from .checks import check_sigma_range, positive_int
 from .denoisers import Denoiser, as_time
 from .schedules import GeometricVESchedule
 
@@ -86,6 +86,8 @@ class DeepinvPrior(Denoiser):
         schedule: the VE schedule giving sigma(t) (a GeometricVESchedule from sigma_min to sigma_max).
         channels: the image channels the denoiser takes, or None (any).
         x_shape: the shape of one x, if the denoiser takes only one, or None.
+        sigma_range: the noise levels (low, high) in [0, 1] units the denoiser may be asked about,
+            as declared by the user; None: the schedule's range [sigma_min, sigma_max].
 
     Attributes:
         data_range: (0.0, 1.0): an image model, so `restore` clamps its output to [0, 1] and
@@ -95,12 +97,18 @@ class DeepinvPrior(Denoiser):
     data_range = (0.0, 1.0)
 
     def __init__(self, denoiser: nn.Module, schedule: GeometricVESchedule, channels: int | None = None,
-                 x_shape: tuple[int, ...] | None = None):
+                 x_shape: tuple[int, ...] | None = None, sigma_range: tuple[float, float] | None = None):
         super().__init__()
         self.denoiser = denoiser
         self.schedule = schedule
         self.channels = channels
         self.x_shape = None if x_shape is None else tuple(x_shape)
+        self.declared_sigma_range = None if sigma_range is None else check_sigma_range(sigma_range, "sigma_range")
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """The declared noise levels (`sigma_range` argument), else the schedule's [sigma_min, sigma_max]."""
+        return self.declared_sigma_range if self.declared_sigma_range is not None else super().sigma_range
 
     def noise_level(self, t: Tensor, x_t: Tensor) -> Tensor:
         """deepinv's sigma at times t: sigma(t) in [0, 1] units, a (B,) tensor on x_t's device and dtype."""
@@ -117,7 +125,8 @@ class DeepinvPrior(Denoiser):
 
 
 def from_deepinv_denoiser(denoiser, channels: int | None = None, *, sigma_min: float = DEEPINV_SIGMA_MIN,
-                          sigma_max: float = DEEPINV_SIGMA_MAX, x_shape: tuple[int, ...] | None = None) -> DeepinvPrior:
+                          sigma_max: float = DEEPINV_SIGMA_MAX, x_shape: tuple[int, ...] | None = None,
+                          sigma_range: tuple[float, float] | None = None) -> DeepinvPrior:
     """A `deepinv.models.Denoiser` as our Denoiser, a prior for `restore` and the samplers.
 
     Args:
@@ -129,6 +138,10 @@ def from_deepinv_denoiser(denoiser, channels: int | None = None, *, sigma_min: f
         sigma_min, sigma_max: the schedule's noise levels in [0, 1] units (see the module
             docstring): the smallest noise level the network is asked about, and the start.
         x_shape: the shape of one x, if the denoiser takes only one.
+        sigma_range: the noise levels (low, high), in [0, 1] units, the denoiser was trained on,
+            declared by the user (deepinv does not say); None: the schedule's range [sigma_min,
+            sigma_max], as before. `restore` refuses a run that would leave it, and `ladder` gives
+            the denoiser exactly these levels.
 
     Returns:
         A DeepinvPrior: D(x_t, t) = denoiser(x_t, sigma(t)), data_range (0, 1).
@@ -137,4 +150,4 @@ def from_deepinv_denoiser(denoiser, channels: int | None = None, *, sigma_min: f
         raise TypeError(not_a_deepinv_denoiser(denoiser, "denoiser") if is_deepinv_object(denoiser) else
                         f"denoiser must be a deepinv.models.Denoiser, got {type(denoiser).__name__}")
     channels = deepinv_channels(denoiser) if channels is None else positive_int(channels, "channels")
-    return DeepinvPrior(denoiser.eval(), GeometricVESchedule(sigma_min, sigma_max), channels, x_shape)
+    return DeepinvPrior(denoiser.eval(), GeometricVESchedule(sigma_min, sigma_max), channels, x_shape, sigma_range)

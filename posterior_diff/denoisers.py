@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from operators import per_sample
 
+from .images import noise_from_model_units
 from .schedules import DiscreteSchedule, Schedule
 
 PREDICTIONS = {
@@ -86,6 +87,14 @@ def canonical_prediction(prediction: str) -> str:
     return PREDICTIONS[prediction]
 
 
+def schedule_sigma_range(schedule: Schedule, data_range: tuple[float, float] | None) -> tuple[float, float]:
+    """The noise ratios s = sigma / alpha a schedule spans, s(t_min) to s(t_max), in [0, 1] image units
+    for a model with `data_range` (s_model / (high - low), `images.noise_from_model_units`), else as they are."""
+    ends = torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)
+    low, high = (float(noise_from_model_units(s, data_range)) for s in schedule.ratio(ends).tolist())
+    return low, high
+
+
 class Denoiser(nn.Module):
     """(x_t, t) -> E[x_0 | x_t]. Subclasses implement `forward`.
 
@@ -95,12 +104,24 @@ class Denoiser(nn.Module):
         data_range: (low, high) of the data for image models, which then take and return
             images in [0, 1] through `restore`; None for models without one (analytic priors).
         channels: the number of image channels the model takes, or None.
+        sigma_range: (low, high), the noise levels s = sigma / alpha the model may be asked about,
+            in [0, 1] image units (the std of the noise in x_0 + s n for x_0 in [0, 1]); for
+            analytic priors (no data range) in the prior's own units. By default its schedule's
+            whole range, s(t_min) to s(t_max), converted from the model's units
+            (`schedule_sigma_range`); a model trained on fewer levels declares them (FFDNet:
+            (0, 75/255)). `restore` refuses a run whose time grid leaves it (allow_extrapolation).
     """
 
     schedule: Schedule
     x_shape: tuple[int, ...] | None = None
     data_range: tuple[float, float] | None = None
     channels: int | None = None
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        """(low, high) noise levels the model may be asked about, in [0, 1] image units (the prior's
+        own units without a data range): here the schedule's whole range; subclasses may declare less."""
+        return schedule_sigma_range(self.schedule, self.data_range)
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
         """D(x_t, t) for x_t of shape (B, *event) and t a float or a (B,) tensor in [0, 1]."""

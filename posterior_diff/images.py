@@ -11,6 +11,11 @@ so a measurement converts exactly (A 1 = 1 for super-resolution, the mask for in
 for [-1, 1] that is 2 y - A 1 and a sigma_y of 0.05 in [0, 1] is 0.1 in model units. Results
 convert back with x = (x_model - low) / w and std = std_model / w.
 
+Noise levels convert the same way (`noise_to_model_units`, `noise_from_model_units`): a prior's
+declared `sigma_range` is in [0, 1] units, s_image = s_model / w. A ladder of priors
+(`posterior_diff.ladder`) moves a noisy point from one model's time axis and units to another's
+with `change_axis`: x' = alpha' change_range(x_t / alpha), at the same noise level.
+
 Accepted image inputs: torch tensors (C, H, W), numpy arrays (H, W) or (H, W, C) of floats in
 [0, 1] or integers (uint8 / uint16, scaled by their maximum), and PIL images.
 """
@@ -114,6 +119,46 @@ def from_model_range(x: Tensor, data_range: tuple[float, float] = MODEL_RANGE) -
     return (x - low) / (high - low)
 
 
+def noise_to_model_units(sigma, data_range: tuple[float, float] | None):
+    """A noise level (standard deviation, or noise ratio s = sigma / alpha) in [0, 1] image units ->
+    the model's units: w sigma with w = high - low (2 sigma for [-1, 1]); unchanged where the
+    model has no data range (analytic priors). A float or a tensor."""
+    if data_range is None:
+        return sigma
+    low, high = data_range
+    return (high - low) * sigma
+
+
+def noise_from_model_units(sigma, data_range: tuple[float, float] | None):
+    """The inverse of `noise_to_model_units`: a noise level in the model's units -> [0, 1] image units."""
+    if data_range is None:
+        return sigma
+    low, high = data_range
+    return sigma / (high - low)
+
+
+def change_range(x: Tensor, source: tuple[float, float] | None, target: tuple[float, float] | None) -> Tensor:
+    """An image (clean, noisy z = x_0 + s n, or a denoised estimate) from one data range to another:
+    target_low + w_target (x - source_low) / w_source, the noise std scaling by w_target / w_source as
+    `noise_to_model_units` says. Unchanged where the ranges are equal (both None: analytic priors);
+    a ValueError where only one of them is None (no image units to convert from or to)."""
+    if source == target:
+        return x
+    if source is None or target is None:
+        raise ValueError(f"cannot convert between data range {source} and {target}: an analytic prior (no data "
+                         "range) has no image units")
+    return to_model_range(from_model_range(x, source), target)
+
+
+def change_axis(x_t: Tensor, alpha, data_range: tuple[float, float] | None, new_alpha,
+                new_range: tuple[float, float] | None) -> Tensor:
+    """A point x_t = alpha z of one model's time axis and units -> the point new_alpha z' of another
+    model's at the same noise level, z' = change_range(z): the variance-exploding z = x_t / alpha
+    = x_0 + s n is what both share (docs/theory.md, "A ladder of priors"). alpha and new_alpha are
+    floats or tensors broadcastable against x_t (e.g. `per_sample`)."""
+    return new_alpha * change_range(x_t / alpha, data_range, new_range)
+
+
 def measurement_to_model_units(y: Tensor, operator, data_range: tuple[float, float] = MODEL_RANGE):
     """(y, operator) in [0, 1] units -> (w y + low A 1, the operator with sigma_y times w),
     w = high - low of the model's data_range (default [-1, 1]: 2 y - A 1 and 2 sigma_y).
@@ -124,7 +169,8 @@ def measurement_to_model_units(y: Tensor, operator, data_range: tuple[float, flo
     low, high = data_range
     x_shape = operator.x_shape(tuple(y.shape))
     ones = torch.ones((1, *x_shape), dtype=y.dtype, device=y.device)
-    return (high - low) * y + low * operator.A(ones)[0], operator.with_sigma_y((high - low) * operator.sigma_y)
+    return (high - low) * y + low * operator.A(ones)[0], operator.with_sigma_y(noise_to_model_units(operator.sigma_y,
+                                                                                                   data_range))
 
 
 def save_panels(rows: list[list[Tensor]], titles: list[str], path: str | Path, zoom: int = 1) -> None:

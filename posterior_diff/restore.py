@@ -5,7 +5,8 @@ samples of x given measurements y = A x + noise.
 drawing the samples of all of them in shared sampler runs with batched network calls. Both go
 through the same four stages (`restore` is a batch of one):
 
-1. check: every argument, once, before any work (a ValueError or TypeError naming it);
+1. check: every argument, once, before any work (a ValueError or TypeError naming it), and the
+   sampler's noise levels against the model's `sigma_range` (unless allow_extrapolation);
 2. convert: the model and the operators to the sampling device (the caller's are never
    modified), and the measurements and sigma_y to the model's units;
 3. sample: the guided sampler (`samplers.run_sampler` on `AveragedLikelihoodGuidance`) in runs
@@ -52,10 +53,12 @@ from .defaults import defaults_for
 from .deepinv_prior import from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object, not_a_deepinv_denoiser
 from .denoisers import Denoiser
 from .guidance import AveragedLikelihoodGuidance, GuidanceSettings
-from .images import from_model_range, measurement_to_model_units, to_image_tensor
+from .images import (from_model_range, measurement_to_model_units, noise_from_model_units, noise_to_model_units,
+                     to_image_tensor)
 from .models import default_model, load_model
 from .particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from .samplers import NoiseSource, SamplerSettings, run_sampler
+from .time_grids import time_grid
 
 # A checked generator argument: one generator (or None) for every measurement, or a tuple
 # with one per measurement.
@@ -197,6 +200,7 @@ def restore(
     ess_threshold: float = 0.5,
     proposal: str = "auto",
     start: str = "auto",
+    allow_extrapolation: bool = False,
 ) -> Restoration:
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
 
@@ -253,6 +257,11 @@ def restore(
             returns is the exact E[x | y] (see `Restoration.mean`). "auto" (default):
             "measurement" where it applies (identity operator, sigma_y below the schedule's
             largest noise ratio, not particle mode), else "prior".
+        allow_extrapolation: run even where the sampler's grid of noise levels (from its start,
+            the schedule's top or sigma_y, down to its last time) leaves the model's declared
+            `sigma_range`, asking it about levels it was not trained on. False (default): such a
+            run is refused before any work, with a ValueError naming the range and the levels;
+            the remedy is a ladder of priors (`posterior_diff.ladder`) covering them.
 
     Returns:
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
@@ -263,7 +272,7 @@ def restore(
     problem = check_problem([y], [operator], model, ["y"], ["operator"])
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                               cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                              proposal, start)
+                              proposal, start, allow_extrapolation)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return run_stages(problem, settings, generator, device, progress)[0]
@@ -294,6 +303,7 @@ def restore_batch(
     ess_threshold: float = 0.5,
     proposal: str = "auto",
     start: str = "auto",
+    allow_extrapolation: bool = False,
 ) -> list[Restoration]:
     """Posterior samples for several measurements at once: `num_samples` for each of them,
     drawn together in shared sampler runs (batched network calls).
@@ -325,8 +335,8 @@ def restore_batch(
             them, and such pieces share runs where they fit. In particle mode: particles per
             network call.
         steps, covariance, eta, solver, guidance_scale, device, progress, grid, cg_tol,
-        cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, particles, ess_threshold, proposal, start: as in
-            `restore`.
+        cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, particles, ess_threshold, proposal, start,
+        allow_extrapolation: as in `restore`.
 
     Returns:
         One Restoration per measurement, in order: samples (num_samples, *x_shape), mean, std,
@@ -344,7 +354,7 @@ def restore_batch(
     problem = check_problem(items, operators, model, [f"measurements[{i}]" for i in range(len(items))], operator_names)
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                               cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                              proposal, start)
+                              proposal, start, allow_extrapolation)
     generators = check_generators(generator, len(items))
     return run_stages(problem, settings, generators, device, progress)
 
@@ -499,13 +509,18 @@ def as_measurement(y, image_model: bool, name: str = "y") -> Tensor:
 
 def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                    cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                   proposal, start="prior") -> RestoreSettings:
+                   proposal, start="prior", allow_extrapolation=False) -> RestoreSettings:
     """The frozen settings of a call (each dataclass checks its own fields once); steps,
-    covariance, the CG cap, the warm start and jacobian_s_max left as None come from the model's defaults."""
+    covariance, the CG cap, the warm start and jacobian_s_max left as None come from the model's defaults.
+    The sampler's noise levels are checked against the model's `sigma_range` (`check_noise_levels`)."""
     defaults = defaults_for(problem.model)
     start = resolve_start(problem, start, particles)
     s_max = measurement_ratio(problem) if start == "measurement" else None
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
+    if not isinstance(allow_extrapolation, bool):
+        raise TypeError(f"allow_extrapolation must be True or False, got {allow_extrapolation!r}")
+    if not allow_extrapolation:
+        check_noise_levels(problem.model, sampler)
     guidance = GuidanceSettings(defaults.covariance if covariance is None else covariance, guidance_scale, cg_tol,
                                 defaults.cg_max_iter if cg_max_iter is None else cg_max_iter, cg_noise_tol,
                                 defaults.warm_start if warm_start is None else warm_start,
@@ -523,8 +538,63 @@ START_CHOICES = ("auto", "prior", "measurement")
 
 def measurement_ratio(problem: Problem) -> float:
     """sigma_y in the model's units: the noise ratio sigma / alpha at which y is the forward process."""
-    low, high = problem.model.data_range if problem.image_model else (0.0, 1.0)
-    return (high - low) * problem.sigma_y
+    return noise_to_model_units(problem.sigma_y, problem.model.data_range)
+
+
+RANGE_TOLERANCE = 1e-6  # relative: grid ends computed by bisection may pass a range's end by round-off
+
+
+def grid_noise_levels(model: Denoiser, sampler: SamplerSettings) -> tuple[float, float]:
+    """(lowest, highest) noise level s = sigma / alpha the sampler's grid asks the model about, in
+    [0, 1] image units (the prior's units without a data range): the grid's last time and its
+    start (the schedule's t_max, or s_max for a measurement start). Every solver evaluates the
+    model at grid times only, and so does particle mode, so these bound every level of the run.
+    No network call: `time_grid` is the sampler's own grid."""
+    times = time_grid(model.schedule, sampler.steps, sampler.grid, sampler.s_min, s_max=sampler.s_max)
+    ratios = model.schedule.ratio(times[[-1, 0]]).tolist()
+    low, high = (float(noise_from_model_units(s, model.data_range)) for s in ratios)
+    return low, high
+
+
+PRIOR_START_KL = 0.01  # nats per entry: the most start-up mismatch a prior start may leave (image models)
+
+
+def check_prior_start(model: Denoiser, top: float) -> None:
+    """A ValueError where an image model's schedule starts the sampler from the prior at a noise
+    level that does not hide the data: the reference N(0, (alpha^2 + sigma^2) I) then stands in for
+    a marginal it is far from. Measured by `Schedule.terminal_kl_bound` per entry for data filling the
+    model's range (E x^2 <= max(low^2, high^2)): above PRIOR_START_KL nats. A model trained on low
+    noise levels only (FFDNet, top 75/255: 1.3 nats per entry) cannot start a run from the prior; a
+    diffusion model (the embedded one: 4e-5) can."""
+    low, high = model.data_range
+    mismatch = model.schedule.terminal_kl_bound(max(low**2, high**2), 1)
+    if mismatch > PRIOR_START_KL:
+        raise ValueError(f"this run starts from the prior at the model's top noise level {top:.4g} ([0, 1] image units), "
+                         f"which does not hide the data (start-up mismatch up to {mismatch:.3g} nats per entry, "
+                         f"Schedule.terminal_kl_bound): a model trained on low noise levels only is no prior to start "
+                         "from. Use a ladder with a model covering the higher levels (posterior_diff.ladder), start "
+                         "from a denoising measurement inside its range, or pass allow_extrapolation=True")
+
+
+def check_noise_levels(model: Denoiser, sampler: SamplerSettings) -> None:
+    """A ValueError, before any work, where the sampler's grid leaves the model's `sigma_range`:
+    it names the range, the levels asked for and the remedies."""
+    low, high = model.sigma_range
+    asked_low, asked_high = grid_noise_levels(model, sampler)
+    if sampler.s_max is None and model.data_range is not None:
+        check_prior_start(model, asked_high)
+    above = asked_high > high * (1 + RANGE_TOLERANCE)
+    below = asked_low < low * (1 - RANGE_TOLERANCE)
+    if not (above or below):
+        return
+    units = "[0, 1] image units" if model.data_range is not None else "the prior's units"
+    start = "the schedule's top" if sampler.s_max is None else "the measurement's sigma_y"
+    side = (f"{asked_high:.4g} lies above it: use a ladder with a model covering the higher levels"
+            if above else f"{asked_low:.4g} lies below it: use a ladder with a model covering the lower levels")
+    raise ValueError(f"the model was trained for noise levels sigma in [{low:.4g}, {high:.4g}] ({units}, its "
+                     f"sigma_range), but this run's sampler grid asks it about levels from {asked_high:.4g} "
+                     f"({start}) down to {asked_low:.4g}, and {side} (posterior_diff.ladder), or pass "
+                     "allow_extrapolation=True to run it outside its range anyway")
 
 
 def resolve_start(problem: Problem, start, particles) -> str:
