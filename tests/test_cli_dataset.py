@@ -143,13 +143,14 @@ def test_reference_writes_the_scores_and_their_summary(tmp_path, pipeline_folder
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [row["name"] for row in rows] == names
     expected = psnr_ssim(read_image(out / "b.png"), read_image(tmp_path / "truth" / "b.png"))
+    # the CSV writes PSNR with 4 decimals and SSIM with 6: half a unit of the last one, with room
     assert float(rows[1]["psnr"]) == pytest.approx(expected[0], abs=1e-3)
     assert float(rows[1]["ssim"]) == pytest.approx(expected[1], abs=1e-5)
     summary = (out / "summary.txt").read_text()
     assert "images 3" in summary and "PSNR" in summary and "SSIM" in summary and "±" in summary
     metrics = json.loads((out / MANIFEST).read_text())["metrics"]
     psnr = [float(row["psnr"]) for row in rows]
-    assert metrics["psnr"]["mean"] == pytest.approx(sum(psnr) / 3, abs=1e-3)
+    assert metrics["psnr"]["mean"] == pytest.approx(sum(psnr) / 3, abs=1e-3)  # the CSV's rounded PSNRs
     assert "PSNR" in capsys.readouterr().out
 
 

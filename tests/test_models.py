@@ -22,7 +22,7 @@ def test_folder_loads_into_a_denoiser_that_matches_the_unet(pipeline_folder):
     alpha_bar = scheduler.alphas_cumprod[n]
     expected = x0_from_epsilon(x, eps, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
     with torch.no_grad():
-        assert torch.allclose(model(x, t), expected, atol=1e-5)
+        assert torch.allclose(model(x, t), expected, atol=1e-5)  # float32: the same eps, x0 formed in another order
 
 
 def test_any_image_size_works_by_padding(pipeline_folder):
@@ -95,6 +95,7 @@ def test_each_prediction_type_matches_the_schedulers_own_x0(prediction):
     with torch.no_grad():
         output = unet(x, torch.full((2,), float(n))).sample
         expected = scheduler.step(output, n, x).pred_original_sample
+        # float32, the scheduler's own x0 (divided by sqrt(alpha_bar) ~ 0.5): a few ulps of values up to ~10
         assert torch.allclose(model(x, (n + 1) / 1000), expected, atol=1e-4)
 
 
@@ -120,7 +121,7 @@ def test_unet_folders_with_any_ddpm_family_scheduler_config_load(tmp_path, sched
     knots = torch.tensor([0, 10, 500, 999])
     times = ((knots + 1) / 1000).double()
     assert model.prediction == "v_prediction"
-    assert torch.allclose(model.schedule.alpha(times) ** 2, reference[knots], rtol=1e-5)
+    assert torch.allclose(model.schedule.alpha(times) ** 2, reference[knots], rtol=1e-5)  # float32 cumprod in diffusers
 
 
 def test_class_conditional_unets_need_a_label_and_use_it():
@@ -151,7 +152,7 @@ def test_a_half_precision_unet_runs_in_half_while_sampling_stays_float32():
     with torch.no_grad():
         out = half(x, 0.3)
         assert out.dtype == torch.float32
-        assert torch.allclose(out, full(x, 0.3), atol=0.1)
+        assert torch.allclose(out, full(x, 0.3), atol=0.1)  # bfloat16 weights: 8 mantissa bits, ~0.4 % per layer
 
 
 def _fake_hub_cache(cache, repo_id, folder):
@@ -202,6 +203,7 @@ def test_a_folder_with_only_fp16_weights_loads_that_variant(tmp_path):
     assert next(model.module.parameters()).dtype == torch.float32
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
+        # the same fp16 weights run in float32 both ways: equal to float32 rounding (allclose's default rtol 1e-5)
         assert torch.allclose(model(x, 0.5), denoiser_from_diffusers(reference, DDPMScheduler())(x, 0.5))
     half = load_model(tmp_path, variant="fp16", torch_dtype=torch.bfloat16)
     assert next(half.module.parameters()).dtype == torch.bfloat16 and half.sampling_dtype() == torch.float32
@@ -220,7 +222,7 @@ def test_legacy_scheduler_names_and_keys_are_mapped(tmp_path):
     expected = DDPMScheduler(num_train_timesteps=500, beta_start=1e-4, beta_end=0.02).alphas_cumprod.double()
     n = torch.tensor([0, 250, 499])
     assert model.schedule.num_train_timesteps == 500 and model.prediction == "epsilon"
-    assert torch.allclose(model.schedule.alpha(((n + 1) / 500).double()) ** 2, expected[n], rtol=1e-5)
+    assert torch.allclose(model.schedule.alpha(((n + 1) / 500).double()) ** 2, expected[n], rtol=1e-5)  # float32 cumprod
 
 
 @pytest.mark.parametrize("scheduler_config, message", [
