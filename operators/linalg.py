@@ -41,11 +41,15 @@ class CGInfo:
     relative_residual: ||b - M v|| / ||b|| per sample, shape (B,).
     image: G v for the solution v when the solve ran `with_image` (None otherwise, and None
         when no product was made: v = 0 then, and so is G v).
+    converged: per sample, shape (B,), whether the returned v meets the stopping rule
+        (||b - M v|| <= max(tol ||b||, atol), the very test the loop stops on). False where the
+        cap, the curvature test or the divergence guard stopped the sample first.
     """
 
     iterations: int
     relative_residual: Tensor
     image: Tensor | None = None
+    converged: Tensor | None = None
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -141,7 +145,13 @@ def conjugate_gradient(
         direction = z + per_sample(beta, x) * direction
         rz = rz_new
         active = active & (residual_norm > threshold)
-    return best.x, CGInfo(iterations=iterations, relative_residual=best.norm / scale, image=best.image)
+    # A sample leaves the loop through the rule once its residual norm is <= threshold, and its
+    # best norm is then <= threshold too; a sample stopped otherwise never met it (or it would
+    # have stopped there), so this is the loop's own test (a NaN residual, which also ends the
+    # loop, counts as not converged).
+    converged = best.norm <= threshold
+    return best.x, CGInfo(iterations=iterations, relative_residual=best.norm / scale, image=best.image,
+                          converged=converged)
 
 
 class _Best:

@@ -11,7 +11,7 @@ from .deepinv_prior import DeepinvPrior, from_deepinv_denoiser
 from .ffdnet_prior import ffdnet
 from .ladder import Ladder, default_ladder, ladder
 from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
-from .guidance import COVARIANCES, AveragedLikelihoodGuidance
+from .guidance import COVARIANCES, AveragedLikelihoodGuidance, CGTruncatedWarning
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore, restore_batch
 from .samplers import SOLVERS, NonFiniteSampleError, sample
@@ -34,6 +34,7 @@ __all__ = [
     "GaussianPrior",
     "GaussianMixturePrior",
     "AveragedLikelihoodGuidance",
+    "CGTruncatedWarning",
     "UNetDenoiser",
     "load_model",
     "denoiser_from_diffusers",

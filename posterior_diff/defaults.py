@@ -14,6 +14,10 @@ on average in 2.5 times the time). That run took jacobian_s_max = 2 (below); the
 the network's Jacobian at every step, chose the same setting. Diagonal at 20 steps is 0.1-0.2 dB worse on both tasks in the
 same time, projection level on SR in less than half the time but 4.2 dB worse on inpainting. The two sets differ because a network's Jacobian costs a backward pass per
 CG iteration: the exact Tweedie solve that analytic priors can afford would take minutes per image.
+The cap of 4 truncates most image solves before their stopping rule, so the Tweedie covariance is then
+approximate: `restore` counts such solves (`Restoration.cg_truncated`), and warns of them
+(`CGTruncatedWarning`) where the caller named the covariance but left this cap to the defaults;
+a larger `cg_max_iter` (e.g. 50) gives the exact one.
 
 Image models also start every Tweedie solve cold, from the isotropic solve, not from the previous
 step's solution. On a network's Jacobian the system at high noise is far from the one the warm

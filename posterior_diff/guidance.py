@@ -41,7 +41,11 @@ exact in the eigenbasis of A J A^T and the gradient a combination of the rows, w
 The Tweedie solve stops at a residual of a tenth of the noise's norm (`cg_noise_tol`), starts
 from the previous step's solution (`warm_start`), and hands back the gradient J^T A^T C^{-1} r
 accumulated from its own products, so a step costs one VJP per CG product and no more
-(docs/theory.md §5).
+(docs/theory.md §5). `cg_max_iter` is a cap, not part of the rule: a solve that reaches it with
+some sample's residual still above its tolerance is truncated, its C^{-1} r (and so the Tweedie
+covariance it applies) only approximate. Such solves are counted (`cg_truncated`), and `restore`
+reports them, with a warning where the caller named the covariance but not the cap (the image
+models' default cap of 4 truncates most solves).
 
 All Jacobian products reuse the one forward pass (vector-Jacobian products on its graph).
 Every sample of a batch has its own residual, its own CG step lengths and stopping test.
@@ -71,6 +75,11 @@ from .denoisers import Denoiser, as_time
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie", "projection")
 EXACT_LOG_DET_MAX = 64  # measurement sizes up to which the Tweedie twist's log det is exact
+
+
+class CGTruncatedWarning(RuntimeWarning):
+    """Tweedie conjugate-gradient solves stopped at the cap `cg_max_iter` before meeting their
+    stopping rule: the Tweedie covariance was applied only approximately."""
 
 
 def pigdm_variance(alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -186,8 +195,10 @@ class AveragedLikelihoodGuidance(Denoiser):
         cg_max_iter: cap on conjugate-gradient iterations (each one vector-Jacobian product).
         cg_noise_tol, warm_start, jacobian_s_max: as in `GuidanceSettings`.
 
-    Counters `forward_count` and `vjp_count` record the network work done; `cg_iterations` and
-    `cg_residuals` (per sample, ||r - C u|| / ||r||) each Tweedie solve's.
+    Counters `forward_count` and `vjp_count` record the network work done; `cg_iterations`,
+    `cg_residuals` (per sample, ||r - C u|| / ||r||) and `cg_converged` (per sample, whether
+    the stopping rule was met) each Tweedie solve's; `cg_truncated` counts the solves stopped
+    by the cap `cg_max_iter` before every sample met the rule.
     """
 
     def __init__(
@@ -230,7 +241,18 @@ class AveragedLikelihoodGuidance(Denoiser):
         self.cg_iterations: list[int] = []
         # per solve, each sample's ||r - C u|| / ||r|| (B,), kept on the device: no sync per step
         self.cg_residuals: list[Tensor] = []
+        # per solve, each sample's CGInfo.converged (B,), on the device likewise
+        self.cg_converged: list[Tensor] = []
         self._warm_start: WarmStart | None = None
+
+    @property
+    def cg_truncated(self) -> int:
+        """Tweedie solves so far that the cap `cg_max_iter` stopped before every sample met the
+        stopping rule (relative residual `cg_tol` or residual norm `cg_noise_tol` sigma_y sqrt(m)):
+        solves whose C^{-1} r is truncated. 0 where no CG ran. (Reads the flags off the device.)"""
+        cap = self.settings.cg_max_iter
+        return sum(1 for iterations, converged in zip(self.cg_iterations, self.cg_converged)
+                   if iterations >= cap and not bool(converged.all()))
 
     @property
     def covariance(self) -> str:
@@ -437,5 +459,6 @@ class AveragedLikelihoodGuidance(Denoiser):
             self._warm_start = WarmStart(residual.shape, float(t[0]), solution, isotropic)
         self.cg_iterations.append(info.iterations)
         self.cg_residuals.append(info.relative_residual.detach())
+        self.cg_converged.append(info.converged)
         # info.image is None only if CG made no product (the zero guess was good enough): the caller's VJP then.
         return solution, None, info.image

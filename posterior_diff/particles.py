@@ -114,6 +114,8 @@ class ParticleResult:
         log_evidence: the estimate of log p(y) (NaN where the twist's log det is unknown).
         nfe: network forward calls (each on a chunk of particles); vjps: vector-Jacobian
             products (each on a chunk).
+        cg_truncated, cg_solves: Tweedie conjugate-gradient solves the cap `cg_max_iter`
+            stopped before they met their stopping rule, and all such solves (each on a chunk).
     """
 
     samples: Tensor
@@ -124,6 +126,8 @@ class ParticleResult:
     log_evidence: float = math.nan
     nfe: int = 0
     vjps: int = 0
+    cg_truncated: int = 0
+    cg_solves: int = 0
 
 
 def effective_sample_size(log_weights: Tensor) -> float:
@@ -346,6 +350,7 @@ def particle_sample(
         cloud.resample_if_degenerate(nxt.index, settings.ess_threshold, generator, [prior_solver, proposal_solver])
         bar.update(1)
     result = finish(cloud, operator, y, num_samples, generator, forward_calls=twist.forward_count, vjps=twist.vjp_count)
+    result.cg_truncated, result.cg_solves = twist.cg_truncated, len(twist.cg_iterations)
     bar.update(1)
     bar.close()
     return result

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, Union
@@ -52,7 +53,7 @@ from .checks import choice, positive_int
 from .defaults import defaults_for
 from .deepinv_prior import from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object, not_a_deepinv_denoiser
 from .denoisers import Denoiser
-from .guidance import AveragedLikelihoodGuidance, GuidanceSettings
+from .guidance import AveragedLikelihoodGuidance, CGTruncatedWarning, GuidanceSettings
 from .images import (from_model_range, measurement_to_model_units, noise_from_model_units, noise_to_model_units,
                      to_image_tensor)
 from .models import default_model, load_model
@@ -78,6 +79,10 @@ class RestoreSettings:
         particles: particle mode's settings, or None for the plain guided sampler.
         start: "prior" or "measurement" (resolved from "auto"; see `restore`). A measurement
             start's noise ratio sigma_y (model units) is sampler.s_max.
+        cap_unasked: the caller named the covariance but left cg_max_iter to the model's default,
+            so a Tweedie solve stopped by that cap was not their choice: the call then warns
+            (`CGTruncatedWarning`). A default call (covariance and cap from `defaults_for`, both
+            documented) or a cap the caller set only counts them in `Restoration.cg_truncated`.
     """
 
     num_samples: int
@@ -86,6 +91,7 @@ class RestoreSettings:
     batch_size: int | None = None
     particles: ParticleSettings | None = None
     start: str = "prior"
+    cap_unasked: bool = False
 
 
 @dataclass
@@ -110,9 +116,15 @@ class Restoration:
         ess, resampled, log_evidence: particle mode only (see `posterior_diff.particles`):
             ESS / K after each reweighting, the steps after which the cloud was resampled, and
             the estimate of log p(y) in the model's units (NaN where the twist has no log det).
+        cg_truncated: Tweedie conjugate-gradient solves that stopped at the cap
+            `settings.guidance.cg_max_iter` with some sample's residual still above the stopping
+            rule (`cg_tol`, `cg_noise_tol`): solves whose Tweedie covariance was only
+            approximate. 0 when every solve met the rule, or when no CG ran (other covariances,
+            a measurement start). The call warns (`CGTruncatedWarning`) when it is not 0 and the
+            caller named the covariance but not the cap (`RestoreSettings.cap_unasked`).
 
-    In `restore_batch` a sampler run may hold the samples of several measurements: nfe, vjps
-    and seconds are then those of the shared runs this measurement took part in, the same
+    In `restore_batch` a sampler run may hold the samples of several measurements: nfe, vjps,
+    cg_truncated and seconds are then those of the shared runs this measurement took part in, the same
     numbers for every measurement of a run (do not add them up over a batch; the work of the
     whole call is that of its distinct runs). In particle mode each measurement has runs of
     its own.
@@ -128,6 +140,7 @@ class Restoration:
     ess: list[float] | None = None
     resampled: list[int] | None = None
     log_evidence: float | None = None
+    cg_truncated: int = 0
 
 
 @dataclass
@@ -165,7 +178,8 @@ class Problem:
 class Draws:
     """One measurement's samples in the model's units and the work of the runs that drew them
     (`cloud`: the particle run's result in particle mode; `mean`: the exact posterior mean where
-    there is one, see `FirstDenoising`)."""
+    there is one, see `FirstDenoising`; `cg_truncated`: those runs' Tweedie solves stopped by
+    the cap before their stopping rule)."""
 
     samples: Tensor
     nfe: int
@@ -173,6 +187,20 @@ class Draws:
     seconds: float
     cloud: ParticleResult | None = None
     mean: Tensor | None = None
+    cg_truncated: int = 0
+
+
+@dataclass
+class CGTally:
+    """The Tweedie conjugate-gradient solves of a whole call, each run counted once: those the
+    cap stopped before their stopping rule, and all of them."""
+
+    truncated: int = 0
+    solves: int = 0
+
+    def add(self, truncated: int, solves: int) -> None:
+        self.truncated += truncated
+        self.solves += solves
 
 
 def restore(
@@ -230,7 +258,10 @@ def restore(
         grid: time grid, "log-snr" (default), "uniform" or "karras".
         cg_tol, cg_max_iter, cg_noise_tol: stopping rule of the Tweedie conjugate gradient: a
             relative residual, a cap (None: the model's default), and a residual norm in units
-            of the noise's norm sigma_y sqrt(m); it stops at whichever comes first.
+            of the noise's norm sigma_y sqrt(m); it stops at whichever comes first. The cap is a
+            safeguard: a solve it stops before either tolerance is met is truncated (counted in
+            `Restoration.cg_truncated`; where the covariance was named and the cap left to the
+            default, the call warns with `CGTruncatedWarning`).
         warm_start: start each step's Tweedie solve from the previous step's solution (None:
             the model's default; off for image models, see `posterior_diff.defaults`).
         jacobian_s_max: the noise ratio sigma / alpha above which every covariance pulls the likelihood
@@ -264,7 +295,8 @@ def restore(
             the remedy is a ladder of priors (`posterior_diff.ladder`) covering them.
 
     Returns:
-        A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds.
+        A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds,
+        settings and cg_truncated.
 
     `restore(y, operator, model, generator=g, ...)` is `restore_batch([y], operator, model,
     generator=[g], ...)[0]`: the same stages, the same numbers.
@@ -340,8 +372,9 @@ def restore_batch(
 
     Returns:
         One Restoration per measurement, in order: samples (num_samples, *x_shape), mean, std,
-        and nfe / vjps / seconds of the sampler runs it took part in (shared with the other
-        measurements of those runs; see `Restoration`).
+        and nfe / vjps / cg_truncated / seconds of the sampler runs it took part in (shared with
+        the other measurements of those runs; see `Restoration`). One warning for the whole call
+        where a Tweedie solve was truncated by a cap the caller did not set (as in `restore`).
 
     Particle mode (`particles=K`) runs the measurements one after the other: each measurement
     needs a weighted cloud of its own, reweighted by its own likelihood and resampled when its
@@ -363,11 +396,26 @@ def run_stages(problem: Problem, settings: RestoreSettings, generators: Generato
                progress) -> list[Restoration]:
     """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per measurement)."""
     problem, device = convert(problem, device)
+    tally = CGTally()
     if settings.particles is None:
-        draws = sample_in_batches(problem, settings, generators, device, progress)
+        draws = sample_in_batches(problem, settings, generators, device, progress, tally)
     else:
-        draws = sample_particles(problem, settings, generators, device, progress)
+        draws = sample_particles(problem, settings, generators, device, progress, tally)
+    if tally.truncated and settings.cap_unasked:
+        warn_truncated(tally, settings.guidance)
     return [summarise(problem, item, settings) for item in draws]
+
+
+def warn_truncated(tally: CGTally, guidance: GuidanceSettings) -> None:
+    """Say, once per call, that Tweedie solves stopped at the cap: the covariance the caller asked
+    for was applied only approximately. Called from `run_stages`, so the warning points at the
+    caller of `restore` or `restore_batch`."""
+    warnings.warn(
+        f"{tally.truncated} of {tally.solves} Tweedie conjugate-gradient solves stopped at "
+        f"cg_max_iter={guidance.cg_max_iter} before meeting their stopping rule (cg_tol={guidance.cg_tol:g}, "
+        f"cg_noise_tol={guidance.cg_noise_tol:g}), so the Tweedie covariance was only approximate; pass a "
+        f"larger cg_max_iter (e.g. 50) for the exact one (see result.cg_truncated)",
+        CGTruncatedWarning, stacklevel=4)
 
 
 # -- 1. check ---------------------------------------------------------------------------------
@@ -530,7 +578,7 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
         problem.measurements[0].numel())
     return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings,
-                           start)
+                           start, cap_unasked=covariance is not None and cg_max_iter is None)
 
 
 START_CHOICES = ("auto", "prior", "measurement")
@@ -757,14 +805,17 @@ def synchronize(device: torch.device) -> None:
 
 class SamplerRun(NamedTuple):
     """What one sampler run over several segments gave: the samples in model units (rows, *x_shape),
-    its network forwards and VJPs (each on the whole batch of rows), its seconds, and for a
-    measurement start each row's exact posterior mean (rows, *x_shape), else None."""
+    its network forwards and VJPs (each on the whole batch of rows), its seconds, for a
+    measurement start each row's exact posterior mean (rows, *x_shape), else None, and its
+    Tweedie CG solves stopped by the cap before their stopping rule, and all of them."""
 
     samples: Tensor
     nfe: int
     vjps: int
     seconds: float
     exact_means: Tensor | None
+    cg_truncated: int = 0
+    cg_solves: int = 0
 
 
 def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], generators: Generators,
@@ -785,8 +836,11 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
                                        generator=run_noise(segments, generators), device=device,
                                        dtype=problem.model.sampling_dtype(), progress=progress, start=start)
     synchronize(device)
-    return SamplerRun(samples, evaluations, getattr(denoiser, "vjp_count", 0), time.perf_counter() - began,
-                      getattr(denoiser, "first", None))
+    seconds = time.perf_counter() - began
+    if isinstance(denoiser, AveragedLikelihoodGuidance):
+        return SamplerRun(samples, evaluations, denoiser.vjp_count, seconds, None, denoiser.cg_truncated,
+                          len(denoiser.cg_iterations))
+    return SamplerRun(samples, evaluations, 0, seconds, denoiser.first)
 
 
 class FirstDenoising(Denoiser):
@@ -810,15 +864,18 @@ class FirstDenoising(Denoiser):
 
 
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
-                      progress) -> list[Draws]:
+                      progress, tally: CGTally) -> list[Draws]:
     """The plain guided sampler for every measurement, in the runs of `plan_runs`: one Draws per
-    measurement, its samples in model units with the work of the runs that drew them."""
+    measurement, its samples in model units with the work of the runs that drew them (and
+    every run's Tweedie solves added to `tally`, once)."""
     runs = plan_runs(problem.count, settings.num_samples, settings.batch_size, isinstance(generators, tuple))
     chunks: list[list[Tensor]] = [[] for _ in range(problem.count)]
     nfe, vjps, seconds = [0] * problem.count, [0] * problem.count, [0.0] * problem.count
+    truncated = [0] * problem.count
     means: dict[int, Tensor] = {}  # the exact posterior means of a measurement start
     for segments in runs:
         run = sample_run(problem, settings, segments, generators, device, progress)
+        tally.add(run.cg_truncated, run.cg_solves)
         rows = [s.rows for s in segments]
         exact_means = run.exact_means.split(rows) if run.exact_means is not None else [None] * len(segments)
         # A run holds at most one segment of each measurement (see plan_runs): its work counts once.
@@ -828,12 +885,14 @@ def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: G
             chunks[segment.item].append(part)
             nfe[segment.item] += run.nfe
             vjps[segment.item] += run.vjps
+            truncated[segment.item] += run.cg_truncated
             seconds[segment.item] += run.seconds
-    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i], mean=means.get(i)) for i in range(problem.count)]
+    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i], mean=means.get(i), cg_truncated=truncated[i])
+            for i in range(problem.count)]
 
 
 def sample_particles(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
-                     progress) -> list[Draws]:
+                     progress, tally: CGTally) -> list[Draws]:
     """Particle mode, measurement after measurement: each has its own cloud, weights and
     resampling (see `restore_batch`), drawn from its own generator (or the shared one, in turn)."""
     draws = []
@@ -844,7 +903,9 @@ def sample_particles(problem: Problem, settings: RestoreSettings, generators: Ge
                                 settings.particles, settings.sampler, settings.guidance,
                                 num_samples=settings.num_samples, generator=generator, device=device, progress=progress)
         synchronize(device)
-        draws.append(Draws(cloud.samples, cloud.nfe, cloud.vjps, time.perf_counter() - start, cloud))
+        draws.append(Draws(cloud.samples, cloud.nfe, cloud.vjps, time.perf_counter() - start, cloud,
+                           cg_truncated=cloud.cg_truncated))
+        tally.add(cloud.cg_truncated, cloud.cg_solves)
     return draws
 
 
@@ -863,10 +924,11 @@ def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Rest
     if cloud is None:
         std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
         mean = samples.mean(dim=0) if draws.mean is None else to_output(draws.mean)
-        return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings)
+        return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings,
+                           cg_truncated=draws.cg_truncated)
     particles = to_output(cloud.particles)
     weights = cloud.weights.reshape(-1, *[1] * (particles.dim() - 1))
     mean = (weights * particles).sum(0)
     std = (weights * (particles - mean).square()).sum(0).sqrt()
     return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings, cloud.ess, cloud.resampled,
-                       cloud.log_evidence)
+                       cloud.log_evidence, draws.cg_truncated)
