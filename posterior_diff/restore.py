@@ -252,7 +252,8 @@ def restore(
         guidance_scale: multiplier on the likelihood gradient (1 = Bayes' rule).
         generator: torch.Generator for reproducible draws.
         device: where to sample; default: where the model lives. A model or operator that
-            lives elsewhere is copied there; the caller's stay where they were.
+            lives elsewhere is copied there; the caller's stay where they were. A CUDA device
+            that this machine does not have is a ValueError before any work.
         progress: True shows a tqdm progress bar; a callable `progress(total)` returning a bar
             (e.g. a diffusers pipeline's `progress_bar`) shows that one.
         grid: time grid, "log-snr" (default), "uniform" or "karras".
@@ -307,7 +308,7 @@ def restore(
                               proposal, start, allow_extrapolation)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    return run_stages(problem, settings, generator, device, progress)[0]
+    return run_stages(problem, settings, generator, check_device(device), progress)[0]
 
 
 def restore_batch(
@@ -389,7 +390,7 @@ def restore_batch(
                               cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
                               proposal, start, allow_extrapolation)
     generators = check_generators(generator, len(items))
-    return run_stages(problem, settings, generators, device, progress)
+    return run_stages(problem, settings, generators, check_device(device), progress)
 
 
 def run_stages(problem: Problem, settings: RestoreSettings, generators: Generators, device,
@@ -519,9 +520,30 @@ def check_problem(measurements: Sequence, operators: Sequence, model, names: Seq
     return Problem(model, operators, tuple(checked), x_shapes[0], image_model)
 
 
+def check_device(device) -> torch.device | None:
+    """`device` as a torch.device (None: where the model lives); a ValueError naming it where it is
+    no device name, or a CUDA device this machine lacks (rather than torch's driver error later)."""
+    if device is None:
+        return None
+    try:
+        checked = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if checked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (checked.index or 0) >= count:
+            raise ValueError(f"device={device!r}, but this machine has {count} CUDA device(s): use device='cpu' "
+                             "(or leave device=None to sample where the model lives)")
+    return checked
+
+
 def check_fit(y: Tensor, operator: LinearOperator, model: Denoiser, name: str, operator_name: str) -> tuple[int, ...]:
     """The x_shape that y implies through the operator, checked against the model's channels
     and x_shape; a ValueError naming y (as `name`) otherwise."""
+    if model.channels is not None and y.dim() == 4:
+        batch_call = "restore_batch takes several" if name == "y" else "pass each as (C, h, w)"
+        raise ValueError(f"{name} has shape {tuple(y.shape)}, a batch: one image measurement is (C, h, w); {batch_call} "
+                         "(a list, or a (B, C, h, w) tensor to restore_batch)")
     if model.channels is not None and y.dim() == 3 and y.shape[0] != model.channels:
         raise ValueError(f"{name} has {y.shape[0]} channel(s) but the model takes {model.channels}; convert the image "
                          "first (posterior_diff.images.match_channels)")

@@ -275,3 +275,22 @@ def test_projection_samples_a_white_unit_prior_exactly_without_jacobian_products
             errors[key] += measured[key] / 2
     for key in errors:
         assert errors[key] <= bounds[key], (key, errors[key], bounds[key])
+
+
+def test_a_batched_image_measurement_points_to_restore_batch(pipeline_folder):
+    """(1, C, h, w) is a batch: refused by name before sampling, not a conv2d error deep in torch."""
+    with pytest.raises(ValueError, match=r"y has shape \(1, 3, 4, 4\), a batch.*restore_batch takes several"):
+        restore(torch.rand(1, 3, 4, 4), SuperResolution(2, 0.05), str(pipeline_folder), steps=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_device_this_machine_lacks_is_refused_before_any_work(problems):
+    problem = problems["denoising"]
+    prior = CountingPrior(problem.prior.mean, problem.prior.cov)
+    CountingPrior.calls = 0
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=r"this machine has 0 CUDA device\(s\): use device='cpu'"):
+            restore(problem.y, problem.operator, prior, steps=3, device=device)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        restore(problem.y, problem.operator, prior, steps=3, device="gpu")
+    assert CountingPrior.calls == 0
