@@ -74,6 +74,22 @@ def exactness_bounds(posterior, num_samples: int, seeds: int, repeats: int = 30)
     return bounds
 
 
+def grouped_floor_ratios(samples, posterior, group_size: int, floor: dict[str, float]) -> dict[str, float]:
+    """Mean and covariance errors (metrics.gaussian_errors) of `samples` in groups of `group_size`,
+    each over the exact-sample floor of that many draws, averaged over the groups.
+
+    One group's ratio scatters whatever its size (the mean error is chi-like with few degrees of
+    freedom: ~20-25 % for exact samples, ~10 % for the covariance error), so the number of groups
+    is what narrows the average; one run drawing them all costs as much as one run of that size."""
+    groups = samples.split(group_size)
+    ratios = {"mean_error": 0.0, "cov_error": 0.0}
+    for group in groups:
+        errors = gaussian_errors(group, posterior.mean, posterior.cov)
+        for key in ratios:
+            ratios[key] += errors[key] / floor[key] / len(groups)
+    return ratios
+
+
 class CountingPrior(GaussianPrior):
     """A Gaussian prior that counts its denoiser calls (class-wide): work done shows up as calls > 0."""
 

@@ -10,6 +10,7 @@ from posterior_diff.images import from_model_range, to_model_range  # noqa: E402
 from posterior_diff.metrics import exact_sample_floor, gaussian_errors  # noqa: E402
 from posterior_diff.models import load_model  # noqa: E402
 from posterior_diff.problems import squared_exponential_covariance  # noqa: E402
+from conftest import grouped_floor_ratios  # noqa: E402
 
 DOUBLE = torch.float64
 SIZE = 6  # (1, 6, 6) images: d = 36, y of 9 entries under 2x super-resolution
@@ -146,19 +147,12 @@ def averaged_errors(model, operator, y, posterior, seeds):
 
 def grouped_error_ratios(model, operator, y, posterior, groups=12, group_size=500, seed=10):
     """Mean and covariance errors over the exact-sample floor (200 draws of `group_size`: a 1%
-    standard error), averaged over `groups` groups of `group_size` samples drawn in one run.
-
-    One group's ratio scatters by ~20% whatever its size (the mean error is chi-like with few
-    degrees of freedom), so averaging many groups is what narrows it: 12 groups, ~6%."""
+    standard error), averaged over `groups` groups of `group_size` samples drawn in one run
+    (conftest.grouped_floor_ratios: 12 groups narrow one group's ~20 % scatter to ~6 %)."""
     floor = exact_sample_floor(posterior, group_size, repeats=200)
     result = restore(y, operator, model=model, covariance="tweedie", steps=100, num_samples=groups * group_size,
                      cg_max_iter=50, generator=torch.Generator().manual_seed(seed))
-    ratios = {"mean_error": 0.0, "cov_error": 0.0}
-    for group in result.samples.split(group_size):
-        measured = gaussian_errors(group, posterior.mean, posterior.cov)
-        for key in ratios:
-            ratios[key] += measured[key] / floor[key] / groups
-    return ratios
+    return grouped_floor_ratios(result.samples, posterior, group_size, floor)
 
 
 def test_posterior_samples_through_the_deepinv_interface_are_as_exact_as_exact_samples():

@@ -22,11 +22,13 @@ from torch import nn
 
 from operators import SuperResolution
 from posterior_diff import GaussianPrior, ModelLoadError, load_model, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors
+from posterior_diff.metrics import exact_sample_floor
 from posterior_diff.model_formats import (EDMUNetDenoiser, ScoreSdeUNetDenoiser, UNetDenoiser, check_diffusers_pair,
                                           denoiser_from_diffusers)
 from posterior_diff.problems import squared_exponential_covariance
 from posterior_diff.schedules import DiscreteSchedule
+
+from conftest import grouped_floor_ratios
 
 DOUBLE = torch.float64
 
@@ -235,22 +237,14 @@ def exact_network_model(family: str, problem):
 
 def error_ratios(model, problem, groups=GROUPS, steps=100, seed=1) -> dict[str, float]:
     """Mean and covariance errors of restore's samples over the exact-sample floor, averaged over
-    `groups` groups of NUM_SAMPLES samples drawn in one run.
-
-    One group's ratio scatters whatever the group's size (the mean error is chi-like with few
-    degrees of freedom: ~25% for exact samples, ~10% for the covariance error), so the number of
-    groups is what narrows the average: over 24 groups of 250 a correct model gives 1.01-1.02 +-
-    0.05-0.06 (mean error) and 1.01-1.03 +- 0.02 (covariance error), measured over 8 seeds per
-    family (3 seeds of 2000 samples averaged 1.15 +- 0.13: about 1 seed triple in 8 broke 1.3).
+    `groups` groups of NUM_SAMPLES samples drawn in one run (conftest.grouped_floor_ratios): over
+    24 groups of 250 a correct model gives 1.01-1.02 +- 0.05-0.06 (mean error) and 1.01-1.03 +-
+    0.02 (covariance error), measured over 8 seeds per family (3 seeds of 2000 samples averaged
+    1.15 +- 0.13: about 1 seed triple in 8 broke 1.3).
     """
     result = restore(problem.y, problem.operator, model, num_samples=groups * NUM_SAMPLES, steps=steps,
                      covariance="tweedie", cg_max_iter=50, generator=torch.Generator().manual_seed(seed))
-    totals = {"mean_error": 0.0, "cov_error": 0.0}
-    for group in result.samples.split(NUM_SAMPLES):
-        errors = gaussian_errors(group, problem.posterior.mean, problem.posterior.cov)
-        for key in totals:
-            totals[key] += errors[key] / groups / problem.floor[key]
-    return totals
+    return grouped_floor_ratios(result.samples, problem.posterior, NUM_SAMPLES, problem.floor)
 
 
 @pytest.mark.parametrize("family", ["score-sde", "adm", "edm", "zero-snr-v"])
