@@ -12,6 +12,7 @@ method is run as deepinv's documentation runs it:
 | mm-cg     | the same with CG run to convergence (cap = measurement size, at most 100; tol 1e-6)       |
 | ddrm      | DDRM on an SVD of A (deepinv's Denoising / Inpainting, else a dense SVD for small problems); sigmas log-spaced from sigma_max to 1e-3, then 0 |
 | diffpir   | DiffPIR with its default zeta and lambda (images only: it clamps x_0 to [0, 1])           |
+| dpir      | `run_dpir`: DPIR (half-quadratic splitting, plug-and-play), a point estimate; its own 8 iterations |
 
 PosteriorDiffusion uses the variance-exploding SDE (sigma_max 80, reverse SDE, alpha = 1) and
 Euler–Maruyama on a uniform grid ending at t = 1e-3. Every method is given the same number of
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import deepinv
 import numpy as np
 import torch
+from deepinv.optim import DPIR
 from deepinv.sampling import (DDRM, DiffPIR, DPSDataFidelity, EulerSolver, MomentMatchingDataFidelity,
                               PiGDMDataFidelity, PosteriorDiffusion, VarianceExplodingDiffusion)
 from torch import Tensor
@@ -164,3 +166,19 @@ def run_peer(method: str, model: Denoiser, operator: LinearOperator, y: Tensor, 
     if image_model:
         samples = samples.clamp(0, 1)
     return PeerRun(samples, denoiser.calls, seconds)
+
+
+def run_dpir(model: Denoiser, operator: LinearOperator, y: Tensor) -> PeerRun:
+    """deepinv's DPIR with `model` as its denoiser (through `Denoiser.to_deepinv()`): a point estimate.
+
+    DPIR sets its own schedule from sigma_y: 8 half-quadratic-splitting iterations whose denoiser
+    levels fall geometrically from 49/255 to sigma_y (deepinv's `get_DPIR_params`), each one network
+    evaluation. Its estimate is returned as one "sample" (1, *x_shape), clamped to [0, 1].
+    """
+    if model.data_range is None:
+        raise ValueError("dpir is run on image models only")
+    denoiser = CountingDenoiser(model.to_deepinv())
+    start = time.perf_counter()
+    with torch.no_grad():
+        estimate = DPIR(sigma=max(operator.sigma_y, 1e-3), denoiser=denoiser)(y.float()[None], operator.to_deepinv())
+    return PeerRun(estimate.detach().to(y.dtype).clamp(0, 1), denoiser.calls, time.perf_counter() - start)

@@ -28,6 +28,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 
 from posterior_diff.model_formats import check_diffusers_pair, denoiser_from_diffusers
+from posterior_diff.ladder import ladder
 from posterior_diff.models import load_diffusers_components, names_legacy_scheduler
 from posterior_diff.restore import restore
 
@@ -89,6 +90,8 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         cg_max_iter: int | None = None,
         jacobian_s_max: float | None = None,
         batch_size: int | None = None,
+        ladder_pieces: tuple = (),
+        allow_extrapolation: bool = False,
     ) -> ImagePipelineOutput | tuple:
         """Draw `num_samples` posterior samples.
 
@@ -106,6 +109,12 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
                 (B, C, H, W)); all in [0, 1].
             return_dict: return an `ImagePipelineOutput` (else the tuple `(images,)`).
             class_label: the class index for a class-conditional UNet.
+            ladder_pieces: further priors that take over some noise levels from the UNet, as
+                `posterior_diff.ladder` takes them: Denoisers or pairs (Denoiser, (low, high)) in
+                [0, 1] image units, e.g. `[(ffdnet(), (0.0, 0.2))]` for FFDNet below 0.2
+                (docs/theory.md, "A ladder of priors"). Empty: the UNet alone.
+            allow_extrapolation: as in `restore()`: run even where a prior would be asked about a
+                noise level outside its `sigma_range`.
 
         Returns:
             `ImagePipelineOutput(images=...)`, or `(images,)` when `return_dict` is False.
@@ -113,11 +122,14 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         denoiser = denoiser_from_diffusers(self.unet, self.scheduler, class_label)
+        if ladder_pieces:
+            denoiser = ladder(denoiser, *ladder_pieces)
         result = restore(
             measurement, operator, denoiser, num_samples=num_samples, steps=num_inference_steps,
             covariance=covariance, eta=eta, solver=solver, guidance_scale=guidance_scale, generator=generator,
             device=self._execution_device, progress=lambda total: self.progress_bar(total=total),
             cg_max_iter=cg_max_iter, jacobian_s_max=jacobian_s_max, batch_size=batch_size,
+            allow_extrapolation=allow_extrapolation,
         )
         self.maybe_free_model_hooks()
         images = result.samples

@@ -6,7 +6,7 @@ from PIL import Image
 
 from conftest import tiny_unet
 from operators import Inpainting, SuperResolution, box_mask
-from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline, restore
+from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline, ladder, load_model, restore
 
 OPERATOR = SuperResolution(2, sigma_y=0.05)
 MEASUREMENT = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(3))  # an 8x8 image at x2
@@ -34,6 +34,19 @@ def test_folder_pipeline_and_restore_give_the_same_numbers(pipe, pipeline_folder
     result = restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4, generator=seeded())
     assert images.shape == (2, 3, 8, 8)
     assert torch.equal(images, result.samples)  # the pipeline calls restore: the same computation
+
+
+def test_ladder_pieces_take_their_noise_levels_as_restore_does_with_the_ladder(pipe, pipeline_folder):
+    other = load_model(pipeline_folder)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.5)  # another network, so that a piece left unasked shows
+    piece = (other, (other.sigma_range[0], 0.3))
+    images = run(pipe, ladder_pieces=[piece])
+    result = restore(MEASUREMENT, OPERATOR, ladder(load_model(pipeline_folder), piece), num_samples=2, steps=4,
+                     generator=seeded())
+    assert torch.equal(images, result.samples)  # one code path: the same computation
+    assert not torch.allclose(images, run(pipe))  # and the piece held its levels
 
 
 def test_generator_reproducibility(pipe):

@@ -1,0 +1,251 @@
+"""The FFDNet ladder (`posterior_diff.default_ladder`) on photographs: its settings chosen, then measured.
+
+Run it as `python -m benchmarks.pretrained_priors` (`--quick` for a smoke run); it needs the
+`ffdnet` extra (FFDNet's weights) and the `benchmark` extra (deepinv, BM3D), and writes
+docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`).
+
+1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`, never the
+   held-out ones): first the switch level (the noise level below which FFDNet is asked) at the
+   image defaults, then, at that switch, the covariance, the number of steps and whether the
+   Tweedie CG stops by its accuracy rule alone (cap 50) or at the default cap of 4. Each choice is
+   the cheapest setting (seconds per restoration) within `TIE_DB` of the best mean PSNR over SR x4,
+   70% random inpainting and the box hole (denoising is not in the choice: `restore` starts it
+   from the measurement, below every switch, so FFDNet alone serves it).
+2. **The check, on the held-out photographs** (scikit-image's astronaut, camera, coffee and
+   chelsea, halved, 128x128 centre crops, 4 samples), at the chosen settings: PSNR / SSIM of the
+   posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
+   inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
+   embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser, and deepinv's DiffPIR
+   and DPS with the same ladder at the same network evaluations per sample (see `peers`).
+3. **Calibration**: the fraction of pixels whose error |mean - x| lies within 2 posterior standard
+   deviations (unbiased, over the samples). For exact samples of a Gaussian posterior this fraction
+   is known: with n samples, (x - mean) / (std sqrt(1 + 1/n)) follows Student's t with n - 1
+   degrees of freedom, so it is P(|T_{n-1}| <= 2 / sqrt(1 + 1/n)) (0.83 at n = 4), whatever the
+   posterior's covariance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from scipy import stats
+
+from posterior_diff import default_ladder, default_model, ffdnet, restore
+from posterior_diff.defaults import IMAGE_DEFAULTS
+from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
+from posterior_diff.ffdnet_prior import FFDNET_SIGMA_MAX
+from posterior_diff.ladder import DEFAULT_SWITCH
+from posterior_diff.training_data import VALIDATION_FILES
+
+from .jacobian_range import validation_crops
+from .peers import run_dpir, run_peer
+from .reporting import TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row, markdown_table, write_report
+
+CHOICE_TASKS = ("sr4", "random", "box")
+CHECK_TASKS = ("denoise", "sr4", "random", "box")
+SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX)
+# (covariance, steps, cg_max_iter): the image defaults first; cap 50 = the CG stops by its accuracy rule
+SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4), ("isotropic", 50, 4), ("tweedie", 20, 50))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pretrained_priors", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--switches", type=comma_numbers(float), default=SWITCHES)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph of each set")
+    parser.add_argument("--out", type=Path, default=Path("docs/pretrained_priors.md"))
+    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.validation, args.held_out, args.samplers = VALIDATION_FILES, HELD_OUT_PHOTOGRAPHS, SAMPLERS
+    if args.quick:
+        args.size, args.samples, args.switches = 32, 2, args.switches[:2]
+        args.validation, args.held_out, args.samplers = VALIDATION_FILES[:1], HELD_OUT_PHOTOGRAPHS[:1], SAMPLERS[:2]
+    args.cache = args.cache or args.out.with_suffix(".json")
+    return args
+
+
+def exact_coverage(samples: int, within: float = 2.0) -> float:
+    """The expected fraction of |x - mean| <= within * std for exact posterior samples of a Gaussian
+    (mean and unbiased std of `samples` draws, x a further independent draw): Student's t, samples - 1 dof."""
+    return float(2 * stats.t.cdf(within / math.sqrt(1 + 1 / samples), samples - 1) - 1)
+
+
+def coverage(samples: torch.Tensor, truth: torch.Tensor, within: float = 2.0) -> float:
+    """The fraction of entries whose error |mean - truth| is within `within` unbiased sample stds."""
+    mean, std = samples.mean(0), samples.std(0, unbiased=True)
+    return float(((mean - truth).abs() <= within * std).double().mean())
+
+
+def restore_row(model, truth: torch.Tensor, task: str, samples: int, **settings) -> dict:
+    """PSNR / SSIM of the posterior mean, coverage, NFE, VJPs, truncated CG solves and seconds of one restore."""
+    measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CG-truncation warning: counted in the row instead
+        result = restore(measurement.y, measurement.operator, model, num_samples=samples,
+                         generator=torch.Generator().manual_seed(0), **settings)
+    psnr, ssim = psnr_ssim(result.mean, truth)
+    return dict(psnr=psnr, ssim=ssim, coverage=coverage(result.samples, truth), nfe=result.nfe, vjps=result.vjps,
+                cg_truncated=result.cg_truncated, seconds=result.seconds)
+
+
+def mean_over(runs: list[dict], field: str) -> float:
+    return statistics.fmean(run[field] for run in runs)
+
+
+def sampler_settings(sampler: tuple[str, int, int]) -> dict:
+    covariance, steps, cg_max_iter = sampler
+    return dict(covariance=covariance, steps=steps, cg_max_iter=cg_max_iter)
+
+
+def sampler_label(sampler: tuple[str, int, int]) -> str:
+    covariance, steps, cg_max_iter = sampler
+    return f"{covariance}, {steps} steps" + (f", CG cap {cg_max_iter}" if covariance == "tweedie" else "")
+
+
+def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: dict) -> dict:
+    """Per choice task, the runs over the validation crops of one (switch, sampler)."""
+    cells = {}
+    for task in CHOICE_TASKS:
+        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}",
+                                 lambda truth=truth: restore_row(ladders[switch], truth, task, samples,
+                                                                 **sampler_settings(sampler)))
+                       for image, truth in crops.items()]
+        log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), task,
+                f"{mean_over(cells[task], 'psnr'):.2f} dB")
+    return cells
+
+
+def choice_row(name: str, cells: dict) -> tuple[list[str], float, float]:
+    """A table row of one candidate, its mean PSNR over tasks and its mean seconds."""
+    psnrs = [mean_over(cells[task], "psnr") for task in CHOICE_TASKS]
+    seconds = statistics.fmean(mean_over(cells[task], "seconds") for task in CHOICE_TASKS)
+    truncated = sum(run["cg_truncated"] for task in CHOICE_TASKS for run in cells[task])
+    row = [name, *(f"{p:.2f}" for p in psnrs), f"{statistics.fmean(psnrs):.2f}", f"{seconds:.1f}", str(truncated)]
+    return row, statistics.fmean(psnrs), seconds
+
+
+def choose_settings(cache: ResultCache, args, ladders: dict) -> tuple[float, tuple, list[list[str]], list[list[str]]]:
+    """The switch (at the image defaults), then the sampler at that switch: each the cheapest within TIE_DB."""
+    crops = validation_crops(args.validation, args.size)
+    default_sampler = args.samplers[0]
+    switch_rows, switch_scores = [], {}
+    for switch in args.switches:
+        row, psnr, seconds = choice_row(f"{switch:.4g}", score(cache, crops, switch, default_sampler, args.samples, ladders))
+        switch_rows.append(row)
+        switch_scores[switch] = (psnr, seconds)
+    switch = cheapest_of_the_best(args.switches, lambda s: switch_scores[s][0], lambda s: switch_scores[s][1])
+    sampler_rows, sampler_scores = [], {}
+    for sampler in args.samplers:
+        row, psnr, seconds = choice_row(sampler_label(sampler), score(cache, crops, switch, sampler, args.samples, ladders))
+        sampler_rows.append(row)
+        sampler_scores[sampler] = (psnr, seconds)
+    sampler = cheapest_of_the_best(args.samplers, lambda s: sampler_scores[s][0], lambda s: sampler_scores[s][1])
+    return switch, sampler, switch_rows, sampler_rows
+
+
+def peer_entry(method: str, model, measurement, truth: torch.Tensor, samples: int, steps: int) -> dict:
+    """PSNR / SSIM of a deepinv method's mean, its coverage (with more than one distinct sample), NFE and seconds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "dpir":
+            run = run_dpir(model, measurement.operator, measurement.y)
+        else:
+            run = run_peer(method, model, measurement.operator, measurement.y, samples, steps)
+    psnr, ssim = psnr_ssim(run.samples.mean(0), truth)
+    spread = coverage(run.samples, truth) if run.samples.shape[0] > 1 else math.nan
+    return dict(psnr=psnr, ssim=ssim, coverage=spread, nfe=run.nfe, vjps=0, seconds=run.seconds)
+
+
+def baseline_entry(measurement, truth: torch.Tensor) -> dict:
+    began = time.perf_counter()
+    name, estimate = next(iter(baselines(measurement).items()))
+    psnr, ssim = psnr_ssim(estimate, truth)
+    return dict(name=name, psnr=psnr, ssim=ssim, seconds=time.perf_counter() - began)
+
+
+def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) -> dict:
+    """Every method on every (held-out photograph, check task): {task: {method: [run per image]}}."""
+    table = {task: {} for task in CHECK_TASKS}
+    for image in args.held_out:
+        truth = load_photograph(image, args.size, 2.0)
+        for task in CHECK_TASKS:
+            measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+            key = f"check|{task}|{image}"
+            entries = {
+                "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
+                "ours, ladder": cache.get(f"{key}|ladder|{settings}", lambda: restore_row(ladder, truth, task, args.samples,
+                                                                                        **settings)),
+                "ours, embedded model": cache.get(f"{key}|embedded", lambda: restore_row(embedded, truth, task, args.samples)),
+                "deepinv DPIR (FFDNet)": cache.get(f"{key}|dpir", lambda: peer_entry("dpir", denoiser, measurement, truth,
+                                                                                    1, 0)),
+            }
+            for method in ("diffpir", "dps"):
+                entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
+                    f"{key}|{method}|{settings['steps']}",
+                    lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"]))
+            for method, entry in entries.items():
+                table[task].setdefault(method, []).append(entry)
+                log_row("held-out", image, task, method, f"{entry['psnr']:.2f} dB", float(entry["seconds"]))
+    return table
+
+
+def check_tables(table: dict, args) -> list[str]:
+    """Per task: a row per method with the PSNR on each photograph, the mean PSNR / SSIM, coverage and seconds."""
+    sections = []
+    for task in CHECK_TASKS:
+        rows = []
+        for method, runs in table[task].items():
+            name = f"{method}: {runs[0]['name']}" if method == "baseline" else method
+            covered = [run.get("coverage", math.nan) for run in runs]
+            rows.append([name, *(f"{run['psnr']:.2f}" for run in runs), f"{mean_over(runs, 'psnr'):.2f}",
+                         f"{mean_over(runs, 'ssim'):.3f}",
+                         "" if any(math.isnan(c) for c in covered) else f"{statistics.fmean(covered):.3f}",
+                         str(runs[0].get("nfe", "")), f"{mean_over(runs, 'seconds'):.1f}"])
+        header = ["method", *(f"{image} (dB)" for image in args.held_out), "mean (dB)", "SSIM", "within 2 std", "NFE",
+                  "s"]
+        sections.append(f"### {task}\n\n" + markdown_table(header, rows))
+    return sections
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    embedded, denoiser = default_model(), ffdnet()
+    ladders = {switch: default_ladder(switch, model=embedded) for switch in args.switches}
+    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
+                                         validation=list(args.validation)))
+    switch, sampler, switch_rows, sampler_rows = choose_settings(cache, args, ladders)
+    settings = sampler_settings(sampler)
+    ladder = ladders[switch] if switch in ladders else default_ladder(switch, model=embedded)
+    table = check(cache, args, ladder, embedded, denoiser, settings)
+    choice_header = ["setting", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean (dB)", "s", "truncated CG solves"]
+    write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
+        f"## 1. The choice: validation photographs\n\n{len(args.validation)} validation photographs, {args.size}x"
+        f"{args.size} centre crops, {args.samples} samples, seconds per restoration on {args.threads} thread(s). "
+        f"The switch, at the image defaults ({sampler_label(args.samplers[0])}; {DEFAULT_SWITCH:g} was the "
+        "placeholder):\n\n" + markdown_table(choice_header, switch_rows)
+        + f"\n\nChosen: **switch {switch:.4g}**. The sampler at that switch:\n\n"
+        + markdown_table(choice_header, sampler_rows) + f"\n\nChosen: **{sampler_label(sampler)}**.",
+        f"## 2. The check: held-out photographs\n\n{len(args.held_out)} held-out photographs, halved, {args.size}x"
+        f"{args.size} centre crops, {args.samples} samples, the ladder at switch {switch:.4g} and "
+        f"{sampler_label(sampler)}; the embedded model at the image defaults ({IMAGE_DEFAULTS.steps} steps, "
+        f"{IMAGE_DEFAULTS.covariance}). \"within 2 std\" is the calibration: exact Gaussian samples give "
+        f"{exact_coverage(args.samples):.3f} at {args.samples} samples. NFE: network evaluations per sample.",
+        *check_tables(table, args),
+    ], module="benchmarks.pretrained_priors", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
+        details=[embedded_model(), "FFDNet: IPOL weights from the ffdnet package", f"{args.threads} thread(s)"])
+
+
+if __name__ == "__main__":
+    main()
