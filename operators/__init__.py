@@ -1,6 +1,7 @@
 """Linear forward models y = A x + sigma_y * n for posterior sampling (batch-first tensors)."""
 
 from .base import LinearOperator
+from .blur import Blur, box_kernel, gaussian_kernel, kernel_from_spec, motion_kernel
 from .deepinv_interop import DeepinvOperator, as_operator, from_deepinv, to_deepinv
 from .denoising import Denoising
 from .inpainting import Inpainting, box_mask, random_mask
@@ -14,6 +15,11 @@ __all__ = [
     "Denoising",
     "SuperResolution",
     "Inpainting",
+    "Blur",
+    "gaussian_kernel",
+    "box_kernel",
+    "motion_kernel",
+    "kernel_from_spec",
     "MatrixOperator",
     "StackedOperator",
     "stack_operators",

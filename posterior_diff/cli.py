@@ -3,6 +3,7 @@
     posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025] [--samples 4] [--std-map std.png]
                            [--device auto|cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
     posterior-diff restore holes.png --task inpaint --mask mask.png -o filled.png
+    posterior-diff restore blurred.png --task deblur --kernel gaussian:1.5 -o sharp.png   (or box:5, motion:15:3, psf.png)
     posterior-diff restore photos/ more/*.png --task sr4 -o restored/ [--batch-size 8] [--reference truth/]
     torchrun --nproc_per_node 8 -m posterior_diff restore photos/ --task sr4 -o restored/
     posterior-diff train --data photos/ --out my_model/ [--steps 20000] [--resume]
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .command_options import CLI_TASKS, NAMED_MODELS, UsageError, check_dtype, load_network, pick_device, task_operator
+from .command_options import (CLI_TASKS, DEBLUR_TASKS, NAMED_MODELS, UsageError, check_dtype, check_task, load_network,
+                              pick_device, task_operator)
 from .defaults import IMAGE_DEFAULTS
 from .ladder import DEFAULT_SWITCH
 from .tasks import TASKS
@@ -43,13 +45,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _problem_arguments(restore: argparse.ArgumentParser) -> None:
-    """restore's measurements and forward model: inputs, task, mask, sigma_y."""
+    """restore's measurements and forward model: inputs, task, mask, blur kernel, sigma_y."""
     restore.add_argument("input", nargs="+", metavar="INPUT",
-                         help="the measurements (low-resolution, holed or noisy images): files, folders or globs; "
+                         help="the measurements (low-resolution, holed, noisy or blurred images): files, folders or globs; "
                               "with several, a folder or a glob, -o is a folder and the outputs keep their file names")
     restore.add_argument("--task", required=True, help=f"one of {', '.join(CLI_TASKS)}")
     restore.add_argument("--mask", type=Path, help="inpaint: image of the input's size, white = observed, black = missing "
                          "(a dataset run also takes a folder of masks named like the inputs)")
+    restore.add_argument("--kernel", help=f"{', '.join(DEBLUR_TASKS)}: the blur kernel, gaussian:STD (pixels), box:SIZE, "
+                         "motion:SIZE[:SEED] (needs deepinv) or a grey image file normalised to sum 1; SIZE (and a kernel "
+                         "image's side) odd; circular boundary (default: the task's, " +
+                         ", ".join(f"{name} {TASKS[name].blur}" for name in DEBLUR_TASKS) + ")")
     restore.add_argument("--sigma-y", dest="sigma_y", type=float,
                          help="measurement noise standard deviation in [0, 1] units (default per task: " +
                          ", ".join(f"{name} {TASKS[name].sigma_y}" for name in CLI_TASKS) + ")")
@@ -126,6 +132,7 @@ def _restore(args) -> int:
 
     check_dtype(args.dtype)
     pick_device(args.device)  # both named wrongly: one line before any file is read
+    check_task(args.task, args.mask, args.kernel)  # and the task, its mask and its kernel: before the model loads
     if not args.jacobian_s_max > 0:  # NaN too
         raise UsageError(f"--jacobian-s-max must be a number > 0 (inf: the network's Jacobian at every step), "
                          f"got {args.jacobian_s_max}")
@@ -152,7 +159,7 @@ def _restore_file(args) -> int:
     model = load_network(args.model, args.dtype, args.ladder_switch)
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
-    operator = task_operator(args.task, args.sigma_y, image, args.mask)
+    operator = task_operator(args.task, args.sigma_y, image, args.mask, args.kernel)
     generator = torch.Generator().manual_seed(image_seed(args.seed, source.name))
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                      cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, generator=generator, progress=True,

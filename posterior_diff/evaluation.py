@@ -11,7 +11,8 @@ package's public API.
 - Measurements: `measure(task, truth)` builds the forward model of a task of
   `posterior_diff.tasks` and draws y = A x + sigma_y n from one generator (mask, then noise).
 - Classical baselines: bicubic upsampling (super-resolution), scikit-image's biharmonic fill
-  (inpainting) and BM3D (denoising; the `bm3d` package of the `benchmark` extra).
+  (inpainting), BM3D (denoising; the `bm3d` package of the `benchmark` extra), and scikit-image's
+  unsupervised Wiener filter and Richardson-Lucy (deblurring).
   `baselines(measurement)` returns the task's reference baseline (`Task.baseline`) first.
 - Display: `nearest_upsample` of a low-resolution measurement, `display_std` of a posterior std.
 - Scores: `psnr_ssim`; the calibration scores of `posterior_diff.metrics`
@@ -47,7 +48,8 @@ from .tasks import SIMULATED_TASKS, Task, get_task
 __all__ = [
     "HELD_OUT_PHOTOGRAPHS", "HELD_OUT", "TRAINING_PHOTOGRAPHS", "SIMULATED_TASKS", "DIVERGED", "DIVERGENCE_BOUND",
     "photograph", "centre_crop", "load_photograph", "Measurement", "measure",
-    "bicubic_upsample", "biharmonic_fill", "bm3d_denoise", "baselines", "nearest_upsample", "display_std", "psnr_ssim", "coverage_within_two_std",
+    "bicubic_upsample", "biharmonic_fill", "bm3d_denoise", "wiener_deconvolve", "richardson_lucy_deconvolve",
+    "RICHARDSON_LUCY_ITERATIONS", "baselines", "nearest_upsample", "display_std", "psnr_ssim", "coverage_within_two_std",
     "calibrated_coverage", "has_diverged", "restore_unless_diverged", "single_precision", "posterior_distance",
 ]
 
@@ -57,6 +59,10 @@ TRAINING_PHOTOGRAPHS = ("rocket", "coins", "clock", "moon", "brick", "grass", "g
                         "hubble_deep_field", "immunohistochemistry", "retina", "page", "text")
 DIVERGED = "diverged"
 DIVERGENCE_BOUND = 1e4  # |x| beyond this counts as diverged: the priors here have scales from ~1 to ~20
+# Richardson-Lucy's iterations: its estimate sharpens with every one and amplifies the noise more with each.
+# On the deblur task (astronaut, 128 px, sigma_y = 0.01) 10 / 30 / 100 give 22.2 / 23.1 / 23.8 dB and SSIM
+# 0.77 / 0.80 / 0.80: 30 has the SSIM of 100 at a third of the cost.
+RICHARDSON_LUCY_ITERATIONS = 30
 
 
 # -- photographs ------------------------------------------------------------------------
@@ -180,12 +186,44 @@ def bm3d_denoise(y: Tensor, sigma_y: float) -> Tensor:
     return _chw(np.asarray(denoised)).clamp(0, 1)
 
 
+def wiener_deconvolve(y: Tensor, kernel: Tensor, *, seed: int = 0) -> Tensor:
+    """scikit-image's unsupervised Wiener-Hunt deconvolution (Orieux et al. 2010) of a blurred image y
+    (C, H, W), channel by channel, clamped to [0, 1].
+
+    Its blur model is the circular convolution of `operators.Blur` (scikit-image's transfer function is
+    the FFT of the kernel centred on its middle entry), so it sees the tasks' measurements as they were
+    made. It estimates the noise and the image's smoothness itself (a Gibbs sampler, seeded by `seed`)
+    and returns their posterior mean under a Laplacian smoothness prior.
+    """
+    psf = kernel.detach().cpu().double().numpy()
+    image = _hwc(y)
+    channels = [restoration.unsupervised_wiener(image[..., c], psf, rng=seed)[0] for c in range(image.shape[-1])]
+    return _chw(np.stack(channels, -1)).clamp(0, 1)
+
+
+def richardson_lucy_deconvolve(y: Tensor, kernel: Tensor, iterations: int = RICHARDSON_LUCY_ITERATIONS) -> Tensor:
+    """scikit-image's Richardson-Lucy deconvolution of a blurred image y (C, H, W), channel by channel,
+    `iterations` of them (RICHARDSON_LUCY_ITERATIONS by default), clamped to [0, 1].
+
+    Boundary: scikit-image's Richardson-Lucy convolves with zeros outside the image, where the tasks'
+    blur is circular. To give it the circular neighbours, the image is wrapped around by the kernel's
+    side on every edge first and cropped back after, so only that margin sees its zero boundary. Its
+    noise model is Poisson and it needs y >= 0: y is clamped to [0, 1] first.
+    """
+    psf = kernel.detach().cpu().double().numpy()
+    margin = psf.shape[0]
+    image = np.pad(np.clip(_hwc(y), 0, 1), ((margin, margin), (margin, margin), (0, 0)), mode="wrap")
+    channels = [restoration.richardson_lucy(image[..., c], psf, num_iter=iterations) for c in range(image.shape[-1])]
+    return _chw(np.stack(channels, -1)[margin:-margin, margin:-margin]).clamp(0, 1)
+
+
 def _reference_baseline(measurement: Measurement) -> Tensor:
     """The estimate of the task's reference baseline, `measurement.task.baseline`."""
     methods: dict[str, Callable[[], Tensor]] = {
         "bicubic": lambda: bicubic_upsample(measurement.y, measurement.x_shape),
         "biharmonic fill": lambda: biharmonic_fill(measurement.y, measurement.operator.mask),
         "BM3D": lambda: bm3d_denoise(measurement.y, measurement.operator.sigma_y),
+        "unsupervised Wiener": lambda: wiener_deconvolve(measurement.y, measurement.operator.kernel),
     }
     return methods[measurement.task.baseline]()
 
@@ -193,10 +231,14 @@ def _reference_baseline(measurement: Measurement) -> Tensor:
 def baselines(measurement: Measurement) -> dict[str, Tensor]:
     """Classical estimates of the truth, (C, H, W) in [0, 1], by name; the first is the reference (`Task.baseline`).
 
-    Inpainting and denoising also show their input (clamped): "masked input" and "noisy input".
+    Deblurring also gets Richardson-Lucy. Inpainting, denoising and deblurring also show their input
+    (clamped): "masked input", "noisy input" and "blurred input".
     """
     estimates = {measurement.task.baseline: _reference_baseline(measurement)}
-    if measurement.task.mask is not None:
+    if measurement.task.blur is not None:
+        estimates["Richardson-Lucy"] = richardson_lucy_deconvolve(measurement.y, measurement.operator.kernel)
+        estimates["blurred input"] = measurement.y.clamp(0, 1)
+    elif measurement.task.mask is not None:
         estimates["masked input"] = measurement.y.clamp(0, 1)
     elif measurement.task.factor is None:
         estimates["noisy input"] = measurement.y.clamp(0, 1)

@@ -12,9 +12,13 @@ the same operator and the same default sigma_y everywhere. sigma_y is in [0, 1] 
 | box           | inpainting, a centred square hole of side 1/4    | 0.01    | biharmonic fill    |
 | random        | inpainting, 70% of the pixels missing            | 0.01    | biharmonic fill    |
 | denoise       | denoising                                        | 0.1     | BM3D               |
+| deblur        | Gaussian blur, std 2 pixels (17 x 17), circular  | 0.01    | unsupervised Wiener |
+| deblur-motion | motion blur, 15 x 15, seed 0 (needs deepinv)     | 0.01    | unsupervised Wiener |
 
 "box" and "random" draw their own mask, so they simulate measurements (benchmarks, demos);
-"inpaint" takes the mask of a real measurement (the command line).
+"inpaint" takes the mask of a real measurement (the command line). The deblurring tasks'
+kernels are named by `operators.kernel_from_spec` ("gaussian:2", "motion:15:0"); a caller may
+pass another kernel (the command line's --kernel). Their boundary is circular (`operators.Blur`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from operators import Denoising, Inpainting, LinearOperator, SuperResolution, box_mask, random_mask
+from operators import Blur, Denoising, Inpainting, LinearOperator, SuperResolution, box_mask, kernel_from_spec, random_mask
 
 MISSING_FRACTION = 0.7  # of the "random" task
 BOX_FRACTION = 0.25  # side of the "box" task's hole, as a fraction of the image side
@@ -41,6 +45,8 @@ class Task:
         baseline: the classical method its restorations are compared with.
         factor, kernel: the super-resolution factor and kernel (None for other tasks).
         mask: None, "given" (the caller passes the mask), "box" or "random" (drawn here).
+        blur: the blur kernel of the deblurring tasks as a kernel spec (`operators.kernel_from_spec`,
+            e.g. "gaussian:2"); None for other tasks.
     """
 
     name: str
@@ -50,6 +56,7 @@ class Task:
     factor: int | None = None
     kernel: str = "average"
     mask: str | None = None
+    blur: str | None = None
 
     @property
     def needs_mask(self) -> bool:
@@ -62,7 +69,7 @@ class Task:
         return self.mask in ("box", "random")
 
     def operator(self, x_shape: tuple[int, ...], *, sigma_y: float | None = None, mask: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> LinearOperator:
+                 generator: torch.Generator | None = None, kernel: Tensor | None = None) -> LinearOperator:
         """The forward model for images of shape x_shape (C, H, W).
 
         Args:
@@ -70,10 +77,19 @@ class Task:
             sigma_y: the noise level (default: the task's).
             mask: the observed pixels (1) for the "inpaint" task, shape x_shape; refused elsewhere.
             generator: draws the mask of the "random" task.
+            kernel: a (k, k) blur kernel in place of the deblurring task's own (`operators.Blur`); refused elsewhere.
+        Raises:
+            ValueError: a mask or kernel the task does not use, or a blur kernel larger than x_shape's (H, W).
         """
         sigma_y = self.sigma_y if sigma_y is None else sigma_y
         if mask is not None and not self.needs_mask:
             raise ValueError(f"a mask is only used by the inpaint task, not by {self.name!r}")
+        if kernel is not None and self.blur is None:
+            raise ValueError(f"a blur kernel is only used by the deblurring tasks, not by {self.name!r}")
+        if self.blur is not None:
+            operator = Blur(kernel_from_spec(self.blur) if kernel is None else kernel, sigma_y)
+            operator.y_shape(tuple(x_shape))  # a kernel larger than the image: refused here, before any work
+            return operator
         if self.factor is not None:
             return SuperResolution(self.factor, sigma_y, kernel=self.kernel)
         if self.mask is None:
@@ -100,6 +116,10 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("box", "inpainting, a centred square hole of side 1/4", 0.01, "biharmonic fill", mask="box"),
     Task("random", "inpainting, 70% of the pixels missing", 0.01, "biharmonic fill", mask="random"),
     Task("denoise", "denoising", 0.1, "BM3D"),
+    Task("deblur", "deblurring, Gaussian kernel of std 2 pixels, circular boundary", 0.01, "unsupervised Wiener",
+         blur="gaussian:2"),
+    Task("deblur-motion", "deblurring, 15x15 motion kernel (seed 0), circular boundary", 0.01, "unsupervised Wiener",
+         blur="motion:15:0"),
 )}
 
 

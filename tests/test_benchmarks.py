@@ -18,8 +18,8 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (data_size, denoising_start, gaussian_exactness, image_restoration, jacobian_range,  # noqa: E402
-                        particle_mode, run_benchmarks, speed, training_curve, warm_start)
+from benchmarks import (data_size, deblur_cost, denoising_start, gaussian_exactness, image_restoration,  # noqa: E402
+                        jacobian_range, particle_mode, run_benchmarks, speed, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
@@ -132,6 +132,13 @@ def test_the_image_quick_run_scores_the_baselines_and_the_restorations(tmp_path)
     baselines = {(row[1], row[2]): float(row[3]) for row in tables["image | task | baseline"]}
     assert baselines["denoise", "BM3D"] > baselines["denoise", "noisy input"] + 3
     assert baselines["box", "biharmonic fill"] > baselines["box", "masked input"]
+
+
+def test_the_deblur_cost_run_times_the_projection_step_against_the_bare_forward(capsys):
+    rows = deblur_cost.main(["--size", "32", "--samples", "1", "--rounds", "1", "--repeats", "1"])
+    assert [row["task"] for row in rows] == list(deblur_cost.TASKS)
+    assert all(0 < row["forward"] and 0 < row["step"] and math.isfinite(row["ratio"]) for row in rows)
+    assert capsys.readouterr().out.count("ratio") == len(deblur_cost.TASKS)
 
 
 def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path):

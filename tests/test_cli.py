@@ -97,3 +97,30 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert seen["dtype"] == torch.float32 and seen["device"] == expected  # auto, float32 by default
     assert seen["jacobian_s_max"] == IMAGE_DEFAULTS.jacobian_s_max
+
+
+def test_deblurring_with_a_named_kernel_and_a_kernel_file(tmp_path, pipeline_folder, capsys):
+    blurred = write(tmp_path / "blurred.png", torch.rand(3, 8, 8))
+    out = tmp_path / "sharp.png"
+    common = [str(blurred), "--task", "deblur", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
+              "-o", str(out), "--force"]
+    assert main(["restore", *common, "--kernel", "box:3"]) == 0 and read_image(out).shape == (3, 8, 8)
+    psf = torch.zeros(1, 5, 5)
+    psf[0, 2, 1:4] = 1  # a horizontal 3-pixel streak, not yet normalised: the file is scaled to sum 1
+    kernel_file = write(tmp_path / "psf.png", psf)
+    assert main(["restore", *common, "--kernel", str(kernel_file)]) == 0 and read_image(out).shape == (3, 8, 8)
+    capsys.readouterr()
+    cases = [
+        (["--kernel", "box:4"], "--kernel box:4: kernel spec 'box:4': size must be an odd integer"),
+        (["--kernel", "gauss:2"], "--kernel must be gaussian:STD, box:SIZE or motion:SIZE[:SEED] or a grey image file"),
+        (["--kernel", str(tmp_path / "none.png")], "no such file"),
+        (["--kernel", str(write(tmp_path / "even.png", torch.ones(1, 4, 4)))], "k odd"),
+        (["--kernel", str(write(tmp_path / "black.png", torch.zeros(1, 3, 3)))], "the kernel image is black"),
+        ([], "x has size 8x8, smaller than the 17x17 blur kernel"),  # the task's own kernel, std 2
+    ]
+    for extra, message in cases:
+        assert main(["restore", *common, *extra]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1 and "Traceback" not in error, error
+    sr = [str(blurred), "--task", "sr2", "--kernel", "box:3", "--model", str(pipeline_folder), "-o", str(out)]
+    assert main(["restore", *sr]) == 2 and "--kernel is only used with the deblurring tasks" in capsys.readouterr().err

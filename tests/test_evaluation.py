@@ -7,7 +7,7 @@ from posterior_diff import evaluation
 from posterior_diff.evaluation import (HELD_OUT, HELD_OUT_PHOTOGRAPHS, SIMULATED_TASKS, TRAINING_PHOTOGRAPHS, baselines,
                                        bicubic_upsample, biharmonic_fill, bm3d_denoise, centre_crop, has_diverged,
                                        load_photograph, measure, posterior_distance, psnr_ssim, restore_unless_diverged,
-                                       single_precision)
+                                       richardson_lucy_deconvolve, single_precision, wiener_deconvolve)
 from posterior_diff.problems import gaussian_image_problems, mixture_problem
 from posterior_diff.tasks import TASKS
 
@@ -85,6 +85,23 @@ def test_the_reference_baseline_comes_first_and_is_an_image(task):
     estimates = baselines(measurement)
     assert next(iter(estimates)) == TASKS[task].baseline
     assert all(estimate.shape == (3, 32, 32) for estimate in estimates.values())
+
+
+@pytest.mark.parametrize("task", ["deblur", "deblur-motion"])
+def test_the_deblurring_baselines_beat_the_blurred_input(task):
+    """Both baselines sharpen the blurred, noisy image (sigma_y = 0.01): over 3 noise seeds on this 48 px crop,
+    Wiener gains 2.9-3.0 dB (Gaussian) and 10.7-11.0 dB (motion), Richardson-Lucy 2.6-2.7 and 7.5-7.6 dB;
+    a baseline that undid nothing would gain 0. They come in `baselines` with the blurred input."""
+    pytest.importorskip("deepinv")  # the motion kernel
+    truth = load_photograph("astronaut", 48, downscale=4)
+    measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+    estimates = baselines(measurement)
+    assert list(estimates) == ["unsupervised Wiener", "Richardson-Lucy", "blurred input"]
+    blurred = psnr_ssim(estimates["blurred input"], truth)[0]
+    kernel = measurement.operator.kernel
+    assert torch.equal(estimates["unsupervised Wiener"], wiener_deconvolve(measurement.y, kernel))  # seeded: same
+    assert psnr_ssim(estimates["unsupervised Wiener"], truth)[0] > blurred + 1
+    assert psnr_ssim(richardson_lucy_deconvolve(measurement.y, kernel), truth)[0] > blurred + 1
 
 
 def test_psnr_follows_the_mean_square_error():

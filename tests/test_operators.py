@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators import Denoising, Inpainting, LinearOperator, MatrixOperator, SuperResolution, box_mask, random_mask
+from operators import (Blur, Denoising, Inpainting, LinearOperator, MatrixOperator, SuperResolution, box_mask, gaussian_kernel,
+                       random_mask)
 
 DOUBLE = torch.float64
 
@@ -48,6 +49,18 @@ def test_matrix_operator_is_adjoint(batch, m, d, seed):
     assert adjointness_gap(operator, torch.randn(batch, d, dtype=DOUBLE, generator=generator)) < 1e-10
 
 
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 3), height=st.integers(0, 4), width=st.integers(0, 4),
+       radius=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_blur_is_adjoint(batch, channels, height, width, radius, seed):
+    """Images from the kernel's size up to 4 pixels larger; kernels of random positive entries (no symmetry)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = 2 * radius + 1
+    kernel = torch.rand(size, size, dtype=DOUBLE, generator=generator) + 0.01
+    x = torch.randn(batch, channels, size + height, size + width, dtype=DOUBLE, generator=generator)
+    assert adjointness_gap(Blur(kernel / kernel.sum(), 0.1), x) < 1e-10
+
+
 def all_operators():
     generator = torch.Generator().manual_seed(0)
     return {
@@ -56,6 +69,7 @@ def all_operators():
         "sr-average": (SuperResolution(2, 0.05), (2, 8, 8)),
         "sr-bicubic": (SuperResolution(2, 0.05, "bicubic"), (2, 8, 8)),
         "matrix": (MatrixOperator(torch.randn(5, 7, dtype=DOUBLE, generator=generator), 0.2), (7,)),
+        "blur": (Blur(gaussian_kernel(1.0, size=5, dtype=DOUBLE), 0.1), (2, 8, 8)),
     }
 
 
@@ -114,6 +128,7 @@ def test_closed_form_flags():
     ops = all_operators()
     assert ops["denoising"][0].has_closed_form_solve and ops["sr-average"][0].has_closed_form_solve
     assert ops["inpainting"][0].has_closed_form_solve and ops["matrix"][0].has_closed_form_solve
+    assert ops["blur"][0].has_closed_form_solve  # diagonal in the Fourier basis
     assert not ops["sr-bicubic"][0].has_closed_form_solve
 
 
@@ -167,6 +182,7 @@ def test_random_mask_removes_the_exact_fraction_of_pixels():
         (lambda: MatrixOperator(torch.ones(3)), "matrix"),
         (lambda: box_mask((8, 8), 6, 0, 4, 4), "box"),
         (lambda: random_mask((8, 8), 1.5), "missing_fraction"),
+        (lambda: Blur(torch.ones(3, 3)), "kernel must sum to 1"),
     ],
 )
 def test_bad_construction_is_a_clear_error(make, message):
@@ -181,6 +197,8 @@ def test_shape_mismatches_are_clear_errors():
         SuperResolution(4).A(torch.zeros(1, 1, 10, 12))
     with pytest.raises(ValueError, match=r"x must have shape \(7,\)"):
         MatrixOperator(torch.ones(2, 7)).A(torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="smaller than the 5x5 blur kernel"):
+        Blur(torch.full((5, 5), 1 / 25)).A(torch.zeros(1, 1, 4, 8))
 
 
 def test_operators_move_with_to():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from operators import Denoising, Inpainting, SuperResolution
+from operators import Blur, Denoising, Inpainting, SuperResolution, box_kernel, gaussian_kernel
 from posterior_diff.tasks import BOX_FRACTION, MISSING_FRACTION, TASKS, get_task
 
 SHAPE = (3, 64, 64)
@@ -11,7 +11,7 @@ def test_every_task_builds_its_forward_model_with_its_noise_level():
     generator = torch.Generator().manual_seed(0)
     mask = torch.ones(SHAPE)
     kinds = {"sr2": SuperResolution, "sr4": SuperResolution, "sr4-bicubic": SuperResolution, "inpaint": Inpainting,
-             "box": Inpainting, "random": Inpainting, "denoise": Denoising}
+             "box": Inpainting, "random": Inpainting, "denoise": Denoising, "deblur": Blur, "deblur-motion": Blur}
     assert set(TASKS) == set(kinds)
     for name, task in TASKS.items():
         operator = task.operator(SHAPE, mask=mask if task.mask == "given" else None, generator=generator)
@@ -40,3 +40,13 @@ def test_masks_go_where_they_belong():
         TASKS["sr4"].operator(SHAPE, mask=torch.ones(SHAPE))
     with pytest.raises(ValueError, match="unknown task 'sr3'"):
         get_task("sr3")
+
+
+def test_the_deblurring_tasks_take_their_kernel_or_the_callers():
+    assert torch.equal(TASKS["deblur"].operator(SHAPE).kernel, gaussian_kernel(2.0))  # same computation
+    assert TASKS["deblur-motion"].operator(SHAPE).kernel_size == 15
+    assert torch.equal(TASKS["deblur"].operator(SHAPE, kernel=box_kernel(3)).kernel, box_kernel(3))
+    with pytest.raises(ValueError, match="only used by the deblurring tasks"):
+        TASKS["sr4"].operator(SHAPE, kernel=box_kernel(3))
+    with pytest.raises(ValueError, match="smaller than the 17x17 blur kernel"):  # at construction, before any work
+        TASKS["deblur"].operator((3, 16, 16))
