@@ -6,11 +6,15 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
 
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`, never the
    held-out ones): first the switch level (the noise level below which FFDNet is asked) at the
-   image defaults, then, at that switch, the covariance, the number of steps and whether the
-   Tweedie CG stops by its accuracy rule alone (cap 50) or at the default cap of 4. Each choice is
-   the cheapest setting (seconds per restoration) within `TIE_DB` of the best mean PSNR over SR x4,
+   image defaults, then, at that switch, the covariance and the number of steps. Each choice is
+   the cheapest setting within `TIE_DB` of the best mean PSNR over SR x4,
    70% random inpainting and the box hole (denoising is not in the choice: `restore` starts it
-   from the measurement, below every switch, so FFDNet alone serves it).
+   from the measurement, below every switch, so FFDNet alone serves it). Cheapest: for the switch the
+   highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
+   fewest network forwards plus two per VJP; wall seconds, also shown, are too noisy on a shared
+   2-core machine to rank near-equal settings. Beside it, on the first
+   validation photograph (a 32x32 crop), what the Tweedie CG costs when it stops by its accuracy rule alone
+   (`cg_tol`, `cg_noise_tol`; cap 50 as a safeguard) instead of at the image defaults' cap of 4.
 2. **The check, on the held-out photographs** (scikit-image's astronaut, camera, coffee and
    chelsea, halved, 128x128 centre crops, 4 samples), at the chosen settings: PSNR / SSIM of the
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
@@ -44,15 +48,20 @@ from posterior_diff.ffdnet_prior import FFDNET_SIGMA_MAX
 from posterior_diff.ladder import DEFAULT_SWITCH
 from posterior_diff.training_data import VALIDATION_FILES
 
-from .jacobian_range import validation_crops
+from .jacobian_range import photograph_name, validation_crops
 from .peers import run_dpir, run_peer
 from .reporting import TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row, markdown_table, write_report
 
 CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
 SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX)
-# (covariance, steps, cg_max_iter): the image defaults first; cap 50 = the CG stops by its accuracy rule
-SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4), ("isotropic", 50, 4), ("tweedie", 20, 50))
+# (covariance, steps, cg_max_iter): the image defaults first
+SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4))
+# the Tweedie CG stopped by its accuracy rule alone (the cap a safeguard): its cost, on one photograph
+# at CG_SIZE x CG_SIZE (a smoke run at 32x32 took 34 times the capped run's seconds: at 128x128 the
+# comparison alone would take hours on 2 cores)
+ACCURATE_CG = ("tweedie", 20, 50)
+CG_SIZE = 32
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,11 +121,14 @@ def sampler_label(sampler: tuple[str, int, int]) -> str:
     return f"{covariance}, {steps} steps" + (f", CG cap {cg_max_iter}" if covariance == "tweedie" else "")
 
 
-def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: dict) -> dict:
-    """Per choice task, the runs over the validation crops of one (switch, sampler)."""
+def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: dict,
+          size: int | None = None) -> dict:
+    """Per choice task, the runs over the validation crops of one (switch, sampler); `size`: a crop
+    size other than the run's, named in the cache key."""
     cells = {}
+    crop = "" if size is None else f"|{size}"
     for task in CHOICE_TASKS:
-        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}",
+        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}",
                                  lambda truth=truth: restore_row(ladders[switch], truth, task, samples,
                                                                  **sampler_settings(sampler)))
                        for image, truth in crops.items()]
@@ -134,6 +146,12 @@ def choice_row(name: str, cells: dict) -> tuple[list[str], float, float]:
     return row, statistics.fmean(psnrs), seconds
 
 
+def forward_equivalents(cells: dict) -> float:
+    """The work of a setting, counted rather than timed: network forwards plus two per VJP (a
+    backward pass costs about two forwards), per restoration, averaged over tasks and images."""
+    return statistics.fmean(run["nfe"] + 2 * run["vjps"] for task in CHOICE_TASKS for run in cells[task])
+
+
 def choose_settings(cache: ResultCache, args, ladders: dict) -> tuple[float, tuple, list[list[str]], list[list[str]]]:
     """The switch (at the image defaults), then the sampler at that switch: each the cheapest within TIE_DB."""
     crops = validation_crops(args.validation, args.size)
@@ -143,14 +161,45 @@ def choose_settings(cache: ResultCache, args, ladders: dict) -> tuple[float, tup
         row, psnr, seconds = choice_row(f"{switch:.4g}", score(cache, crops, switch, default_sampler, args.samples, ladders))
         switch_rows.append(row)
         switch_scores[switch] = (psnr, seconds)
-    switch = cheapest_of_the_best(args.switches, lambda s: switch_scores[s][0], lambda s: switch_scores[s][1])
+    # Among ties, the highest switch: it gives more levels to FFDNet, whose forward is the cheaper
+    # (`unit_costs`); wall seconds on a shared 2-core machine are too noisy to rank near-equal runs.
+    switch = cheapest_of_the_best(args.switches, lambda s: switch_scores[s][0], lambda s: -s)
     sampler_rows, sampler_scores = [], {}
     for sampler in args.samplers:
-        row, psnr, seconds = choice_row(sampler_label(sampler), score(cache, crops, switch, sampler, args.samples, ladders))
+        cells = score(cache, crops, switch, sampler, args.samples, ladders)
+        row, psnr, seconds = choice_row(sampler_label(sampler), cells)
         sampler_rows.append(row)
-        sampler_scores[sampler] = (psnr, seconds)
-    sampler = cheapest_of_the_best(args.samplers, lambda s: sampler_scores[s][0], lambda s: sampler_scores[s][1])
-    return switch, sampler, switch_rows, sampler_rows
+        sampler_scores[sampler] = (psnr, seconds, forward_equivalents(cells))
+    sampler = cheapest_of_the_best(args.samplers, lambda s: sampler_scores[s][0], lambda s: sampler_scores[s][2])
+    first = validation_crops(args.validation[:1], min(CG_SIZE, args.size))
+    cg_rows = [choice_row(sampler_label(each), score(cache, first, switch, each, args.samples, ladders, CG_SIZE))[0]
+               for each in (args.samplers[0], ACCURATE_CG)]
+    return switch, sampler, switch_rows, sampler_rows, cg_rows
+
+
+def validation_names(args) -> list[str]:
+    return [photograph_name(file) for file in args.validation]
+
+
+def unit_costs(ladder, size: int, samples: int, repeats: int = 3) -> list[list[str]]:
+    """Seconds of one forward and of one forward with its VJP of each piece of the ladder, on a batch of
+    `samples` (3, size, size) images at the middle of the piece's time axis; best of `repeats`."""
+    rows = []
+    for piece, (low, high) in zip(ladder.pieces, ladder.ranges):
+        x = torch.rand(samples, 3, size, size, generator=torch.Generator().manual_seed(0))
+        t = torch.full((samples,), 0.5 * float(piece.schedule.t_max))
+        forward, backward = [], []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            with torch.no_grad():
+                piece(x, t)
+            forward.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            probe = x.clone().requires_grad_(True)
+            torch.autograd.grad(piece(probe, t), probe, torch.ones_like(x))
+            backward.append(time.perf_counter() - began)
+        rows.append([type(piece).__name__, f"[{low:.4g}, {high:.4g}]", f"{min(forward):.3f}", f"{min(backward):.3f}"])
+    return rows
 
 
 def peer_entry(method: str, model, measurement, truth: torch.Tensor, samples: int, steps: int) -> dict:
@@ -225,18 +274,25 @@ def main(argv: list[str] | None = None) -> None:
     ladders = {switch: default_ladder(switch, model=embedded) for switch in args.switches}
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          validation=list(args.validation)))
-    switch, sampler, switch_rows, sampler_rows = choose_settings(cache, args, ladders)
+    switch, sampler, switch_rows, sampler_rows, cg_rows = choose_settings(cache, args, ladders)
     settings = sampler_settings(sampler)
     ladder = ladders[switch] if switch in ladders else default_ladder(switch, model=embedded)
     table = check(cache, args, ladder, embedded, denoiser, settings)
+    costs = unit_costs(ladder, args.size, args.samples)
     choice_header = ["setting", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean (dB)", "s", "truncated CG solves"]
     write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
         f"## 1. The choice: validation photographs\n\n{len(args.validation)} validation photographs, {args.size}x"
         f"{args.size} centre crops, {args.samples} samples, seconds per restoration on {args.threads} thread(s). "
         f"The switch, at the image defaults ({sampler_label(args.samplers[0])}; {DEFAULT_SWITCH:g} was the "
         "placeholder):\n\n" + markdown_table(choice_header, switch_rows)
-        + f"\n\nChosen: **switch {switch:.4g}**. The sampler at that switch:\n\n"
-        + markdown_table(choice_header, sampler_rows) + f"\n\nChosen: **{sampler_label(sampler)}**.",
+        + f"\n\nChosen: **switch {switch:.4g}**. What each piece's network costs, on a batch of {args.samples} "
+        f"{args.size}x{args.size} images (seconds, best of 3, measured at the end of the run):\n\n"
+        + markdown_table(["piece", "levels ([0, 1] units)", "forward (s)", "forward + VJP (s)"], costs)
+        + "\n\nThe sampler at that switch:\n\n"
+        + markdown_table(choice_header, sampler_rows) + f"\n\nChosen: **{sampler_label(sampler)}**.\n\n"
+        f"The Tweedie CG stopped by its accuracy rule (cap 50, a safeguard) against the cap of 4, at switch "
+        f"{switch:.4g}, on a {min(CG_SIZE, args.size)}x{min(CG_SIZE, args.size)} crop of "
+        f"{next(iter(validation_names(args)))} alone:\n\n" + markdown_table(choice_header, cg_rows),
         f"## 2. The check: held-out photographs\n\n{len(args.held_out)} held-out photographs, halved, {args.size}x"
         f"{args.size} centre crops, {args.samples} samples, the ladder at switch {switch:.4g} and "
         f"{sampler_label(sampler)}; the embedded model at the image defaults ({IMAGE_DEFAULTS.steps} steps, "

@@ -35,6 +35,7 @@ Defaults: steps, covariance, the CG cap and the warm start left as None come fro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from .denoisers import Denoiser
 from .guidance import AveragedLikelihoodGuidance, CGTruncatedWarning, GuidanceSettings
 from .images import (from_model_range, measurement_to_model_units, noise_from_model_units, noise_to_model_units,
                      to_image_tensor)
+from .memory import plan_memory
 from .models import default_model, load_model
 from .particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from .samplers import NoiseSource, SamplerSettings, run_sampler
@@ -79,6 +81,8 @@ class RestoreSettings:
         particles: particle mode's settings, or None for the plain guided sampler.
         start: "prior" or "measurement" (resolved from "auto"; see `restore`). A measurement
             start's noise ratio sigma_y (model units) is sampler.s_max.
+        memory_limited: batch_size was set by the memory check (`posterior_diff.memory`): the caller
+            left it None, and all the rows at once would not fit in the CPU's memory.
         cap_unasked: the caller named the covariance but left cg_max_iter to the model's default,
             so a Tweedie solve stopped by that cap was not their choice: the call then warns
             (`CGTruncatedWarning`). A default call (covariance and cap from `defaults_for`, both
@@ -92,6 +96,7 @@ class RestoreSettings:
     particles: ParticleSettings | None = None
     start: str = "prior"
     cap_unasked: bool = False
+    memory_limited: bool = False
 
 
 @dataclass
@@ -397,6 +402,7 @@ def run_stages(problem: Problem, settings: RestoreSettings, generators: Generato
                progress) -> list[Restoration]:
     """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per measurement)."""
     problem, device = convert(problem, device)
+    settings = fit_in_memory(problem, settings, device)
     tally = CGTally()
     if settings.particles is None:
         draws = sample_in_batches(problem, settings, generators, device, progress, tally)
@@ -405,6 +411,21 @@ def run_stages(problem: Problem, settings: RestoreSettings, generators: Generato
     if tally.truncated and settings.cap_unasked:
         warn_truncated(tally, settings.guidance)
     return [summarise(problem, item, settings) for item in draws]
+
+
+def fit_in_memory(problem: Problem, settings: RestoreSettings, device: torch.device) -> RestoreSettings:
+    """The settings with the batch size the memory check allows (`memory.plan_memory`): unchanged
+    where the run fits; a smaller batch where the caller left it None; a MemoryEstimateError where
+    even one row, or the caller's batch_size, cannot fit. Particle mode is not checked (its batch
+    size cuts the particles' network calls, not the cloud)."""
+    if settings.particles is not None:
+        return settings
+    needs_vjp = settings.start != "measurement" and settings.guidance.covariance != "projection"
+    plan = plan_memory(problem.model, problem.x_shape, problem.count * settings.num_samples, settings.batch_size,
+                       device, needs_vjp)
+    if plan.batch_size == settings.batch_size:
+        return settings
+    return dataclasses.replace(settings, batch_size=plan.batch_size, memory_limited=True)
 
 
 def warn_truncated(tally: CGTally, guidance: GuidanceSettings) -> None:
