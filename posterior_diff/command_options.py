@@ -7,6 +7,7 @@ this module, which imports neither of them.
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -37,7 +38,20 @@ def check_task(task_name: str, mask_path: Path | None) -> None:
         raise UsageError("--task inpaint needs --mask FILE (white = observed, black = missing)")
 
 
-def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
+def sigma_y_option(text: str) -> float | str:
+    """`--sigma-y`: a number in [0, 1] units (its range is checked with the other options), or
+    "auto" (estimated from each input by restore)."""
+    from operators.base import AUTO
+
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a number or "auto", got {text!r}') from None
+
+
+def task_operator(task_name: str, sigma_y: float | str | None, image: torch.Tensor, mask_path: Path | None):
     """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting."""
     from .images import match_channels, read_image
 
