@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         f"## 2. How small a y\n\nThe chosen estimator on {args.crops} random crops per size of the photographs, "
         "σ_y = 0.05, whole or with 70% of the pixels missing at random; patches per entry of a patch (C·4·4 = 48 "
         f"whole, C·3 = 9 runs of 3 pixels); restore refuses below {MIN_PATCHES_PER_ENTRY} per entry. Error in %.\n\n"
-        + markdown_table(["y", "size", "patches", "per entry", "mean error", "std", "worst |error|", "estimated"],
+        + markdown_table(["y", "size", "patches", "per entry", "mean error", "std", "worst abs. error", "estimated"],
                          small_crops(truths, args.crops)),
     ]
     if not args.skip_restore:
