@@ -33,7 +33,7 @@ from posterior_diff.training import total_steps
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Mean PSNRs this close to the best are a tie (below the noise of a 4-image mean): the cheaper setting wins.
 TIE_DB = 0.05
-VERSIONED = ("torch", "diffusers", "scikit-image", "deepinv", "bm3d")  # the packages whose versions a report names
+VERSIONED = ("torch", "diffusers", "scikit-image", "deepinv", "bm3d", "ptwt")  # the packages whose versions a report names
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,6 +1,6 @@
 """Linear forward models y = A x + sigma_y * n for posterior sampling (batch-first tensors)."""
 
-from .base import LinearOperator
+from .base import AUTO, LinearOperator, NoiseView
 from .blur import Blur, box_kernel, gaussian_kernel, kernel_from_spec, motion_kernel
 from .deepinv_interop import DeepinvOperator, as_operator, from_deepinv, to_deepinv
 from .denoising import Denoising
@@ -12,6 +12,8 @@ from .super_resolution import SuperResolution
 
 __all__ = [
     "LinearOperator",
+    "NoiseView",
+    "AUTO",
     "Denoising",
     "SuperResolution",
     "Inpainting",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,30 +23,92 @@ from torch import Tensor, nn
 from .linalg import conjugate_gradient, per_sample
 
 Shape = tuple[int, ...]
+AUTO = "auto"  # sigma_y="auto": estimated from the measurement (posterior_diff.noise_estimate)
 
 
-def check_sigma_y(sigma_y: float) -> float:
-    """Validate a measurement noise level sigma_y (>= 0, finite) and return it as float."""
+def check_sigma_y(sigma_y: float | str, *, auto: bool = False) -> float | str:
+    """Validate a measurement noise level sigma_y (>= 0, finite) and return it as float; with
+    `auto`, the string "auto" (sigma_y estimated from y later) is accepted and returned as it is."""
+    if auto and isinstance(sigma_y, str) and sigma_y == AUTO:
+        return AUTO
+    either = ' or "auto"' if auto else ""
     try:
         value = float(sigma_y)
     except (TypeError, ValueError):
-        raise TypeError(f"sigma_y must be a non-negative number, got {sigma_y!r}") from None
+        raise TypeError(f"sigma_y must be a non-negative number{either}, got {sigma_y!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"sigma_y must be a finite number >= 0, got {sigma_y!r}")
+        raise ValueError(f"sigma_y must be a finite number >= 0{either}, got {sigma_y!r}")
     return value
+
+
+class NoiseView(NamedTuple):
+    """Where a measurement shows its noise: the image a noise estimator reads
+    (`posterior_diff.noise_estimate`), and which of its entries carry the noise.
+
+    Attributes:
+        image: (C, h, w), entries A x + sigma_y n, in the units of y.
+        observed: (C, h, w) of 0/1, 1 where the entry carries the measurement noise (inpainting:
+            the observed pixels); None where every entry does.
+    """
+
+    image: Tensor
+    observed: Tensor | None = None
 
 
 class LinearOperator(nn.Module):
     """A linear forward model with Gaussian noise of standard deviation `sigma_y`.
+
+    sigma_y may be "auto": `restore` then estimates it from y before sampling
+    (`posterior_diff.noise_estimate`, from the entries `noise_view` names); until then the
+    operator cannot measure, solve or convert, and says so.
 
     Subclasses implement `A`, `A_adjoint` and `y_shape`/`x_shape`; they override
     `solve` when (sigma_y^2 I + r A A^T) has a closed-form inverse and `gram_diagonal` is
     not enough.
     """
 
-    def __init__(self, sigma_y: float = 0.0):
+    def __init__(self, sigma_y: float | str = 0.0):
         super().__init__()
-        self.sigma_y = check_sigma_y(sigma_y)
+        self.sigma_y = check_sigma_y(sigma_y, auto=True)
+
+    # -- the noise level ----------------------------------------------------------------
+    @property
+    def sigma_y(self) -> float:
+        """The measurement noise standard deviation, in the units of y. An operator built with
+        sigma_y="auto" has none until it is estimated: reading it raises a ValueError that says how."""
+        value = self.__dict__["_sigma_y"]
+        if isinstance(value, str) and value == AUTO:
+            raise ValueError(f"{type(self).__name__} has sigma_y='auto', a noise level to be estimated from a "
+                             "measurement: pass the operator to restore (which estimates sigma_y from y before "
+                             "sampling), or estimate it with posterior_diff.estimate_sigma_y(y, operator) and use "
+                             "operator.with_sigma_y(value)")
+        return value
+
+    @sigma_y.setter
+    def sigma_y(self, value: float | str) -> None:
+        # Stored as given: restore checks it again (an attribute set after construction too).
+        self.__dict__["_sigma_y"] = value
+
+    @property
+    def sigma_y_setting(self) -> float | str:
+        """sigma_y as it was set: a number, or "auto" before estimation (never raises)."""
+        return self.__dict__["_sigma_y"]
+
+    def noise_view(self, y: Tensor) -> NoiseView:
+        """The part of one measurement y (y_shape, no batch) where its noise can be seen, for
+        estimating sigma_y (`posterior_diff.noise_estimate`).
+
+        By default y itself, as an image (C, h, w) (an (h, w) y gets one channel): the noise is
+        added after A, so every entry of y carries it (denoising: y; super-resolution: the small
+        image; a blur: the blurred image). Operators whose y has entries without noise override
+        this (inpainting: the holes); a y that is no image is a ValueError naming sigma_y.
+        """
+        if y.dim() == 2:
+            return NoiseView(y[None])
+        if y.dim() == 3:
+            return NoiseView(y)
+        raise ValueError(f"sigma_y='auto' is estimated from an image measurement (C, h, w) or (h, w), but "
+                         f"{type(self).__name__} gives y of shape {tuple(y.shape)}: pass sigma_y as a number")
 
     # -- the forward model ------------------------------------------------------------
     def A(self, x: Tensor) -> Tensor:
@@ -135,8 +197,9 @@ class LinearOperator(nn.Module):
         solution, _ = conjugate_gradient(matvec, u, tol=tol, max_iter=max_iter)
         return solution
 
-    def with_sigma_y(self, sigma_y: float) -> "LinearOperator":
-        """The same forward model with noise level `sigma_y`; this operator is not modified.
+    def with_sigma_y(self, sigma_y: float | str) -> "LinearOperator":
+        """The same forward model with noise level `sigma_y` (a number, or "auto"); this operator
+        is not modified.
 
         The copy shares the tensors of A (masks, matrices) instead of duplicating them: both
         keep their own buffer tables, so moving either with `.to()` leaves the other where it
@@ -148,7 +211,7 @@ class LinearOperator(nn.Module):
             clone = copy.copy(self)
             for table in ("_parameters", "_buffers"):
                 clone.__dict__[table] = dict(self.__dict__[table])
-        clone.sigma_y = check_sigma_y(sigma_y)
+        clone.sigma_y = check_sigma_y(sigma_y, auto=True)
         return clone
 
     def to_deepinv(self):
@@ -173,4 +236,4 @@ class LinearOperator(nn.Module):
         self.y_shape(tuple(x.shape[1:]))
 
     def extra_repr(self) -> str:
-        return f"sigma_y={self.sigma_y}"
+        return f"sigma_y={self.sigma_y_setting}"

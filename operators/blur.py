@@ -68,7 +68,8 @@ class Blur(LinearOperator):
     Args:
         kernel: (k, k) tensor, k odd, entries >= 0 summing to 1 (to float32 rounding); the same
             for every channel. Its centre is the entry (k // 2, k // 2).
-        sigma_y: measurement noise standard deviation, >= 0, in the units of x.
+        sigma_y: measurement noise standard deviation, >= 0, in the units of x, or "auto" (estimated by
+            `restore` from y, all of which carries noise: see `noise_view`).
 
     x has shape (B, *lead, H, W) with H, W >= k, and y = A x has the same shape. The boundary is
     circular: the image repeats periodically, so A is diagonal in the 2-D Fourier basis and the

@@ -13,7 +13,8 @@ from .base import LinearOperator, Shape
 class Denoising(LinearOperator):
     """The identity forward model with Gaussian noise of standard deviation `sigma_y`.
 
-    Acts on x of any shape (B, *x_shape); y has the same shape.
+    Acts on x of any shape (B, *x_shape); y has the same shape. sigma_y may be "auto"
+    (estimated by `restore` from all of y).
     """
 
     @property

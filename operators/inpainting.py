@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import LinearOperator, Shape
+from .base import LinearOperator, NoiseView, Shape
 
 
 class Inpainting(LinearOperator):
@@ -20,10 +20,11 @@ class Inpainting(LinearOperator):
 
     Args:
         mask: 0/1 tensor (or bool) of shape x_shape, one per image (no batch): 1 = observed.
-        sigma_y: measurement noise standard deviation, >= 0.
+        sigma_y: measurement noise standard deviation, >= 0, or "auto" (estimated by `restore`
+            from the observed pixels of y).
     """
 
-    def __init__(self, mask: Tensor, sigma_y: float = 0.0):
+    def __init__(self, mask: Tensor, sigma_y: float | str = 0.0):
         super().__init__(sigma_y)
         mask = torch.as_tensor(mask)
         if mask.dim() == 0:
@@ -55,6 +56,13 @@ class Inpainting(LinearOperator):
         clean = x + self.sigma_y * self.noise_like(x, generator) if self.sigma_y > 0 else x
         return self.A(clean)
 
+    def noise_view(self, y: Tensor) -> NoiseView:
+        """y (C, H, W) with the mask: only the observed pixels carry noise (the holes are 0)."""
+        self._check(y.shape, "y")
+        if y.dim() != 3:
+            return super().noise_view(y)  # not an image: refused there
+        return NoiseView(y, self.mask.to(y.dtype))
+
     def y_shape(self, x_shape: Sequence[int]) -> Shape:
         self._check(x_shape, "x")
         return self.mask_shape
@@ -67,7 +75,7 @@ class Inpainting(LinearOperator):
         return self.mask.to(y_like.dtype)
 
     def extra_repr(self) -> str:
-        return f"x_shape={self.mask_shape}, observed={self.mask.mean().item():.3f}, sigma_y={self.sigma_y}"
+        return f"x_shape={self.mask_shape}, observed={self.mask.mean().item():.3f}, sigma_y={self.sigma_y_setting}"
 
 
 def box_mask(shape: Sequence[int], top: int, left: int, height: int, width: int) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .base import LinearOperator, Shape
+from .base import AUTO, LinearOperator, Shape
 from .linalg import per_sample
 
 
@@ -20,6 +20,9 @@ class MatrixOperator(LinearOperator):
     """
 
     def __init__(self, matrix: Tensor, sigma_y: float = 0.0):
+        if isinstance(sigma_y, str) and sigma_y == AUTO:
+            raise ValueError('sigma_y="auto" is estimated from an image measurement, but a MatrixOperator measures a '
+                             "vector y: pass sigma_y as a number")
         super().__init__(sigma_y)
         matrix = torch.as_tensor(matrix)
         if matrix.dim() != 2 or matrix.shape[0] < 1 or matrix.shape[1] < 1:
@@ -79,4 +82,4 @@ class MatrixOperator(LinearOperator):
         return variance.clamp_min(torch.finfo(y_like.dtype).tiny).log().sum(1)
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.matrix.shape)}, sigma_y={self.sigma_y}"
+        return f"shape={tuple(self.matrix.shape)}, sigma_y={self.sigma_y_setting}"

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import LinearOperator, Shape
+from .base import LinearOperator, NoiseView, Shape
 
 
 class StackedOperator(LinearOperator):
@@ -51,7 +51,7 @@ class StackedOperator(LinearOperator):
             if not isinstance(operator, LinearOperator):
                 raise TypeError(f"operators[{index}] must be an operators.LinearOperator, got "
                                 f"{type(operator).__name__}")
-        sigmas = sorted({operator.sigma_y for operator in operators})
+        sigmas = list(dict.fromkeys(operator.sigma_y_setting for operator in operators))  # a number or "auto"
         if len(sigmas) > 1:
             raise ValueError(f"the stacked operators must share one sigma_y, got {sigmas}")
         super().__init__(sigmas[0])
@@ -119,7 +119,11 @@ class StackedOperator(LinearOperator):
                   for operator, part, r_part in zip(self.parts, self._split(y_like, "y_like"), self._per_part(r))]
         return None if any(value is None for value in values) else torch.cat(values)
 
-    def with_sigma_y(self, sigma_y: float) -> "StackedOperator":
+    def noise_view(self, y: Tensor) -> NoiseView:
+        raise ValueError("a StackedOperator acts on a batch of measurements: estimate sigma_y from each part's own "
+                         "measurement (restore_batch does, for parts with sigma_y='auto')")
+
+    def with_sigma_y(self, sigma_y: float | str) -> "StackedOperator":
         """The same parts with noise level `sigma_y` (each part's own `with_sigma_y`, so their
         tensors are shared, and a part met twice is copied once)."""
         copies: dict[int, LinearOperator] = {}
@@ -131,7 +135,7 @@ class StackedOperator(LinearOperator):
         raise NotImplementedError("a StackedOperator acts on a batch of sum(counts) rows: take each part's to_matrix")
 
     def extra_repr(self) -> str:
-        return f"counts={list(self.counts)}, sigma_y={self.sigma_y}"
+        return f"counts={list(self.counts)}, sigma_y={self.sigma_y_setting}"
 
 
 def stack_operators(operators: Sequence[LinearOperator], counts: Sequence[int]) -> LinearOperator:

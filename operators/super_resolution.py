@@ -47,13 +47,14 @@ class SuperResolution(LinearOperator):
 
     Args:
         factor: integer s >= 1; H and W of x must be multiples of s.
-        sigma_y: measurement noise standard deviation, >= 0.
+        sigma_y: measurement noise standard deviation, >= 0, or "auto" (estimated by `restore`
+            from the small image y, where the noise is added).
         kernel: "average" (block mean) or "bicubic" (antialiased bicubic).
 
     x has shape (B, *lead, H, W) and y has shape (B, *lead, H / s, W / s).
     """
 
-    def __init__(self, factor: int, sigma_y: float = 0.0, kernel: str = "average"):
+    def __init__(self, factor: int, sigma_y: float | str = 0.0, kernel: str = "average"):
         super().__init__(sigma_y)
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
@@ -119,7 +120,7 @@ class SuperResolution(LinearOperator):
         return None
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}, kernel={self.kernel!r}, sigma_y={self.sigma_y}"
+        return f"factor={self.factor}, kernel={self.kernel!r}, sigma_y={self.sigma_y_setting}"
 
 
 def _fold_replicated_border(padded: Tensor, pad: int) -> Tensor:

@@ -12,6 +12,7 @@ from .ffdnet_prior import ffdnet
 from .ladder import Ladder, default_ladder, ladder
 from .models import DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model, denoiser_from_diffusers, load_model
 from .guidance import COVARIANCES, AveragedLikelihoodGuidance, CGTruncatedWarning
+from .noise_estimate import SigmaYEstimate, estimate_sigma_y
 from .priors import GaussianMixturePrior, GaussianPrior
 from .restore import Restoration, restore, restore_batch
 from .samplers import SOLVERS, NonFiniteSampleError, sample
@@ -23,6 +24,8 @@ __all__ = [
     "restore",
     "restore_batch",
     "Restoration",
+    "estimate_sigma_y",
+    "SigmaYEstimate",
     "Denoiser",
     "ModuleDenoiser",
     "DeepinvPrior",

@@ -1,6 +1,6 @@
 """The `posterior-diff` command: `restore` image files or folders, or `train` a model by DSM.
 
-    posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025] [--samples 4] [--std-map std.png]
+    posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025|auto] [--samples 4] [--std-map std.png]
                            [--device auto|cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
     posterior-diff restore holes.png --task inpaint --mask mask.png -o filled.png
     posterior-diff restore blurred.png --task deblur --kernel gaussian:1.5 -o sharp.png   (or box:5, motion:15:3, psf.png)
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .command_options import (CLI_TASKS, DEBLUR_TASKS, NAMED_MODELS, UsageError, check_dtype, check_task, load_network,
-                              pick_device, task_operator)
+                              pick_device, sigma_y_option, task_operator)
 from .defaults import IMAGE_DEFAULTS
 from .ladder import DEFAULT_SWITCH
 from .tasks import TASKS
@@ -56,8 +56,9 @@ def _problem_arguments(restore: argparse.ArgumentParser) -> None:
                          "motion:SIZE[:SEED] (needs deepinv) or a grey image file normalised to sum 1; SIZE (and a kernel "
                          "image's side) odd; circular boundary (default: the task's, " +
                          ", ".join(f"{name} {TASKS[name].blur}" for name in DEBLUR_TASKS) + ")")
-    restore.add_argument("--sigma-y", dest="sigma_y", type=float,
-                         help="measurement noise standard deviation in [0, 1] units (default per task: " +
+    restore.add_argument("--sigma-y", dest="sigma_y", type=sigma_y_option,
+                         help="measurement noise standard deviation in [0, 1] units, or auto to estimate it from each "
+                              "input (docs/usage.md) (default per task: " +
                          ", ".join(f"{name} {TASKS[name].sigma_y}" for name in CLI_TASKS) + ")")
 
 
@@ -166,6 +167,8 @@ def _restore_file(args) -> int:
                      particles=args.particles, device=device, allow_extrapolation=args.allow_extrapolation)
     write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
+    if result.settings.sigma_y_estimate is not None:
+        message += f"; sigma_y {result.sigma_y:.4g} estimated from the input"
     if args.std_map is not None:
         std = match_channels(result.std, channels)
         scale = float(std.max()) or 1.0

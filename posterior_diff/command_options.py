@@ -7,6 +7,7 @@ this module, which imports neither of them.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 from pathlib import Path
@@ -44,6 +45,20 @@ def check_task(task_name: str, mask_path: Path | None, kernel: str | None = None
     read_kernel(kernel)
 
 
+def sigma_y_option(text: str) -> float | str:
+    """`--sigma-y`: a number in [0, 1] units (its range is checked with the other options), or
+    "auto" (estimated from each input by restore)."""
+    from operators.base import AUTO
+
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'must be a number or "auto", got {text!r}') from None
+
+
+
 @functools.lru_cache(maxsize=4)
 def _kernel(spec: str) -> torch.Tensor:
     """The kernel --kernel names (see `read_kernel`), read once per spec in a run."""
@@ -73,7 +88,7 @@ def read_kernel(spec: str | None) -> torch.Tensor | None:
     return None if spec is None else _kernel(spec).clone()
 
 
-def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None,
+def task_operator(task_name: str, sigma_y: float | str | None, image: torch.Tensor, mask_path: Path | None,
                   kernel: str | None = None):
     """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting
     and the blur kernel --kernel names (`read_kernel`) in place of a deblurring task's own."""

@@ -200,7 +200,7 @@ def check_options(args) -> None:
     if args.mask is not None and not args.mask.exists():
         raise UsageError(f"no such mask file or folder: {args.mask}")
     if args.sigma_y is not None:
-        check_sigma_y(args.sigma_y)
+        check_sigma_y(args.sigma_y, auto=True)
     for value, name in ((args.batch_size, "--batch-size"), (args.samples, "--samples"), (args.steps, "--steps")):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")

@@ -48,7 +48,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from operators import LinearOperator, as_operator, stack_operators
-from operators.base import check_sigma_y
+from operators.base import AUTO, check_sigma_y
 
 from .checks import choice, positive_int
 from .defaults import defaults_for
@@ -59,6 +59,7 @@ from .images import (from_model_range, measurement_to_model_units, noise_from_mo
                      to_image_tensor)
 from .memory import plan_memory
 from .models import default_model, load_model
+from .noise_estimate import SigmaYEstimate, resolve_auto
 from .particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from .samplers import NoiseSource, SamplerSettings, run_sampler
 from .time_grids import time_grid
@@ -83,6 +84,10 @@ class RestoreSettings:
             start's noise ratio sigma_y (model units) is sampler.s_max.
         memory_limited: batch_size was set by the memory check (`posterior_diff.memory`): the caller
             left it None, and all the rows at once would not fit in the CPU's memory.
+        sigma_y: the measurement noise level used, in the units of y: the operator's, or the
+            estimate where it was built with sigma_y="auto".
+        sigma_y_estimate: how that estimate was made (`noise_estimate.SigmaYEstimate`: value,
+            estimator, patches), or None where sigma_y was given.
         cap_unasked: the caller named the covariance but left cg_max_iter to the model's default,
             so a Tweedie solve stopped by that cap was not their choice: the call then warns
             (`CGTruncatedWarning`). A default call (covariance and cap from `defaults_for`, both
@@ -97,6 +102,8 @@ class RestoreSettings:
     start: str = "prior"
     cap_unasked: bool = False
     memory_limited: bool = False
+    sigma_y: float | None = None
+    sigma_y_estimate: SigmaYEstimate | None = None
 
 
 @dataclass
@@ -147,6 +154,12 @@ class Restoration:
     log_evidence: float | None = None
     cg_truncated: int = 0
 
+    @property
+    def sigma_y(self) -> float | None:
+        """The measurement noise level used (estimated where the operator had sigma_y="auto";
+        see `settings.sigma_y_estimate`); None without settings."""
+        return None if self.settings is None else self.settings.sigma_y
+
 
 @dataclass
 class Problem:
@@ -160,6 +173,7 @@ class Problem:
         measurements: the measurements y, each of shape y_shape (the same for all).
         x_shape: the shape of one x (the same for all); image_model: whether the model has
             an image data range.
+        estimates: per measurement, how its sigma_y was estimated (sigma_y="auto"), or None.
     """
 
     model: Denoiser
@@ -167,6 +181,7 @@ class Problem:
     measurements: tuple[Tensor, ...]
     x_shape: tuple[int, ...]
     image_model: bool
+    estimates: tuple[SigmaYEstimate | None, ...] = ()
 
     @property
     def count(self) -> int:
@@ -177,6 +192,20 @@ class Problem:
     def sigma_y(self) -> float:
         """The measurement noise level every operator shares."""
         return self.operators[0].sigma_y
+
+    def noise_groups(self) -> list[tuple[int, ...]]:
+        """The measurements by noise level: one group when sigma_y was given (every operator
+        shares it), one per distinct estimate where it was estimated (sigma_y="auto")."""
+        groups: dict[tuple, list[int]] = {}
+        for index, (operator, found) in enumerate(zip(self.operators, self.estimates or [None] * self.count)):
+            groups.setdefault((operator.sigma_y, found), []).append(index)
+        return [tuple(group) for group in groups.values()]
+
+    def subset(self, indices: Sequence[int]) -> "Problem":
+        """The problem of the measurements at `indices` (in that order)."""
+        estimates = tuple(self.estimates[i] for i in indices) if self.estimates else ()
+        return Problem(self.model, tuple(self.operators[i] for i in indices),
+                       tuple(self.measurements[i] for i in indices), self.x_shape, self.image_model, estimates)
 
 
 @dataclass
@@ -242,7 +271,10 @@ def restore(
             tensor (C, h, w), a numpy array (h, w[, C]) or a PIL image; for analytic priors a
             tensor or array of shape y_shape in the prior's units.
         operator: the forward model A with its noise level: an `operators.LinearOperator` or a
-            deepinv `LinearPhysics` with Gaussian noise; sigma_y in the units of y.
+            deepinv `LinearPhysics` with Gaussian noise; sigma_y in the units of y. An operator
+            with sigma_y="auto" gets it estimated from y here, before any sampling
+            (`posterior_diff.noise_estimate`; a ValueError where y shows too little of its noise);
+            `result.sigma_y` is the value used and `result.settings.sigma_y_estimate` how it was found.
         model: the prior: a Denoiser (GaussianPrior, ModuleDenoiser, UNetDenoiser, ...), a
             deepinv.models.Denoiser (adapted by `from_deepinv_denoiser`), a folder holding a
             diffusers model, a Hugging Face hub id ("org/name", see `load_model`), or None for
@@ -356,6 +388,9 @@ def restore_batch(
             batch, whose guidance and conjugate-gradient stopping rule take one noise level.
             (Mixing operators with and without a closed-form solve drops the Tweedie CG's
             preconditioner for the run, so those items match restore to the CG's tolerance.)
+            Operators with sigma_y="auto" are estimated per measurement, as `restore` does, and
+            the measurements then run in groups of one estimated noise level (each group in shared
+            sampler runs), so item i still equals restore on item i.
         model: the prior, as in `restore`.
         num_samples: posterior samples per measurement.
         generator: None, one torch.Generator for the whole batch (reproducible for the same
@@ -391,11 +426,23 @@ def restore_batch(
     items = as_measurement_list(measurements)
     operators, operator_names = as_operator_list(operator, len(items))
     problem = check_problem(items, operators, model, [f"measurements[{i}]" for i in range(len(items))], operator_names)
-    settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
-                              cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                              proposal, start, allow_extrapolation)
+    # Measurements whose sigma_y was estimated run in groups of one noise level, so that each
+    # gets what restore gives it (one group, the whole batch, where sigma_y was given).
+    groups = problem.noise_groups()
+    settings = [check_settings(problem.subset(group), num_samples, steps, covariance, eta, solver, guidance_scale,
+                               grid, cg_tol, cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size,
+                               particles, ess_threshold, proposal, start, allow_extrapolation) for group in groups]
     generators = check_generators(generator, len(items))
-    return run_stages(problem, settings, generators, check_device(device), progress)
+    device = check_device(device)
+    if len(groups) == 1:
+        return run_stages(problem, settings[0], generators, device, progress)
+    results: list[Restoration | None] = [None] * problem.count
+    for group, group_settings in zip(groups, settings):
+        group_generators = tuple(generators[i] for i in group) if isinstance(generators, tuple) else generators
+        for index, result in zip(group, run_stages(problem.subset(group), group_settings, group_generators, device,
+                                                   progress)):
+            results[index] = result
+    return results
 
 
 def run_stages(problem: Problem, settings: RestoreSettings, generators: Generators, device,
@@ -487,7 +534,8 @@ def check_model(model) -> Denoiser:
 
 def check_operators(operators: Sequence, names: Sequence[str]) -> tuple[LinearOperator, ...]:
     """The operators as LinearOperators (a deepinv physics adapted once, however often it is
-    repeated), each sigma_y checked, all sigma_y equal; errors name the operator."""
+    repeated), each sigma_y checked, all sigma_y given as numbers equal ("auto" is estimated
+    later, per measurement); errors name the operator."""
     adapted: dict[int, LinearOperator] = {}
     for operator, name in zip(operators, names):
         if id(operator) in adapted:
@@ -498,14 +546,16 @@ def check_operators(operators: Sequence, names: Sequence[str]) -> tuple[LinearOp
             raise TypeError(f"{name} must be an operators.LinearOperator or a deepinv LinearPhysics, got "
                             f"{type(operator).__name__}") from None
         try:
-            check_sigma_y(result.sigma_y)  # an attribute set after construction is checked too
+            check_sigma_y(result.sigma_y_setting, auto=True)  # an attribute set after construction is checked too
         except (TypeError, ValueError) as error:
             raise type(error)(f"{name}: {error}") from None
         adapted[id(operator)] = result
     checked = tuple(adapted[id(operator)] for operator in operators)
-    for operator, name in zip(checked, names):
-        if operator.sigma_y != checked[0].sigma_y:
-            raise ValueError(f"{name} has sigma_y={operator.sigma_y} but {names[0]} has sigma_y={checked[0].sigma_y}: "
+    given = [(operator, name) for operator, name in zip(checked, names) if operator.sigma_y_setting != AUTO]
+    for operator, name in given:
+        first, first_name = given[0]
+        if operator.sigma_y != first.sigma_y:
+            raise ValueError(f"{name} has sigma_y={operator.sigma_y} but {first_name} has sigma_y={first.sigma_y}: "
                              "the measurements of one batch must share one noise level, because their samples are "
                              "drawn in one sampler run whose guidance and conjugate-gradient stopping rule take one "
                              "sigma_y; restore measurements of different noise levels in separate calls")
@@ -516,6 +566,8 @@ def check_problem(measurements: Sequence, operators: Sequence, model, names: Seq
                   operator_names: Sequence[str]) -> Problem:
     """The model (loaded if named), the operators (adapted if deepinv's) and the measurements,
     checked against each other; a ValueError or TypeError naming the argument that does not fit.
+    An operator with sigma_y="auto" is replaced by a copy with sigma_y estimated from its
+    measurement (`noise_estimate.resolve_auto`), before the model runs.
 
     Args:
         measurements: the measurements, one per restoration; operators: one per measurement.
@@ -538,7 +590,8 @@ def check_problem(measurements: Sequence, operators: Sequence, model, names: Seq
         if x_shape != x_shapes[0]:
             raise ValueError(f"{name} implies x of shape {x_shape} but {names[0]} implies {x_shapes[0]}: the "
                              "measurements of one batch must share one x_shape")
-    return Problem(model, operators, tuple(checked), x_shapes[0], image_model)
+    operators, estimates = resolve_auto(checked, operators, names, operator_names)
+    return Problem(model, operators, tuple(checked), x_shapes[0], image_model, estimates)
 
 
 def check_device(device) -> torch.device | None:
@@ -621,7 +674,8 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
         problem.measurements[0].numel())
     return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings,
-                           start, cap_unasked=covariance is not None and cg_max_iter is None)
+                           start, cap_unasked=covariance is not None and cg_max_iter is None,
+                           sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None)
 
 
 START_CHOICES = ("auto", "prior", "measurement")
@@ -768,7 +822,8 @@ def convert(problem: Problem, device) -> tuple[Problem, torch.device]:
         converted.setdefault(id(operator), in_units)
         measurements.append(y)
     operators = tuple(converted[id(operator)] for operator in problem.operators)
-    return Problem(model, operators, tuple(measurements), problem.x_shape, problem.image_model), device
+    return Problem(model, operators, tuple(measurements), problem.x_shape, problem.image_model,
+                   problem.estimates), device
 
 
 # -- 3. sample --------------------------------------------------------------------------------

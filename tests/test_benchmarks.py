@@ -279,6 +279,21 @@ def test_jacobian_range_report(tmp_path):
     assert (tmp_path / "jacobian_range.json").exists()
 
 
+def test_noise_estimate_report(tmp_path):
+    from benchmarks import noise_estimate
+
+    out = tmp_path / "noise_estimate.md"
+    noise_estimate.main(["--quick", "--out", str(out), "--threads", "1"])
+    tables = assert_numbers_are_finite(out.read_text())
+    means = tables["estimator | task | σ_y 0.05"]
+    assert {row[0] for row in means} == set(noise_estimate.ESTIMATORS)
+    chosen = {row[1]: row for row in means if row[0] == noise_estimate.CHOSEN}
+    assert chosen["sr4"][2] == "n/a" and abs(float(chosen["denoise"][2])) < 15  # a 16x16 y is refused
+    restored = tables["task | photograph | σ_y found"]
+    assert {row[0] for row in restored} == {"denoise", "sr4", "random"}
+    assert (tmp_path / "noise_estimate.json").exists()
+
+
 def test_the_jacobian_range_choice_takes_the_cheapest_of_the_best_that_passes_the_guard():
     scores = {1.0: (30.0, 20), 2.0: (30.2, 25), 8.0: (30.19, 30), math.inf: (30.22, 60)}
     assert jacobian_range.choose(scores) == 2.0

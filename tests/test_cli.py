@@ -124,3 +124,19 @@ def test_deblurring_with_a_named_kernel_and_a_kernel_file(tmp_path, pipeline_fol
         assert message in error and len(error.splitlines()) == 1 and "Traceback" not in error, error
     sr = [str(blurred), "--task", "sr2", "--kernel", "box:3", "--model", str(pipeline_folder), "-o", str(out)]
     assert main(["restore", *sr]) == 2 and "--kernel is only used with the deblurring tasks" in capsys.readouterr().err
+
+
+def test_sigma_y_auto_estimates_from_the_input(tmp_path, pipeline_folder, capsys):
+    noisy = torch.linspace(0.2, 0.8, 24).expand(3, 24, 24) + 0.1 * torch.randn(3, 24, 24, generator=torch.Generator().manual_seed(0))
+    image = write(tmp_path / "noisy.png", noisy.clamp(0, 1))
+    out = tmp_path / "out.png"
+    common = ["--task", "denoise", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder), "-o", str(out)]
+    assert main(["restore", str(image), *common, "--sigma-y", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert read_image(out).shape == (3, 24, 24) and "estimated from the input" in printed
+    found = float(printed.split("sigma_y ")[1].split()[0])
+    assert 0.07 < found < 0.13  # 0.1 drawn, 8-bit rounding and clamping aside
+    small = write(tmp_path / "small.png", torch.rand(3, 8, 8))
+    assert main(["restore", str(small), *common, "--force", "--sigma-y", "auto"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "sigma_y='auto' cannot be estimated" in error and len(error.splitlines()) == 1

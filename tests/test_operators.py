@@ -204,3 +204,31 @@ def test_shape_mismatches_are_clear_errors():
 def test_operators_move_with_to():
     operator = Inpainting(torch.ones(1, 4, 4)).to(torch.float64)
     assert operator.mask.dtype == torch.float64
+
+
+@pytest.mark.parametrize("operator", [Denoising("auto"), SuperResolution(2, "auto"),
+                                      Inpainting(torch.ones(1, 4, 4), "auto")], ids=lambda op: type(op).__name__)
+def test_an_operator_with_auto_sigma_y_refuses_direct_use(operator):
+    """sigma_y="auto" is a value still to be estimated: every use that needs it says how to get it."""
+    x = torch.rand(2, 1, 4, 4)
+    y = operator.A(x)  # A itself needs no noise level
+    assert operator.sigma_y_setting == "auto" and "sigma_y=auto" in repr(operator)
+    for use in (lambda: operator.measure(x), lambda: operator.solve(y, 1.0), lambda: operator.log_det(1.0, y),
+                lambda: operator.sigma_y):
+        with pytest.raises(ValueError, match=r"sigma_y='auto'.*restore.*estimate_sigma_y\(y, operator\).*with_sigma_y"):
+            use()
+    pytest.importorskip("deepinv")
+    with pytest.raises(ValueError, match="with_sigma_y"):
+        operator.to_deepinv()
+    estimated = operator.with_sigma_y(0.1)
+    assert estimated.sigma_y == 0.1 and operator.sigma_y_setting == "auto"
+    assert estimated.measure(x).shape == y.shape
+
+
+def test_sigma_y_must_be_a_number_or_auto():
+    with pytest.raises(TypeError, match='non-negative number or "auto"'):
+        Denoising("Auto ")
+    with pytest.raises(ValueError, match="share one sigma_y"):
+        from operators import StackedOperator
+
+        StackedOperator([Denoising("auto"), Denoising(0.1)], [1, 1])

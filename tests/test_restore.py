@@ -220,6 +220,12 @@ def test_bad_input_is_a_clear_error_raised_before_any_work(problems, change, err
     assert CountingPrior.calls == 0
 
 
+def test_the_result_reports_the_sigma_y_it_used(problems):
+    problem = problems["super-resolution"]
+    result = restore(problem.y, problem.operator, problem.prior, steps=2, covariance="isotropic")
+    assert result.sigma_y == problem.operator.sigma_y and result.settings.sigma_y_estimate is None
+
+
 def test_the_counting_model_does_count(problems):
     """The yardstick of the test above can fail: a valid call reaches the denoiser."""
     problem = problems["super-resolution"]
