@@ -101,14 +101,9 @@ def from_deepinv(physics) -> DeepinvOperator:
 
 
 def to_deepinv(operator: LinearOperator):
-    """A deepinv `LinearPhysics` with A, A^T and Gaussian noise sigma_y taken from `operator`."""
-    import deepinv
-
-    if isinstance(operator, DeepinvOperator):
-        return operator.physics
-    return deepinv.physics.LinearPhysics(
-        A=operator.A, A_adjoint=operator.A_adjoint, noise_model=deepinv.physics.GaussianNoise(sigma=operator.sigma_y)
-    )
+    """A deepinv `LinearPhysics` with A, A^T and Gaussian noise sigma_y taken from `operator`
+    (`LinearOperator.to_deepinv`; the wrapped physics itself for a `DeepinvOperator`)."""
+    return operator.to_deepinv()
 
 
 def as_operator(operator) -> LinearOperator:
