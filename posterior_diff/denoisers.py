@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from operators import per_sample
 
-from .images import from_model_range, noise_from_model_units, to_model_range
-from .schedules import DiscreteSchedule, Schedule
+from posterior_diff.images import from_model_range, noise_from_model_units, to_model_range
+from posterior_diff.schedules import DiscreteSchedule, Schedule
 
 PREDICTIONS = {
     "epsilon": "epsilon",
@@ -175,7 +175,7 @@ class Denoiser(nn.Module):
         """This denoiser as a `deepinv.models.Denoiser` (VE noise, [0, 1] units for image models,
         clamped to [0, 1] when `clip`): `at_noise_level` behind deepinv's `D(x, sigma)`
         (posterior_diff.deepinv_denoiser). Needs deepinv."""
-        from .deepinv_denoiser import DeepinvDenoiser
+        from posterior_diff.deepinv_denoiser import DeepinvDenoiser
 
         return DeepinvDenoiser(self, clip)
 

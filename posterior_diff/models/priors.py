@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .denoisers import Denoiser, as_time, randn
-from .schedules import Schedule, VPSchedule
+from posterior_diff.denoisers import Denoiser, as_time, randn
+from posterior_diff.schedules import Schedule, VPSchedule
 
 
 def _eigen(cov: Tensor, name: str) -> tuple[Tensor, Tensor]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import choice, positive_int
-from .schedules import Schedule
+from posterior_diff.checks import choice, positive_int
+from posterior_diff.schedules import Schedule
 
 GRIDS = ("log-snr", "uniform", "karras")
 

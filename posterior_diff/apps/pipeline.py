@@ -7,7 +7,7 @@
 
 It registers a `unet` (a pixel-space `UNet2DModel`) and its training `scheduler`: the DDPM family
 (DDPM, ADM), ScoreSdeVeScheduler (score-SDE VE) or an EDM scheduler, of which only the config is
-read (`posterior_diff.model_formats`). A pair that defines no posterior mean E[x_0 | x_t]
+read (`posterior_diff.models.formats`). A pair that defines no posterior mean E[x_0 | x_t]
 (consistency models, unknown schedulers, a UNet that does not fit its scheduler) is refused when
 the pipeline is built, by `__init__` and so by `from_pretrained`. The sampling itself is
 `restore()`'s: one code path, so the pipeline and `restore()` give the same numbers for the same
@@ -16,7 +16,7 @@ generator. Everything diffusers gives a pipeline comes with it: `save_pretrained
 `set_progress_bar_config`.
 
 This file imports only absolute names, so diffusers can also load it as a community pipeline:
-`DiffusionPipeline.from_pretrained(folder, custom_pipeline="path/to/posterior_diff/pipeline.py")`.
+`DiffusionPipeline.from_pretrained(folder, custom_pipeline="path/to/posterior_diff/apps/pipeline.py")`.
 """
 
 # No `from __future__ import annotations`: diffusers reads __init__'s annotations at run time
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 
-from posterior_diff.model_formats import check_diffusers_pair, denoiser_from_diffusers
-from posterior_diff.models import load_diffusers_components, names_legacy_scheduler
+from posterior_diff.models.formats import check_diffusers_pair, denoiser_from_diffusers
+from posterior_diff.models.loading import load_diffusers_components, names_legacy_scheduler
 from posterior_diff.restore import restore
 
 OUTPUT_TYPES = ("pil", "np", "pt")

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from operators import Denoising, Inpainting, LinearOperator, MatrixOperator, SuperResolution, random_mask
 
-from .priors import GaussianMixturePrior, GaussianPrior
-from .schedules import Schedule
+from posterior_diff.models.priors import GaussianMixturePrior, GaussianPrior
+from posterior_diff.schedules import Schedule
 
 
 def squared_exponential_covariance(size: int, length_scale: float = 2.0, variance: float = 1.0, dtype=torch.float64) -> Tensor:

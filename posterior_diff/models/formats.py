@@ -37,8 +37,8 @@ from torch import Tensor
 
 from operators import per_sample
 
-from .denoisers import PREDICTIONS, ModuleDenoiser, as_time
-from .schedules import DiscreteSchedule, GeometricVESchedule
+from posterior_diff.denoisers import PREDICTIONS, ModuleDenoiser, as_time
+from posterior_diff.schedules import DiscreteSchedule, GeometricVESchedule
 
 LEARNED_VARIANCE = ("learned", "learned_range")
 SIGMA_SCHEDULERS = {"ScoreSdeVeScheduler": "score-sde", "EDMEulerScheduler": "edm", "EDMDPMSolverMultistepScheduler": "edm"}

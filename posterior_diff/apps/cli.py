@@ -11,7 +11,7 @@ Images are ordinary files in [0, 1] (8-bit or 16-bit); sigma_y is in those units
 their default sigma_y come from `posterior_diff.tasks`, sampler defaults from
 `posterior_diff.defaults.IMAGE_DEFAULTS`. One input file with an output file is a single-file
 run; several inputs, a folder or a glob make a dataset run into an output folder
-(`posterior_diff.dataset`: resumable, sharded across processes, with a manifest and an optional
+(`posterior_diff.apps.dataset`: resumable, sharded across processes, with a manifest and an optional
 PSNR/SSIM report). Each image's generator is seeded from --seed and the image's file name
 (`dataset.image_seed`), so an image gets the same result alone, in a folder, in any batch or
 process. `restore` never overwrites an existing output unless --force is given. Every user error
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .command_options import CLI_TASKS, NAMED_MODELS, UsageError, check_dtype, load_network, pick_device, task_operator
-from .defaults import IMAGE_DEFAULTS
-from .ladder import DEFAULT_SWITCH
-from .tasks import TASKS
+from posterior_diff.apps.command_options import (CLI_TASKS, NAMED_MODELS, UsageError, check_dtype, load_network,
+                                                 pick_device, task_operator)
+from posterior_diff.defaults import IMAGE_DEFAULTS
+from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.tasks import TASKS
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posterior-diff", description="Posterior sampling with diffusion priors.")
@@ -122,7 +123,7 @@ def _train_arguments(train: argparse.ArgumentParser) -> None:
 
 def _restore(args) -> int:
     """A single-file run, or a dataset run (`dataset.run_dataset`) for folders, globs and several inputs."""
-    from .dataset import is_single_file, run_dataset, terminate_cleanly
+    from posterior_diff.apps.dataset import is_single_file, run_dataset, terminate_cleanly
 
     check_dtype(args.dtype)
     pick_device(args.device)  # both named wrongly: one line before any file is read
@@ -135,9 +136,9 @@ def _restore(args) -> int:
 
 def _restore_file(args) -> int:
     """Restore one file into the file -o (and --std-map); refuse to overwrite either without --force."""
-    from . import restore
-    from .dataset import image_seed, needs_folder, write_image_atomic
-    from .images import match_channels, read_image
+    from posterior_diff.apps.dataset import image_seed, needs_folder, write_image_atomic
+    from posterior_diff.images import match_channels, read_image
+    from posterior_diff.restore import restore
 
     source = Path(args.input[0])
     if args.reference is not None:
@@ -169,7 +170,7 @@ def _restore_file(args) -> int:
 
 
 def _train(args) -> int:
-    from .training import TrainingConfig, train
+    from posterior_diff.training.score_matching import TrainingConfig, train
 
     config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, channels=args.channels)
     out = train(args.data, args.out, config, resume=args.resume)

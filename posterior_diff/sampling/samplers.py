@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checks import choice, number_in, positive_int
-from .denoisers import Denoiser, randn
-from .time_grids import GRIDS, time_grid
+from posterior_diff.checks import choice, number_in, positive_int
+from posterior_diff.denoisers import Denoiser, randn
+from posterior_diff.sampling.time_grids import GRIDS, time_grid
 
 SOLVERS = ("multistep", "euler", "heun", "pc", "euler_maruyama")
 GAUSSIAN_SOLVERS = ("multistep", "euler")  # a Gaussian transition given D: particle mode can weight them

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from operators.deepinv_interop import deepinv_classes
 
-from .checks import check_sigma_range, positive_int
-from .denoisers import Denoiser, as_time
-from .schedules import GeometricVESchedule
+from posterior_diff.checks import check_sigma_range, positive_int
+from posterior_diff.denoisers import Denoiser, as_time
+from posterior_diff.schedules import GeometricVESchedule
 
 DEEPINV_SIGMA_MIN = 0.002  # half a grey level of an 8-bit image in [0, 1]
 DEEPINV_SIGMA_MAX = 80.0  # hides [0, 1] data; s = 160 in [-1, 1] units, the end of DDPM's schedule

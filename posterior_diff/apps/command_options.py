@@ -1,7 +1,7 @@
 """What the command line's restore needs for a file and for a dataset run alike: its user error,
 the task's forward model, the device, the dtype and the prior named by --model.
 
-`posterior_diff.cli` (one file) and `posterior_diff.dataset` (folders and globs) both build on
+`posterior_diff.apps.cli` (one file) and `posterior_diff.apps.dataset` (folders and globs) both build on
 this module, which imports neither of them.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .ladder import DEFAULT_SWITCH
-from .tasks import MEASURED_TASKS as CLI_TASKS
-from .tasks import TASKS
+from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.tasks import MEASURED_TASKS as CLI_TASKS
+from posterior_diff.tasks import TASKS
 
 NETWORK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --model names that are not folders: the embedded model with FFDNet below the switch (posterior_diff.default_ladder).
@@ -39,7 +39,7 @@ def check_task(task_name: str, mask_path: Path | None) -> None:
 
 def task_operator(task_name: str, sigma_y: float | None, image: torch.Tensor, mask_path: Path | None):
     """The forward model of `task_name` for `image` (C, H, W), with the mask file read for inpainting."""
-    from .images import match_channels, read_image
+    from posterior_diff.images import match_channels, read_image
 
     check_task(task_name, mask_path)
     task = TASKS[task_name]
@@ -73,10 +73,10 @@ def check_dtype(name: str) -> None:
 def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
     """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
     named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`)."""
-    from .models import DEFAULT_MODEL_DIR, default_model, load_model
+    from posterior_diff.models.loading import DEFAULT_MODEL_DIR, default_model, load_model
 
     if model in NAMED_MODELS:
-        from .ladder import default_ladder
+        from posterior_diff.models.ladder import default_ladder
 
         embedded = default_model() if dtype == "float32" else load_model(DEFAULT_MODEL_DIR,
                                                                          torch_dtype=NETWORK_DTYPES[dtype])

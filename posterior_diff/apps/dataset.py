@@ -43,12 +43,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .command_options import UsageError, check_task, load_network, pick_device, task_operator
-from .images import IMAGE_SUFFIXES, match_channels, read_image, write_image
-from .files import TEMPORARY, atomic_write, write_text_atomic
-from .restore import placed, restore_batch
-from .samplers import NonFiniteSampleError
-from .tasks import TASKS
+from posterior_diff.apps.command_options import UsageError, check_task, load_network, pick_device, task_operator
+from posterior_diff.files import TEMPORARY, atomic_write, write_text_atomic
+from posterior_diff.images import IMAGE_SUFFIXES, match_channels, read_image, write_image
+from posterior_diff.restore import placed, restore_batch
+from posterior_diff.sampling.samplers import NonFiniteSampleError
+from posterior_diff.tasks import TASKS
 
 MANIFEST, METRICS, SUMMARY = "manifest.json", "metrics.csv", "summary.txt"
 PART = ".posterior-diff-process-{}.json"  # one process's records, merged by process 0
@@ -334,7 +334,8 @@ def score(job: Job, reference: Path) -> dict:
     except (ValueError, FileNotFoundError) as error:
         print(f"posterior-diff restore: no score for {job.name}: {error}", file=sys.stderr)
         return {"name": job.name, "error": str(error)}
-    from .evaluation import psnr_ssim  # scikit-image's metrics, loaded only when there is a reference
+    # scikit-image's metrics, loaded only when there is a reference
+    from posterior_diff.evaluation.harness import psnr_ssim
 
     psnr, ssim = psnr_ssim(output, truth)
     return {"name": job.name, "psnr": psnr, "ssim": ssim}
@@ -375,7 +376,7 @@ def write_report(folder: Path, scores: list[dict]) -> dict:
 def write_manifest(folder: Path, settings: dict, run: dict, images: list[dict] | None = None,
                    metrics: dict | None = None) -> None:
     """The run's record: settings, how it ran, and each image's seed and status."""
-    from . import __version__
+    from posterior_diff.version import __version__
 
     counts = {status: sum(line["status"] == status for line in images or [])
               for status in ("restored", "existing", "failed")}

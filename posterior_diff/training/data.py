@@ -287,7 +287,7 @@ def held_out_signatures() -> dict[str, dict]:
     {"sha256", "signature"}."""
     from skimage import data
 
-    from .evaluation import HELD_OUT
+    from posterior_diff.evaluation.harness import HELD_OUT
 
     found = {}
     for name in HELD_OUT:

@@ -45,11 +45,13 @@ from torch import Tensor
 
 from operators import LinearOperator
 
-from .checks import choice, number_in, positive_int
-from .denoisers import Denoiser, randn
-from .guidance import EXACT_LOG_DET_MAX, AveragedLikelihoodGuidance, Guided, GuidanceSettings, tweedie_spectrum
-from .samplers import (GAUSSIAN_SOLVERS, EulerSolver, GridPoint, SamplerSettings, Transition, exponential_transition,
-                       grid_points, make_solver, placement, progress_bar, start_sample)
+from posterior_diff.checks import choice, number_in, positive_int
+from posterior_diff.denoisers import Denoiser, randn
+from posterior_diff.sampling.guidance import (EXACT_LOG_DET_MAX, AveragedLikelihoodGuidance, Guided, GuidanceSettings,
+                                              tweedie_spectrum)
+from posterior_diff.sampling.samplers import (GAUSSIAN_SOLVERS, EulerSolver, GridPoint, SamplerSettings, Transition,
+                                              exponential_transition, grid_points, make_solver, placement, progress_bar,
+                                              start_sample)
 
 PROPOSALS = ("auto", "guided", "conditioned")
 
