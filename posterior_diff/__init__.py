@@ -6,6 +6,10 @@
     results = restore_batch([y1, y2], SuperResolution(2, sigma_y=0.05), prior, generator=[g1, g2])  # one per y
 """
 
+# `posterior_diff.ladder` is both a function (below) and an old module path (a deprecated shim, see
+# posterior_diff/_moved.py). Loading the shim first keeps the name on the function: the import of a
+# submodule binds its name in the package, so a shim imported later would take it over.
+import posterior_diff.ladder as _old_ladder_path  # noqa: F401
 from posterior_diff.denoisers import Denoiser, ModuleDenoiser
 from posterior_diff.models.deepinv_prior import DeepinvPrior, from_deepinv_denoiser
 from posterior_diff.models.ffdnet_prior import ffdnet
@@ -20,6 +24,8 @@ from posterior_diff.sampling.time_grids import GRIDS, time_grid
 from posterior_diff.schedules import (DiscreteSchedule, GeometricVESchedule, RectifiedFlow, Schedule, SubVPSchedule,
                                       VESchedule, VPSchedule)
 from posterior_diff.version import __version__
+
+del _old_ladder_path
 
 __all__ = [
     "restore",
