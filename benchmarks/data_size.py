@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 import posterior_diff
-from posterior_diff.training import CHECKPOINT, TrainingConfig, load_checkpoint
-from posterior_diff.training_data import VALIDATION_FILES, as_tensors, gather_photographs, split_validation
+from posterior_diff.training.data import VALIDATION_FILES, as_tensors, gather_photographs, split_validation
+from posterior_diff.training.score_matching import CHECKPOINT, TrainingConfig, load_checkpoint
 
 from .reporting import ResultCache, markdown_table, write_report
 from .training_curve import (DETAIL_TIMESTEPS, VALIDATION_TASKS, Model, add_scoring_options, centre_crops, dsm_loss,

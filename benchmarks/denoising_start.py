@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from posterior_diff import default_model, restore
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
-from posterior_diff.metrics import calibrated_coverage, coverage_within_two_std
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
 
 from .peers import run_peer
 from .reporting import embedded_model, log_row, markdown_table, write_report

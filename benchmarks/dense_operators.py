@@ -1,7 +1,7 @@
 """The exactness study's three Gaussian problems through a dense `MatrixOperator`: seconds and errors.
 
 A user with a forward model that has no structure writes it as a matrix. This benchmark takes
-the three tasks of `posterior_diff.problems.gaussian_image_problems()` (8x8 Gaussian image prior;
+the three tasks of `posterior_diff.evaluation.problems.gaussian_image_problems()` (8x8 Gaussian image prior;
 inpainting, 2x super-resolution, denoising), writes each operator as its dense (m, 64) matrix,
 and restores the flattened measurement on the flattened prior with the Tweedie covariance,
 N = 2000 samples, 100 steps, from the prior. The structured operator's run is the reference: both
@@ -32,8 +32,8 @@ import torch
 
 from operators import MatrixOperator
 from posterior_diff import GaussianPrior, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors
-from posterior_diff.problems import GaussianProblem, gaussian_image_problems
+from posterior_diff.evaluation.metrics import exact_sample_floor, gaussian_errors
+from posterior_diff.evaluation.problems import GaussianProblem, gaussian_image_problems
 
 from .reporting import log_row, markdown_table, write_report
 

@@ -13,7 +13,7 @@
 
 Every study returns rows (dataclasses); `python -m benchmarks.run_benchmarks` runs them and
 turns them into docs/benchmarks.md. A run that diverges (the rule of
-`posterior_diff.evaluation.has_diverged`) is a row without errors.
+`posterior_diff.evaluation.harness.has_diverged`) is a row without errors.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 
 from posterior_diff import COVARIANCES, NonFiniteSampleError
-from posterior_diff.evaluation import DIVERGED, has_diverged, posterior_distance, restore_unless_diverged, single_precision
-from posterior_diff.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors, interval_coverage
-from posterior_diff.problems import gaussian_image_problems, mixture_problem
+from posterior_diff.evaluation.harness import (DIVERGED, has_diverged, posterior_distance, restore_unless_diverged,
+                                               single_precision)
+from posterior_diff.evaluation.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors, interval_coverage
+from posterior_diff.evaluation.problems import gaussian_image_problems, mixture_problem
 
 from .peers import run_peer
 from .reporting import log_row

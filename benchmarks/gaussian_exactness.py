@@ -3,7 +3,7 @@
 With a Gaussian prior and a linear operator the posterior N(m, C) is known exactly, and with
 the Tweedie covariance the averaged-likelihood guidance is exact too (THEORY section 5): what
 remains is the error of the time discretisation and of the conjugate gradient. This script
-measures it on the three tasks of `posterior_diff.problems.gaussian_image_problems()` (an 8x8
+measures it on the three tasks of `posterior_diff.evaluation.problems.gaussian_image_problems()` (an 8x8
 Gaussian image prior observed by inpainting, 2x super-resolution and denoising).
 
 For N samples from `posterior_diff.restore` it reports, against N(m, C):
@@ -14,7 +14,7 @@ For N samples from `posterior_diff.restore` it reports, against N(m, C):
 - tr ratio    tr cov(samples) / tr C, whether a sampler shrinks (< 1) or inflates (> 1) the spread;
 
 the first three both raw and divided by the exact-sample floor (the same errors for N exact draws from N(m, C),
-`posterior_diff.metrics.exact_sample_floor`), so a ratio near 1 means "as good as exact
+`posterior_diff.evaluation.metrics.exact_sample_floor`), so a ratio near 1 means "as good as exact
 sampling at this N". Each cell is averaged over `--seeds` sampler seeds. NFE counts denoiser
 calls on the batch of N samples, VJPs the vector-Jacobian products the guidance spent on it.
 
@@ -22,7 +22,7 @@ Table 1 crosses the covariance V_t of the averaged likelihood ("zero", "isotropi
 "diagonal", "tweedie") with the noise level eta (0 = probability-flow ODE, 1 = reverse SDE) for
 the default solver. Table 2 compares the solvers with the Tweedie covariance over 20, 50 and 100
 steps on super-resolution and denoising. A cell where any seed diverges (the rule of
-`posterior_diff.evaluation.has_diverged`: NonFiniteSampleError, non-finite samples, or samples
+`posterior_diff.evaluation.harness.has_diverged`: NonFiniteSampleError, non-finite samples, or samples
 beyond DIVERGENCE_BOUND in absolute value) is reported as "diverged".
 
 Run from the repository root (the default run takes about eight minutes on two CPU cores):
@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 from posterior_diff import COVARIANCES, restore
-from posterior_diff.evaluation import DIVERGED, DIVERGENCE_BOUND, restore_unless_diverged
-from posterior_diff.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors, trace_ratio
-from posterior_diff.problems import GaussianProblem, gaussian_image_problems
+from posterior_diff.evaluation.harness import DIVERGED, DIVERGENCE_BOUND, restore_unless_diverged
+from posterior_diff.evaluation.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors, trace_ratio
+from posterior_diff.evaluation.problems import GaussianProblem, gaussian_image_problems
 
 from .reporting import log_row, markdown_table, write_report
 
@@ -216,7 +216,7 @@ def introduction(args: argparse.Namespace) -> str:
     """What was measured and how (the paragraph under the title)."""
     return (
         "Posterior samples from `posterior_diff.restore` on an 8x8 Gaussian image prior "
-        "(`posterior_diff.problems.gaussian_image_problems()`), compared with the closed-form posterior N(m, C). "
+        "(`posterior_diff.evaluation.problems.gaussian_image_problems()`), compared with the closed-form posterior N(m, C). "
         "mean err = ||mean - m|| / sqrt(tr C); cov err = ||cov - C||_F / ||C||_F; W2 = Gaussian 2-Wasserstein "
         "distance between the samples' moments and N(m, C). The `/floor` columns divide by the same errors of "
         "N exact posterior draws (1 = as good as exact sampling). tr ratio = tr cov(samples) / tr C: below 1 the sampler "

@@ -1,7 +1,7 @@
 """Image benchmark: the default diffusion prior on held-out photographs, against classical baselines.
 
 The four scikit-image photographs the embedded model never saw in training
-(`posterior_diff.evaluation.HELD_OUT_PHOTOGRAPHS`: astronaut, camera, coffee, chelsea; camera is
+(`posterior_diff.evaluation.harness.HELD_OUT_PHOTOGRAPHS`: astronaut, camera, coffee, chelsea; camera is
 grey, repeated to three channels) are shrunk by --downscale (antialiased) and centre-cropped to
 --size pixels per side. Each is measured once per task of `posterior_diff.tasks` (sr4, sr4-bicubic,
 box, random, denoise by default; the task table gives each forward model and sigma_y, in
@@ -9,7 +9,7 @@ box, random, denoise by default; the task table gives each forward model and sig
 --covariances.
 
 Reported per run: PSNR and SSIM (scikit-image, data_range=1) of the task's reference baseline
-(`Task.baseline`: bicubic upsampling, the biharmonic fill, BM3D; `posterior_diff.evaluation`),
+(`Task.baseline`: bicubic upsampling, the biharmonic fill, BM3D; `posterior_diff.evaluation.harness`),
 of the posterior mean and of one posterior sample; the gain in dB of the mean over the baseline;
 the calibration of the posterior std, as the fraction of entries (pixels x channels) with
 |mean - truth| <= 2 std and the average std; the network forward evaluations (NFE),
@@ -47,11 +47,11 @@ from torch import Tensor
 import posterior_diff
 from posterior_diff import Denoiser, default_model, load_model
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation import (DIVERGED, DIVERGENCE_BOUND, HELD_OUT_PHOTOGRAPHS, SIMULATED_TASKS, Measurement, baselines,
-                                       display_std, load_photograph, measure, nearest_upsample, psnr_ssim,
-                                       restore_unless_diverged)
+from posterior_diff.evaluation.harness import (DIVERGED, DIVERGENCE_BOUND, HELD_OUT_PHOTOGRAPHS, SIMULATED_TASKS,
+                                               Measurement, baselines, display_std, load_photograph, measure,
+                                               nearest_upsample, psnr_ssim, restore_unless_diverged)
+from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
 from posterior_diff.images import save_panels
-from posterior_diff.metrics import calibrated_coverage, coverage_within_two_std
 from posterior_diff.tasks import get_task
 
 from .reporting import embedded_model, markdown_table, write_report
@@ -298,7 +298,7 @@ def introduction(args: argparse.Namespace) -> str:
         f"of the averaged likelihood; {args.samples} samples per run, {args.steps} steps of the default sampler, "
         f"Tweedie conjugate gradient capped at {args.cg_max_iter} iterations. PSNR (dB) and SSIM from "
         "`skimage.metrics` with data_range = 1. `baseline` is the task's reference classical estimate the gain is "
-        "measured against (`posterior_diff.evaluation.baselines`: bicubic upsampling of y for super-resolution, a "
+        "measured against (`posterior_diff.evaluation.harness.baselines`: bicubic upsampling of y for super-resolution, a "
         "biharmonic fill of the holes for inpainting, BM3D for denoising; all clipped to [0, 1]). `mean` is the "
         "posterior mean, `sample` the first posterior sample. `cover 2 std` is the fraction of entries with "
         f"|mean - truth| <= 2 std, `avg std` the average posterior std; calibrated posterior samples reach a coverage of "
@@ -308,7 +308,7 @@ def introduction(args: argparse.Namespace) -> str:
         f"{calibrated_coverage(args.samples, exact_mean=True):.3f}. NFE = denoiser evaluations and VJPs = vector-Jacobian products per "
         "run (on the batch of samples), s = seconds of sampling per run. \"diverged\" = the sampler raised "
         f"NonFiniteSampleError or returned non-finite samples or samples beyond {DIVERGENCE_BOUND:g} "
-        "(`posterior_diff.evaluation.has_diverged`)."
+        "(`posterior_diff.evaluation.harness.has_diverged`)."
     )
 
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
-        model, model_name = default_model(), f"the embedded default model (`posterior_diff/default_model`: {embedded_model()})"
+        model, model_name = default_model(), f"the embedded default model (`posterior_diff/models/default_model`: {embedded_model()})"
     else:
         model, model_name = load_model(args.model), f"`{args.model}`"
     start = time.perf_counter()

@@ -4,7 +4,7 @@ Part 4 of `python -m benchmarks.run_benchmarks` (run it alone with `--skip gauss
 Both families use one model (the embedded default unless told otherwise): ours through
 `restore()`, deepinv's methods through `Denoiser.to_deepinv()` (see `peers`). Each gets `steps`
 network evaluations per sample. The photographs, tasks, noise levels and classical baselines
-are those of `posterior_diff.evaluation` (scikit-image photographs held out of the model's
+are those of `posterior_diff.evaluation.harness` (scikit-image photographs held out of the model's
 training). Reported per run: PSNR / SSIM of the posterior mean (scikit-image, data_range = 1),
 NFE, seconds and peak memory (`reporting.PeakMemory`: CUDA peak allocation, or growth of the
 peak resident set on the CPU). A run that diverges (`evaluation.has_diverged`) is a row noted
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from posterior_diff import Denoiser
-from posterior_diff.evaluation import (DIVERGED, Measurement, baselines, has_diverged, load_photograph, measure, psnr_ssim,
-                                       restore_unless_diverged)
+from posterior_diff.evaluation.harness import (DIVERGED, Measurement, baselines, has_diverged, load_photograph, measure,
+                                               psnr_ssim, restore_unless_diverged)
 
 from .peers import run_peer
 from .reporting import PeakMemory, log_row

@@ -33,9 +33,9 @@ import torch
 
 from posterior_diff import default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
 from posterior_diff.images import match_channels, read_image
-from posterior_diff.training_data import VALIDATION_FILES
+from posterior_diff.training.data import VALIDATION_FILES
 
 from .reporting import (TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row,
                         markdown_table, write_report)

@@ -1,6 +1,6 @@
 """Cost of each model family: seconds per network forward and per restore step, on this machine.
 
-For every format `posterior_diff.load_model` reads (posterior_diff/model_formats.py) this times a
+For every format `posterior_diff.load_model` reads (posterior_diff/models/formats.py) this times a
 UNet2DModel with the published architecture at its native size, with random weights (the cost
 does not depend on the weights):
 
@@ -43,7 +43,7 @@ import torch
 
 from operators import SuperResolution
 from posterior_diff import NonFiniteSampleError, restore
-from posterior_diff.model_formats import denoiser_from_diffusers
+from posterior_diff.models.formats import denoiser_from_diffusers
 
 from .reporting import log_row, markdown_table, number, write_report
 

@@ -17,7 +17,7 @@
 3. Images with the embedded model: PSNR of the posterior mean with small K against the plain
    sampler given the same total network evaluations (K x steps).
 
-A run that diverges (`posterior_diff.evaluation.has_diverged`) is reported as "diverged".
+A run that diverges (`posterior_diff.evaluation.harness.has_diverged`) is reported as "diverged".
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from posterior_diff import GaussianMixturePrior, VPSchedule, default_model, sample
-from posterior_diff.evaluation import (DIVERGED, load_photograph, measure, posterior_distance, psnr_ssim,
+from posterior_diff.evaluation.harness import (DIVERGED, load_photograph, measure, posterior_distance, psnr_ssim,
                                        restore_unless_diverged, single_precision)
-from posterior_diff.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors
-from posterior_diff.problems import gaussian_image_problems, mixture_problem
+from posterior_diff.evaluation.metrics import ERROR_KEYS, exact_sample_floor, gaussian_errors
+from posterior_diff.evaluation.problems import gaussian_image_problems, mixture_problem
 
 from .reporting import log_row, markdown_table, number, write_report
 

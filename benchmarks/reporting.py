@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import posterior_diff
-from posterior_diff.evaluation import DIVERGED
+from posterior_diff.evaluation.harness import DIVERGED
 from posterior_diff.files import write_text_atomic
-from posterior_diff.models import DEFAULT_MODEL_DIR
-from posterior_diff.training import total_steps
+from posterior_diff.models.loading import DEFAULT_MODEL_DIR
+from posterior_diff.training.score_matching import total_steps
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Mean PSNRs this close to the best are a tie (below the noise of a 4-image mean): the cheaper setting wins.

@@ -7,7 +7,7 @@
 Parts (each can be skipped): Gaussian priors with exact posteriors and calibration, the MCGdiff
 Gaussian mixture (both measured by `exact_posteriors.py`), images with the embedded model
 (`images_vs_deepinv.py`). `peers.py` says how deepinv's methods are run. A run that diverges
-(`posterior_diff.evaluation.has_diverged`) is reported as "diverged".
+(`posterior_diff.evaluation.harness.has_diverged`) is reported as "diverged".
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from posterior_diff import default_model, load_model
-from posterior_diff.evaluation import DIVERGED
-from posterior_diff.metrics import ERROR_KEYS
+from posterior_diff.evaluation.harness import DIVERGED
+from posterior_diff.evaluation.metrics import ERROR_KEYS
 
 from .exact_posteriors import GaussianRow, Method, MixtureRow, gaussian_study, mixture_study
 from .images_vs_deepinv import ImageRow, image_study
@@ -227,7 +227,7 @@ def gaussian_part(settings: dict, out: Path) -> tuple[list[str], list[str]]:
     floor_rows = [[task, *(f"{floor[k]:.4f}" for k in ERROR_KEYS)] for task, floor in floors.items()]
     return [
         "## 1. Gaussian priors with exact posteriors",
-        f"The three tasks of `posterior_diff.problems.gaussian_image_problems()` (8x8 Gaussian image prior), "
+        f"The three tasks of `posterior_diff.evaluation.problems.gaussian_image_problems()` (8x8 Gaussian image prior), "
         f"{settings['gaussian_samples']} samples per run, sampled in float32 by both families. Errors are divided by those of "
         "as many exact posterior draws (the floor; 1.00 = as good as exact sampling). Ours: `restore()` with the default "
         "solver; deepinv: see the method list below.",
@@ -253,7 +253,7 @@ def mixture_part(settings: dict) -> tuple[list[str], list[str]]:
     table, verdicts = mixture_table(rows)
     return [
         "## 3. The MCGdiff Gaussian mixture",
-        f"`posterior_diff.problems.mixture_problem(d, d_y, seed)` (Cardoso et al. 2023): 25 components, "
+        f"`posterior_diff.evaluation.problems.mixture_problem(d, d_y, seed)` (Cardoso et al. 2023): 25 components, "
         f"{settings['mixture_samples']} samples, {settings['mixture_steps']} steps, seeds {settings['seeds']}. Sliced "
         "Wasserstein distance (1000 directions) to as many exact posterior draws, divided by the floor (the distance "
         "between two independent exact sets), averaged over seeds; seconds per run in brackets. The prior column is "
@@ -273,7 +273,7 @@ def image_part(settings: dict, model_name: str | None, device: str | None) -> tu
         "## 4. Images with the embedded model",
         f"Held-out photographs {', '.join(settings['images'])} (shrunk by {settings['image_downscale']:g}, "
         f"{settings['image_size']}x{settings['image_size']} centre crops), tasks {', '.join(settings['image_tasks'])} "
-        f"(`posterior_diff.evaluation`, as in `image_restoration.py`); posterior mean of {settings['image_samples']} "
+        f"(`posterior_diff.evaluation.harness`, as in `image_restoration.py`); posterior mean of {settings['image_samples']} "
         f"samples, {settings['image_steps']} network evaluations per sample for every method, the same model for all "
         "(deepinv's through `Denoiser.to_deepinv()`). Averages over the photographs; the first row of each task is its "
         "reference classical baseline (`Task.baseline`). peak MB: growth of peak resident memory during the run (CPU) "

@@ -55,7 +55,7 @@ import torch
 import posterior_diff
 from posterior_diff import DEFAULT_MODEL_DIR, Denoiser, default_model, load_model
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 
 from .images_vs_deepinv import ImageRow, ours_row, peer_row
 from .peers import run_peer

@@ -51,9 +51,9 @@ from pathlib import Path
 import torch
 
 from posterior_diff import Denoiser, default_model, restore, restore_batch
-from posterior_diff.dataset import MANIFEST, image_seed
+from posterior_diff.apps.dataset import MANIFEST, image_seed
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, photograph, psnr_ssim
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, photograph, psnr_ssim
 from posterior_diff.images import read_image, write_image
 from posterior_diff.restore import plan_runs
 from posterior_diff.tasks import TASKS

@@ -9,7 +9,7 @@
    smaller than the uniform one by its weights, so compare rows within one run, not across.
 2. The DSM loss (uniform noise-prediction MSE, the same crops and noise for every model) at fixed
    timesteps, of the shipped model and each run's latest snapshot, on three groups of
-   photographs: the training photographs (`posterior_diff.training_data`, crops shrunk as in
+   photographs: the training photographs (`posterior_diff.training.data`, crops shrunk as in
    training), the validation photographs (`training_data.VALIDATION_FILES`, kept out of
    training, shrunk to a 256-pixel short side like the evaluation's halved photographs) and the
    four held-out evaluation photographs (halved, 128x128 centre crops, as the image benchmark
@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 
 import posterior_diff
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
 from posterior_diff.images import match_channels, to_model_range
-from posterior_diff.model_formats import denoiser_from_diffusers
-from posterior_diff.models import DEFAULT_MODEL_DIR
-from posterior_diff.training import (CHECKPOINT, SNAPSHOTS, RandomCrops, TrainingConfig, build_scheduler, load_checkpoint,
-                                     load_snapshot, start_model_steps, total_steps)
+from posterior_diff.models.formats import denoiser_from_diffusers
+from posterior_diff.models.loading import DEFAULT_MODEL_DIR
+from posterior_diff.training.score_matching import (CHECKPOINT, SNAPSHOTS, RandomCrops, TrainingConfig, build_scheduler,
+                                                    load_checkpoint, load_snapshot, start_model_steps, total_steps)
 
 from .reporting import ResultCache, embedded_model, markdown_table, write_report
 
@@ -114,7 +114,7 @@ def package_photographs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(training, validation) photographs from the installed packages: the training ones as
     uint8 (C, H, W) at full size (C = 1 for grey), the validation ones as float (3, H, W) in
     [-1, 1], shrunk (antialiased) to a SHORT_SIDE short side."""
-    from posterior_diff.training_data import as_tensors, gather_photographs, split_validation
+    from posterior_diff.training.data import as_tensors, gather_photographs, split_validation
 
     training, validation = split_validation(gather_photographs(install=False))
     return as_tensors(training), validation_tensors(validation)
@@ -123,7 +123,7 @@ def package_photographs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def validation_tensors(photographs) -> list[torch.Tensor]:
     """Validation photographs (training_data.Photograph) as float (3, H, W) in [-1, 1], shrunk
     (antialiased) to a SHORT_SIDE short side."""
-    from posterior_diff.training_data import as_tensors
+    from posterior_diff.training.data import as_tensors
 
     return [shrink_to_short_side(match_channels(image.float() / 127.5 - 1, 3)) for image in as_tensors(photographs)]
 

@@ -30,10 +30,10 @@ import torch
 
 from posterior_diff import default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
-from posterior_diff.guidance import AveragedLikelihoodGuidance, GuidanceSettings
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
 from posterior_diff.images import measurement_to_model_units
-from posterior_diff.samplers import SamplerSettings, run_sampler
+from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance, GuidanceSettings
+from posterior_diff.sampling.samplers import SamplerSettings, run_sampler
 
 from .reporting import ResultCache, comma_numbers, embedded_model, log_row, markdown_table, write_report
 

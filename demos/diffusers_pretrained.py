@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from posterior_diff import DEFAULT_MODEL_DIR, PosteriorSamplingPipeline
-from posterior_diff.models import ModelLoadError, resolve_model_folder
+from posterior_diff.models.loading import ModelLoadError, resolve_model_folder
 
 from super_resolution import add_experiment_arguments, report, x4_measurement
 

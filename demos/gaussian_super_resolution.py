@@ -38,7 +38,7 @@ from skimage.util import view_as_windows
 from operators import SuperResolution
 from posterior_diff import GaussianPrior, restore
 from posterior_diff.defaults import EXACT_DEFAULTS
-from posterior_diff.evaluation import bicubic_upsample, nearest_upsample, photograph, psnr_ssim
+from posterior_diff.evaluation.harness import bicubic_upsample, nearest_upsample, photograph, psnr_ssim
 from posterior_diff.images import save_panels
 from posterior_diff.tasks import get_task
 

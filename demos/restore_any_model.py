@@ -1,7 +1,7 @@
 """x4 super-resolution of a held-out photograph with any diffusers model folder.
 
 Loads the model with `posterior_diff.load_model`, whichever family it is (DDPM, ADM with learned
-variance, score-SDE VE, EDM; see posterior_diff/model_formats.py), says what the loader read
+variance, score-SDE VE, EDM; see posterior_diff/models/formats.py), says what the loader read
 (family, data range, time axis), simulates the "sr4" measurement y = A x + sigma_y n of a
 centre crop of a scikit-image photograph held out of the embedded model's training (4x4
 average pooling, sigma_y = 0.025 in [0, 1] units), restores it and prints the PSNR of bicubic
@@ -22,7 +22,8 @@ import time
 import torch
 
 from posterior_diff import DEFAULT_MODEL_DIR, ModelLoadError, load_model, restore
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, bicubic_upsample, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.harness import (HELD_OUT_PHOTOGRAPHS, bicubic_upsample, load_photograph, measure,
+                                               psnr_ssim)
 from posterior_diff.tasks import get_task
 
 TASK = get_task("sr4")

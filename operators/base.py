@@ -215,10 +215,13 @@ class LinearOperator(nn.Module):
         return clone
 
     def to_deepinv(self):
-        """This operator as a `deepinv.physics.LinearPhysics` (same A, A^T and sigma_y; needs deepinv)."""
-        from .deepinv_interop import to_deepinv
+        """This operator as a `deepinv.physics.LinearPhysics` calling its A and A^T, with Gaussian
+        noise sigma_y (needs deepinv). An operator that wraps a physics (`DeepinvOperator`) gives
+        that physics back."""
+        import deepinv
 
-        return to_deepinv(self)
+        return deepinv.physics.LinearPhysics(A=self.A, A_adjoint=self.A_adjoint,
+                                             noise_model=deepinv.physics.GaussianNoise(sigma=self.sigma_y))
 
     # -- helpers ------------------------------------------------------------------------
     def to_matrix(self, x_shape: Sequence[int], *, dtype: torch.dtype = torch.float64) -> Tensor:

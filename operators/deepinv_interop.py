@@ -101,16 +101,9 @@ def from_deepinv(physics) -> DeepinvOperator:
 
 
 def to_deepinv(operator: LinearOperator):
-    """A deepinv `LinearPhysics` with A, A^T and Gaussian noise sigma_y taken from `operator`: deepinv's
-    own physics where the operator names one (`Blur.to_deepinv`: deepinv's circular Blur), else a
-    `LinearPhysics` calling the operator's A and A^T."""
-    import deepinv
-
-    if type(operator).to_deepinv is not LinearOperator.to_deepinv:  # the operator's own mapping
-        return operator.to_deepinv()
-    return deepinv.physics.LinearPhysics(
-        A=operator.A, A_adjoint=operator.A_adjoint, noise_model=deepinv.physics.GaussianNoise(sigma=operator.sigma_y)
-    )
+    """A deepinv `LinearPhysics` with A, A^T and Gaussian noise sigma_y taken from `operator`
+    (`LinearOperator.to_deepinv`; the wrapped physics itself for a `DeepinvOperator`)."""
+    return operator.to_deepinv()
 
 
 def as_operator(operator) -> LinearOperator:

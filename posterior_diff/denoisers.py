@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from operators import per_sample
 
-from .images import noise_from_model_units
-from .schedules import DiscreteSchedule, Schedule
+from posterior_diff.images import from_model_range, noise_from_model_units, to_model_range
+from posterior_diff.schedules import DiscreteSchedule, Schedule
 
 PREDICTIONS = {
     "epsilon": "epsilon",
@@ -145,10 +145,37 @@ class Denoiser(nn.Module):
         sigma = per_sample(self.schedule.sigma(t), x_t)
         return score_from_x0(x_t, self(x_t, t), alpha, sigma)
 
+    def at_noise_level(self, x: Tensor, sigma: Tensor, clip: bool = True) -> Tensor:
+        """E[x_0 | x] for x = x_0 + sigma n, the variance-exploding view deepinv's denoisers take:
+        x of shape (B, *event) and the estimate in [0, 1] image units for an image model (clamped
+        to [0, 1] when `clip`), in the prior's own units otherwise; sigma a (B,) tensor in those units.
+
+        With x_model = low + w x, w = high - low, the noisy point is x_model + w sigma n, a noise
+        ratio sigma_t / alpha_t = w sigma (= sigma without a data range). So this finds the time t
+        with that ratio (clamped to the schedule's ends t_min, t_max), scales x_t = alpha_t x_model,
+        and maps E[x_0 | x_t] back to [0, 1]. E[x_0 | x] of images in [0, 1] lies in [0, 1], and
+        the guidance projects its corrected mean onto the data range the same way.
+        """
+        image_model = self.data_range is not None
+        width = self.data_range[1] - self.data_range[0] if image_model else 1.0
+        schedule = self.schedule
+        t = schedule.time_for_ratio((width * sigma).cpu()).clamp(float(schedule.t_min), float(schedule.t_max))
+        t = t.to(device=x.device, dtype=x.dtype)
+        alpha = schedule.alpha(t).reshape(-1, *[1] * (x.dim() - 1))
+        # deepinv hands over float32; analytic priors may be float64: compute in the model's dtype.
+        dtype = self.sampling_dtype()
+        x_model = (to_model_range(x, self.data_range) if image_model else x).to(dtype)
+        denoised = self(alpha.to(dtype) * x_model, t.to(dtype))
+        if not image_model:
+            return denoised.to(x.dtype)
+        denoised = from_model_range(denoised, self.data_range)
+        return (denoised.clamp(0, 1) if clip else denoised).to(x.dtype)
+
     def to_deepinv(self, clip: bool = True):
         """This denoiser as a `deepinv.models.Denoiser` (VE noise, [0, 1] units for image models,
-        clamped to [0, 1] when `clip`; see posterior_diff.deepinv_denoiser). Needs deepinv."""
-        from .deepinv_denoiser import DeepinvDenoiser
+        clamped to [0, 1] when `clip`): `at_noise_level` behind deepinv's `D(x, sigma)`
+        (posterior_diff.deepinv_denoiser). Needs deepinv."""
+        from posterior_diff.deepinv_denoiser import DeepinvDenoiser
 
         return DeepinvDenoiser(self, clip)
 

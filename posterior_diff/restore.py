@@ -50,19 +50,20 @@ from torch import Tensor, nn
 from operators import LinearOperator, as_operator, stack_operators
 from operators.base import AUTO, check_sigma_y
 
-from .checks import choice, positive_int
-from .defaults import defaults_for
-from .deepinv_prior import from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object, not_a_deepinv_denoiser
-from .denoisers import Denoiser
-from .guidance import AveragedLikelihoodGuidance, CGTruncatedWarning, GuidanceSettings
-from .images import (from_model_range, measurement_to_model_units, noise_from_model_units, noise_to_model_units,
-                     to_image_tensor)
-from .memory import plan_memory
-from .models import default_model, load_model
-from .noise_estimate import SigmaYEstimate, resolve_auto
-from .particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
-from .samplers import NoiseSource, SamplerSettings, run_sampler
-from .time_grids import time_grid
+from posterior_diff.checks import choice, positive_int
+from posterior_diff.defaults import defaults_for
+from posterior_diff.denoisers import Denoiser
+from posterior_diff.images import (from_model_range, measurement_to_model_units, noise_from_model_units,
+                                   noise_to_model_units, to_image_tensor)
+from posterior_diff.memory import plan_memory
+from posterior_diff.models.deepinv_prior import (from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object,
+                                                 not_a_deepinv_denoiser)
+from posterior_diff.models.loading import default_model, load_model
+from posterior_diff.noise_estimate import SigmaYEstimate, resolve_auto
+from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance, CGTruncatedWarning, GuidanceSettings
+from posterior_diff.sampling.particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
+from posterior_diff.sampling.samplers import NoiseSource, SamplerSettings, run_sampler
+from posterior_diff.sampling.time_grids import time_grid
 
 # A checked generator argument: one generator (or None) for every measurement, or a tuple
 # with one per measurement.
@@ -125,7 +126,7 @@ class Restoration:
         vjps: vector-Jacobian products the guidance spent, each on one such batch.
         seconds: wall-clock time of those sampler runs.
         settings: the checked settings used.
-        ess, resampled, log_evidence: particle mode only (see `posterior_diff.particles`):
+        ess, resampled, log_evidence: particle mode only (see `posterior_diff.sampling.particles`):
             ESS / K after each reweighting, the steps after which the cloud was resampled, and
             the estimate of log p(y) in the model's units (NaN where the twist has no log det).
         cg_truncated: Tweedie conjugate-gradient solves that stopped at the cap

@@ -33,7 +33,7 @@ from benchmarks.model_families import DDPM_CELEBAHQ_256, quick_config  # noqa: E
 from benchmarks.reporting import markdown_table, write_report  # noqa: E402
 from operators import SuperResolution  # noqa: E402
 from posterior_diff import COVARIANCES, NonFiniteSampleError, default_model, restore  # noqa: E402
-from posterior_diff.model_formats import denoiser_from_diffusers  # noqa: E402
+from posterior_diff.models.formats import denoiser_from_diffusers  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

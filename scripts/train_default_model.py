@@ -1,6 +1,6 @@
 """Train the embedded default model: DSM training on photographs from installable packages.
 
-The photographs come from packages, never from a download (`posterior_diff.training_data`):
+The photographs come from packages, never from a download (`posterior_diff.training.data`):
 scikit-image's sample photographs, scikit-learn's sample images, PyWavelets' images and the
 photographs of Debian's desktop-background packages. Missing packages are installed first (pip
 into this environment; apt-get when running as root), unless --no-install-packages. The
@@ -9,7 +9,7 @@ evaluation images are held out (`evaluation.HELD_OUT`: astronaut, camera, coffee
 never used. The run records exactly what it trained on in `OUT/training_data.json` (package,
 version, file, sha256, size of each photograph) and writes a diffusers pipeline folder;
 `--install` then copies its UNet weights (float16 safetensors, at most 30 MB) and configs into
-`posterior_diff/default_model/`, where `restore(y, operator)` finds them.
+`posterior_diff/models/default_model/`, where `restore(y, operator)` finds them.
 
 Recipes (`--recipe`): v2 (all sources, crops of photographs shrunk by 1 to 8, 64x64, a wider UNet
 with attention at 16x16 (20.8 MB in float16), min-SNR-5 weighting, warm-up + cosine learning rate,
@@ -22,7 +22,7 @@ override the recipe's values.
     python scripts/train_default_model.py --out outputs/default_model --install
     python scripts/train_default_model.py --out outputs/default_model --resume   # after an interruption
     python scripts/train_default_model.py --out outputs/v2 --device cuda --max-minutes 9   # a GPU, in slices
-    python scripts/train_default_model.py --out outputs/more --init-from posterior_diff/default_model --steps 5000
+    python scripts/train_default_model.py --out outputs/more --init-from posterior_diff/models/default_model --steps 5000
     python scripts/train_default_model.py --list-data    # only gather and list the photographs
     python scripts/train_default_model.py --export-data outputs/photographs   # for a machine without the packages
     python scripts/train_default_model.py --data outputs/photographs --out outputs/v2 --device cuda
@@ -39,10 +39,11 @@ from pathlib import Path
 
 import torch
 
-from posterior_diff.training import (CHECKPOINT, IMAGE_WEIGHTINGS, LOSS_WEIGHTINGS, LR_SCHEDULES, TrainingConfig,
-                                     build_scheduler, build_unet, find_unet_folder, load_checkpoint, parameter_count,
-                                     resolve_device, total_steps, train)
-from posterior_diff.training_data import as_tensors
+from posterior_diff.training.data import as_tensors
+from posterior_diff.training.score_matching import (CHECKPOINT, IMAGE_WEIGHTINGS, LOSS_WEIGHTINGS, LR_SCHEDULES,
+                                                    TrainingConfig, build_scheduler, build_unet, find_unet_folder,
+                                                    load_checkpoint, parameter_count, resolve_device, total_steps,
+                                                    train)
 
 PACKAGE_MODEL = Path(__file__).resolve().parents[1] / "posterior_diff" / "default_model"
 TRAINING_DATA = "training_data.json"
@@ -72,7 +73,7 @@ CONFIG_OPTIONS = ("steps", "batch_size", "crop_size", "scale_range", "image_weig
 
 def select_sources(names: str):
     """The training_data sources named in a comma list: "all", "pypi", "debian" or package names."""
-    from posterior_diff.training_data import DEBIAN_SOURCES, PYPI_SOURCES, SOURCES
+    from posterior_diff.training.data import DEBIAN_SOURCES, PYPI_SOURCES, SOURCES
 
     chosen = []
     for name in (part.strip() for part in names.split(",") if part.strip()):
@@ -88,7 +89,7 @@ def select_sources(names: str):
 
 def gather(sources: str, install_packages: bool):
     """The photographs of `sources` (see select_sources), and the lines about what was left out."""
-    from posterior_diff.training_data import gather_photographs
+    from posterior_diff.training.data import gather_photographs
 
     notes: list[str] = []
     photographs = gather_photographs(select_sources(sources), install=install_packages, log=notes.append)
@@ -99,7 +100,7 @@ def training_data_record(photographs, notes: list[str], sources: str, config: Tr
     """What training_data.json holds: every photograph (package, version, file, sha256, size), the
     lines about what was left out, the validation photographs kept out of training, the sources
     asked for and the model the run started from."""
-    from posterior_diff.training_data import records, summary
+    from posterior_diff.training.data import records, summary
 
     record = {"sources": sources, "photographs": records(photographs), "left_out": notes,
               "validation": records(validation),
@@ -191,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train on the validation photographs too (training_data.VALIDATION_FILES; by default kept out)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init-from", type=Path, metavar="DIR",
-                        help="start from this model's UNet weights (posterior_diff/default_model, a pipeline or a UNet folder)")
+                        help="start from this model's UNet weights (posterior_diff/models/default_model, a pipeline or a UNet folder)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16"), default="auto",
                         help="bf16 autocast of the UNet (auto: bf16 on CUDA, none on the CPU)")
@@ -199,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--snapshot-every", type=int, metavar="STEPS",
                         help="also keep the EMA weights every STEPS steps in OUT/snapshots (for curves against steps)")
-    parser.add_argument("--install", action="store_true", help="copy the result into posterior_diff/default_model")
+    parser.add_argument("--install", action="store_true", help="copy the result into posterior_diff/models/default_model")
     parser.add_argument("--install-from", type=Path, metavar="DIR",
                         help="only install DIR (a finished run, or one written by --export-checkpoint) into the package")
     parser.add_argument("--export-checkpoint", type=Path, metavar="DIR",
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"this UNet's float16 weights would be {shipped_megabytes(config):.1f} MB, over the "
                          f"{MAX_SHIPPED_MB:g} MB the package ships; make it smaller or drop --install")
     if args.data is not None:  # photographs exported on another machine, checked against their manifest
-        from posterior_diff.training_data import read_exported
+        from posterior_diff.training.data import read_exported
 
         notes: list[str] = []
         photographs, sources = read_exported(args.data, log=notes.append)
@@ -283,14 +284,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{p.package} {p.version}  {p.file}  {p.image.size[0]}x{p.image.size[1]} {p.image.mode}  {p.sha256[:12]}")
         return 0
     if args.export_data is not None:
-        from posterior_diff.training_data import export_photographs
+        from posterior_diff.training.data import export_photographs
 
         export_photographs(photographs, args.export_data, sources)
         print(f"copied {len(photographs)} photographs and their manifest into {args.export_data} (train with --data)")
         return 0
     validation = []
     if not args.include_validation:
-        from posterior_diff import training_data
+        from posterior_diff.training import data as training_data
 
         photographs, validation = training_data.split_validation(photographs, training_data.VALIDATION_FILES)
         print(f"{len(validation)} validation photographs kept out of training")

@@ -23,7 +23,7 @@ import pytest  # noqa: E402  (after the environment above, on purpose)
 import torch  # noqa: E402
 
 from posterior_diff import GaussianPrior  # noqa: E402
-from posterior_diff.metrics import gaussian_errors  # noqa: E402
+from posterior_diff.evaluation.metrics import gaussian_errors  # noqa: E402
 
 # How far from exact a sampler may be and still pass as exact, in the exactness tests:
 # - At 100 steps the reverse SDE's discretisation adds a little to the Monte Carlo error: on the

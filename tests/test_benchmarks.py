@@ -25,7 +25,7 @@ from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
 from operators import Denoising, MatrixOperator, SuperResolution  # noqa: E402
 from posterior_diff import COVARIANCES  # noqa: E402
-from posterior_diff.problems import gaussian_image_problems  # noqa: E402
+from posterior_diff.evaluation.problems import gaussian_image_problems  # noqa: E402
 
 NOT_A_NUMBER = re.compile(r"\b(nan|inf|infinity)\b", re.IGNORECASE)
 NO_VALUE = ("diverged", "n/a")  # how a cell without a number begins (or it is blank)
@@ -311,9 +311,9 @@ def test_training_curve_windows():
 
 
 def test_training_curve_report_scores_every_snapshot_once(tmp_path, monkeypatch):
-    from posterior_diff.models import DEFAULT_MODEL_DIR
-    from posterior_diff.training import TrainingConfig, train
-    from posterior_diff.training_data import VALIDATION_FILES
+    from posterior_diff.models.loading import DEFAULT_MODEL_DIR
+    from posterior_diff.training.data import VALIDATION_FILES
+    from posterior_diff.training.score_matching import TrainingConfig, train
 
     if not all(Path(file).is_file() for file in VALIDATION_FILES):
         pytest.skip("the validation photographs' Debian packages are not installed")
@@ -344,7 +344,7 @@ def fake_photograph(file: str, side: int, seed: int):
     import numpy as np
     from PIL import Image
 
-    from posterior_diff.training_data import Photograph
+    from posterior_diff.training.data import Photograph
 
     pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
     return Photograph("test", file, "0" * 64, Image.fromarray(pixels))
@@ -352,8 +352,8 @@ def fake_photograph(file: str, side: int, seed: int):
 
 def tiny_run(folder: Path, photographs, **changes) -> Path:
     """A 4-step tiny training run on `photographs`, with the training_data.json the script writes."""
-    from posterior_diff.training import TrainingConfig, train
-    from posterior_diff.training_data import as_tensors, records
+    from posterior_diff.training.data import as_tensors, records
+    from posterior_diff.training.score_matching import TrainingConfig, train
 
     settings = dict(steps=4, batch_size=2, crop_size=8, block_out_channels=(8, 16), checkpoint_every=2, warmup_steps=1)
     run = train([image.float() / 127.5 - 1 for image in as_tensors(photographs)], folder,
@@ -363,7 +363,7 @@ def tiny_run(folder: Path, photographs, **changes) -> Path:
 
 
 def test_data_size_report_rows_by_data_and_a_slope_per_doubling(tmp_path, monkeypatch):
-    from posterior_diff.training_data import VALIDATION_FILES
+    from posterior_diff.training.data import VALIDATION_FILES
 
     photographs = [fake_photograph(f"photo{i}", 64, seed=i) for i in range(3)]
     validation = fake_photograph(VALIDATION_FILES[0], 300, seed=9)
@@ -388,10 +388,10 @@ def test_data_size_refuses_runs_that_differ_in_more_than_data(tmp_path, monkeypa
     longer = data_size.run_data(tiny_run(tmp_path / "longer", photographs[:1], steps=6))
     with pytest.raises(ValueError, match="longer differs from first in steps"):
         data_size.comparable_config([first, longer])
-    continued = replace(first, config=replace(first.config, init_from="posterior_diff/default_model"))
+    continued = replace(first, config=replace(first.config, init_from="posterior_diff/models/default_model"))
     with pytest.raises(ValueError, match="trained from scratch"):
         data_size.comparable_config([continued, first])
-    from posterior_diff.training_data import VALIDATION_FILES
+    from posterior_diff.training.data import VALIDATION_FILES
     peeking = replace(first, files=first.files | {("mate-backgrounds", VALIDATION_FILES[0])})
     with pytest.raises(ValueError, match="validation photographs"):
         data_size.comparable_config([first, peeking])

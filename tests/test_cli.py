@@ -1,6 +1,6 @@
 import torch
 
-from posterior_diff.cli import main
+from posterior_diff.apps.cli import main
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.images import read_image, write_image
 
@@ -72,10 +72,11 @@ def test_train_command(tmp_path):
 
 def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monkeypatch):
     """--dtype sets the network's dtype (the sampler state stays float32) and --device where restore samples."""
-    import posterior_diff
+    import importlib
 
+    restore_module = importlib.import_module("posterior_diff.restore")  # posterior_diff.restore is the function
     seen = {}
-    real_restore = posterior_diff.restore
+    real_restore = restore_module.restore
 
     def spy(y, operator, model, **options):
         seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"],
@@ -84,7 +85,7 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
         seen["samples"] = result.samples.dtype
         return result
 
-    monkeypatch.setattr(posterior_diff, "restore", spy)
+    monkeypatch.setattr(restore_module, "restore", spy)
     low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
     out = tmp_path / "out.png"
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),

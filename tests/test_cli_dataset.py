@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from posterior_diff.cli import main
-from posterior_diff.dataset import MANIFEST, image_seed
-from posterior_diff.evaluation import psnr_ssim
+from posterior_diff.apps.cli import main
+from posterior_diff.apps.dataset import MANIFEST, image_seed
+from posterior_diff.evaluation.harness import psnr_ssim
 from posterior_diff.images import read_image, write_image
 
 FAST = ["--task", "sr2", "--steps", "2", "--samples", "1"]

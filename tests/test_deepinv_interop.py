@@ -6,7 +6,7 @@ deepinv = pytest.importorskip("deepinv")
 from conftest import tiny_unet  # noqa: E402
 from operators import Denoising, Inpainting, SuperResolution, from_deepinv, random_mask, to_deepinv  # noqa: E402
 from posterior_diff import GaussianPrior, denoiser_from_diffusers, restore  # noqa: E402
-from posterior_diff.problems import squared_exponential_covariance  # noqa: E402
+from posterior_diff.evaluation.problems import squared_exponential_covariance  # noqa: E402
 
 SHAPE = (3, 8, 8)
 

@@ -5,11 +5,11 @@ deepinv = pytest.importorskip("deepinv")
 
 from operators import SuperResolution, from_deepinv  # noqa: E402
 from posterior_diff import DeepinvPrior, GaussianPrior, GeometricVESchedule, from_deepinv_denoiser, restore  # noqa: E402
-from posterior_diff.deepinv_prior import is_deepinv_denoiser, is_deepinv_object  # noqa: E402
+from posterior_diff.evaluation.metrics import exact_sample_floor, gaussian_errors  # noqa: E402
+from posterior_diff.evaluation.problems import squared_exponential_covariance  # noqa: E402
 from posterior_diff.images import from_model_range, to_model_range  # noqa: E402
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors  # noqa: E402
-from posterior_diff.models import load_model  # noqa: E402
-from posterior_diff.problems import squared_exponential_covariance  # noqa: E402
+from posterior_diff.models.deepinv_prior import is_deepinv_denoiser, is_deepinv_object  # noqa: E402
+from posterior_diff.models.loading import load_model  # noqa: E402
 from conftest import grouped_floor_ratios  # noqa: E402
 
 DOUBLE = torch.float64

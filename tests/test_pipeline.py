@@ -95,9 +95,9 @@ def test_save_and_load_round_trip_and_from_pipe(pipe, tmp_path):
 
 
 def test_diffusers_loads_it_as_a_custom_pipeline(pipe, pipeline_folder):
-    import posterior_diff.pipeline
+    import posterior_diff.apps.pipeline
 
-    custom = DiffusionPipeline.from_pretrained(pipeline_folder, custom_pipeline=posterior_diff.pipeline.__file__,
+    custom = DiffusionPipeline.from_pretrained(pipeline_folder, custom_pipeline=posterior_diff.apps.pipeline.__file__,
                                                trust_remote_code=True)
     assert type(custom).__name__ == "PosteriorSamplingPipeline"
     custom.set_progress_bar_config(disable=True)
@@ -162,7 +162,7 @@ def test_the_pipeline_loads_a_folder_with_a_legacy_scheduler_name(pipeline_folde
     the pipeline as through load_model, and both give the same samples."""
     import json
 
-    from posterior_diff.models import load_model
+    from posterior_diff.models.loading import load_model
 
     config_path = pipeline_folder / "scheduler" / "scheduler_config.json"
     config = json.loads(config_path.read_text())

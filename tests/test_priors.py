@@ -4,7 +4,7 @@ from torch.func import jacrev, vmap
 
 from operators import SuperResolution
 from posterior_diff import GaussianMixturePrior, GaussianPrior, SubVPSchedule, VESchedule, VPSchedule
-from posterior_diff.metrics import sample_moments
+from posterior_diff.evaluation.metrics import sample_moments
 
 DOUBLE = torch.float64
 
@@ -128,7 +128,7 @@ def test_mixture_posterior_is_prior_times_likelihood():
 
 
 def test_the_mcgdiff_mixture_problem_has_its_published_structure():
-    from posterior_diff.problems import mixture_problem
+    from posterior_diff.evaluation.problems import mixture_problem
 
     problem = mixture_problem(8, 2, seed=3)
     # the 2-D grid of means repeated along the dimensions: copies, exact

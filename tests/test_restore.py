@@ -5,9 +5,9 @@ import torch
 
 from operators import Denoising, Inpainting, MatrixOperator, SuperResolution
 from posterior_diff import GaussianPrior, NonFiniteSampleError, restore
-from posterior_diff.metrics import exact_sample_floor, gaussian_errors
-from posterior_diff.problems import gaussian_image_problems
-from posterior_diff.samplers import grid_points
+from posterior_diff.evaluation.metrics import exact_sample_floor, gaussian_errors
+from posterior_diff.evaluation.problems import gaussian_image_problems
+from posterior_diff.sampling.samplers import grid_points
 
 from conftest import CountingPrior, exactness_bounds
 

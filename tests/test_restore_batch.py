@@ -16,9 +16,9 @@ from PIL import Image
 from conftest import CountingPrior, tiny_unet
 from operators import Denoising, Inpainting, SuperResolution, StackedOperator, random_mask, stack_operators
 from posterior_diff import GaussianPrior, restore, restore_batch
-from posterior_diff.problems import squared_exponential_covariance
+from posterior_diff.evaluation.problems import squared_exponential_covariance
 from posterior_diff.restore import plan_runs
-from posterior_diff.samplers import NoiseSource
+from posterior_diff.sampling.samplers import NoiseSource
 
 DOUBLE = torch.float64
 TIGHT_CG = dict(cg_tol=1e-10, cg_noise_tol=0.0, cg_max_iter=200)

@@ -3,8 +3,9 @@ import functools
 import pytest
 import torch
 
-from posterior_diff import GaussianMixturePrior, GaussianPrior, NonFiniteSampleError, RectifiedFlow, VESchedule, VPSchedule, sample
-from posterior_diff.metrics import sample_moments, sliced_wasserstein
+from posterior_diff import (GaussianMixturePrior, GaussianPrior, NonFiniteSampleError, RectifiedFlow, VESchedule,
+                            VPSchedule, sample)
+from posterior_diff.evaluation.metrics import sample_moments, sliced_wasserstein
 
 DOUBLE = torch.float64
 
@@ -123,7 +124,7 @@ def test_progress_bar_reports_every_step(capsys):
 def test_on_an_accelerator_the_finiteness_checks_are_read_every_few_steps():
     """FiniteGuard for a CUDA device reads its flag every FINITE_CHECK_EVERY steps (one stall per
     window instead of two per step) and still stops the run, naming the window; on the CPU at once."""
-    from posterior_diff.samplers import FINITE_CHECK_EVERY, FiniteGuard, GridPoint
+    from posterior_diff.sampling.samplers import FINITE_CHECK_EVERY, FiniteGuard, GridPoint
 
     def point(index):
         return GridPoint(index, 1.0 - index / 100, 1.0, 0.1, 0.0, 0.0)
@@ -145,7 +146,7 @@ def test_on_an_accelerator_the_finiteness_checks_are_read_every_few_steps():
 
 
 def test_a_run_from_a_given_start_begins_at_its_noise_ratio():
-    from posterior_diff.samplers import SamplerSettings, run_sampler
+    from posterior_diff.sampling.samplers import SamplerSettings, run_sampler
 
     prior = GaussianPrior(torch.zeros(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
     start = torch.full((3, 4), 0.5, dtype=torch.float64)

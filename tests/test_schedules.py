@@ -166,7 +166,7 @@ def test_geometric_schedule_coefficients_and_inverse(name):
 def test_geometric_grids_end_at_sigma_min_and_start_at_sigma_max(name):
     """The grid ends where the model was trained (sigma_min; s_min=2e-3 where that is larger),
     and the start N(0, (1 + sigma_max^2) I) is diffusers' N(0, sigma_max^2 I) to 1 part in 1e4."""
-    from posterior_diff.time_grids import time_grid
+    from posterior_diff.sampling.time_grids import time_grid
 
     schedule = GEOMETRIC[name]
     times = time_grid(schedule, 20)

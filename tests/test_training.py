@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 from conftest import load_script
 from posterior_diff import load_model
 from posterior_diff.images import write_image
-from posterior_diff.models import DEFAULT_MODEL_DIR
-from posterior_diff.training import (RandomCrops, TrainingConfig, TrainingRun, build_scheduler, config_from_init,
-                                     learning_rate, load_checkpoint, loss_weights, min_snr_weights, train)
-from posterior_diff.training_data import Photograph
+from posterior_diff.models.loading import DEFAULT_MODEL_DIR
+from posterior_diff.training.data import Photograph
+from posterior_diff.training.score_matching import (RandomCrops, TrainingConfig, TrainingRun, build_scheduler,
+                                                    config_from_init, learning_rate, load_checkpoint, loss_weights,
+                                                    min_snr_weights, train)
 
 
 def smooth_images(count=3, size=24):
@@ -61,7 +62,7 @@ def test_training_lowers_the_loss_and_saves_a_diffusers_pipeline(tmp_path):
 def test_snapshots_keep_the_ema_weights_at_their_steps(tmp_path):
     from safetensors.torch import load_file
 
-    from posterior_diff.training import load_snapshot
+    from posterior_diff.training.score_matching import load_snapshot
 
     out = train(smooth_images(), tmp_path / "run", tiny_config(steps=6), progress=False, snapshot_every=3)
     snapshots = sorted(path.name for path in (out / "snapshots").iterdir())
@@ -372,7 +373,7 @@ def test_the_script_records_what_it_trained_on(tmp_path, monkeypatch, capsys, sc
 def test_the_script_keeps_the_validation_photographs_out_of_training(tmp_path, monkeypatch, script):
     photographs = fake_photographs()
     monkeypatch.setattr(script, "gather", lambda sources, install: (photographs, []))
-    monkeypatch.setattr("posterior_diff.training_data.VALIDATION_FILES", ("photo1.png",))
+    monkeypatch.setattr("posterior_diff.training.data.VALIDATION_FILES", ("photo1.png",))
     out = tmp_path / "model"
     assert script.main(["--out", str(out), *TINY_ARGS]) == 0
     record = json.loads((out / "training_data.json").read_text())
@@ -400,7 +401,7 @@ def test_install_refuses_a_model_over_30_mb(tmp_path, script):
 
 
 def test_the_script_trains_on_exported_photographs(tmp_path, script):
-    from posterior_diff.training_data import Source, export_photographs, gather_photographs
+    from posterior_diff.training.data import Source, export_photographs, gather_photographs
 
     subset = Source("scikit-image", "pypi", ("data/coins.png", "data/text.png"), "skimage")
     export_photographs(gather_photographs([subset], install=False), tmp_path / "photos", "scikit-image")

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from posterior_diff import training_data
-from posterior_diff.evaluation import HELD_OUT
-from posterior_diff.training_data import (DEBIAN_SOURCES, PYPI_SOURCES, SOURCES, Photograph, Source, gather_photographs,
+from posterior_diff.evaluation.harness import HELD_OUT
+from posterior_diff.training import data as training_data
+from posterior_diff.training.data import (DEBIAN_SOURCES, PYPI_SOURCES, SOURCES, Photograph, Source, gather_photographs,
                                           install_missing, is_held_out_name, records)
 
 SKIMAGE_DATA = Path(data.__file__).parent
@@ -136,7 +136,7 @@ def test_photographs_from_arrays_and_odd_modes_read_as_grey_or_rgb(tmp_path):
 
 
 def test_exported_photographs_read_back_with_their_records_and_checksums_checked(tmp_path, held_out):
-    from posterior_diff.training_data import export_photographs, read_exported
+    from posterior_diff.training.data import export_photographs, read_exported
 
     skimage = next(s for s in PYPI_SOURCES if s.package == "scikit-image")
     subset = Source(skimage.package, "pypi", ("data/coins.png", "data/text.png"), "skimage")

@@ -26,7 +26,7 @@ fetches one copy of the weights: the plain ones before the fp16 variant, and of 
 safetensors, the `.bin` only where the repository has no safetensors (`hub_attempts`).
 
 `default_model()` is the UNet trained here by denoising score matching that ships inside the
-package (`posterior_diff/default_model/`, reproduced by `scripts/train_default_model.py`).
+package (`posterior_diff/models/default_model/`, reproduced by `scripts/train_default_model.py`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from .denoisers import Denoiser
-from .model_formats import (DiffusersUNetDenoiser, ModelLoadError, UNetDenoiser, check_diffusers_pair,
+from posterior_diff.denoisers import Denoiser
+from posterior_diff.models.formats import (DiffusersUNetDenoiser, ModelLoadError, UNetDenoiser, check_diffusers_pair,
                             denoiser_from_diffusers, refuse_by_name, scheduler_family)
 
 __all__ = ["DEFAULT_MODEL_DIR", "ModelLoadError", "UNetDenoiser", "DiffusersUNetDenoiser", "denoiser_from_diffusers",

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .files import atomic_write
-from .images import load_image_folder
+from posterior_diff.files import atomic_write
+from posterior_diff.images import load_image_folder
 
 CHECKPOINT = "checkpoint.pt"
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -204,7 +204,7 @@ def parameter_count(config: TrainingConfig) -> int:
 
 def find_unet_folder(folder: str | Path) -> Path:
     """The diffusers UNet2DModel folder in `folder`: `folder/unet` of a pipeline (such as the
-    package's `posterior_diff/default_model`) or `folder` itself.
+    package's `posterior_diff/models/default_model`) or `folder` itself.
 
     Raises:
         FileNotFoundError: neither holds a UNet2DModel config.json.

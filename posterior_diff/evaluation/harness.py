@@ -7,7 +7,7 @@ package's public API.
   ships inside scikit-image (no download). The embedded model never saw HELD_OUT_PHOTOGRAPHS
   (astronaut, camera, coffee, chelsea; `cat` is chelsea again, so HELD_OUT lists it too).
   TRAINING_PHOTOGRAPHS are scikit-image's other photographs, one of the training sources of
-  `posterior_diff.training_data`.
+  `posterior_diff.training.data`.
 - Measurements: `measure(task, truth)` builds the forward model of a task of
   `posterior_diff.tasks` and draws y = A x + sigma_y n from one generator (mask, then noise).
 - Classical baselines: bicubic upsampling (super-resolution), scikit-image's biharmonic fill
@@ -15,12 +15,12 @@ package's public API.
   unsupervised Wiener filter and Richardson-Lucy (deblurring).
   `baselines(measurement)` returns the task's reference baseline (`Task.baseline`) first.
 - Display: `nearest_upsample` of a low-resolution measurement, `display_std` of a posterior std.
-- Scores: `psnr_ssim`; the calibration scores of `posterior_diff.metrics`
+- Scores: `psnr_ssim`; the calibration scores of `posterior_diff.evaluation.metrics`
   (`coverage_within_two_std`, `calibrated_coverage`) are re-exported here.
 - Divergence, one rule for every benchmark: a run whose sampler raises
   `NonFiniteSampleError`, or returns non-finite samples or samples beyond DIVERGENCE_BOUND in
   absolute value, is reported as DIVERGED (`restore_unless_diverged`, `has_diverged`).
-- Problems with exact posteriors (`posterior_diff.problems`): `single_precision` copies of a
+- Problems with exact posteriors (`posterior_diff.evaluation.problems`): `single_precision` copies of a
   problem to sample in float32, and `posterior_distance`, the sliced Wasserstein distance to
   exact posterior draws.
 """
@@ -38,12 +38,12 @@ from torch import Tensor
 
 from operators import LinearOperator
 
-from .images import match_channels, to_image_tensor
-from .metrics import calibrated_coverage, coverage_within_two_std, sliced_wasserstein
-from .priors import GaussianMixturePrior, GaussianPrior
-from .restore import Restoration, restore
-from .samplers import NonFiniteSampleError
-from .tasks import SIMULATED_TASKS, Task, get_task
+from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std, sliced_wasserstein
+from posterior_diff.images import match_channels, to_image_tensor
+from posterior_diff.models.priors import GaussianMixturePrior, GaussianPrior
+from posterior_diff.restore import Restoration, restore
+from posterior_diff.sampling.samplers import NonFiniteSampleError
+from posterior_diff.tasks import SIMULATED_TASKS, Task, get_task
 
 __all__ = [
     "HELD_OUT_PHOTOGRAPHS", "HELD_OUT", "TRAINING_PHOTOGRAPHS", "SIMULATED_TASKS", "DIVERGED", "DIVERGENCE_BOUND",
@@ -303,7 +303,7 @@ def restore_unless_diverged(y, operator, model, **options) -> Restoration | None
 def single_precision(prior: GaussianPrior | GaussianMixturePrior, operator: LinearOperator, y: Tensor):
     """(prior, operator, y) copied to float32 for sampling.
 
-    The problems of `posterior_diff.problems` and their exact posteriors are built in float64;
+    The problems of `posterior_diff.evaluation.problems` and their exact posteriors are built in float64;
     the samplers are measured in float32, as they run on images.
     """
     if isinstance(prior, GaussianMixturePrior):
