@@ -27,7 +27,7 @@ import torch
 
 from posterior_diff import default_model
 from posterior_diff.evaluation import load_photograph, measure
-from posterior_diff.guidance import AveragedLikelihoodGuidance
+from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance
 from posterior_diff.images import measurement_to_model_units
 
 TASKS = ("deblur", "deblur-motion")

@@ -44,9 +44,9 @@ from scipy import stats
 from posterior_diff import default_ladder, default_model, ffdnet, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
-from posterior_diff.ffdnet_prior import FFDNET_SIGMA_MAX
-from posterior_diff.ladder import DEFAULT_SWITCH
-from posterior_diff.training_data import VALIDATION_FILES
+from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
+from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
 from .peers import run_dpir, run_peer

@@ -220,7 +220,7 @@ def test_projection_guidance_with_blur_is_bayes_rule_on_a_white_prior():
     """covariance="projection" is exact for N(mu, I) (docs/theory.md §5): through the Fourier solve the guided
     mean is the exact E[x_0 | x_t, y] (closed forms in float64: rounding, measured 1e-15)."""
     from posterior_diff import GaussianPrior
-    from posterior_diff.guidance import AveragedLikelihoodGuidance
+    from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance
 
     generator = torch.Generator().manual_seed(6)
     operator = Blur(gaussian_kernel(1.0, size=3, dtype=DOUBLE), 0.05)
@@ -241,8 +241,8 @@ def test_restore_deblurs_a_gaussian_image_as_exactly_as_exact_samples():
     isotropic covariance's mean error is 0.20."""
     from conftest import exactness_bounds
     from posterior_diff import GaussianPrior, restore
-    from posterior_diff.metrics import gaussian_errors
-    from posterior_diff.problems import squared_exponential_covariance
+    from posterior_diff.evaluation.metrics import gaussian_errors
+    from posterior_diff.evaluation.problems import squared_exponential_covariance
 
     generator = torch.Generator().manual_seed(7)
     covariance = squared_exponential_covariance(8, 2.0) + 1e-6 * torch.eye(64, dtype=DOUBLE)
