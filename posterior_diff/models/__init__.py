@@ -13,7 +13,7 @@ This room imports only the contracts below it (denoisers, schedules, images, che
 public names are still importable from here.
 """
 
-from posterior_diff.models.formats import (ModelLoadError, DiffusersUNetDenoiser, UNetDenoiser, check_diffusers_pair,
+from posterior_diff.models.formats import (DiffusersUNetDenoiser, ModelLoadError, UNetDenoiser, check_diffusers_pair,
                                            denoiser_from_diffusers)
 from posterior_diff.models.loading import (DEFAULT_MODEL_DIR, HUB_CONFIG_FILES, HUB_ID, LEGACY_KEYS, LEGACY_SCHEDULERS,
                                            PLAIN_WEIGHTS, VARIANT_WEIGHTS, WEIGHT_FORMATS, WEIGHTS, choose_variant,
