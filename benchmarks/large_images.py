@@ -6,7 +6,7 @@ each size, with the embedded model at the image defaults (tweedie, 20 steps, CG 
 sample, on the CPU. Per size: the sampler's seconds, seconds per megapixel, the peak memory the
 run added (`reporting.PeakMemory`: growth of the process's peak resident set), and the memory
 check's estimate of one sample's peak (`posterior_diff.memory`, made on fake tensors before the run),
-so that the table also says how close that estimate is. The image is scikit-image's `rocket`
+so that the table also says how close that estimate is (`memory.OVERHEAD` is set from this ratio). The image is scikit-image's `rocket`
 resized to each size: only the cost is measured here, never a quality, and the cost does not
 depend on the content.
 """

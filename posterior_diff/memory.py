@@ -4,15 +4,15 @@ On the CPU an allocation the machine cannot hold does not fail cleanly: Linux ov
 the kernel's out-of-memory handler kills the process (or another one) part-way through the run.
 So `restore` estimates a run's peak before it samples, for image models on the CPU:
 
-    peak(rows) = rows * per_row,    per_row = the peak of one network evaluation of one row, with
-                                              the VJP the guidance takes (a forward alone where it
-                                              takes none)
+    peak(rows) = OVERHEAD * rows * per_row,    per_row = the peak of one network evaluation of one
+                                                         row, with the VJP the guidance takes (a
+                                                         forward alone where it takes none)
 
 measured without allocating anything: the network runs on fake tensors (torch's FakeTensorMode,
 shapes and dtypes only) under torch's `MemTracker`, which adds up the activations it would keep.
-The network's evaluation dominates a step: the sampler's own state and the CG's vectors are a
-few copies of the batch, which is small beside a UNet's activations (at 128x128 the embedded
-model keeps about 120 MB per row for its VJP, 2,000 times the image). The estimate is compared
+The network's evaluation dominates a step; the rest (the sampler's state, the CG's vectors, the
+allocator's slack) is what OVERHEAD allows for: the peaks measured by `benchmarks.large_images`
+(docs/large_images.md) were 1.39 to 1.64 times the tracker's estimate, from 512x512 to 128x128. The estimate is compared
 with the memory available now (`MemAvailable`, and a cgroup limit where one is set), of which
 `HEADROOM` may be used: where `rows` do not fit, the samples are split into runs of what does
 (the same draws as `batch_size` gives them), and where one row does not fit the call is refused
@@ -36,6 +36,7 @@ from torch import nn
 
 PROBE_ROW_PIXELS = 4 * 128 * 128  # rows x pixels up to which a run is not probed (the demo's size)
 HEADROOM = 0.8  # the share of the available memory a run may take: the rest for the process around it
+OVERHEAD = 1.7  # measured peak / tracked network peak: 1.39-1.64 at one sample (docs/large_images.md)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class MemoryPlan:
 
     Attributes:
         batch_size: rows per sampler run: the caller's, or a smaller one that fits (None: all at once).
-        per_row: the estimated peak bytes of one row (None where the run was not probed).
+        per_row: the estimated peak bytes of one row, OVERHEAD included (None where the run was not probed).
         available: the bytes available when the call was checked (None where not probed).
     """
 
@@ -146,9 +147,10 @@ def plan_memory(model: nn.Module, x_shape: tuple[int, ...], rows: int, batch_siz
     asked = rows if batch_size is None else min(batch_size, rows)
     if device.type != "cpu" or getattr(model, "data_range", None) is None or asked * math.prod(x_shape[1:]) <= PROBE_ROW_PIXELS:
         return MemoryPlan(batch_size)
-    available, per_row = available_bytes(), peak_bytes_per_row(model, x_shape, needs_vjp)
-    if available is None or not per_row:
+    available, network = available_bytes(), peak_bytes_per_row(model, x_shape, needs_vjp)
+    if available is None or not network:
         return MemoryPlan(batch_size)
+    per_row = int(OVERHEAD * network)
     fits = int(HEADROOM * available // per_row)
     if fits >= asked:
         return MemoryPlan(batch_size, per_row, available)

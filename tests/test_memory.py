@@ -50,7 +50,8 @@ def test_a_ladder_is_estimated_by_its_largest_piece(model):
 def test_a_run_that_does_not_fit_is_split_into_runs_that_do(model, monkeypatch):
     per_row = peak_bytes_per_row(model, (3, 16, 16), True)
     monkeypatch.setattr(memory, "PROBE_ROW_PIXELS", 0)
-    monkeypatch.setattr(memory, "available_bytes", lambda: int(2.5 * per_row / memory.HEADROOM))  # room for 2 rows
+    room = memory.OVERHEAD * per_row / memory.HEADROOM  # the memory one row may take
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(2.5 * room))  # room for 2 rows
     options = dict(num_samples=5, steps=3, covariance="isotropic")
     split = restore(measurement(), OPERATOR, model, generator=torch.Generator().manual_seed(0), **options)
     assert split.settings.batch_size == 2 and split.settings.memory_limited
@@ -62,13 +63,14 @@ def test_a_run_that_does_not_fit_is_split_into_runs_that_do(model, monkeypatch):
 def test_a_run_that_cannot_fit_is_refused_before_any_network_call(model, monkeypatch):
     per_row = peak_bytes_per_row(model, (3, 16, 16), True)
     monkeypatch.setattr(memory, "PROBE_ROW_PIXELS", 0)
-    monkeypatch.setattr(memory, "available_bytes", lambda: int(0.5 * per_row))
+    room = memory.OVERHEAD * per_row / memory.HEADROOM
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(0.5 * room))
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
     try:
         with pytest.raises(MemoryEstimateError, match="even one sample at a time.*smaller image"):
             restore(measurement(), OPERATOR, model, num_samples=2, steps=3)
-        monkeypatch.setattr(memory, "available_bytes", lambda: int(2.5 * per_row / memory.HEADROOM))
+        monkeypatch.setattr(memory, "available_bytes", lambda: int(2.5 * room))
         with pytest.raises(MemoryEstimateError, match="batch_size=4 needs.*pass batch_size=2 or less"):
             restore(measurement(), OPERATOR, model, num_samples=4, steps=3, batch_size=4)
     finally:
