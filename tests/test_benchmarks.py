@@ -148,7 +148,9 @@ def test_the_large_image_quick_run_times_each_size_and_estimates_its_memory(tmp_
     (header, rows), = assert_numbers_are_finite(out.read_text()).items()
     assert [row[0] for row in rows] == ["32x32", "64x64"]
     estimates = column(rows, 6)
-    assert 3.5 < estimates[1] / estimates[0] < 4.5  # a convolutional network: 4 times the pixels, ~4 times the memory
+    # activations grow with the pixels, the parameters (and their gradients, which the tracker counts) do not:
+    # at these sizes the estimate grows, by less than the pixel count
+    assert estimates[0] < estimates[1] < 4 * estimates[0]
 
 
 @pytest.mark.slow
