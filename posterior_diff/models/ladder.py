@@ -218,7 +218,7 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = N
     by measurement on the validation photographs (`python -m benchmarks.pretrained_priors`,
     docs/pretrained_priors.md): of 0.1, 0.2 and 75/255 at the image defaults, 75/255, FFDNet's whole
     range, had the best mean PSNR over SR x4, 70% random inpainting and a box hole (34.45 dB against
-    34.37 and 34.10), and it is the cheapest, FFDNet's forward costing a fifth of the embedded model's.
+    34.37 and 34.10), and it is the cheapest, FFDNet's forward costing 0.4 times the embedded model's.
 
     Args:
         switch: the level, in [0, 1] image units, below which FFDNet is asked (at most 75/255,
