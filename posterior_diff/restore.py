@@ -346,7 +346,10 @@ def restore(
                               proposal, start, allow_extrapolation)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    return run_stages(problem, settings, generator, check_device(device), progress)[0]
+    tally = CGTally()
+    result = run_stages(problem, settings, generator, check_device(device), progress, tally)[0]
+    warn_if_truncated(tally, settings)
+    return result
 
 
 def restore_batch(
@@ -435,29 +438,28 @@ def restore_batch(
                                particles, ess_threshold, proposal, start, allow_extrapolation) for group in groups]
     generators = check_generators(generator, len(items))
     device = check_device(device)
-    if len(groups) == 1:
-        return run_stages(problem, settings[0], generators, device, progress)
+    tally = CGTally()  # every group's solves: one warning for the whole call
     results: list[Restoration | None] = [None] * problem.count
     for group, group_settings in zip(groups, settings):
+        group_problem = problem if len(groups) == 1 else problem.subset(group)
         group_generators = tuple(generators[i] for i in group) if isinstance(generators, tuple) else generators
-        for index, result in zip(group, run_stages(problem.subset(group), group_settings, group_generators, device,
-                                                   progress)):
+        for index, result in zip(group, run_stages(group_problem, group_settings, group_generators, device, progress,
+                                                   tally)):
             results[index] = result
+    warn_if_truncated(tally, settings[0])
     return results
 
 
 def run_stages(problem: Problem, settings: RestoreSettings, generators: Generators, device,
-               progress) -> list[Restoration]:
-    """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per measurement)."""
+               progress, tally: CGTally) -> list[Restoration]:
+    """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per
+    measurement); the Tweedie solves are added to `tally`, which the caller reports once."""
     problem, device = convert(problem, device)
     settings = fit_in_memory(problem, settings, device)
-    tally = CGTally()
     if settings.particles is None:
         draws = sample_in_batches(problem, settings, generators, device, progress, tally)
     else:
         draws = sample_particles(problem, settings, generators, device, progress, tally)
-    if tally.truncated and settings.cap_unasked:
-        warn_truncated(tally, settings.guidance)
     return [summarise(problem, item, settings) for item in draws]
 
 
@@ -476,16 +478,19 @@ def fit_in_memory(problem: Problem, settings: RestoreSettings, device: torch.dev
     return dataclasses.replace(settings, batch_size=plan.batch_size, memory_limited=True)
 
 
-def warn_truncated(tally: CGTally, guidance: GuidanceSettings) -> None:
-    """Say, once per call, that Tweedie solves stopped at the cap: the covariance the caller asked
-    for was applied only approximately. Called from `run_stages`, so the warning points at the
-    caller of `restore` or `restore_batch`."""
+def warn_if_truncated(tally: CGTally, settings: RestoreSettings) -> None:
+    """Say, once per call, that Tweedie solves stopped at a cap the caller did not set
+    (`RestoreSettings.cap_unasked`): the covariance they asked for was applied only approximately.
+    Called by `restore` and `restore_batch` themselves, so the warning points at their caller."""
+    if not (tally.truncated and settings.cap_unasked):
+        return
+    guidance = settings.guidance
     warnings.warn(
         f"{tally.truncated} of {tally.solves} Tweedie conjugate-gradient solves stopped at "
         f"cg_max_iter={guidance.cg_max_iter} before meeting their stopping rule (cg_tol={guidance.cg_tol:g}, "
         f"cg_noise_tol={guidance.cg_noise_tol:g}), so the Tweedie covariance was only approximate; pass a "
         f"larger cg_max_iter (e.g. 50) for the exact one (see result.cg_truncated)",
-        CGTruncatedWarning, stacklevel=4)
+        CGTruncatedWarning, stacklevel=3)
 
 
 # -- 1. check ---------------------------------------------------------------------------------

@@ -87,6 +87,23 @@ def test_restore_batch_warns_once_and_each_item_carries_its_runs_count():
     assert f"{results[0].cg_truncated} of 9 " in str(record[0].message)
 
 
+def test_restore_batch_warns_once_when_its_measurements_run_in_groups(monkeypatch):
+    """Measurements with estimated sigma_y run in groups of one noise level (`Problem.noise_groups`),
+    one sampler run each: the call still warns once, counting every group's solves."""
+    import importlib
+
+    restore_module = importlib.import_module("posterior_diff.restore")  # the module (the package binds the function)
+
+    model, operator, y = inpainting_problem()
+    _, _, other = inpainting_problem(seed=3)
+    monkeypatch.setattr(restore_module.Problem, "noise_groups", lambda self: [(0,), (1,)])
+    with pytest.warns(CGTruncatedWarning) as record:
+        results = restore_batch([y, other], operator, model, num_samples=2, steps=10, covariance="tweedie",
+                                generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    assert len(record) == 1 and record[0].filename == __file__
+    assert f"{results[0].cg_truncated + results[1].cg_truncated} of 18 " in str(record[0].message)
+
+
 def test_converged_flags_follow_the_stopping_rule():
     """Two samples of a diagonal SPD system: the first (M = 2 I) is solved in one product, the
     second (16 distinct eigenvalues over four decades) not within a cap of 3."""
