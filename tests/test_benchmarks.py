@@ -164,13 +164,6 @@ def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
     assert "Chosen: **switch" in report and len(markdown_tables(report)) == 4 + len(pretrained_priors.CHECK_TASKS)
 
 
-def test_exact_coverage_is_the_student_t_value():
-    assert pretrained_priors.exact_coverage(4) == pytest.approx(0.8284, abs=1e-4)  # P(|T_3| <= 2 / sqrt(1.25)), tables
-    draws = torch.randn(200_000, 5, generator=torch.Generator().manual_seed(0))  # 4 samples and a truth
-    within = ((draws[:, :4].mean(1) - draws[:, 4]).abs() <= 2 * draws[:, :4].std(1)).double().mean()
-    assert float(within) == pytest.approx(pretrained_priors.exact_coverage(4), abs=4 * 0.0009)  # 4 binomial sds
-
-
 def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path):
     out = tmp_path / "speed.md"
     speed.main(["--quick", "--out", str(out)])

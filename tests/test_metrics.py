@@ -84,3 +84,10 @@ def test_calibrated_coverage_is_what_exact_samples_reach():
     assert calibrated_coverage(10_000) == pytest.approx(0.9545, abs=1e-3)  # 0.9545 is P(|Z| <= 2) to 4 digits
     with pytest.raises(ValueError, match="at least 2"):
         calibrated_coverage(1)
+
+
+def test_calibrated_coverage_at_four_samples_is_the_student_t_value():
+    assert calibrated_coverage(4) == pytest.approx(0.8284, abs=1e-4)  # P(|T_3| <= 2 / sqrt(1.25)), tables
+    draws = torch.randn(200_000, 5, generator=torch.Generator().manual_seed(0))  # 4 samples and a truth
+    within = ((draws[:, :4].mean(1) - draws[:, 4]).abs() <= 2 * draws[:, :4].std(1)).double().mean()
+    assert float(within) == pytest.approx(calibrated_coverage(4), abs=4 * 0.0009)  # 4 binomial sds
