@@ -9,6 +9,10 @@ check's estimate of one sample's peak (`posterior_diff.memory`, made on fake ten
 so that the table also says how close that estimate is (`memory.OVERHEAD` is set from this ratio). The image is scikit-image's `rocket`
 resized to each size: only the cost is measured here, never a quality, and the cost does not
 depend on the content.
+
+A size whose 20 steps would take hours on 2 cores can run fewer (`--steps 1024=2`): the peak memory
+is that of one step (each step holds the same tensors), and the seconds of the default steps are
+projected from the seconds per step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from operators import SuperResolution
 from posterior_diff import default_model, restore
+from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import photograph
 from posterior_diff.memory import peak_bytes_per_row
 
@@ -35,12 +40,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="32 and 64 only")
+    parser.add_argument("--steps", type=size_steps, nargs="*", default=[],
+                        help="SIZE=STEPS: fewer steps than the image defaults' at that size (seconds projected)")
     parser.add_argument("--out", type=Path, default=Path("docs/large_images.md"))
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.quick:
         args.sizes = (32, 64)
+    args.steps = dict(args.steps)
     return args
+
+
+def size_steps(text: str) -> tuple[int, int]:
+    """"SIZE=STEPS" as (size, steps)."""
+    size, _, steps = text.partition("=")
+    if not (size.isdigit() and steps.isdigit() and int(steps) >= 2):
+        raise argparse.ArgumentTypeError(f"expected SIZE=STEPS with STEPS >= 2, got {text!r}")
+    return int(size), int(steps)
 
 
 def crop(size: int) -> torch.Tensor:
@@ -49,17 +65,28 @@ def crop(size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", antialias=True)[0].clamp(0, 1)
 
 
-def measure_size(model, size: int) -> dict:
-    """One SR x4 restore at size x size: seconds, peak MB added, the estimate of one sample's peak."""
+def measure_size(model, size: int, steps: int | None = None) -> dict:
+    """One SR x4 restore at size x size (`steps`: None for the image defaults'): seconds, peak MB
+    added, the estimate of one sample's peak."""
     operator = SuperResolution(4, sigma_y=0.025)
     y = operator.measure(crop(size)[None], torch.Generator().manual_seed(0))[0]
     estimate = peak_bytes_per_row(model, (3, size, size), needs_vjp=True)
     with PeakMemory("cpu") as peak:
         began = time.perf_counter()
-        result = restore(y, operator, model, generator=torch.Generator().manual_seed(0))
+        result = restore(y, operator, model, steps=steps, generator=torch.Generator().manual_seed(0))
         wall = time.perf_counter() - began
-    return dict(seconds=result.seconds, wall=wall, peak_mb=peak.megabytes,
+    return dict(seconds=result.seconds, wall=wall, peak_mb=peak.megabytes, steps=result.settings.sampler.steps,
                 estimate_mb=None if estimate is None else estimate / 2**20, nfe=result.nfe, vjps=result.vjps)
+
+
+def projected(run: dict) -> dict:
+    """A run of fewer steps than the image defaults' with its seconds, NFE and VJPs scaled to
+    theirs (per step, as measured); a run at the defaults as it is."""
+    steps = run.get("steps", IMAGE_DEFAULTS.steps)
+    if steps == IMAGE_DEFAULTS.steps:
+        return run
+    scale = IMAGE_DEFAULTS.steps / steps
+    return dict(run, seconds=run["seconds"] * scale, nfe=IMAGE_DEFAULTS.steps, vjps=round(run["vjps"] * scale))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,11 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     cache = ResultCache(args.out.with_suffix(".json"), dict(model=embedded_model(), threads=args.threads))
     rows, base = [], None
     for size in args.sizes:
-        run = cache.get(f"sr4|{size}", lambda size=size: measure_size(model, size))
+        steps = args.steps.get(size)
+        key = f"sr4|{size}" if steps is None else f"sr4|{size}|{steps} steps"
+        run = cache.get(key, lambda size=size, steps=steps: measure_size(model, size, steps))
         megapixels = size * size / 1e6
+        run = projected(run)
         base = base or run
         log_row(f"{size}x{size}", float(run["seconds"]), f"{run['peak_mb']:.0f} MB")
-        rows.append([f"{size}x{size}", f"{megapixels:.3f}", f"{run['seconds']:.1f}", f"{run['seconds'] / megapixels:.0f}",
+        rows.append([f"{size}x{size}" + ("" if steps is None else f" ({steps} steps, seconds projected to "
+                                                                   f"{IMAGE_DEFAULTS.steps})"),
+                     f"{megapixels:.3f}", f"{run['seconds']:.1f}", f"{run['seconds'] / megapixels:.0f}",
                      f"{run['seconds'] / base['seconds']:.1f}", f"{run['peak_mb']:.0f}",
                      "" if run["estimate_mb"] is None else f"{run['estimate_mb']:.0f}", f"{run['nfe']} / {run['vjps']}"])
     write_report(args.out, "Large images: time and memory", __doc__.split("\n\n", 1)[1], [

@@ -1,0 +1,124 @@
+"""The embedded model's network in bfloat16 against float32, on every task and every covariance.
+
+Run it as `python -m benchmarks.network_precision` (`--quick` for a smoke run); it writes
+docs/network_precision.md and picks up where it stopped (`--cache`).
+
+A bfloat16 forward of the embedded UNet takes half the seconds of a float32 one on a CPU with
+native bfloat16 (AVX512-BF16 / AMX; docs/speed.md); the sampler state, the guidance's solves and the
+measurement stay float32 (`Denoiser.sampling_dtype`). Whether that precision costs quality is
+checked here on the validation photographs (`training_data.VALIDATION_FILES`, never the held-out
+ones): the posterior mean's PSNR of `restore` at the image defaults (4 samples, 20 steps) with the
+float32 and the bfloat16 copy of the embedded model, the same seeds, for each task of `tasks.py`
+that simulates its own measurement and each covariance. Denoising runs twice: from the measurement
+(restore's default, one network forward, no covariance) and from the prior, where the covariance
+matters. "Holds" means the bfloat16 mean PSNR is at most HOLD_DB below float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from posterior_diff.models.loading import DEFAULT_MODEL_DIR, default_model, load_model
+from posterior_diff.sampling.guidance import COVARIANCES
+from posterior_diff.training.data import VALIDATION_FILES
+
+from .jacobian_range import validation_crops
+from .pretrained_priors import mean_over, restore_row
+from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+
+# (row name, task, restore's start): denoising from the measurement does not use the covariance
+TASKS = (("denoise, from the measurement", "denoise", "measurement"), ("denoise, from the prior", "denoise", "prior"),
+         ("sr4", "sr4", "auto"), ("random", "random", "auto"), ("box", "box", "auto"),
+         ("deblur", "deblur", "auto"), ("deblur-motion", "deblur-motion", "auto"))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The most a bfloat16 network may lose, in mean PSNR over the photographs, for its quality to hold:
+# twice the reports' tie (`reporting.TIE_DB`), below what a 4-image mean can tell apart.
+HOLD_DB = 0.1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.network_precision", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph")
+    parser.add_argument("--out", type=Path, default=Path("docs/network_precision.md"))
+    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.validation = VALIDATION_FILES
+    if args.quick:
+        args.size, args.samples, args.validation = 32, 2, VALIDATION_FILES[:1]
+    args.cache = args.cache or args.out.with_suffix(".json")
+    return args
+
+
+def covariances_of(start: str) -> tuple[str | None, ...]:
+    return (None,) if start == "measurement" else COVARIANCES
+
+
+def run_all(cache: ResultCache, args, models: dict) -> dict:
+    """{(row, covariance): {dtype: [run per photograph]}}."""
+    crops = validation_crops(args.validation, args.size)
+    table = {}
+    for row, task, start in TASKS:
+        for covariance in covariances_of(start):
+            cell = table.setdefault((row, covariance), {})
+            settings = dict(start=start) if covariance is None else dict(start=start, covariance=covariance)
+            for dtype, model in models.items():
+                cell[dtype] = [cache.get(f"{row}|{covariance}|{dtype}|{image}",
+                                         lambda truth=truth: restore_row(model, truth, task, args.samples, **settings))
+                               for image, truth in crops.items()]
+                log_row(row, covariance or "-", dtype, f"{mean_over(cell[dtype], 'psnr'):.2f} dB",
+                        mean_over(cell[dtype], "seconds"))
+    return table
+
+
+def rows_of(table: dict) -> tuple[list[list[str]], list[str]]:
+    """A table row per (task, covariance) and the names of those where bfloat16 does not hold."""
+    rows, failures = [], []
+    for (row, covariance), cell in table.items():
+        full, half = (mean_over(cell[d], "psnr") for d in DTYPES)
+        differences = [h["psnr"] - f["psnr"] for f, h in zip(cell["float32"], cell["bfloat16"])]
+        seconds = [mean_over(cell[d], "seconds") for d in DTYPES]
+        holds = half >= full - HOLD_DB
+        if not holds:
+            failures.append(f"{row}, {covariance}")
+        rows.append([row, covariance or "-", f"{full:.2f}", f"{half:.2f}", f"{half - full:+.2f}",
+                     f"{min(differences):+.2f}", f"{seconds[0]:.1f}", f"{seconds[1]:.1f}", f"{seconds[1] / seconds[0]:.2f}",
+                     "yes" if holds else "**no**"])
+    return rows, failures
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    models = {"float32": default_model(), "bfloat16": load_model(DEFAULT_MODEL_DIR, torch_dtype=torch.bfloat16)}
+    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
+                                         validation=list(args.validation)))
+    rows, failures = rows_of(run_all(cache, args, models))
+    seconds_ratio = statistics.fmean(float(row[-2]) for row in rows)
+    verdict = (f"bfloat16 holds on every task and covariance (at most {HOLD_DB} dB below float32); its restorations "
+               f"take {seconds_ratio:.2f}x float32's seconds on average." if not failures else
+               f"bfloat16 does not hold on: {'; '.join(failures)}.")
+    header = ["task", "covariance", "float32 (dB)", "bfloat16 (dB)", "difference (dB)", "worst photograph (dB)",
+              "float32 s", "bfloat16 s", "s ratio", "holds"]
+    write_report(args.out, "bfloat16 against float32: the embedded model's network precision",
+                 __doc__.split("\n\n", 1)[1],
+                 [f"## Validation photographs\n\n{len(args.validation)} validation photographs, {args.size}x{args.size} "
+                  f"centre crops, {args.samples} samples, restore's image defaults and the same seeds for both "
+                  f"precisions; seconds per restoration on {args.threads} thread(s).\n\n"
+                  + markdown_table(header, rows) + f"\n\n{verdict}"],
+                 module="benchmarks.network_precision", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
+                 details=[embedded_model(), f"{args.threads} thread(s)"])
+
+
+if __name__ == "__main__":
+    main()
