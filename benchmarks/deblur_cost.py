@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = default_model()
+    model = default_model(torch.float32)
     rows = []
     print(f"{args.size}x{args.size} RGB, batch {args.samples}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} rounds of {args.repeats}")

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    embedded, denoiser = default_model(), ffdnet()
+    embedded, denoiser = default_model(torch.float32), ffdnet()
     ladder = default_ladder(model=embedded)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          images=list(args.images), defaults=repr(IMAGE_DEFAULTS)))

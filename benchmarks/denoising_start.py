@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    model = default_model()
+    model = default_model(torch.float32)
     truths = {image: load_photograph(image, args.size, 2.0) for image in args.images}
     bm3d = statistics.fmean(psnr_ssim(next(iter(baselines(measure("denoise", truth, generator=torch.Generator()
                                                                     .manual_seed(0))).values())), truth)[0]

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model is None:
-        model, model_name = default_model(), f"the embedded default model (`posterior_diff/models/default_model`: {embedded_model()})"
+        model, model_name = default_model(torch.float32), f"the embedded default model (`posterior_diff/models/default_model`: {embedded_model()})"
     else:
         model, model_name = load_model(args.model), f"`{args.model}`"
     start = time.perf_counter()

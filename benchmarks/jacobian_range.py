@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    model = default_model()
+    model = default_model(torch.float32)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          validation=list(args.validation), cg_max_iter=IMAGE_DEFAULTS.cg_max_iter,
                                          default_steps=IMAGE_DEFAULTS.steps))

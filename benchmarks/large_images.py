@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    model = default_model()
+    model = default_model(torch.float32)
     cache = ResultCache(args.out.with_suffix(".json"), dict(model=embedded_model(), threads=args.threads))
     rows, base = [], None
     for size in args.sizes:

@@ -192,7 +192,7 @@ def restore_psnr(model, truth: torch.Tensor, task: str, sigma_y: float, auto: bo
 
 def restore_rows(truths: dict[str, torch.Tensor], args) -> list[list[str]]:
     """Part 3's rows: per task and photograph, sigma_y found, PSNR with it and with the true one."""
-    model = default_model()
+    model = default_model(torch.float32)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, steps=args.steps, model=embedded_model(),
                                          sigma_y=args.restore_sigma))
     rows = []

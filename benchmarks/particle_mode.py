@@ -324,7 +324,7 @@ class ImageRow:
 
 def image_rows(settings: dict) -> list[ImageRow]:
     """PSNR of the posterior mean: K particles x steps vs the plain sampler with K x steps steps."""
-    model, rows, steps = default_model(), [], settings["image_steps"]
+    model, rows, steps = default_model(torch.float32), [], settings["image_steps"]
     for image in settings["images"]:
         truth = load_photograph(image, settings["image_size"], settings["image_downscale"])
         for task in settings["image_tasks"]:

@@ -84,13 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def restore_row(model, truth: torch.Tensor, task: str, samples: int, **settings) -> dict:
-    """PSNR / SSIM of the posterior mean, coverage, NFE, VJPs, truncated CG solves and seconds of one restore."""
+def restore_row(model, truth: torch.Tensor, task: str, samples: int, seed: int = 0, **settings) -> dict:
+    """PSNR / SSIM of the posterior mean, coverage, NFE, VJPs, truncated CG solves and seconds of one
+    restore (the measurement drawn with seed 0, the samples with `seed`)."""
     measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CG-truncation warning: counted in the row instead
         result = restore(measurement.y, measurement.operator, model, num_samples=samples,
-                         generator=torch.Generator().manual_seed(0), **settings)
+                         generator=torch.Generator().manual_seed(seed), **settings)
     psnr, ssim = psnr_ssim(result.mean, truth)
     return dict(psnr=psnr, ssim=ssim, coverage=coverage_within_two_std(result.mean, result.std, truth), nfe=result.nfe,
                 vjps=result.vjps,
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    embedded, denoiser = default_model(), ffdnet()
+    embedded, denoiser = default_model(torch.float32), ffdnet()
     ladders = {switch: default_ladder(switch, model=embedded) for switch in args.switches}
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          validation=list(args.validation)))

@@ -4,6 +4,11 @@ Every benchmark runs as `python -m benchmarks.NAME` from the repository root: it
 (dataclasses), turns them into markdown tables and writes one report through `write_report`,
 which puts the same provenance block (command, commit, date and run time, versions, machine)
 under every title.
+
+The reports measure the embedded model's float32 network (`default_model(torch.float32)`), whatever
+this CPU's default (`models.loading.default_network_dtype`), so that their cached results, made
+before bfloat16 became the default on CPUs that have it, stay comparable; docs/network_precision.md
+compares the two precisions.
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def mixture_part(settings: dict) -> tuple[list[str], list[str]]:
 
 def image_part(settings: dict, model_name: str | None, device: str | None) -> tuple[list[str], list[str]]:
     """Section 4: (sections, verdicts)."""
-    model = load_model(model_name) if model_name else default_model()
+    model = load_model(model_name) if model_name else default_model(torch.float32)
     rows = image_study(model, settings["images"], settings["image_tasks"], settings["image_size"],
                        settings["image_downscale"], settings["image_samples"], settings["image_steps"], device=device)
     table, verdicts = image_table(rows)

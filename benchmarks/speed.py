@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model = default_model()
+    model = default_model(torch.float32)
     settings = dict(size=args.size, downscale=args.downscale, samples=args.samples, images=list(args.images),
                     posterior_diff=posterior_diff.__version__, model=embedded_model(),
                     jacobian_s_max=IMAGE_DEFAULTS.jacobian_s_max)

@@ -215,7 +215,7 @@ def launch(args, folder: Path, out: Path) -> tuple[float, subprocess.CompletedPr
                "-m", "posterior_diff", "restore", str(folder), "-o", str(out), "--task", args.task,
                "--samples", str(args.samples), "--steps", str(args.steps), "--covariance", args.covariance,
                "--cg-max-iter", str(IMAGE_DEFAULTS.cg_max_iter), "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed), "--device", "cpu"]
+               "--seed", str(args.seed), "--device", "cpu", "--dtype", "float32"]  # the float32 network, as ours
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(args) -> dict:
     start = time.perf_counter()
-    model = default_model()
+    model = default_model(torch.float32)
     forwards = Forwards(model, args.size, args.repeats)
     items = photograph_crops(args.images, args.size, args.downscale)
     with tempfile.TemporaryDirectory(prefix="throughput-") as temporary:

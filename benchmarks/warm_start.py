@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    model = default_model()
+    model = default_model(torch.float32)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, images=list(args.images),
                                          model=embedded_model(), cg_max_iter=IMAGE_DEFAULTS.cg_max_iter))
     truths = {image: load_photograph(image, args.size, 2.0) for image in args.images}

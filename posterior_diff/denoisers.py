@@ -187,6 +187,13 @@ class Denoiser(nn.Module):
             return torch.get_default_dtype()
         return reference.dtype if reference.dtype in (torch.float32, torch.float64) else torch.float32
 
+    def network_dtypes(self) -> tuple[str, ...]:
+        """The dtypes the model's floating-point parameters and buffers are held in, sorted
+        ("bfloat16", "float32", ...): one for a plain network, one per precision in a ladder whose
+        pieces differ; () for a model without any (an analytic prior computes in the input's dtype)."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
+
     def reference_tensor(self) -> Tensor | None:
         """A parameter or buffer of the model: where it lives decides device and dtype."""
         for tensor in list(self.parameters()) + list(self.buffers()):

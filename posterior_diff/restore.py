@@ -51,10 +51,10 @@ from operators import LinearOperator, as_operator, stack_operators
 from operators.base import AUTO, check_sigma_y
 
 from posterior_diff.checks import choice, positive_int
-from posterior_diff.defaults import defaults_for
+from posterior_diff.defaults import ESTIMATE_START_LEVEL, defaults_for
 from posterior_diff.denoisers import Denoiser
 from posterior_diff.images import (from_model_range, measurement_to_model_units, noise_from_model_units,
-                                   noise_to_model_units, to_image_tensor)
+                                   noise_to_model_units, to_image_tensor, to_model_range)
 from posterior_diff.memory import plan_memory
 from posterior_diff.models.deepinv_prior import (from_deepinv_denoiser, is_deepinv_denoiser, is_deepinv_object,
                                                  not_a_deepinv_denoiser)
@@ -64,6 +64,7 @@ from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance, CGTrunc
 from posterior_diff.sampling.particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from posterior_diff.sampling.samplers import NoiseSource, SamplerSettings, run_sampler
 from posterior_diff.sampling.time_grids import time_grid
+from posterior_diff.start_estimates import classical_estimate, has_estimate, has_small_gaps
 
 # A checked generator argument: one generator (or None) for every measurement, or a tuple
 # with one per measurement.
@@ -81,14 +82,18 @@ class RestoreSettings:
         guidance: the averaged likelihood's covariance and its solve.
         batch_size: rows per sampler run (None: all at once); in particle mode see `particles`.
         particles: particle mode's settings, or None for the plain guided sampler.
-        start: "prior" or "measurement" (resolved from "auto"; see `restore`). A measurement
-            start's noise ratio sigma_y (model units) is sampler.s_max.
+        start: "prior", "measurement" or "estimate" (resolved from "auto"; see `restore`). A
+            measurement start's noise ratio sigma_y (model units) is sampler.s_max, an estimate
+            start's `ESTIMATE_START_LEVEL` in model units.
         memory_limited: batch_size was set by the memory check (`posterior_diff.memory`): the caller
             left it None, and all the rows at once would not fit in the CPU's memory.
         sigma_y: the measurement noise level used, in the units of y: the operator's, or the
             estimate where it was built with sigma_y="auto".
         sigma_y_estimate: how that estimate was made (`noise_estimate.SigmaYEstimate`: value,
             estimator, patches), or None where sigma_y was given.
+        network_dtype: the precision the prior's network ran in ("float32", "bfloat16", ...; a
+            ladder whose pieces differ names each, comma-separated; "" for a prior without
+            parameters). The embedded model's is `models.loading.default_network_dtype()`.
         cap_unasked: the caller named the covariance but left cg_max_iter to the model's default,
             so a Tweedie solve stopped by that cap was not their choice: the call then warns
             (`CGTruncatedWarning`). A default call (covariance and cap from `defaults_for`, both
@@ -105,6 +110,7 @@ class RestoreSettings:
     memory_limited: bool = False
     sigma_y: float | None = None
     sigma_y_estimate: SigmaYEstimate | None = None
+    network_dtype: str = ""
 
 
 @dataclass
@@ -175,6 +181,9 @@ class Problem:
         x_shape: the shape of one x (the same for all); image_model: whether the model has
             an image data range.
         estimates: per measurement, how its sigma_y was estimated (sigma_y="auto"), or None.
+        start_points: per measurement, the classical estimate of x an "estimate" start begins
+            from (`start_estimates.classical_estimate`, x_shape; [0, 1] units until `convert`
+            puts it in the model's), or () for the other starts.
     """
 
     model: Denoiser
@@ -183,6 +192,7 @@ class Problem:
     x_shape: tuple[int, ...]
     image_model: bool
     estimates: tuple[SigmaYEstimate | None, ...] = ()
+    start_points: tuple[Tensor, ...] = ()
 
     @property
     def count(self) -> int:
@@ -205,8 +215,9 @@ class Problem:
     def subset(self, indices: Sequence[int]) -> "Problem":
         """The problem of the measurements at `indices` (in that order)."""
         estimates = tuple(self.estimates[i] for i in indices) if self.estimates else ()
+        points = tuple(self.start_points[i] for i in indices) if self.start_points else ()
         return Problem(self.model, tuple(self.operators[i] for i in indices),
-                       tuple(self.measurements[i] for i in indices), self.x_shape, self.image_model, estimates)
+                       tuple(self.measurements[i] for i in indices), self.x_shape, self.image_model, estimates, points)
 
 
 @dataclass
@@ -324,9 +335,15 @@ def restore(
             process at the time t* where sigma / alpha = sigma_y, so p(x | y) = p(x_0 | x_t* =
             alpha y): the run starts there from alpha(t*) y and needs no guidance (no VJP, any
             covariance; exact with eta=1, the `steps` spread from t* down), and the mean it
-            returns is the exact E[x | y] (see `Restoration.mean`). "auto" (default):
+            returns is the exact E[x | y] (see `Restoration.mean`). "estimate" (image models;
+            inpainting, super-resolution and denoising): Come-Closer-Diffuse-Faster, the run starts
+            from a classical estimate of x (biharmonic fill, bicubic; `start_estimates`) noised
+            to `ESTIMATE_START_LEVEL` ([0, 1] units), guided from there down. "auto" (default):
             "measurement" where it applies (identity operator, sigma_y below the schedule's
-            largest noise ratio, not particle mode), else "prior".
+            largest noise ratio, not particle mode); else "estimate" for an inpainting whose
+            every hole pixel has an observed one within `start_estimates.SMALL_GAP` pixels
+            (scattered missing pixels, where it measured better: docs/start_estimates.md);
+            else "prior".
         allow_extrapolation: run even where the sampler's grid of noise levels (from its start,
             the schedule's top or sigma_y, down to its last time) leaves the model's declared
             `sigma_range`, asking it about levels it was not trained on. False (default): such a
@@ -454,6 +471,9 @@ def run_stages(problem: Problem, settings: RestoreSettings, generators: Generato
                progress, tally: CGTally) -> list[Restoration]:
     """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per
     measurement); the Tweedie solves are added to `tally`, which the caller reports once."""
+    if settings.start == "estimate":
+        points = tuple(classical_estimate(y, operator) for y, operator in zip(problem.measurements, problem.operators))
+        problem = dataclasses.replace(problem, start_points=points)
     problem, device = convert(problem, device)
     settings = fit_in_memory(problem, settings, device)
     if settings.particles is None:
@@ -665,7 +685,7 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
     The sampler's noise levels are checked against the model's `sigma_range` (`check_noise_levels`)."""
     defaults = defaults_for(problem.model)
     start = resolve_start(problem, start, particles)
-    s_max = measurement_ratio(problem) if start == "measurement" else None
+    s_max = start_ratio(problem, start)
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
     if not isinstance(allow_extrapolation, bool):
         raise TypeError(f"allow_extrapolation must be True or False, got {allow_extrapolation!r}")
@@ -681,10 +701,21 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
         problem.measurements[0].numel())
     return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings,
                            start, cap_unasked=covariance is not None and cg_max_iter is None,
-                           sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None)
+                           sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None,
+                           network_dtype=", ".join(problem.model.network_dtypes()))
 
 
-START_CHOICES = ("auto", "prior", "measurement")
+START_CHOICES = ("auto", "prior", "measurement", "estimate")
+
+
+def start_ratio(problem: Problem, start: str) -> float | None:
+    """The noise ratio (model units) the sampler's grid starts at: sigma_y for a measurement
+    start, ESTIMATE_START_LEVEL for an estimate start, None (the schedule's top) from the prior."""
+    if start == "measurement":
+        return measurement_ratio(problem)
+    if start == "estimate":
+        return noise_to_model_units(ESTIMATE_START_LEVEL, problem.model.data_range)
+    return None
 
 
 def measurement_ratio(problem: Problem) -> float:
@@ -739,7 +770,7 @@ def check_noise_levels(model: Denoiser, sampler: SamplerSettings) -> None:
     if not (above or below):
         return
     units = "[0, 1] image units" if model.data_range is not None else "the prior's units"
-    start = "the schedule's top" if sampler.s_max is None else "the measurement's sigma_y"
+    start = "the schedule's top" if sampler.s_max is None else "the start's noise level"
     side = (f"{asked_high:.4g} lies above it: use a ladder with a model covering the higher levels"
             if above else f"{asked_low:.4g} lies below it: use a ladder with a model covering the lower levels")
     raise ValueError(f"the model was trained for noise levels sigma in [{low:.4g}, {high:.4g}] ({units}, its "
@@ -749,9 +780,23 @@ def check_noise_levels(model: Denoiser, sampler: SamplerSettings) -> None:
 
 
 def resolve_start(problem: Problem, start, particles) -> str:
-    """`start` checked and "auto" resolved to "measurement" or "prior" (see `restore`); a
-    ValueError naming `start` where "measurement" is asked for and cannot apply."""
+    """`start` checked and "auto" resolved to "measurement", "estimate" or "prior" (see `restore`);
+    a ValueError naming `start` where "measurement" or "estimate" is asked for and cannot apply."""
     choice(start, START_CHOICES, "start")
+    unfit = {"measurement": measurement_start_reasons(problem, particles),
+             "estimate": estimate_start_reasons(problem, particles)}
+    if start == "auto":
+        if not unfit["measurement"]:
+            return "measurement"
+        small_gaps = all(has_small_gaps(operator, problem.x_shape) for operator in problem.operators)
+        return "estimate" if small_gaps and not unfit["estimate"] else "prior"
+    if start in unfit and unfit[start]:
+        raise ValueError(f'start="{start}" cannot apply: {"; ".join(unfit[start])}; use start="prior"')
+    return start
+
+
+def measurement_start_reasons(problem: Problem, particles) -> list[str]:
+    """Why a measurement start cannot apply to this problem (empty where it can)."""
     reasons = []
     if not all(operator.is_identity for operator in problem.operators):
         reasons.append("its operator is not the identity (only a denoising y is a point of the forward process)")
@@ -759,16 +804,32 @@ def resolve_start(problem: Problem, start, particles) -> str:
         reasons.append("sigma_y is 0 (y is x itself)")
     elif measurement_ratio(problem) <= SamplerSettings.s_min:
         reasons.append(f"sigma_y is below the sampler's last noise level ({SamplerSettings.s_min:g} in model units)")
-    elif measurement_ratio(problem) >= float(problem.model.schedule.ratio(torch.tensor(problem.model.schedule.t_max,
-                                                                                       dtype=torch.float64))):
+    elif measurement_ratio(problem) >= top_ratio(problem.model):
         reasons.append("sigma_y is above the model's largest noise level")
     if particles is not None:
         reasons.append("particle mode guides its particles from t_max")
-    if start == "auto":
-        return "prior" if reasons else "measurement"
-    if start == "measurement" and reasons:
-        raise ValueError(f'start="measurement" cannot apply: {"; ".join(reasons)}; use start="prior"')
-    return start
+    return reasons
+
+
+def estimate_start_reasons(problem: Problem, particles) -> list[str]:
+    """Why an estimate start cannot apply to this problem (empty where it can)."""
+    reasons = []
+    if not problem.image_model:
+        reasons.append("the classical estimates are for image models (a data range in [0, 1] units)")
+    elif noise_to_model_units(ESTIMATE_START_LEVEL, problem.model.data_range) >= top_ratio(problem.model):
+        reasons.append(f"its start level {ESTIMATE_START_LEVEL:.4g} is above the model's largest noise level")
+    unknown = sorted({type(operator).__name__ for operator in problem.operators if not has_estimate(operator)})
+    if unknown:
+        reasons.append(f"no classical estimate is known for {', '.join(unknown)} (only Inpainting, "
+                       "SuperResolution and Denoising)")
+    if particles is not None:
+        reasons.append("particle mode guides its particles from t_max")
+    return reasons
+
+
+def top_ratio(model: Denoiser) -> float:
+    """The model's largest noise ratio sigma / alpha (its schedule's t_max), in model units."""
+    return float(model.schedule.ratio(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
 
 
 def check_generators(generator, count: int) -> Generators:
@@ -828,8 +889,10 @@ def convert(problem: Problem, device) -> tuple[Problem, torch.device]:
         converted.setdefault(id(operator), in_units)
         measurements.append(y)
     operators = tuple(converted[id(operator)] for operator in problem.operators)
+    points = tuple(to_model_range(point.to(device=device, dtype=model.sampling_dtype()), model.data_range)
+                   for point in problem.start_points)
     return Problem(model, operators, tuple(measurements), problem.x_shape, problem.image_model,
-                   problem.estimates), device
+                   problem.estimates, points), device
 
 
 # -- 3. sample --------------------------------------------------------------------------------
@@ -928,16 +991,17 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
     measured by its own operator (stacked where the segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
     measurements = run_measurements(problem, segments)
+    noise = run_noise(segments, generators)
     if settings.start == "measurement":
         # y = x_0 + sigma_y n is the forward process at ratio sigma_y (x_t* / alpha = y): unguided from there.
         denoiser, start = FirstDenoising(problem.model), measurements
     else:
         operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
-        denoiser, start = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements,
-                                                                   settings.guidance), None
+        denoiser = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements, settings.guidance)
+        start = estimate_start(problem, settings, segments, noise, device) if settings.start == "estimate" else None
     began = time.perf_counter()
     samples, evaluations = run_sampler(denoiser, (rows, *problem.x_shape), settings.sampler,
-                                       generator=run_noise(segments, generators), device=device,
+                                       generator=noise, device=device,
                                        dtype=problem.model.sampling_dtype(), progress=progress, start=start)
     synchronize(device)
     seconds = time.perf_counter() - began
@@ -945,6 +1009,15 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
         return SamplerRun(samples, evaluations, denoiser.vjp_count, seconds, None, denoiser.cg_truncated,
                           len(denoiser.cg_iterations))
     return SamplerRun(samples, evaluations, 0, seconds, denoiser.first)
+
+
+def estimate_start(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], noise: NoiseSource,
+                   device: torch.device) -> Tensor:
+    """An estimate start's points x_hat + s_0 n for every row of a run (rows, *x_shape), model
+    units: each segment's classical estimate, noised to the grid's first level s_0 with the
+    run's own generators (drawn before the sampler's, so a run stays reproducible)."""
+    points = torch.cat([problem.start_points[s.item].expand(s.rows, *problem.x_shape) for s in segments])
+    return points + settings.sampler.s_max * noise.randn(tuple(points.shape), device, points.dtype)
 
 
 class FirstDenoising(Denoiser):

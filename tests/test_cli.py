@@ -50,7 +50,7 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys):
         ([str(image), "--task", "sr2", *common, "--model", "someone/uncached-model"], "pass a local folder"),
         ([str(image), "--task", "sr2", *common, "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
         ([str(image), "--task", "sr2", *common, "--device", "cuda:63"], "no such CUDA device"),
-        ([str(image), "--task", "sr2", *common, "--dtype", "float64"], "--dtype must be float32, bfloat16, float16"),
+        ([str(image), "--task", "sr2", *common, "--dtype", "float64"], "--dtype must be auto, float32, bfloat16, float16"),
         ([str(image), "--task", "sr2", *common, "--jacobian-s-max", "0"], "--jacobian-s-max must be a number > 0"),
         ([str(image), "--task", "sr2", *common, "--jacobian-s-max", "nan"], "--jacobian-s-max must be a number > 0"),
     ]

@@ -87,6 +87,8 @@ def test_restore_takes_deepinv_physics_and_matches_our_operator():
     results = [restore(y, operator, model, num_samples=2, steps=3, covariance="tweedie", generator=torch.Generator().manual_seed(0))
                for operator in (physics, ours)]
     assert torch.equal(results[0].samples, results[1].samples)
+    # scattered holes: both start from the biharmonic fill of the same mask (start="auto")
+    assert results[0].settings.start == results[1].settings.start == "estimate"
     assert float(physics.noise_model.sigma) == pytest.approx(0.05)  # the caller's physics is untouched
 
 

@@ -1,7 +1,7 @@
 """The `posterior-diff` command: `restore` image files or folders, or `train` a model by DSM.
 
     posterior-diff restore low.png --task sr4 -o restored.png [--sigma-y 0.025|auto] [--samples 4] [--std-map std.png]
-                           [--device auto|cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+                           [--device auto|cpu|cuda[:N]] [--dtype auto|float32|bfloat16|float16]
     posterior-diff restore holes.png --task inpaint --mask mask.png -o filled.png
     posterior-diff restore blurred.png --task deblur --kernel gaussian:1.5 -o sharp.png   (or box:5, motion:15:3, psf.png)
     posterior-diff restore photos/ more/*.png --task sr4 -o restored/ [--batch-size 8] [--reference truth/]
@@ -95,9 +95,9 @@ def _model_arguments(restore: argparse.ArgumentParser) -> None:
                               "sigma_range (refused by default)")
     restore.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU; under torchrun or "
                          "accelerate launch cuda:LOCAL_RANK), cpu, cuda or cuda:N")
-    restore.add_argument("--dtype", default="float32",
-                         help="the network's dtype: float32, bfloat16 or float16 (the sampler state stays float32; "
-                              "default float32)")
+    restore.add_argument("--dtype", default="auto",
+                         help="the network's dtype: auto, float32, bfloat16 or float16 (the sampler state stays float32; "
+                              "default auto: the embedded model in bfloat16 on a CPU with native bfloat16, else float32)")
 
 
 def _output_arguments(restore: argparse.ArgumentParser) -> None:

@@ -119,23 +119,23 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_dtype(name: str) -> None:
-    """`--dtype` names one of NETWORK_DTYPES (checked here, not by argparse, for a one-line error)."""
-    if name not in NETWORK_DTYPES:
-        raise UsageError(f"--dtype must be {', '.join(NETWORK_DTYPES)}, got {name!r}")
+    """`--dtype` is "auto" or one of NETWORK_DTYPES (checked here, not by argparse, for a one-line error)."""
+    if name != "auto" and name not in NETWORK_DTYPES:
+        raise UsageError(f"--dtype must be auto, {', '.join(NETWORK_DTYPES)}, got {name!r}")
 
 
 def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
     """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
-    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`)."""
-    from posterior_diff.models.loading import DEFAULT_MODEL_DIR, default_model, load_model
+    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`).
+    `dtype` "auto": the embedded model in `default_network_dtype()` (bfloat16 on a CPU with native
+    bfloat16), any other model in float32."""
+    from posterior_diff.models.loading import default_model, load_model
 
-    if model in NAMED_MODELS:
+    if model is None or model in NAMED_MODELS:
+        embedded = default_model(None if dtype == "auto" else NETWORK_DTYPES[dtype])
+        if model is None:
+            return embedded
         from posterior_diff.models.ladder import default_ladder
 
-        embedded = default_model() if dtype == "float32" else load_model(DEFAULT_MODEL_DIR,
-                                                                         torch_dtype=NETWORK_DTYPES[dtype])
         return default_ladder(switch, model=embedded, channels=embedded.channels)  # FFDNet runs in float32
-    if dtype == "float32":
-        return load_model(model) if model is not None else default_model()
-    # the embedded model is a folder too; a half-precision copy leaves the cached one alone
-    return load_model(model or DEFAULT_MODEL_DIR, torch_dtype=NETWORK_DTYPES[dtype])
+    return load_model(model, torch_dtype=None if dtype in ("auto", "float32") else NETWORK_DTYPES[dtype])

