@@ -12,11 +12,14 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    from the measurement, below every switch, so FFDNet alone serves it). Cheapest: for the switch the
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
    fewest network forwards plus two per VJP; wall seconds, also shown, are too noisy on a shared
-   2-core machine to rank near-equal settings. Beside it, on the first
+   2-core machine to rank near-equal settings. The choice was made before the estimate start
+   existed (`start="estimate"`, docs/start_estimates.md), so its runs start from the prior. Beside it, on the first
    validation photograph (a 32x32 crop), what the Tweedie CG costs when it stops by its accuracy rule alone
    (`cg_tol`, `cg_noise_tol`; cap 50 as a safeguard) instead of at the image defaults' cap of 4.
 2. **The check, on the held-out photographs** (scikit-image's astronaut, camera, coffee and
-   chelsea, halved, 128x128 centre crops, 4 samples), at the chosen settings: PSNR / SSIM of the
+   chelsea, halved, 128x128 centre crops, 4 samples), at the chosen settings and restore's own start
+   (`start="auto"`: from the measurement on denoising, from the biharmonic fill on random inpainting,
+   from the prior elsewhere): PSNR / SSIM of the
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
    inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
    embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser, and deepinv's DiffPIR
@@ -120,7 +123,7 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     crop = "" if size is None else f"|{size}"
     for task in CHOICE_TASKS:
         cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}",
-                                 lambda truth=truth: restore_row(ladders[switch], truth, task, samples,
+                                 lambda truth=truth: restore_row(ladders[switch], truth, task, samples, start="prior",
                                                                  **sampler_settings(sampler)))
                        for image, truth in crops.items()]
         log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), task,

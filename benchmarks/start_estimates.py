@@ -12,8 +12,9 @@ seed 0, 128 x 128 crops, the embedded model's network in float32 (as the other p
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`): posterior-mean
    PSNR of the prior start and of the estimate start at s_0 in LEVELS ([0, 1] units), with the FFDNet
    ladder on SR x4, 70% random inpainting and the 32 x 32 box hole, and with the embedded model
-   alone at FFDNet's top level. The start level is the one with the best mean gain over the tasks
-   where the estimate start wins; `start="auto"` takes it only where it wins on average.
+   alone at FFDNet's top level (restore's `ESTIMATE_START_LEVEL`). The level is the one with the best
+   mean gain on the tasks where the estimate start wins (by more than `reporting.TIE_DB`), and
+   `start="auto"` takes the estimate start only on those tasks' kind of operator.
 2. **The check, on the held-out photographs** (astronaut, camera, coffee, chelsea, halved): the same
    comparison on the tasks where "auto" takes the estimate start, at the chosen level.
 """
@@ -37,7 +38,7 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import TIE_DB, ResultCache, embedded_model, log_row, markdown_table, write_report
 
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
@@ -113,6 +114,24 @@ def rows_of(table: dict, names: list[str]) -> list[list[str]]:
     return rows
 
 
+def verdicts(table: dict, tasks) -> list[str]:
+    """Per (model, task): the estimate start's mean gain over the prior start at restore's level
+    (ESTIMATE_START_LEVEL), per photograph, whether it wins there (a mean gain above `TIE_DB`), and
+    the best level measured."""
+    lines = []
+    for model_name in dict.fromkeys(key[0] for key in table):
+        for task in tasks:
+            levels = [level for (name, t, level) in table if name == model_name and t == task and level is not None]
+            best = max(levels, key=lambda level: statistics.fmean(gains(table, model_name, task, level)))
+            each = gains(table, model_name, task, ESTIMATE_START_LEVEL)
+            verdict = "the estimate start wins" if statistics.fmean(each) > TIE_DB else "the prior start wins or ties"
+            lines.append(f"- {model_name}, {task}: at s_0 {ESTIMATE_START_LEVEL:.3g} a mean gain of "
+                         f"{statistics.fmean(each):+.2f} dB (per photograph {', '.join(f'{g:+.2f}' for g in each)}): "
+                         f"{verdict}; the best level measured is {best:.3g} "
+                         f"({statistics.fmean(gains(table, model_name, task, best)):+.2f} dB)")
+    return lines
+
+
 def header(names: list[str]) -> list[str]:
     return ["model", "task", "start", *(f"{n} (dB)" for n in names), "mean (dB)", "gain (dB)", "within 2 std", "VJPs",
             "s"]
@@ -136,9 +155,11 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.threads} thread(s).")
     write_report(args.out, "Starting from a classical estimate", __doc__.split("\n\n", 1)[1], [
         f"## 1. The choice: validation photographs\n\n{intro}\n\n"
-        + markdown_table(header(validation_names), rows_of(choice, validation_names)),
+        + markdown_table(header(validation_names), rows_of(choice, validation_names))
+        + "\n\n" + "\n".join(verdicts(choice, TASKS)),
         f"## 2. The check: held-out photographs\n\n{intro}\n\n"
-        + markdown_table(header(list(held_out)), rows_of(check, list(held_out))),
+        + markdown_table(header(list(held_out)), rows_of(check, list(held_out)))
+        + "\n\n" + "\n".join(verdicts(check, CHECK_TASKS)),
     ], module="benchmarks.start_estimates", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
         details=[embedded_model(), "FFDNet: IPOL weights from the ffdnet package", f"{args.threads} thread(s)"])
 
