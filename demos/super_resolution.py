@@ -116,7 +116,7 @@ def timed_restore(label: str, model, low, operator, generator, args):
                      covariance=args.covariance, cg_max_iter=args.cg_max_iter, generator=generator, progress=True)
     print(f"\n{label}: x4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma_y}; {args.samples} "
           f"samples, {args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, "
-          f"{result.vjps} VJPs, {time.perf_counter() - start:.0f} s\n")
+          f"{result.vjps} VJPs, network in {result.settings.network_dtype}, {time.perf_counter() - start:.0f} s\n")
     return result
 
 

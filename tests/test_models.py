@@ -155,6 +155,43 @@ def test_a_half_precision_unet_runs_in_half_while_sampling_stays_float32():
         assert torch.allclose(out, full(x, 0.3), atol=0.1)  # bfloat16 weights: 8 mantissa bits, ~0.4 % per layer
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+def test_the_embedded_model_defaults_to_bfloat16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, expected):
+    from posterior_diff.models import loading
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert loading.native_bfloat16() is (avx512_bf16 or amx)
+    assert loading.default_network_dtype() == expected
+    assert loading.default_model().network_dtypes() == (str(expected).removeprefix("torch."),)
+    assert loading.default_model(torch.float32).network_dtypes() == ("float32",)  # asked for: any CPU
+
+
+def test_the_result_says_which_precision_the_network_ran_in():
+    from conftest import tiny_unet
+    from posterior_diff import ladder
+
+    operator = SuperResolution(2, sigma_y=0.05)
+    y = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    half = denoiser_from_diffusers(tiny_unet().to(torch.bfloat16), DDPMScheduler())
+    full = denoiser_from_diffusers(tiny_unet(), DDPMScheduler())
+    for model, expected in ((half, "bfloat16"), (full, "float32")):
+        result = restore(y, operator, model, steps=2, covariance="isotropic")
+        assert result.settings.network_dtype == expected
+    # a ladder of a bfloat16 piece above a float32 one names both
+    both = ladder(half, (full, (0.01, 0.2)))
+    assert both.network_dtypes() == ("bfloat16", "float32")
+
+
+def test_the_command_line_dtype_auto_is_the_embedded_models_default():
+    from posterior_diff.apps.command_options import load_network
+    from posterior_diff.models.loading import default_model
+
+    assert load_network(None, "auto") is default_model()
+    assert load_network(None, "float32") is default_model(torch.float32)
+
+
 def _fake_hub_cache(cache, repo_id, folder):
     """Lay out `folder` as the cached snapshot of `repo_id`, as huggingface_hub stores downloads."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
