@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -38,7 +36,8 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_phot
 from posterior_diff.evaluation.metrics import calibrated_coverage
 
 from .pretrained_priors import mean_over, peer_entry, restore_row
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import (ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_run_parser,
+                        write_report)
 
 TASKS = ("deblur", "deblur-motion")
 CLASSICAL = ("unsupervised Wiener", "Richardson-Lucy")
@@ -46,19 +45,8 @@ TARGET_DB = 1.0  # over the better classical estimate, on every image
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.deblurring", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph")
-    parser.add_argument("--out", type=Path, default=Path("docs/deblurring.md"))
-    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.images = HELD_OUT_PHOTOGRAPHS
-    if args.quick:
-        args.size, args.samples, args.images = 32, 2, HELD_OUT_PHOTOGRAPHS[:1]
-    args.cache = args.cache or args.out.with_suffix(".json")
+    args = parse_photograph_run(photograph_run_parser("benchmarks.deblurring", __doc__, "docs/deblurring.md"), argv)
+    args.images = HELD_OUT_PHOTOGRAPHS[:1] if args.quick else HELD_OUT_PHOTOGRAPHS
     return args
 
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -34,7 +32,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import (ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_run_parser,
+                        write_report)
 
 # (row name, task, restore's start): denoising from the measurement does not use the covariance
 TASKS = (("denoise, from the measurement", "denoise", "measurement"), ("denoise, from the prior", "denoise", "prior"),
@@ -48,19 +47,9 @@ RECHECK_SEEDS = (1, 2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.network_precision", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph")
-    parser.add_argument("--out", type=Path, default=Path("docs/network_precision.md"))
-    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.validation = VALIDATION_FILES
-    if args.quick:
-        args.size, args.samples, args.validation = 32, 2, VALIDATION_FILES[:1]
-    args.cache = args.cache or args.out.with_suffix(".json")
+    parser = photograph_run_parser("benchmarks.network_precision", __doc__, "docs/network_precision.md", size=64)
+    args = parse_photograph_run(parser, argv)
+    args.validation = VALIDATION_FILES[:1] if args.quick else VALIDATION_FILES
     return args
 
 

