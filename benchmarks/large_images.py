@@ -13,7 +13,9 @@ depend on the content.
 A size whose 20 steps would take hours on 2 cores can run fewer (`--steps 1024=2`): the peak memory
 is that of one step (each step holds the same tensors), and the seconds of the default steps are
 projected from the seconds per step, a lower bound: such a short run spends fewer VJPs per step (its
-closing step takes none) than the 3 per step of a full run.
+closing step takes none) than the 3 per step of a full run. `--default-network 1024` also runs that
+size whole with restore's default network on this CPU (`models.loading.default_network_dtype`:
+bfloat16 where the CPU has it), as a user's `restore` call would.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from posterior_diff import default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import photograph
 from posterior_diff.memory import peak_bytes_per_row
+from posterior_diff.models.loading import default_network_dtype
 
 from .reporting import PeakMemory, ResultCache, embedded_model, log_row, markdown_table, write_report
 
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="32 and 64 only")
     parser.add_argument("--steps", type=size_steps, nargs="*", default=[],
                         help="SIZE=STEPS: fewer steps than the image defaults' at that size (seconds projected)")
+    parser.add_argument("--default-network", type=int, nargs="*", default=[], metavar="SIZE",
+                        help="sizes also run at the image defaults with restore's default network precision")
     parser.add_argument("--out", type=Path, default=Path("docs/large_images.md"))
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
@@ -97,22 +102,27 @@ def main(argv: list[str] | None = None) -> None:
     model = default_model(torch.float32)
     cache = ResultCache(args.out.with_suffix(".json"), dict(model=embedded_model(), threads=args.threads))
     rows, base = [], None
-    for size in args.sizes:
-        steps = args.steps.get(size)
-        key = f"sr4|{size}" if steps is None else f"sr4|{size}|{steps} steps"
-        run = cache.get(key, lambda size=size, steps=steps: measure_size(model, size, steps))
+    default_dtype = str(default_network_dtype()).removeprefix("torch.")
+    plan = [(size, args.steps.get(size), "float32") for size in args.sizes]
+    plan += [(size, None, default_dtype) for size in args.default_network]
+    for size, steps, dtype in plan:
+        key = f"sr4|{size}" + ("" if steps is None else f"|{steps} steps") + ("" if dtype == "float32" else f"|{dtype}")
+        network = model if dtype == "float32" else default_model()
+        run = cache.get(key, lambda size=size, steps=steps, network=network: measure_size(network, size, steps))
         megapixels = size * size / 1e6
         run = projected(run)
         base = base or run
         log_row(f"{size}x{size}", float(run["seconds"]), f"{run['peak_mb']:.0f} MB")
         rows.append([f"{size}x{size}" + ("" if steps is None else f" ({steps} steps run, seconds projected to "
-                                                                   f"{IMAGE_DEFAULTS.steps})"),
+                                                                   f"{IMAGE_DEFAULTS.steps})")
+                     + ("" if dtype == "float32" else f", {dtype} network (restore's default here)"),
                      f"{megapixels:.3f}", ("≥ " if run.get("projected") else "") + f"{run['seconds']:.1f}",
                      f"{run['seconds'] / megapixels:.0f}",
                      f"{run['seconds'] / base['seconds']:.1f}", f"{run['peak_mb']:.0f}",
                      "" if run["estimate_mb"] is None else f"{run['estimate_mb']:.0f}", f"{run['nfe']} / {run['vjps']}"])
     write_report(args.out, "Large images: time and memory", __doc__.split("\n\n", 1)[1], [
-        f"SR x4, one sample, embedded model at the image defaults, {args.threads} thread(s):\n\n"
+        f"SR x4, one sample, embedded model at the image defaults, float32 network unless the row says otherwise, "
+        f"{args.threads} thread(s):\n\n"
         + markdown_table(["size", "megapixels", "seconds", "s per megapixel", "× the smallest", "peak MB (measured)",
                           "peak MB (estimate)", "NFE / VJPs"], rows),
     ], module="benchmarks.large_images", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
