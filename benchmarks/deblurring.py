@@ -72,9 +72,10 @@ def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"{task}|{image}"
             entries = dict(cache.get(f"{key}|classical", lambda: classical_entries(measurement, truth)))
-            entries["ours, embedded model"] = cache.get(f"{key}|embedded",
+            ours = f"mean {IMAGE_DEFAULTS.mean_level:g}"  # restore's default mean_level: its rows change with it
+            entries["ours, embedded model"] = cache.get(f"{key}|embedded|{ours}",
                                                         lambda: restore_row(embedded, truth, task, args.samples))
-            entries["ours, ladder"] = cache.get(f"{key}|ladder", lambda: restore_row(ladder, truth, task, args.samples))
+            entries["ours, ladder"] = cache.get(f"{key}|ladder|{ours}", lambda: restore_row(ladder, truth, task, args.samples))
             entries["deepinv DPIR (FFDNet)"] = cache.get(f"{key}|dpir",
                                                          lambda: peer_entry("dpir", denoiser, measurement, truth, 1, 0))
             entries["deepinv DiffPIR (ladder)"] = cache.get(

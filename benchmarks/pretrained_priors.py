@@ -13,13 +13,15 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
    fewest network forwards plus two per VJP; wall seconds, also shown, are too noisy on a shared
    2-core machine to rank near-equal settings. The choice was made before the estimate start
-   existed (`start="estimate"`, docs/start_estimates.md), so its runs start from the prior. Beside it, on the first
+   and the trajectory's mean existed (`start="estimate"`, docs/start_estimates.md; `mean_level`,
+   docs/mean_level.md), so its runs start from the prior and average the samples themselves. Beside it, on the first
    validation photograph (a 32x32 crop), what the Tweedie CG costs when it stops by its accuracy rule alone
    (`cg_tol`, `cg_noise_tol`; cap 50 as a safeguard) instead of at the image defaults' cap of 4.
 2. **The check, on the held-out photographs** (scikit-image's astronaut, camera, coffee and
    chelsea, halved, 128x128 centre crops, 4 samples), at the chosen settings and restore's own start
    (`start="auto"`: from the measurement on denoising, from the biharmonic fill on random inpainting,
-   from the prior elsewhere): PSNR / SSIM of the
+   from the prior elsewhere) and restore's own mean (the guided means at `defaults.MEAN_LEVEL`,
+   docs/mean_level.md; on denoising the exact E[x | y]): PSNR / SSIM of the
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
    inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
    embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser, and deepinv's DiffPIR
@@ -124,7 +126,7 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     for task in CHOICE_TASKS:
         cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}",
                                  lambda truth=truth: restore_row(ladders[switch], truth, task, samples, start="prior",
-                                                                 **sampler_settings(sampler)))
+                                                                 mean_level=0.0, **sampler_settings(sampler)))
                        for image, truth in crops.items()]
         log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), task,
                 f"{mean_over(cells[task], 'psnr'):.2f} dB")
@@ -225,11 +227,13 @@ def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) 
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"check|{task}|{image}"
+            ours = f"mean {IMAGE_DEFAULTS.mean_level:g}"  # restore's default mean_level: its rows change with it
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
-                "ours, ladder": cache.get(f"{key}|ladder|{settings}", lambda: restore_row(ladder, truth, task, args.samples,
-                                                                                        **settings)),
-                "ours, embedded model": cache.get(f"{key}|embedded", lambda: restore_row(embedded, truth, task, args.samples)),
+                "ours, ladder": cache.get(f"{key}|ladder|{settings}|{ours}",
+                                          lambda: restore_row(ladder, truth, task, args.samples, **settings)),
+                "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
+                                                  lambda: restore_row(embedded, truth, task, args.samples)),
                 "deepinv DPIR (FFDNet)": cache.get(f"{key}|dpir", lambda: peer_entry("dpir", denoiser, measurement, truth,
                                                                                     1, 0)),
             }

@@ -61,6 +61,7 @@ from posterior_diff.models.deepinv_prior import (from_deepinv_denoiser, is_deepi
 from posterior_diff.models.loading import default_model, load_model
 from posterior_diff.noise_estimate import SigmaYEstimate, resolve_auto
 from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance, CGTruncatedWarning, GuidanceSettings
+from posterior_diff.sampling.mean_estimates import StepCallback, TrajectoryMeans, check_mean_level, mean_step
 from posterior_diff.sampling.particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from posterior_diff.sampling.samplers import NoiseSource, SamplerSettings, run_sampler
 from posterior_diff.sampling.time_grids import time_grid
@@ -91,6 +92,12 @@ class RestoreSettings:
             estimate where it was built with sigma_y="auto".
         sigma_y_estimate: how that estimate was made (`noise_estimate.SigmaYEstimate`: value,
             estimator, patches), or None where sigma_y was given.
+        mean_level: the noise level ([0, 1] image units; the prior's own without a data range)
+            whose guided means make `Restoration.mean` (`sampling.mean_estimates`); 0: the samples'
+            own mean.
+        mean_step: the grid step of that level (`mean_estimates.mean_step`; 0 for a measurement
+            start, whose first step gives the exact mean), or None for the samples' own mean (and
+            in particle mode).
         network_dtype: the precision the prior's network ran in ("float32", "bfloat16", ...; a
             ladder whose pieces differ names each, comma-separated; "" for a prior without
             parameters). The embedded model's is `models.loading.default_network_dtype()`.
@@ -111,6 +118,8 @@ class RestoreSettings:
     sigma_y: float | None = None
     sigma_y_estimate: SigmaYEstimate | None = None
     network_dtype: str = ""
+    mean_level: float = 0.0
+    mean_step: int | None = None
 
 
 @dataclass
@@ -119,11 +128,13 @@ class Restoration:
 
     Attributes:
         samples: posterior samples, shape (num_samples, *x_shape).
-        mean: the posterior-mean estimate, shape x_shape: the samples' mean; in particle mode
-            the weighted mean of the whole cloud; from a measurement start (denoising) the
+        mean: the posterior-mean estimate, shape x_shape: the average over the samples of the
+            guided mean E[x | x_t, y] at the grid step of `settings.mean_level` (Rao–Blackwellised,
+            `sampling.mean_estimates`: the same expectation as the samples' mean, with less
+            sampling noise, from forwards the run makes anyway); the samples' own mean where that
+            level is 0 (`samples.mean(0)` always is); from a measurement start (denoising) the
             model's posterior mean itself, Tweedie's E[x | y] = D(alpha(t*) y, t*), the run's
-            first forward (no extra one), free of the sampling noise of an N-sample average (the
-            samples' own mean is `samples.mean(0)`).
+            first forward; in particle mode the weighted mean of the whole cloud.
         std: their standard deviation per entry, shape x_shape (zeros for one sample; in
             particle mode the weighted standard deviation of the cloud).
         nfe: network forward calls, each on a batch of samples (or a chunk of particles):
@@ -223,8 +234,8 @@ class Problem:
 @dataclass
 class Draws:
     """One measurement's samples in the model's units and the work of the runs that drew them
-    (`cloud`: the particle run's result in particle mode; `mean`: the exact posterior mean where
-    there is one, see `FirstDenoising`; `cg_truncated`: those runs' Tweedie solves stopped by
+    (`cloud`: the particle run's result in particle mode; `mean`: the average of the rows' guided
+    means at `RestoreSettings.mean_step`, or None for the samples' own; `cg_truncated`: those runs' Tweedie solves stopped by
     the cap before their stopping rule)."""
 
     samples: Tensor
@@ -275,6 +286,8 @@ def restore(
     proposal: str = "auto",
     start: str = "auto",
     allow_extrapolation: bool = False,
+    mean_level: float | None = None,
+    callback: StepCallback | None = None,
 ) -> Restoration:
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
 
@@ -349,6 +362,18 @@ def restore(
             `sigma_range`, asking it about levels it was not trained on. False (default): such a
             run is refused before any work, with a ValueError naming the range and the levels;
             the remedy is a ladder of priors (`posterior_diff.ladder`) covering them.
+        mean_level: where `result.mean` comes from: the average over the samples of the guided
+            mean E[x | x_t, y] at the first grid time whose noise level ([0, 1] image units; the
+            prior's own units without a data range) is at most this (Rao–Blackwellised, free:
+            `sampling.mean_estimates`); 0: the samples' own mean. None: the model's default
+            (`defaults.defaults_for`; chosen in docs/mean_level.md). A measurement start's mean is
+            its exact E[x | y] whatever the level; particle mode's is the weighted cloud's, and a
+            level set there is a ValueError.
+        callback: `callback(step, noise_level, estimates)` after every network evaluation of the
+            sampler: the grid step (0 = the first), its noise level ([0, 1] image units) and the
+            run's guided means E[x | x_t, y] there, (rows, *x_shape) in y's units (clamped to [0, 1]
+            for image models), e.g. to watch a restoration form. With `batch_size` each sampler
+            run calls it in turn; not in particle mode (a ValueError).
 
     Returns:
         A Restoration with samples (num_samples, *x_shape), mean, std, nfe, vjps, seconds,
@@ -360,11 +385,12 @@ def restore(
     problem = check_problem([y], [operator], model, ["y"], ["operator"])
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                               cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                              proposal, start, allow_extrapolation)
+                              proposal, start, allow_extrapolation, mean_level)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_callback(callback, particles)
     tally = CGTally()
-    result = run_stages(problem, settings, generator, check_device(device), progress, tally)[0]
+    result = run_stages(problem, settings, generator, check_device(device), progress, tally, callback)[0]
     warn_if_truncated(tally, settings)
     return result
 
@@ -395,6 +421,7 @@ def restore_batch(
     proposal: str = "auto",
     start: str = "auto",
     allow_extrapolation: bool = False,
+    mean_level: float | None = None,
 ) -> list[Restoration]:
     """Posterior samples for several measurements at once: `num_samples` for each of them,
     drawn together in shared sampler runs (batched network calls).
@@ -430,7 +457,7 @@ def restore_batch(
             network call.
         steps, covariance, eta, solver, guidance_scale, device, progress, grid, cg_tol,
         cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, particles, ess_threshold, proposal, start,
-        allow_extrapolation: as in `restore`.
+        allow_extrapolation, mean_level: as in `restore`.
 
     Returns:
         One Restoration per measurement, in order: samples (num_samples, *x_shape), mean, std,
@@ -452,7 +479,8 @@ def restore_batch(
     groups = problem.noise_groups()
     settings = [check_settings(problem.subset(group), num_samples, steps, covariance, eta, solver, guidance_scale,
                                grid, cg_tol, cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size,
-                               particles, ess_threshold, proposal, start, allow_extrapolation) for group in groups]
+                               particles, ess_threshold, proposal, start, allow_extrapolation, mean_level)
+                for group in groups]
     generators = check_generators(generator, len(items))
     device = check_device(device)
     tally = CGTally()  # every group's solves: one warning for the whole call
@@ -468,16 +496,17 @@ def restore_batch(
 
 
 def run_stages(problem: Problem, settings: RestoreSettings, generators: Generators, device,
-               progress, tally: CGTally) -> list[Restoration]:
+               progress, tally: CGTally, callback: StepCallback | None = None) -> list[Restoration]:
     """Stages 2 to 4 for checked arguments: convert, sample, summarise (one Restoration per
-    measurement); the Tweedie solves are added to `tally`, which the caller reports once."""
+    measurement); the Tweedie solves are added to `tally`, which the caller reports once;
+    `callback` sees every step's guided means (see `restore`)."""
     if settings.start == "estimate":
         points = tuple(classical_estimate(y, operator) for y, operator in zip(problem.measurements, problem.operators))
         problem = dataclasses.replace(problem, start_points=points)
     problem, device = convert(problem, device)
     settings = fit_in_memory(problem, settings, device)
     if settings.particles is None:
-        draws = sample_in_batches(problem, settings, generators, device, progress, tally)
+        draws = sample_in_batches(problem, settings, generators, device, progress, tally, callback)
     else:
         draws = sample_particles(problem, settings, generators, device, progress, tally)
     return [summarise(problem, item, settings) for item in draws]
@@ -679,10 +708,11 @@ def as_measurement(y, image_model: bool, name: str = "y") -> Tensor:
 
 def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                    cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                   proposal, start="prior", allow_extrapolation=False) -> RestoreSettings:
+                   proposal, start="prior", allow_extrapolation=False, mean_level=None) -> RestoreSettings:
     """The frozen settings of a call (each dataclass checks its own fields once); steps,
-    covariance, the CG cap, the warm start and jacobian_s_max left as None come from the model's defaults.
-    The sampler's noise levels are checked against the model's `sigma_range` (`check_noise_levels`)."""
+    covariance, the CG cap, the warm start, jacobian_s_max and mean_level left as None come from the
+    model's defaults. The sampler's noise levels are checked against the model's `sigma_range`
+    (`check_noise_levels`)."""
     defaults = defaults_for(problem.model)
     start = resolve_start(problem, start, particles)
     s_max = start_ratio(problem, start)
@@ -699,10 +729,37 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
     particle_settings = None if particles is None else check_particle_settings(
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
         problem.measurements[0].numel())
+    level, step = resolve_mean_level(problem, sampler, start, mean_level, particles)
     return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings,
                            start, cap_unasked=covariance is not None and cg_max_iter is None,
                            sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None,
-                           network_dtype=", ".join(problem.model.network_dtypes()))
+                           network_dtype=", ".join(problem.model.network_dtypes()), mean_level=level, mean_step=step)
+
+
+def resolve_mean_level(problem: Problem, sampler: SamplerSettings, start: str, mean_level,
+                       particles) -> tuple[float, int | None]:
+    """(mean_level, its grid step; see `RestoreSettings`): the model's default where None. A
+    measurement start keeps its first step (the exact mean) and particle mode its weighted cloud,
+    where a level set by the caller is a ValueError."""
+    if particles is not None:
+        if mean_level is not None:
+            raise ValueError("mean_level does not apply in particle mode, whose mean is the weighted cloud's; "
+                             "leave it None")
+        return 0.0, None
+    level = defaults_for(problem.model).mean_level if mean_level is None else check_mean_level(mean_level)
+    if start == "measurement":
+        return level, 0
+    return level, mean_step(problem.model.schedule, problem.model.data_range, sampler, level)
+
+
+def check_callback(callback, particles) -> None:
+    """A TypeError unless `callback` is None or callable; a ValueError with particle mode."""
+    if callback is None:
+        return
+    if not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, noise_level, estimates), got {callback!r}")
+    if particles is not None:
+        raise ValueError("callback is not available in particle mode; leave it None")
 
 
 START_CHOICES = ("auto", "prior", "measurement", "estimate")
@@ -972,43 +1029,46 @@ def synchronize(device: torch.device) -> None:
 
 class SamplerRun(NamedTuple):
     """What one sampler run over several segments gave: the samples in model units (rows, *x_shape),
-    its network forwards and VJPs (each on the whole batch of rows), its seconds, for a
-    measurement start each row's exact posterior mean (rows, *x_shape), else None, and its
+    its network forwards and VJPs (each on the whole batch of rows), its seconds, each row's guided
+    mean at the grid step `RestoreSettings.mean_step` (rows, *x_shape; None without one), and its
     Tweedie CG solves stopped by the cap before their stopping rule, and all of them."""
 
     samples: Tensor
     nfe: int
     vjps: int
     seconds: float
-    exact_means: Tensor | None
+    step_means: Tensor | None
     cg_truncated: int = 0
     cg_solves: int = 0
 
 
 def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], generators: Generators,
-               device: torch.device, progress) -> SamplerRun:
+               device: torch.device, progress, callback: StepCallback | None = None) -> SamplerRun:
     """One sampler run over the rows of `segments`. Row k is guided by its own measurement and
     measured by its own operator (stacked where the segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
     measurements = run_measurements(problem, segments)
     noise = run_noise(segments, generators)
     if settings.start == "measurement":
-        # y = x_0 + sigma_y n is the forward process at ratio sigma_y (x_t* / alpha = y): unguided from there.
-        denoiser, start = FirstDenoising(problem.model), measurements
+        # y = x_0 + sigma_y n is the forward process at ratio sigma_y (x_t* / alpha = y): unguided
+        # from there, and the first step's D is the exact E[x | y] (mean_step 0).
+        denoiser, start = problem.model, measurements
     else:
         operator = stack_operators([problem.operators[s.item] for s in segments], [s.rows for s in segments])
         denoiser = AveragedLikelihoodGuidance.from_settings(problem.model, operator, measurements, settings.guidance)
         start = estimate_start(problem, settings, segments, noise, device) if settings.start == "estimate" else None
+    means = TrajectoryMeans(settings.mean_step, problem.model.data_range, callback,
+                            lambda x: to_output(problem, x))
     began = time.perf_counter()
     samples, evaluations = run_sampler(denoiser, (rows, *problem.x_shape), settings.sampler,
-                                       generator=noise, device=device,
-                                       dtype=problem.model.sampling_dtype(), progress=progress, start=start)
+                                       generator=noise, device=device, dtype=problem.model.sampling_dtype(),
+                                       progress=progress, start=start, observe=means)
     synchronize(device)
     seconds = time.perf_counter() - began
     if isinstance(denoiser, AveragedLikelihoodGuidance):
-        return SamplerRun(samples, evaluations, denoiser.vjp_count, seconds, None, denoiser.cg_truncated,
+        return SamplerRun(samples, evaluations, denoiser.vjp_count, seconds, means.kept, denoiser.cg_truncated,
                           len(denoiser.cg_iterations))
-    return SamplerRun(samples, evaluations, 0, seconds, denoiser.first)
+    return SamplerRun(samples, evaluations, 0, seconds, means.kept)
 
 
 def estimate_start(problem: Problem, settings: RestoreSettings, segments: Sequence[Segment], noise: NoiseSource,
@@ -1020,51 +1080,35 @@ def estimate_start(problem: Problem, settings: RestoreSettings, segments: Sequen
     return points + settings.sampler.s_max * noise.randn(tuple(points.shape), device, points.dtype)
 
 
-class FirstDenoising(Denoiser):
-    """A denoiser that keeps its first output. From a measurement start every row begins at
-    alpha(t*) y, so the run's first call is Tweedie's D(alpha(t*) y, t*) = E[x | y] for each row's
-    measurement: the exact posterior mean, from a forward the sampler makes anyway. (The wrapped
-    model is a submodule, so device and dtype come from its parameters as for any Denoiser.)"""
-
-    def __init__(self, denoiser: Denoiser):
-        super().__init__()
-        self.denoiser = denoiser
-        self.schedule, self.x_shape, self.data_range, self.channels = (
-            denoiser.schedule, denoiser.x_shape, denoiser.data_range, denoiser.channels)
-        self.first: Tensor | None = None
-
-    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
-        denoised = self.denoiser(x_t, t)
-        if self.first is None:
-            self.first = denoised.detach()
-        return denoised
-
-
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
-                      progress, tally: CGTally) -> list[Draws]:
+                      progress, tally: CGTally, callback: StepCallback | None = None) -> list[Draws]:
     """The plain guided sampler for every measurement, in the runs of `plan_runs`: one Draws per
-    measurement, its samples in model units with the work of the runs that drew them (and
-    every run's Tweedie solves added to `tally`, once)."""
+    measurement, its samples in model units with the work of the runs that drew them and the
+    average of its rows' guided means at `settings.mean_step` (every run's Tweedie solves added to
+    `tally`, once)."""
     runs = plan_runs(problem.count, settings.num_samples, settings.batch_size, isinstance(generators, tuple))
     chunks: list[list[Tensor]] = [[] for _ in range(problem.count)]
     nfe, vjps, seconds = [0] * problem.count, [0] * problem.count, [0.0] * problem.count
     truncated = [0] * problem.count
-    means: dict[int, Tensor] = {}  # the exact posterior means of a measurement start
+    mean_sums: list[Tensor | None] = [None] * problem.count  # each measurement's guided means at mean_step, summed
     for segments in runs:
-        run = sample_run(problem, settings, segments, generators, device, progress)
+        run = sample_run(problem, settings, segments, generators, device, progress, callback)
         tally.add(run.cg_truncated, run.cg_solves)
         rows = [s.rows for s in segments]
-        exact_means = run.exact_means.split(rows) if run.exact_means is not None else [None] * len(segments)
+        step_means = run.step_means.split(rows) if run.step_means is not None else [None] * len(segments)
         # A run holds at most one segment of each measurement (see plan_runs): its work counts once.
-        for segment, part, exact_mean in zip(segments, run.samples.split(rows), exact_means):
-            if exact_mean is not None:
-                means[segment.item] = exact_mean[0]  # every row of a segment starts at the same y
+        for segment, part, step_mean in zip(segments, run.samples.split(rows), step_means):
+            if step_mean is not None:
+                total = step_mean.sum(0)
+                mean_sums[segment.item] = total if mean_sums[segment.item] is None else mean_sums[segment.item] + total
             chunks[segment.item].append(part)
             nfe[segment.item] += run.nfe
             vjps[segment.item] += run.vjps
             truncated[segment.item] += run.cg_truncated
             seconds[segment.item] += run.seconds
-    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i], mean=means.get(i), cg_truncated=truncated[i])
+    return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i],
+                  mean=None if mean_sums[i] is None else mean_sums[i] / settings.num_samples,
+                  cg_truncated=truncated[i])
             for i in range(problem.count)]
 
 
@@ -1087,23 +1131,24 @@ def sample_particles(problem: Problem, settings: RestoreSettings, generators: Ge
 
 
 # -- 4. summarise -----------------------------------------------------------------------------
+def to_output(problem: Problem, x: Tensor) -> Tensor:
+    """x in the caller's units: [0, 1] (clamped) for image models, the prior's own otherwise."""
+    return from_model_range(x, problem.model.data_range).clamp(0, 1) if problem.image_model else x
+
+
 def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Restoration:
-    """One measurement's Restoration in the caller's units: plain samples' mean (or the exact
-    posterior mean of a measurement start) and std, or in
+    """One measurement's Restoration in the caller's units: the plain samples' std and their
+    mean, or the average of their guided means at `settings.mean_step` (`Draws.mean`), or in
     particle mode those of the whole weighted cloud (the SMC estimates, free of the extra noise
     of drawing `num_samples` from it)."""
-
-    def to_output(x: Tensor) -> Tensor:
-        return from_model_range(x, problem.model.data_range).clamp(0, 1) if problem.image_model else x
-
-    samples = to_output(draws.samples)
+    samples = to_output(problem, draws.samples)
     cloud = draws.cloud
     if cloud is None:
         std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
-        mean = samples.mean(dim=0) if draws.mean is None else to_output(draws.mean)
+        mean = samples.mean(dim=0) if draws.mean is None else to_output(problem, draws.mean)
         return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings,
                            cg_truncated=draws.cg_truncated)
-    particles = to_output(cloud.particles)
+    particles = to_output(problem, cloud.particles)
     weights = cloud.weights.reshape(-1, *[1] * (particles.dim() - 1))
     mean = (weights * particles).sum(0)
     std = (weights * (particles - mean).square()).sum(0).sqrt()

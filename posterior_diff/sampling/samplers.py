@@ -319,12 +319,16 @@ def make_solver(settings: SamplerSettings) -> Solver:
     return classes[settings.solver](settings.eta)
 
 
-class CheckedDenoiser:
-    """D(x, t) at grid points for a batch: counts the calls (NFE) and stops on non-finite output
-    (through a FiniteGuard, which on an accelerator reads its verdict back only now and then)."""
+Observer = Callable[[GridPoint, Tensor], None]  # sees each D(x, t) the sampler computes, with its grid point
 
-    def __init__(self, denoiser: Denoiser, guard: "FiniteGuard"):
-        self.denoiser, self.guard = denoiser, guard
+
+class CheckedDenoiser:
+    """D(x, t) at grid points for a batch: counts the calls (NFE), stops on non-finite output
+    (through a FiniteGuard, which on an accelerator reads its verdict back only now and then)
+    and shows each output to the run's observer, if it has one."""
+
+    def __init__(self, denoiser: Denoiser, guard: "FiniteGuard", observe: Observer | None = None):
+        self.denoiser, self.guard, self.observe = denoiser, guard, observe
         self.calls = 0
 
     def __call__(self, x: Tensor, point: GridPoint, final: bool = False) -> Tensor:
@@ -332,6 +336,8 @@ class CheckedDenoiser:
         self.calls += 1
         denoised = self.denoiser.final_estimate(x, point.t) if final else self.denoiser.at_time(x, point.t)
         self.guard.observe(denoised, "the denoiser returned", point)
+        if self.observe is not None:
+            self.observe(point, denoised)
         return denoised
 
 
@@ -429,12 +435,17 @@ def sample(
 
 def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSettings, *,
                 generator: torch.Generator | NoiseSource | None = None, device=None, dtype=None,
-                progress: bool | Callable[[int], Any] = False, start: Tensor | None = None) -> tuple[Tensor, int]:
+                progress: bool | Callable[[int], Any] = False, start: Tensor | None = None,
+                observe: Observer | None = None) -> tuple[Tensor, int]:
     """`sample` with settings checked already (see `sample` for the other arguments).
 
     `start`: x_t / alpha at the first grid time (the variance-exploding point z, e.g. a denoising
     measurement at noise ratio s_max), of `shape`; needed where settings.s_max starts the grid
-    below t_max. None draws x from the reference distribution at t_max."""
+    below t_max. None draws x from the reference distribution at t_max.
+    `observe(point, denoised)`: called after every denoiser evaluation with its grid point and
+    its output D (shape `shape`, model units; detach before keeping it). Solvers with two
+    evaluations per step ("heun", "pc") show it a grid point twice, the point the next step
+    starts from last."""
     device, dtype = placement(denoiser, device, dtype)
     if (start is None) != (settings.s_max is None):
         raise ValueError("a run starting below t_max (s_max) needs its start sample, and only such a run takes one")
@@ -443,7 +454,7 @@ def run_sampler(denoiser: Denoiser, shape: tuple[int, ...], settings: SamplerSet
     points = grid_points(denoiser.schedule, settings.steps, settings.grid, settings.s_min, settings.s_max)
     solver = make_solver(settings)
     guard = FiniteGuard(device)
-    denoise = CheckedDenoiser(denoiser, guard)
+    denoise = CheckedDenoiser(denoiser, guard, observe)
     source = as_noise_source(generator, shape[0])
 
     def noise() -> Tensor:
