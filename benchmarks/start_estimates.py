@@ -29,15 +29,14 @@ import importlib
 
 import torch
 
-from posterior_diff import default_ladder, default_model
 from posterior_diff.defaults import ESTIMATE_START_LEVEL, IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import (TIE_DB, ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run,
-                        photograph_run_parser, write_report)
+from .reporting import (TIE_DB, ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
+                        parse_photograph_run, photograph_run_parser, write_report)
 
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
@@ -130,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    embedded = default_model(torch.float32)
-    models = {"ladder": default_ladder(model=embedded), "embedded": embedded}
+    models = ladder_and_embedded()
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          validation=list(args.validation), defaults=repr(IMAGE_DEFAULTS)))
     crops = validation_crops(args.validation, args.size)

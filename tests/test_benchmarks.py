@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("deepinv")
 
 from benchmarks import (data_size, deblur_cost, deblurring, denoising_start, gaussian_exactness,  # noqa: E402
-                        image_restoration, jacobian_range, large_images, network_precision, particle_mode,
+                        image_restoration, jacobian_range, large_images, mean_level, network_precision, particle_mode,
                         pretrained_priors, run_benchmarks, speed, start_estimates, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
@@ -551,3 +551,23 @@ def test_the_start_verdict_reads_the_gain_at_restores_level():
 def test_the_start_estimates_quick_run_compares_the_starts(tmp_path):
     report = ffdnet_quick_report(start_estimates, tmp_path)
     assert len(markdown_tables(report)) == 2 and "the best level measured" in report
+
+
+def test_the_mean_level_choice_takes_the_best_mean_over_models_and_tasks():
+    def run(*psnrs):
+        return {f"{level:g}": dict(psnr=p, coverage=0.8, step=3) for level, p in zip(mean_level.LEVELS, psnrs)}
+
+    table = {("ladder", "sr4"): [run(30.0, 30.1, 30.2, 30.3, 30.4, 30.5)],
+             ("embedded", "box"): [run(30.0, 30.2, 30.3, 30.1, 29.0, 28.0)]}
+    assert mean_level.choose(table) == 0.02  # 30.25 dB on average; sr4 alone would take 0.1
+    rows = mean_level.check_rows(table, 0.02)
+    assert rows[0][:3] == ["ladder", "sr4", "30.00 → 30.20"] and rows[0][3] == "+0.20"
+    assert rows[1][3] == "+0.30"
+
+
+@pytest.mark.slow
+def test_the_mean_level_quick_run_measures_every_level_from_one_run(tmp_path):
+    report = ffdnet_quick_report(mean_level, tmp_path)
+    tables = markdown_tables(report)
+    assert len(tables) == 2 and "Chosen: **mean_level" in report
+    assert [row[:2] for row in tables[0][1][:-1]] == [[m, t] for m in ("ladder", "embedded") for t in mean_level.TASKS]

@@ -53,6 +53,7 @@ def test_user_errors_are_one_line(tmp_path, pipeline_folder, capsys):
         ([str(image), "--task", "sr2", *common, "--dtype", "float64"], "--dtype must be auto, float32, bfloat16, float16"),
         ([str(image), "--task", "sr2", *common, "--jacobian-s-max", "0"], "--jacobian-s-max must be a number > 0"),
         ([str(image), "--task", "sr2", *common, "--jacobian-s-max", "nan"], "--jacobian-s-max must be a number > 0"),
+        ([str(image), "--task", "sr2", *common, "--mean-level", "-1"], "mean_level must be in [0, inf]"),
     ]
     for arguments, message in cases:
         assert main(["restore", *arguments]) == 2
@@ -80,24 +81,26 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
 
     def spy(y, operator, model, **options):
         seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"],
-                    jacobian_s_max=options["jacobian_s_max"])
+                    jacobian_s_max=options["jacobian_s_max"], mean_level=options["mean_level"])
         result = real_restore(y, operator, model, **options)
-        seen["samples"] = result.samples.dtype
+        seen.update(samples=result.samples.dtype, level=result.settings.mean_level)
         return result
 
     monkeypatch.setattr(restore_module, "restore", spy)
     low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
     out = tmp_path / "out.png"
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
-                 "--dtype", "bfloat16", "--device", "cpu", "--jacobian-s-max", "2", "-o", str(out)]) == 0
+                 "--dtype", "bfloat16", "--device", "cpu", "--jacobian-s-max", "2", "--mean-level", "0", "-o",
+                 str(out)]) == 0
     assert seen == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "jacobian_s_max": 2.0,  # "2" parsed: exact
-                    "samples": torch.float32}
+                    "mean_level": 0.0, "samples": torch.float32, "level": 0.0}
     assert read_image(out).shape == (3, 8, 8)
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
                  "-o", str(out), "--force"]) == 0
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert seen["dtype"] == torch.float32 and seen["device"] == expected  # auto, float32 by default
     assert seen["jacobian_s_max"] == IMAGE_DEFAULTS.jacobian_s_max
+    assert seen["mean_level"] is None and seen["level"] == IMAGE_DEFAULTS.mean_level
 
 
 def test_deblurring_with_a_named_kernel_and_a_kernel_file(tmp_path, pipeline_folder, capsys):
