@@ -110,14 +110,17 @@ def test_particle_mode_equals_restore_item_by_item(prior, masks, per_item_operat
         assert item.log_evidence == pytest.approx(single.log_evidence) and item.nfe == single.nfe
 
 
+@pytest.mark.parametrize("mean_level", [0.0, 1.0])
 @pytest.mark.parametrize("batch_size", [None, 1, 2, 3, 5])
-def test_an_item_does_not_depend_on_its_batch_mates_or_the_packing(prior, masks, batch_size):
+def test_an_item_does_not_depend_on_its_batch_mates_or_the_packing(prior, masks, batch_size, mean_level):
     """Item 1 of [y0, y1, y2], of [y2, y1] and alone is restore(y1, batch_size) with its generator,
-    however batch_size packs the pieces of 4 samples into runs."""
+    however batch_size packs the pieces of 4 samples into runs: its samples, and its mean whether it
+    is the samples' own or the trajectory's (guided means summed over the runs its pieces took part in)."""
     operators = [Inpainting(mask, sigma_y=0.1) for mask in masks]
     ys = measure(prior, operators)
-    settings = dict(num_samples=4, steps=4, batch_size=batch_size, **TIGHT_CG)
+    settings = dict(num_samples=4, steps=4, batch_size=batch_size, mean_level=mean_level, **TIGHT_CG)
     reference = restore(ys[1], operators[1], prior, generator=seeded(7), **settings)
+    assert reference.settings.mean_step == (None if mean_level == 0 else 2)  # a middle step of the 4
     three = restore_batch(ys, operators, prior, generator=[seeded(5), seeded(7), seeded(6)], **settings)[1]
     reordered = restore_batch([ys[2], ys[1]], [operators[2], operators[1]], prior, generator=[seeded(9), seeded(7)],
                               **settings)[1]
