@@ -37,7 +37,7 @@ from posterior_diff.evaluation.metrics import calibrated_coverage
 
 from .pretrained_priors import mean_over, peer_entry, restore_row
 from .reporting import (ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_run_parser,
-                        write_report)
+                        restore_defaults_tag, write_report)
 
 TASKS = ("deblur", "deblur-motion")
 CLASSICAL = ("unsupervised Wiener", "Richardson-Lucy")
@@ -72,7 +72,7 @@ def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"{task}|{image}"
             entries = dict(cache.get(f"{key}|classical", lambda: classical_entries(measurement, truth)))
-            ours = f"mean {IMAGE_DEFAULTS.mean_level:g}"  # restore's default mean_level: its rows change with it
+            ours = restore_defaults_tag()
             entries["ours, embedded model"] = cache.get(f"{key}|embedded|{ours}",
                                                         lambda: restore_row(embedded, truth, task, args.samples))
             entries["ours, ladder"] = cache.get(f"{key}|ladder|{ours}", lambda: restore_row(ladder, truth, task, args.samples))

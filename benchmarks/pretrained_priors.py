@@ -56,7 +56,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
 from .peers import run_dpir, run_peer
-from .reporting import TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row, markdown_table, write_report
+from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row, markdown_table,
+                        restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
@@ -227,7 +228,7 @@ def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) 
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"check|{task}|{image}"
-            ours = f"mean {IMAGE_DEFAULTS.mean_level:g}"  # restore's default mean_level: its rows change with it
+            ours = restore_defaults_tag()
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
                 "ours, ladder": cache.get(f"{key}|ladder|{settings}|{ours}",

@@ -103,6 +103,14 @@ def embedded_model() -> str:
     return f"embedded model {digest}, {total_steps(DEFAULT_MODEL_DIR):,} training steps"
 
 
+def restore_defaults_tag() -> str:
+    """What a cached run of restore at its image defaults depends on beyond its settings: the
+    default mean_level (`defaults.IMAGE_DEFAULTS`), part of such runs' cache keys."""
+    from posterior_diff.defaults import IMAGE_DEFAULTS
+
+    return f"mean {IMAGE_DEFAULTS.mean_level:g}"
+
+
 def ladder_and_embedded() -> dict:
     """{"ladder": the default FFDNet ladder, "embedded": the embedded model}, its network in float32 in
     both (the photograph reports measure float32, so that their caches stay comparable)."""

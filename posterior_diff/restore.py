@@ -234,16 +234,17 @@ class Problem:
 @dataclass
 class Draws:
     """One measurement's samples in the model's units and the work of the runs that drew them
-    (`cloud`: the particle run's result in particle mode; `mean`: the average of the rows' guided
-    means at `RestoreSettings.mean_step`, or None for the samples' own; `cg_truncated`: those runs' Tweedie solves stopped by
-    the cap before their stopping rule)."""
+    (`cloud`: the particle run's result in particle mode; `step_means`: each sample's guided mean at
+    `RestoreSettings.mean_step`, in the samples' order and units, or None where the mean is the
+    samples' own; `cg_truncated`: those runs' Tweedie solves stopped by the cap before their
+    stopping rule)."""
 
     samples: Tensor
     nfe: int
     vjps: int
     seconds: float
     cloud: ParticleResult | None = None
-    mean: Tensor | None = None
+    step_means: Tensor | None = None
     cg_truncated: int = 0
 
 
@@ -1083,14 +1084,13 @@ def estimate_start(problem: Problem, settings: RestoreSettings, segments: Sequen
 def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: Generators, device: torch.device,
                       progress, tally: CGTally, callback: StepCallback | None = None) -> list[Draws]:
     """The plain guided sampler for every measurement, in the runs of `plan_runs`: one Draws per
-    measurement, its samples in model units with the work of the runs that drew them and the
-    average of its rows' guided means at `settings.mean_step` (every run's Tweedie solves added to
-    `tally`, once)."""
+    measurement, its samples and their guided means at `settings.mean_step` in model units, with the
+    work of the runs that drew them (every run's Tweedie solves added to `tally`, once)."""
     runs = plan_runs(problem.count, settings.num_samples, settings.batch_size, isinstance(generators, tuple))
     chunks: list[list[Tensor]] = [[] for _ in range(problem.count)]
     nfe, vjps, seconds = [0] * problem.count, [0] * problem.count, [0.0] * problem.count
     truncated = [0] * problem.count
-    mean_sums: list[Tensor | None] = [None] * problem.count  # each measurement's guided means at mean_step, summed
+    step_chunks: list[list[Tensor]] = [[] for _ in range(problem.count)]
     for segments in runs:
         run = sample_run(problem, settings, segments, generators, device, progress, callback)
         tally.add(run.cg_truncated, run.cg_solves)
@@ -1098,17 +1098,15 @@ def sample_in_batches(problem: Problem, settings: RestoreSettings, generators: G
         step_means = run.step_means.split(rows) if run.step_means is not None else [None] * len(segments)
         # A run holds at most one segment of each measurement (see plan_runs): its work counts once.
         for segment, part, step_mean in zip(segments, run.samples.split(rows), step_means):
-            if step_mean is not None:
-                total = step_mean.sum(0)
-                mean_sums[segment.item] = total if mean_sums[segment.item] is None else mean_sums[segment.item] + total
             chunks[segment.item].append(part)
+            if step_mean is not None:
+                step_chunks[segment.item].append(step_mean)
             nfe[segment.item] += run.nfe
             vjps[segment.item] += run.vjps
             truncated[segment.item] += run.cg_truncated
             seconds[segment.item] += run.seconds
     return [Draws(torch.cat(chunks[i]), nfe[i], vjps[i], seconds[i],
-                  mean=None if mean_sums[i] is None else mean_sums[i] / settings.num_samples,
-                  cg_truncated=truncated[i])
+                  step_means=torch.cat(step_chunks[i]) if step_chunks[i] else None, cg_truncated=truncated[i])
             for i in range(problem.count)]
 
 
@@ -1138,14 +1136,15 @@ def to_output(problem: Problem, x: Tensor) -> Tensor:
 
 def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Restoration:
     """One measurement's Restoration in the caller's units: the plain samples' std and their
-    mean, or the average of their guided means at `settings.mean_step` (`Draws.mean`), or in
+    mean, or the average of their guided means at `settings.mean_step` (`Draws.step_means`, each
+    converted as a sample is, so that the mean is what `restore`'s callback shows there), or in
     particle mode those of the whole weighted cloud (the SMC estimates, free of the extra noise
     of drawing `num_samples` from it)."""
     samples = to_output(problem, draws.samples)
     cloud = draws.cloud
     if cloud is None:
         std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
-        mean = samples.mean(dim=0) if draws.mean is None else to_output(problem, draws.mean)
+        mean = (samples if draws.step_means is None else to_output(problem, draws.step_means)).mean(dim=0)
         return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings,
                            cg_truncated=draws.cg_truncated)
     particles = to_output(problem, cloud.particles)

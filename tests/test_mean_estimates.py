@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
-from operators import Denoising, MatrixOperator
-from posterior_diff import GaussianPrior, restore
+from conftest import tiny_unet
+from operators import Denoising, MatrixOperator, SuperResolution
+from posterior_diff import GaussianPrior, denoiser_from_diffusers, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS, MEAN_LEVEL, defaults_for
 from posterior_diff.sampling.mean_estimates import mean_step
 from posterior_diff.sampling.samplers import SamplerSettings, grid_points
@@ -78,6 +80,18 @@ def test_the_mean_is_the_average_of_the_callbacks_estimates_at_the_chosen_step()
     assert step is not None and sorted(seen.levels) == list(range(12))
     torch.testing.assert_close(again.mean, seen.means[step])
     assert not torch.equal(result.mean, result.samples.mean(0))
+
+
+def test_an_image_models_mean_is_the_average_of_what_the_callback_shows():
+    # Each guided mean is put in [0, 1] and clamped as a sample is, then averaged: the mean is
+    # exactly what the callback shows at the chosen step, clamped pixels included.
+    model = denoiser_from_diffusers(tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
+    seen = Levels()
+    y = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    result = restore(y, SuperResolution(2, sigma_y=0.05), model, num_samples=3, steps=6, mean_level=0.5,
+                     callback=seen, generator=torch.Generator().manual_seed(0))
+    assert result.settings.mean_step is not None
+    torch.testing.assert_close(result.mean, seen.means[result.settings.mean_step], rtol=0, atol=1e-6)
 
 
 def test_a_measurement_start_keeps_its_exact_mean_at_any_level():
