@@ -23,13 +23,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from posterior_diff.checks import number_in
 from posterior_diff.images import noise_from_model_units
-from posterior_diff.sampling.samplers import GridPoint, SamplerSettings
-from posterior_diff.sampling.time_grids import time_grid
+from posterior_diff.sampling.samplers import GridPoint, SamplerSettings, grid_points
 
 # callback(step, noise_level, estimates): a grid step's index, its noise level ([0, 1] image units)
 # and the run's guided means there (rows, *x_shape, in the caller's units).
@@ -41,17 +39,21 @@ def check_mean_level(level) -> float:
     return number_in(level, "mean_level", 0.0, math.inf)
 
 
+def noise_level(point: GridPoint, data_range) -> float:
+    """A grid point's noise level s = sigma / alpha in [0, 1] image units (the prior's own units
+    without a data range)."""
+    return float(noise_from_model_units(point.sigma / point.alpha, data_range))
+
+
 def mean_step(schedule, data_range, sampler: SamplerSettings, level: float) -> int | None:
     """The grid step whose guided means average into the posterior mean: the first (highest) grid
-    time whose noise level s = sigma / alpha, in [0, 1] image units (the prior's own units without a
-    data range), is at most `level`. None where `level` is 0 or below the grid's last level: the
-    mean is then the samples' own. No network call: `time_grid` is the sampler's grid."""
+    time whose `noise_level` is at most `level`. None where `level` is 0 or below the grid's last
+    level: the mean is then the samples' own. No network call: `grid_points` is the sampler's grid."""
     if level == 0:
         return None
-    times = time_grid(schedule, sampler.steps, sampler.grid, sampler.s_min, s_max=sampler.s_max)
-    levels = noise_from_model_units(schedule.ratio(times).double(), data_range)
-    below = torch.nonzero(levels <= level * (1 + 1e-9)).flatten()  # 1e-9: a level named at a grid time
-    return int(below[0]) if below.numel() else None
+    points = grid_points(schedule, sampler.steps, sampler.grid, sampler.s_min, sampler.s_max)
+    # 1 + 1e-9: a level named at a grid time picks that time despite round-off
+    return next((p.index for p in points if noise_level(p, data_range) <= level * (1 + 1e-9)), None)
 
 
 class TrajectoryMeans:
@@ -72,5 +74,4 @@ class TrajectoryMeans:
         if point.index == self.step:
             self.kept = denoised.detach()
         if self.callback is not None:
-            level = float(noise_from_model_units(point.sigma / point.alpha, self.data_range))
-            self.callback(point.index, level, self.to_output(denoised.detach()))
+            self.callback(point.index, noise_level(point, self.data_range), self.to_output(denoised.detach()))
