@@ -9,18 +9,20 @@ sampling noise but more of the Gaussian approximation the higher the level t
 (`posterior_diff.sampling.mean_estimates`). `restore(..., mean_level=s)` averages the guided means of
 the first grid time at or below the noise level s ([0, 1] units); 0 is the samples' own mean. One
 run per (model, task, photograph) gives every level: its `callback` shows each step's guided means,
-and the level's step is `mean_estimates.mean_step`, as `restore` picks it. At the image defaults
+and the level's step is the first at or below it (`mean_estimates.step_at_level`), as `restore` picks it. At the image defaults
 (tweedie, 20 steps, CG cap 4), restore's own start (`start="auto"`), 4 samples, seed 0, 128 x 128
 crops, the embedded model's network in float32 (as the other photograph reports):
 
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`): posterior-mean
    PSNR at each level in LEVELS with the FFDNet ladder and the embedded model alone, on SR x4, 70%
    random inpainting, the 32 x 32 box hole and Gaussian deblurring (denoising starts from the
-   measurement, whose mean is exact at any level). The level chosen is the one with the best mean
-   PSNR over models, tasks and photographs; it costs nothing at any level.
-2. **The check, on the held-out photographs** (astronaut, camera, coffee, chelsea, halved): the
-   chosen level against the samples' own mean, per photograph, with the coverage of 2 posterior
-   standard deviations (the samples' std) around each mean.
+   measurement, whose mean is exact at any level). A level is chosen per kind of task: for the
+   masks (the two inpaintings) and for the low-pass operators (SR and deblurring, which see every
+   pixel through a local average: `LinearOperator.is_low_pass`), the one with the best mean PSNR
+   over the models, that kind's tasks and the photographs; it costs nothing at any level.
+2. **The check, on the held-out photographs** (astronaut, camera, coffee, chelsea, halved): each
+   task's chosen level against the samples' own mean, per photograph, with the coverage of 2
+   posterior standard deviations (the samples' std) around each mean.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ import time
 import torch
 
 from posterior_diff import restore
-from posterior_diff.defaults import IMAGE_DEFAULTS, MEAN_LEVEL
+from posterior_diff.defaults import IMAGE_DEFAULTS, LOW_PASS_MEAN_LEVEL, MEAN_LEVEL
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import coverage_within_two_std
-from posterior_diff.sampling.mean_estimates import mean_step
+from posterior_diff.sampling.mean_estimates import step_at_level
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
@@ -44,7 +46,12 @@ from .reporting import (ResultCache, embedded_model, ladder_and_embedded, log_ro
                         parse_photograph_run, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur")
-LEVELS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1)
+# Each kind of operator gets its own level (`SamplerDefaults.mean_level_for`): masks, and the
+# low-pass operators (`LinearOperator.is_low_pass`), whose measurement leaves only fine detail uncertain.
+KINDS = {"inpainting": ("random", "box"), "low-pass": ("sr4", "deblur")}
+# On the image defaults' 20-step grid these pick the steps at noise levels 0.0083, 0.0138, 0.023,
+# 0.038, 0.064, 0.106, 0.176 and 0.293 (FFDNet's top, the ladder's switch).
+LEVELS = (0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,29 +62,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class StepMeans:
-    """A `restore` callback: per grid step, the average over the samples of the guided means (the
-    last computed at that step, as `restore` keeps them)."""
+    """A `restore` callback: per grid step, its noise level and the average over the samples of the
+    guided means (the last computed at that step, as `restore` keeps them)."""
 
     def __init__(self):
-        self.means: dict[int, torch.Tensor] = {}
+        self.means: dict[int, tuple[float, torch.Tensor]] = {}
 
     def __call__(self, step: int, noise_level: float, estimates: torch.Tensor) -> None:
-        self.means[step] = estimates.mean(0)
+        self.means[step] = (noise_level, estimates.mean(0))
 
 
 def run(model, truth: torch.Tensor, task: str, samples: int) -> dict:
-    """One restore with the samples' own mean; the PSNR and coverage of the mean at every level in LEVELS."""
+    """One restore with the samples' own mean; the PSNR and coverage of that mean ("own") and of
+    the trajectory's mean at every grid step ("steps": step, noise level, psnr, coverage)."""
     measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
-    steps = StepMeans()
+    means = StepMeans()
     result = restore(measurement.y, measurement.operator, model, num_samples=samples, mean_level=0.0,
-                     generator=torch.Generator().manual_seed(0), callback=steps)
-    entry = {"seconds": result.seconds, "start": result.settings.start}
-    for level in LEVELS:
-        step = mean_step(model.schedule, model.data_range, result.settings.sampler, level)
-        mean = result.mean if step is None else steps.means[step]
-        entry[f"{level:g}"] = dict(psnr=psnr_ssim(mean, truth)[0], coverage=coverage_within_two_std(mean, result.std, truth),
-                                   step=step)
-    return entry
+                     generator=torch.Generator().manual_seed(0), callback=means)
+
+    def scores(mean: torch.Tensor) -> dict:
+        return dict(psnr=psnr_ssim(mean, truth)[0], coverage=coverage_within_two_std(mean, result.std, truth))
+
+    return {"seconds": result.seconds, "start": result.settings.start, "own": scores(result.mean),
+            "steps": [dict(step=step, level=level, **scores(mean)) for step, (level, mean) in sorted(means.means.items())]}
+
+
+def at_level(run: dict, level: float) -> dict:
+    """A run's scores at `level`: its step's as `restore` picks it (`mean_estimates.step_at_level`),
+    or the samples' own mean's."""
+    step = step_at_level(((entry["step"], entry["level"]) for entry in run["steps"]), level)
+    return run["own"] if step is None else next(entry for entry in run["steps"] if entry["step"] == step)
 
 
 def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, part: str) -> dict:
@@ -93,32 +107,41 @@ def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, par
 
 
 def psnr_at(runs: list[dict], level: float) -> float:
-    return statistics.fmean(run[f"{level:g}"]["psnr"] for run in runs)
+    return statistics.fmean(at_level(run, level)["psnr"] for run in runs)
 
 
-def choose(table: dict) -> float:
-    """The level of best mean PSNR over every (model, task, photograph)."""
-    return max(LEVELS, key=lambda level: statistics.fmean(psnr_at(runs, level) for runs in table.values()))
+def kind_mean(table: dict, kind: str, level: float) -> float:
+    """Mean PSNR at `level` over the models, tasks of `kind` and photographs."""
+    return statistics.fmean(psnr_at(runs, level) for (_, task), runs in table.items() if task in KINDS[kind])
+
+
+def choose(table: dict) -> dict[str, float]:
+    """Per kind of task, the level of best mean PSNR over its (model, task, photograph)."""
+    return {kind: max(LEVELS, key=lambda level: kind_mean(table, kind, level)) for kind in KINDS}
 
 
 def choice_rows(table: dict) -> list[list[str]]:
     rows = [[model_name, task, *(f"{psnr_at(runs, level):.2f}" for level in LEVELS)]
             for (model_name, task), runs in table.items()]
-    rows.append(["mean", "", *(f"{statistics.fmean(psnr_at(runs, level) for runs in table.values()):.2f}"
-                               for level in LEVELS)])
+    rows += [[f"mean, {kind}", "", *(f"{kind_mean(table, kind, level):.2f}" for level in LEVELS)] for kind in KINDS]
     return rows
 
 
-def check_rows(table: dict, level: float) -> list[list[str]]:
-    """Per (model, task): the samples' mean and the level's, per photograph, with the gain and coverage."""
+def task_kind(task: str) -> str:
+    return next(kind for kind, tasks in KINDS.items() if task in tasks)
+
+
+def check_rows(table: dict, chosen: dict[str, float]) -> list[list[str]]:
+    """Per (model, task): the samples' mean and its kind's level's, per photograph, with the gain and coverage."""
     rows = []
     for (model_name, task), runs in table.items():
-        own = [run["0"]["psnr"] for run in runs]
-        chosen = [run[f"{level:g}"]["psnr"] for run in runs]
-        rows.append([model_name, task, *(f"{a:.2f} → {b:.2f}" for a, b in zip(own, chosen)),
-                     f"{statistics.fmean(b - a for a, b in zip(own, chosen)):+.2f}",
-                     f"{statistics.fmean(run['0']['coverage'] for run in runs):.3f} → "
-                     f"{statistics.fmean(run[f'{level:g}']['coverage'] for run in runs):.3f}"])
+        level = chosen[task_kind(task)]
+        own = [run["own"] for run in runs]
+        picked = [at_level(run, level) for run in runs]
+        rows.append([model_name, task, f"{level:g}", *(f"{a['psnr']:.2f} → {b['psnr']:.2f}" for a, b in zip(own, picked)),
+                     f"{statistics.fmean(b['psnr'] - a['psnr'] for a, b in zip(own, picked)):+.2f}",
+                     f"{statistics.fmean(a['coverage'] for a in own):.3f} → "
+                     f"{statistics.fmean(b['coverage'] for b in picked):.3f}"])
     return rows
 
 
@@ -127,11 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = ladder_and_embedded()
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(), levels=list(LEVELS),
+    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          validation=list(args.validation),
-                                         # every run takes mean_level 0 and measures each level: the default level
-                                         # does not change them
-                                         defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0))))
+                                         # every run takes mean_level 0 and measures every step: the default
+                                         # levels do not change them
+                                         defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0,
+                                                                           low_pass_mean_level=None))))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, args.samples, "choice")
     chosen = choose(choice)
@@ -143,11 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args.out, "The posterior mean from the trajectory", __doc__.split("\n\n", 1)[1], [
         f"## 1. The choice: validation photographs\n\n{intro}\n\n"
         + markdown_table(["model", "task", *(f"{level:g}" for level in LEVELS)], choice_rows(choice))
-        + f"\n\nChosen: **mean_level {chosen:g}** (restore's default for image models, `defaults.MEAN_LEVEL` = "
-        f"{MEAN_LEVEL:g}).",
-        f"## 2. The check: held-out photographs\n\n{intro} Per photograph the samples' mean → the mean at level "
-        f"{chosen:g} (dB); coverage: the fraction of pixels within 2 std of each mean.\n\n"
-        + markdown_table(["model", "task", *(f"{name} (dB)" for name in held_out), "gain (dB)", "within 2 std"],
+        + f"\n\nChosen: **mean_level {chosen['inpainting']:g}** on inpainting (restore's default for image models, "
+        f"`defaults.MEAN_LEVEL` = {MEAN_LEVEL:g}) and **{chosen['low-pass']:g}** where every operator is low-pass "
+        f"(`defaults.LOW_PASS_MEAN_LEVEL` = {LOW_PASS_MEAN_LEVEL:g}).",
+        f"## 2. The check: held-out photographs\n\n{intro} Per photograph the samples' mean → the mean at its kind's "
+        "chosen level (dB); coverage: the fraction of pixels within 2 std of each mean.\n\n"
+        + markdown_table(["model", "task", "level", *(f"{name} (dB)" for name in held_out), "gain (dB)", "within 2 std"],
                          check_rows(check, chosen)),
     ], module="benchmarks.mean_level", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
         details=[f"{args.threads} thread(s)"])

@@ -63,6 +63,8 @@ class SamplerDefaults:
         mean_level: the noise level (image units in [0, 1]; the prior's own without a data range)
             whose guided means, averaged over the samples, make the posterior mean
             (`sampling.mean_estimates`); 0: the samples' own mean.
+        low_pass_mean_level: the same where every operator is low-pass (`is_low_pass`: a blur, a
+            downsampling); None: `mean_level`.
     """
 
     steps: int
@@ -71,6 +73,11 @@ class SamplerDefaults:
     warm_start: bool
     jacobian_s_max: float
     mean_level: float = 0.0
+    low_pass_mean_level: float | None = None
+
+    def mean_level_for(self, low_pass: bool) -> float:
+        """The default `mean_level` of a problem whose operators are all low-pass (or not)."""
+        return self.low_pass_mean_level if low_pass and self.low_pass_mean_level is not None else self.mean_level
 
 
 # Image models' posterior mean averages the guided means E[x | x_t, y] at the first grid time at or
@@ -81,10 +88,13 @@ class SamplerDefaults:
 # (+0.14 to +0.49 per model and task); on the held-out photographs +0.01 to +0.13 dB per model and task, for no extra
 # network evaluation. The analytic priors keep the samples' own mean, which their benchmarks measure.
 MEAN_LEVEL = 0.03
+# The same where every operator is low-pass (`LinearOperator.is_low_pass`: blur, super-resolution).
+LOW_PASS_MEAN_LEVEL = 0.1
 EXACT_DEFAULTS = SamplerDefaults(steps=100, covariance="tweedie", cg_max_iter=50, warm_start=True,
                                  jacobian_s_max=math.inf)
 IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, warm_start=False,
-                                 jacobian_s_max=math.inf, mean_level=MEAN_LEVEL)
+                                 jacobian_s_max=math.inf, mean_level=MEAN_LEVEL,
+                                 low_pass_mean_level=LOW_PASS_MEAN_LEVEL)
 
 
 # Where an "estimate" start (Come-Closer-Diffuse-Faster, `start_estimates`) begins, in [0, 1] image

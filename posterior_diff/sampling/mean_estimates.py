@@ -14,14 +14,14 @@ level is chosen by measurement (`defaults.SamplerDefaults.mean_level`, docs/mean
 costs nothing: D_y is what each step computes anyway. A measurement start (denoising) is the
 exact case: its first D is E[x_0 | y] itself (`restore`'s `start`).
 
-`mean_step` picks the grid step of a level; `TrajectoryMeans` is the sampler's observer
+`mean_step` picks the grid step of a level (`step_at_level`); `TrajectoryMeans` is the sampler's observer
 (`run_sampler(observe=...)`) that keeps that step's D_y and shows every step's to a caller's callback.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterable
 
 from torch import Tensor
 
@@ -46,14 +46,22 @@ def noise_level(point: GridPoint, data_range) -> float:
 
 
 def mean_step(schedule, data_range, sampler: SamplerSettings, level: float) -> int | None:
-    """The grid step whose guided means average into the posterior mean: the first (highest) grid
-    time whose `noise_level` is at most `level`. None where `level` is 0 or below the grid's last
-    level: the mean is then the samples' own. No network call: `grid_points` is the sampler's grid."""
+    """The grid step whose guided means average into the posterior mean (`step_at_level` on the
+    sampler's grid). No network call: `grid_points` is the sampler's grid."""
     if level == 0:
         return None
     points = grid_points(schedule, sampler.steps, sampler.grid, sampler.s_min, sampler.s_max)
+    return step_at_level(((point.index, noise_level(point, data_range)) for point in points), level)
+
+
+def step_at_level(step_levels: Iterable[tuple[int, float]], level: float) -> int | None:
+    """The first step, in the run's order (highest noise first), whose noise level is at most
+    `level`, from (step, noise level) pairs. None where `level` is 0 or below every step's level:
+    the mean is then the samples' own."""
+    if level == 0:
+        return None
     # 1 + 1e-9: a level named at a grid time picks that time despite round-off
-    return next((p.index for p in points if noise_level(p, data_range) <= level * (1 + 1e-9)), None)
+    return next((step for step, step_level in step_levels if step_level <= level * (1 + 1e-9)), None)
 
 
 class TrajectoryMeans:
