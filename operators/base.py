@@ -165,13 +165,6 @@ class LinearOperator(nn.Module):
         return False
 
     @property
-    def is_low_pass(self) -> bool:
-        """Whether A averages each measurement over neighbouring pixels (a blur, a downsampling):
-        y then decides the low spatial frequencies of x and leaves the high ones uncertain, where
-        `restore`'s default posterior mean comes from a higher noise level (`defaults.SamplerDefaults`)."""
-        return False
-
-    @property
     def has_closed_form_solve(self) -> bool:
         """True when `solve` is exact and costs no iterations (A A^T diagonal, or overridden)."""
         overridden = type(self).solve is not LinearOperator.solve

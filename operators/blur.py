@@ -89,10 +89,6 @@ class Blur(LinearOperator):
         """k, the side of the (k, k) kernel."""
         return int(self.kernel.shape[-1])
 
-    @property
-    def is_low_pass(self) -> bool:
-        return self.kernel_size > 1
-
     # -- shapes -----------------------------------------------------------------------
     def _check(self, shape: Sequence[int], what: str) -> Shape:
         shape = tuple(shape)

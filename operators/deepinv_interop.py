@@ -91,12 +91,6 @@ class DeepinvOperator(LinearOperator):
             return torch.ones((), dtype=y_like.dtype, device=y_like.device)
         return None
 
-    @property
-    def is_low_pass(self) -> bool:
-        import deepinv
-
-        return isinstance(self.physics, (deepinv.physics.Blur, deepinv.physics.BlurFFT, deepinv.physics.Downsampling))
-
     def to_deepinv(self):
         return self.physics
 

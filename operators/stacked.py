@@ -108,10 +108,6 @@ class StackedOperator(LinearOperator):
     def is_identity(self) -> bool:
         return all(operator.is_identity for operator in self.parts)
 
-    @property
-    def is_low_pass(self) -> bool:
-        return all(operator.is_low_pass for operator in self.parts)
-
     def solve(self, u: Tensor, r: Tensor | float, *, tol: float = 1e-6, max_iter: int = 200) -> Tensor:
         """(sigma_y^2 I + r A A^T) v = u, part by part: A A^T is block diagonal over the parts."""
         return torch.cat([operator.solve(part, r_part, tol=tol, max_iter=max_iter)

@@ -64,10 +64,6 @@ class SuperResolution(LinearOperator):
         self.kernel = kernel
         self.register_buffer("taps", bicubic_taps(factor).float(), persistent=False)
 
-    @property
-    def is_low_pass(self) -> bool:
-        return self.factor > 1
-
     def y_shape(self, x_shape: Sequence[int]) -> Shape:
         shape = tuple(x_shape)
         if len(shape) < 2:

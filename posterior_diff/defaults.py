@@ -63,8 +63,6 @@ class SamplerDefaults:
         mean_level: the noise level (image units in [0, 1]; the prior's own without a data range)
             whose guided means, averaged over the samples, make the posterior mean
             (`sampling.mean_estimates`); 0: the samples' own mean.
-        low_pass_mean_level: the same where every operator is low-pass (`is_low_pass`: a blur, a
-            downsampling); None: `mean_level`.
     """
 
     steps: int
@@ -73,28 +71,22 @@ class SamplerDefaults:
     warm_start: bool
     jacobian_s_max: float
     mean_level: float = 0.0
-    low_pass_mean_level: float | None = None
-
-    def mean_level_for(self, low_pass: bool) -> float:
-        """The default `mean_level` of a problem whose operators are all low-pass (or not)."""
-        return self.low_pass_mean_level if low_pass and self.low_pass_mean_level is not None else self.mean_level
 
 
 # Image models' posterior mean averages the guided means E[x | x_t, y] at the first grid time at or
 # below this noise level ([0, 1] units; `sampling.mean_estimates`). Chosen on the validation
-# photographs among 0 (the samples' own mean), 0.01, 0.02, 0.03, 0.05 and 0.1 (docs/mean_level.md,
+# photographs among 0 (the samples' own mean) and 0.01 to 0.3 (docs/mean_level.md,
 # `python -m benchmarks.mean_level`): the best mean PSNR over the ladder and the embedded model on
 # SR x4, 70% random inpainting, the box hole and Gaussian deblurring, +0.29 dB over the samples' mean
 # (+0.14 to +0.49 per model and task); on the held-out photographs +0.01 to +0.13 dB per model and task, for no extra
-# network evaluation. The analytic priors keep the samples' own mean, which their benchmarks measure.
+# network evaluation. SR x4 and Gaussian deblurring alone would take 0.1 (+0.06 to +0.19 dB more on the
+# held-out photographs), but motion deblurring there loses up to 1.6 dB at 0.1, so one level serves all.
+# The analytic priors keep the samples' own mean, which their benchmarks measure.
 MEAN_LEVEL = 0.03
-# The same where every operator is low-pass (`LinearOperator.is_low_pass`: blur, super-resolution).
-LOW_PASS_MEAN_LEVEL = 0.1
 EXACT_DEFAULTS = SamplerDefaults(steps=100, covariance="tweedie", cg_max_iter=50, warm_start=True,
                                  jacobian_s_max=math.inf)
 IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, warm_start=False,
-                                 jacobian_s_max=math.inf, mean_level=MEAN_LEVEL,
-                                 low_pass_mean_level=LOW_PASS_MEAN_LEVEL)
+                                 jacobian_s_max=math.inf, mean_level=MEAN_LEVEL)
 
 
 # Where an "estimate" start (Come-Closer-Diffuse-Faster, `start_estimates`) begins, in [0, 1] image

@@ -367,8 +367,7 @@ def restore(
             mean E[x | x_t, y] at the first grid time whose noise level ([0, 1] image units; the
             prior's own units without a data range) is at most this (Rao–Blackwellised, free:
             `sampling.mean_estimates`); 0: the samples' own mean. None: the model's default
-            (`defaults.defaults_for`; chosen in docs/mean_level.md), higher where every operator
-            is low-pass (`is_low_pass`: blur, super-resolution). A measurement start's mean is
+            (`defaults.defaults_for`; chosen in docs/mean_level.md). A measurement start's mean is
             its exact E[x | y] whatever the level; particle mode's is the weighted cloud's, and a
             level set there is a ValueError.
         callback: `callback(step, noise_level, estimates)` after every network evaluation of the
@@ -740,8 +739,7 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
 
 def resolve_mean_level(problem: Problem, sampler: SamplerSettings, start: str, mean_level,
                        particles) -> tuple[float, int | None]:
-    """(mean_level, its grid step; see `RestoreSettings`): the model's default where None (its
-    low-pass one where every operator is low-pass, `SamplerDefaults.mean_level_for`). A
+    """(mean_level, its grid step; see `RestoreSettings`): the model's default where None. A
     measurement start keeps its first step (the exact mean) and particle mode its weighted cloud,
     where a level set by the caller is a ValueError."""
     if particles is not None:
@@ -749,11 +747,7 @@ def resolve_mean_level(problem: Problem, sampler: SamplerSettings, start: str, m
             raise ValueError("mean_level does not apply in particle mode, whose mean is the weighted cloud's; "
                              "leave it None")
         return 0.0, None
-    if mean_level is None:
-        low_pass = all(operator.is_low_pass for operator in problem.operators)
-        level = defaults_for(problem.model).mean_level_for(low_pass)
-    else:
-        level = check_mean_level(mean_level)
+    level = defaults_for(problem.model).mean_level if mean_level is None else check_mean_level(mean_level)
     if start == "measurement":
         return level, 0
     return level, mean_step(problem.model.schedule, problem.model.data_range, sampler, level)

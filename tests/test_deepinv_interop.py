@@ -49,12 +49,6 @@ def test_from_deepinv_keeps_a_its_adjoint_and_sigma(physics):
     assert float(residual.norm() / u.norm()) < 1e-4
 
 
-@pytest.mark.parametrize("physics, low_pass", zip(deepinv_physics(), [False, False, True, True]),
-                         ids=lambda p: type(p).__name__)
-def test_deepinvs_blurs_and_downsamplings_are_low_pass(physics, low_pass):
-    assert from_deepinv(physics).is_low_pass is low_pass
-
-
 @pytest.mark.parametrize("operator", [SuperResolution(2, 0.05, kernel="bicubic"), Inpainting(random_mask(SHAPE, 0.3), 0.1),
                                       Denoising(0.2)], ids=lambda o: type(o).__name__)
 def test_to_deepinv_keeps_a_its_adjoint_and_sigma(operator):

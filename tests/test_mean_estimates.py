@@ -5,9 +5,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import tiny_unet
-from operators import Blur, Denoising, Inpainting, MatrixOperator, SuperResolution, gaussian_kernel
+from operators import Denoising, MatrixOperator, SuperResolution
 from posterior_diff import GaussianPrior, denoiser_from_diffusers, restore
-from posterior_diff.defaults import IMAGE_DEFAULTS, LOW_PASS_MEAN_LEVEL, MEAN_LEVEL, defaults_for
+from posterior_diff.defaults import IMAGE_DEFAULTS, MEAN_LEVEL, defaults_for
 from posterior_diff.sampling.mean_estimates import mean_step
 from posterior_diff.sampling.samplers import SamplerSettings, grid_points
 
@@ -119,22 +119,8 @@ def test_mean_step_is_the_first_grid_time_at_or_below_the_level():
 
 
 def test_defaults():
-    assert IMAGE_DEFAULTS.mean_level == IMAGE_DEFAULTS.mean_level_for(False) == MEAN_LEVEL > 0
-    assert IMAGE_DEFAULTS.mean_level_for(True) == LOW_PASS_MEAN_LEVEL > 0
-    exact = defaults_for(GaussianPrior(torch.zeros(2), torch.eye(2)))
-    assert exact.mean_level == exact.mean_level_for(True) == 0
-
-
-@pytest.mark.parametrize("operator, level", [
-    (SuperResolution(2, sigma_y=0.05), LOW_PASS_MEAN_LEVEL), (Blur(gaussian_kernel(1.0, 5), sigma_y=0.05), LOW_PASS_MEAN_LEVEL),
-    (Inpainting(torch.ones(3, 8, 8), sigma_y=0.05), MEAN_LEVEL),
-], ids=lambda value: type(value).__name__ if not isinstance(value, float) else str(value))
-def test_an_image_models_default_level_follows_its_operators_kind(operator, level):
-    model = denoiser_from_diffusers(tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
-    y = operator.A(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))[0]
-    settings = restore(y, operator, model, num_samples=1, steps=8).settings
-    assert settings.mean_level == level and settings.mean_step is not None
-    assert restore(y, operator, model, num_samples=1, steps=8, mean_level=0.05).settings.mean_level == 0.05
+    assert IMAGE_DEFAULTS.mean_level == MEAN_LEVEL > 0
+    assert defaults_for(GaussianPrior(torch.zeros(2), torch.eye(2))).mean_level == 0
 
 
 @pytest.mark.parametrize("change, error, message", [

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators import (Blur, Denoising, Inpainting, LinearOperator, MatrixOperator, StackedOperator, SuperResolution,
-                       box_mask, gaussian_kernel, random_mask)
+from operators import (Blur, Denoising, Inpainting, LinearOperator, MatrixOperator, SuperResolution, box_mask, gaussian_kernel,
+                       random_mask)
 
 DOUBLE = torch.float64
 
@@ -232,15 +232,3 @@ def test_sigma_y_must_be_a_number_or_auto():
         from operators import StackedOperator
 
         StackedOperator([Denoising("auto"), Denoising(0.1)], [1, 1])
-
-
-@pytest.mark.parametrize("operator, low_pass", [
-    (SuperResolution(4), True), (SuperResolution(2, kernel="bicubic"), True), (SuperResolution(1), False),
-    (Blur(gaussian_kernel(2.0)), True), (Blur(torch.ones(1, 1)), False),
-    (Inpainting(torch.ones(4, 4)), False), (Denoising(0.1), False), (MatrixOperator(torch.eye(3)), False),
-    (StackedOperator([SuperResolution(2), Blur(gaussian_kernel(1.0))], [1, 1]), True),
-    (StackedOperator([SuperResolution(2), Inpainting(torch.ones(4, 4))], [1, 1]), False),
-], ids=lambda value: type(value).__name__ if isinstance(value, LinearOperator) else str(value))
-def test_low_pass_operators_are_the_blurs_and_downsamplings(operator, low_pass):
-    # restore's default posterior mean depends on it (`SamplerDefaults.mean_level_for`)
-    assert operator.is_low_pass is low_pass
