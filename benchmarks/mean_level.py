@@ -45,7 +45,8 @@ from .reporting import (ResultCache, embedded_model, ladder_and_embedded, log_ro
                         parse_photograph_run, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur")
-# Shown apart in the tables: the masks and the blurring operators prefer different levels.
+# Shown apart in the tables: the masks and the blurring operators prefer different levels, but one
+# level serves all (a higher one for blurs lost on motion blur: docs/results.md, `defaults.MEAN_LEVEL`).
 KINDS = {"inpainting": ("random", "box"), "blur and downsampling": ("sr4", "deblur")}
 # On the image defaults' 20-step grid these pick the steps at noise levels 0.0083, 0.0138, 0.023,
 # 0.038, 0.064, 0.106, 0.176 and 0.293 (FFDNet's top, the ladder's switch).
