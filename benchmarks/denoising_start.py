@@ -39,9 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from posterior_diff import default_model, restore
-from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, baselines, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
 
+from .jacobian_range import held_out_crops
 from .peers import run_peer
 from .reporting import embedded_model, log_row, markdown_table, write_report
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     model = default_model(torch.float32)
-    truths = {image: load_photograph(image, args.size, 2.0) for image in args.images}
+    truths = held_out_crops(args.images, args.size)
     bm3d = statistics.fmean(psnr_ssim(next(iter(baselines(measure("denoise", truth, generator=torch.Generator()
                                                                     .manual_seed(0))).values())), truth)[0]
                             for truth in truths.values())

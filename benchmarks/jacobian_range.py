@@ -86,6 +86,12 @@ def validation_crops(files: tuple[str, ...], size: int) -> dict[str, torch.Tenso
     return {photograph_name(file): crop for file, crop in zip(files, centre_crops(images, size))}
 
 
+def held_out_crops(names, size: int) -> dict[str, torch.Tensor]:
+    """The held-out photographs `names` as the photograph reports restore them (halved, size x size
+    centre crops, `harness.load_photograph`), (3, size, size) in [0, 1]."""
+    return {name: load_photograph(name, size, 2.0) for name in names}
+
+
 def photograph_name(file: str) -> str:
     """A short name: the wallpaper's folder for Plasma's NAME/contents/images/SIZE.jpg, else the file's stem."""
     path = Path(file)
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                                          default_steps=IMAGE_DEFAULTS.steps))
     validation = validation_crops(args.validation, args.size)
     choice_rows, scores = choice_table(cache, model, validation, args)
-    held_out = {name: load_photograph(name, args.size, 2.0) for name in args.held_out}
+    held_out = held_out_crops(args.held_out, args.size)
     guarded = guard_psnrs(cache, model, held_out, args)
     allowed = guard(guarded)
     chosen = choose(scores, allowed)

@@ -35,12 +35,12 @@ import torch
 
 from posterior_diff import restore
 from posterior_diff.defaults import IMAGE_DEFAULTS, MEAN_LEVEL
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import coverage_within_two_std
 from posterior_diff.sampling.mean_estimates import step_at_level
 from posterior_diff.training.data import VALIDATION_FILES
 
-from .jacobian_range import validation_crops
+from .jacobian_range import held_out_crops, validation_crops
 from .reporting import (ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
                         parse_photograph_run, photograph_run_parser, write_report)
 
@@ -89,8 +89,9 @@ def run(model, truth: torch.Tensor, task: str, samples: int) -> dict:
 def at_level(run: dict, level: float) -> dict:
     """A run's scores at `level`: its step's as `restore` picks it (`mean_estimates.step_at_level`),
     or the samples' own mean's."""
-    step = step_at_level(((entry["step"], entry["level"]) for entry in run["steps"]), level)
-    return run["own"] if step is None else next(entry for entry in run["steps"] if entry["step"] == step)
+    by_step = {entry["step"]: entry for entry in run["steps"]}
+    step = step_at_level(((step, entry["level"]) for step, entry in by_step.items()), level)
+    return run["own"] if step is None else by_step[step]
 
 
 def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, part: str) -> dict:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, args.samples, "choice")
     chosen = choose(choice)
-    held_out = {image: load_photograph(image, args.size, 2.0) for image in args.held_out}
+    held_out = held_out_crops(args.held_out, args.size)
     check = measure_all(cache, models, held_out, args.samples, "check")
     intro = (f"{args.size}x{args.size} centre crops, {args.samples} samples, seed 0, the image defaults and "
              "restore's own start; mean PSNR (dB) of the posterior mean at each `mean_level` (0: the samples' own "

@@ -30,10 +30,10 @@ import importlib
 import torch
 
 from posterior_diff.defaults import ESTIMATE_START_LEVEL, IMAGE_DEFAULTS
-from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, load_photograph
+from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS
 from posterior_diff.training.data import VALIDATION_FILES
 
-from .jacobian_range import validation_crops
+from .jacobian_range import held_out_crops, validation_crops
 from .pretrained_priors import mean_over, restore_row
 from .reporting import (TIE_DB, ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
                         parse_photograph_run, photograph_run_parser, write_report)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                                          validation=list(args.validation), defaults=repr(IMAGE_DEFAULTS)))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, TASKS, args.samples, "choice")
-    held_out = {image: load_photograph(image, args.size, 2.0) for image in args.held_out}
+    held_out = held_out_crops(args.held_out, args.size)
     check = measure_all(cache, models, held_out, CHECK_TASKS, args.samples, "check")
     validation_names = list(crops)
     intro = (f"{args.size}x{args.size} centre crops, {args.samples} samples, seed 0, the image defaults; gain: the "

@@ -30,11 +30,12 @@ import torch
 
 from posterior_diff import default_model, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, load_photograph, measure, psnr_ssim
+from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, measure, psnr_ssim
 from posterior_diff.images import measurement_to_model_units
 from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance, GuidanceSettings
 from posterior_diff.sampling.samplers import SamplerSettings, run_sampler
 
+from .jacobian_range import held_out_crops
 from .reporting import ResultCache, comma_numbers, embedded_model, log_row, markdown_table, write_report
 
 STARTS = {"warm": True, "cold": False}
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     model = default_model(torch.float32)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, images=list(args.images),
                                          model=embedded_model(), cg_max_iter=IMAGE_DEFAULTS.cg_max_iter))
-    truths = {image: load_photograph(image, args.size, 2.0) for image in args.images}
+    truths = held_out_crops(args.images, args.size)
     rows = []
     for steps in args.steps:
         for task in args.tasks:

@@ -48,8 +48,6 @@ def noise_level(point: GridPoint, data_range) -> float:
 def mean_step(schedule, data_range, sampler: SamplerSettings, level: float) -> int | None:
     """The grid step whose guided means average into the posterior mean (`step_at_level` on the
     sampler's grid). No network call: `grid_points` is the sampler's grid."""
-    if level == 0:
-        return None
     points = grid_points(schedule, sampler.steps, sampler.grid, sampler.s_min, sampler.s_max)
     return step_at_level(((point.index, noise_level(point, data_range)) for point in points), level)
 
