@@ -38,7 +38,7 @@ from posterior_diff.images import match_channels, read_image
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .reporting import (TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row,
-                        markdown_table, write_report)
+                        markdown_table, photograph_cache, write_report)
 from .training_curve import centre_crops, shrink_to_short_side
 
 COVARIANCES = ("zero", "isotropic", "diagonal", "tweedie")  # the ones that take VJPs
@@ -190,9 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     model = default_model(torch.float32)
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
-                                         validation=list(args.validation), cg_max_iter=IMAGE_DEFAULTS.cg_max_iter,
-                                         default_steps=IMAGE_DEFAULTS.steps))
+    cache = photograph_cache(args, cg_max_iter=IMAGE_DEFAULTS.cg_max_iter, default_steps=IMAGE_DEFAULTS.steps)
     validation = validation_crops(args.validation, args.size)
     choice_rows, scores = choice_table(cache, model, validation, args)
     held_out = held_out_crops(args.held_out, args.size)

@@ -41,8 +41,8 @@ from posterior_diff.sampling.mean_estimates import step_at_level
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
-from .reporting import (ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
-                        parse_photograph_run, photograph_run_parser, write_report)
+from .reporting import (ResultCache, ladder_and_embedded, log_row, markdown_table, parse_photograph_run,
+                        photograph_cache, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur")
 # Shown apart in the tables: the masks and the blurring operators prefer different levels, but one
@@ -151,11 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = ladder_and_embedded()
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
-                                         validation=list(args.validation),
-                                         # every run takes mean_level 0 and measures every step: the default
-                                         # levels do not change them
-                                         defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0))))
+    # every run takes mean_level 0 and measures every step: the default level does not change them
+    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0)))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, args.samples, "choice")
     chosen = choose(choice)

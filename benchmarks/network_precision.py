@@ -32,8 +32,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import (ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_run_parser,
-                        write_report)
+from .reporting import (ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_cache,
+                        photograph_run_parser, write_report)
 
 # (row name, task, restore's start): denoising from the measurement does not use the covariance
 TASKS = (("denoise, from the measurement", "denoise", "measurement"), ("denoise, from the prior", "denoise", "prior"),
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = {name: default_model(dtype) for name, dtype in DTYPES.items()}
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
-                                         validation=list(args.validation)))
+    cache = photograph_cache(args)
     rows, failures = rows_of(run_all(cache, args, models))
     seconds_ratio = statistics.fmean(float(row[-2]) for row in rows)
     verdict = (f"bfloat16 holds on every task and covariance (at most {HOLD_DB} dB below float32, or within two "

@@ -57,7 +57,7 @@ from posterior_diff.training.data import VALIDATION_FILES
 from .jacobian_range import photograph_name, validation_crops
 from .peers import run_dpir, run_peer
 from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row, markdown_table,
-                        restore_defaults_tag, write_report)
+                        photograph_cache, restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
@@ -272,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     embedded, denoiser = default_model(torch.float32), ffdnet()
     ladders = {switch: default_ladder(switch, model=embedded) for switch in args.switches}
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
-                                         validation=list(args.validation)))
+    cache = photograph_cache(args)
     switch, sampler, switch_rows, sampler_rows, cg_rows = choose_settings(cache, args, ladders)
     settings = sampler_settings(sampler)
     ladder = ladders[switch] if switch in ladders else default_ladder(switch, model=embedded)

@@ -263,6 +263,14 @@ def photograph_run_parser(module: str, doc: str, out: str, size: int = 128) -> a
     return parser
 
 
+def photograph_cache(args: argparse.Namespace, **settings) -> ResultCache:
+    """The ResultCache of a photograph report (`parse_photograph_run`'s args with `validation`, the
+    validation files): its runs depend on the crop size, the samples, the embedded model and the
+    validation files, and on `settings` beyond those."""
+    return ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
+                                        validation=list(args.validation), **settings))
+
+
 def parse_photograph_run(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """`parser`'s arguments, with `argv` (the command line as given) and the cache's default; --quick
     sets 32x32 crops and 2 samples (what else it trims is the caller's)."""

@@ -7,7 +7,8 @@ extra (the ladder) and writes docs/start_estimates.md. Interrupted, it picks up 
 biharmonic fill of inpainting, bicubic upsampling for SR; `posterior_diff.start_estimates`) noised
 to a level s_0, instead of from the prior at the schedule's top (Chung, Sim & Ye 2022,
 arXiv:2112.05146). Two parts, both at the image defaults (tweedie, 20 steps, CG cap 4), 4 samples,
-seed 0, 128 x 128 crops, the embedded model's network in float32 (as the other photograph reports):
+seed 0, 128 x 128 crops, the embedded model's network in float32 (as the other photograph reports),
+the samples' own mean (`mean_level=0`: the study was made before the trajectory's mean existed):
 
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`): posterior-mean
    PSNR of the prior start and of the estimate start at s_0 in LEVELS ([0, 1] units), with the FFDNet
@@ -22,6 +23,7 @@ seed 0, 128 x 128 crops, the embedded model's network in float32 (as the other p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from unittest import mock
@@ -36,7 +38,7 @@ from posterior_diff.training.data import VALIDATION_FILES
 from .jacobian_range import held_out_crops, validation_crops
 from .pretrained_priors import mean_over, restore_row
 from .reporting import (TIE_DB, ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
-                        parse_photograph_run, photograph_run_parser, write_report)
+                        parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
 
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
@@ -58,9 +60,9 @@ def run(model, truth: torch.Tensor, task: str, samples: int, level: float | None
     The level is the module constant `restore` reads, set for this call only: a setting under study,
     not a public argument."""
     if level is None:
-        return restore_row(model, truth, task, samples, start="prior")
+        return restore_row(model, truth, task, samples, start="prior", mean_level=0.0)
     with mock.patch.object(restore_module, "ESTIMATE_START_LEVEL", level):
-        return restore_row(model, truth, task, samples, start="estimate")
+        return restore_row(model, truth, task, samples, start="estimate", mean_level=0.0)
 
 
 def starts_of(model_name: str) -> tuple[float | None, ...]:
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = ladder_and_embedded()
-    cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
-                                         validation=list(args.validation), defaults=repr(IMAGE_DEFAULTS)))
+    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0)))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, TASKS, args.samples, "choice")
     held_out = held_out_crops(args.held_out, args.size)
