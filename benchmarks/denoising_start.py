@@ -91,7 +91,8 @@ def run_one(model, setting: Setting, measurement, args: argparse.Namespace) -> t
         return samples, samples.mean(0), run.nfe, 0, run.seconds
     covariance = setting.method.split()[1] if " " in setting.method else "projection"
     result = restore(measurement.y, measurement.operator, model, num_samples=args.samples, steps=setting.steps,
-                     covariance=covariance, eta=setting.eta, start=setting.start, generator=torch.Generator().manual_seed(0))
+                     covariance=covariance, eta=setting.eta, start=setting.start, antithetic=False,
+                     generator=torch.Generator().manual_seed(0))
     return result.samples, result.mean, result.nfe, result.vjps, result.seconds
 
 

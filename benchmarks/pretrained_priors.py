@@ -127,7 +127,8 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     for task in CHOICE_TASKS:
         cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}",
                                  lambda truth=truth: restore_row(ladders[switch], truth, task, samples, start="prior",
-                                                                 mean_level=0.0, **sampler_settings(sampler)))
+                                                                 mean_level=0.0, antithetic=False,
+                                                                 **sampler_settings(sampler)))
                        for image, truth in crops.items()]
         log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), task,
                 f"{mean_over(cells[task], 'psnr'):.2f} dB")

@@ -105,10 +105,10 @@ def embedded_model() -> str:
 
 def restore_defaults_tag() -> str:
     """What a cached run of restore at its image defaults depends on beyond its settings: the
-    default mean_level (`defaults.IMAGE_DEFAULTS`), part of such runs' cache keys."""
+    default mean_level and antithetic pairs (`defaults.IMAGE_DEFAULTS`), part of such runs' cache keys."""
     from posterior_diff.defaults import IMAGE_DEFAULTS
 
-    return f"mean {IMAGE_DEFAULTS.mean_level:g}"
+    return f"mean {IMAGE_DEFAULTS.mean_level:g}" + (", antithetic" if IMAGE_DEFAULTS.antithetic else "")
 
 
 def ladder_and_embedded() -> dict:

@@ -60,9 +60,9 @@ def run(model, truth: torch.Tensor, task: str, samples: int, level: float | None
     The level is the module constant `restore` reads, set for this call only: a setting under study,
     not a public argument."""
     if level is None:
-        return restore_row(model, truth, task, samples, start="prior", mean_level=0.0)
+        return restore_row(model, truth, task, samples, start="prior", mean_level=0.0, antithetic=False)
     with mock.patch.object(restore_module, "ESTIMATE_START_LEVEL", level):
-        return restore_row(model, truth, task, samples, start="estimate", mean_level=0.0)
+        return restore_row(model, truth, task, samples, start="estimate", mean_level=0.0, antithetic=False)
 
 
 def starts_of(model_name: str) -> tuple[float | None, ...]:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = ladder_and_embedded()
-    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0)))
+    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0, antithetic=False)))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, TASKS, args.samples, "choice")
     held_out = held_out_crops(args.held_out, args.size)

@@ -220,7 +220,8 @@ def validation_psnr(model: Model, truths: list[torch.Tensor], args: argparse.Nam
         for index, truth in enumerate(truths):
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(index))
             result = restore(measurement.y, measurement.operator, denoiser, num_samples=args.samples, steps=args.steps,
-                             covariance="isotropic", jacobian_s_max=math.inf, generator=torch.Generator().manual_seed(index))
+                             covariance="isotropic", jacobian_s_max=math.inf, antithetic=False,
+                             generator=torch.Generator().manual_seed(index))
             values.append(psnr_ssim(result.samples.mean(0), truth)[0])
         scores[task] = statistics.fmean(values)
     return scores

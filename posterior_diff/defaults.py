@@ -63,6 +63,9 @@ class SamplerDefaults:
         mean_level: the noise level (image units in [0, 1]; the prior's own without a data range)
             whose guided means, averaged over the samples, make the posterior mean
             (`sampling.mean_estimates`); 0: the samples' own mean.
+        antithetic: whether the samples come in antithetic pairs, the second of each drawn with
+            the first one's noise negated (`sampling.antithetic`), where the number of samples
+            and the batch size are even.
     """
 
     steps: int
@@ -71,6 +74,7 @@ class SamplerDefaults:
     warm_start: bool
     jacobian_s_max: float
     mean_level: float = 0.0
+    antithetic: bool = False
 
 
 # Image models' posterior mean averages the guided means E[x | x_t, y] at the first grid time at or
@@ -83,10 +87,14 @@ class SamplerDefaults:
 # held-out photographs), but motion deblurring there loses up to 1.6 dB at 0.1, so one level serves all.
 # The analytic priors keep the samples' own mean, which their benchmarks measure.
 MEAN_LEVEL = 0.03
+# Image models draw their samples in antithetic pairs (`sampling.antithetic`). Chosen on the validation
+# photographs (docs/antithetic.md, `python -m benchmarks.antithetic`): CHOICE_PLACEHOLDER
+# The analytic priors keep independent samples, which their exactness benchmarks measure.
+ANTITHETIC = True
 EXACT_DEFAULTS = SamplerDefaults(steps=100, covariance="tweedie", cg_max_iter=50, warm_start=True,
                                  jacobian_s_max=math.inf)
 IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, warm_start=False,
-                                 jacobian_s_max=math.inf, mean_level=MEAN_LEVEL)
+                                 jacobian_s_max=math.inf, mean_level=MEAN_LEVEL, antithetic=ANTITHETIC)
 
 
 # Where an "estimate" start (Come-Closer-Diffuse-Faster, `start_estimates`) begins, in [0, 1] image

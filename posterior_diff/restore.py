@@ -61,6 +61,7 @@ from posterior_diff.models.deepinv_prior import (from_deepinv_denoiser, is_deepi
 from posterior_diff.models.loading import default_model, load_model
 from posterior_diff.noise_estimate import SigmaYEstimate, resolve_auto
 from posterior_diff.sampling.guidance import AveragedLikelihoodGuidance, CGTruncatedWarning, GuidanceSettings
+from posterior_diff.sampling.antithetic import paired_std
 from posterior_diff.sampling.mean_estimates import StepCallback, TrajectoryMeans, check_mean_level, mean_step
 from posterior_diff.sampling.particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from posterior_diff.sampling.samplers import NoiseSource, SamplerSettings, run_sampler
@@ -98,6 +99,8 @@ class RestoreSettings:
         mean_step: the grid step of that level (`mean_estimates.mean_step`; 0 for a measurement
             start, whose first step gives the exact mean), or None for the samples' own mean (and
             in particle mode).
+        antithetic: whether the samples were drawn in antithetic pairs, rows 2i and 2i + 1
+            (`sampling.antithetic`); their std is then `antithetic.paired_std`.
         network_dtype: the precision the prior's network ran in ("float32", "bfloat16", ...; a
             ladder whose pieces differ names each, comma-separated; "" for a prior without
             parameters). The embedded model's is `models.loading.default_network_dtype()`.
@@ -120,6 +123,7 @@ class RestoreSettings:
     network_dtype: str = ""
     mean_level: float = 0.0
     mean_step: int | None = None
+    antithetic: bool = False
 
 
 @dataclass
@@ -135,8 +139,9 @@ class Restoration:
             level is 0 (`samples.mean(0)` always is); from a measurement start (denoising) the
             model's posterior mean itself, Tweedie's E[x | y] = D(alpha(t*) y, t*), the run's
             first forward; in particle mode the weighted mean of the whole cloud.
-        std: their standard deviation per entry, shape x_shape (zeros for one sample; in
-            particle mode the weighted standard deviation of the cloud).
+        std: their standard deviation per entry, shape x_shape (zeros for one sample; for
+            antithetic pairs read by pairs, `antithetic.paired_std`; in particle mode the weighted
+            standard deviation of the cloud).
         nfe: network forward calls, each on a batch of samples (or a chunk of particles):
             `steps` per sampler run for the one-evaluation solvers, summed over the runs that
             drew these samples.
@@ -288,6 +293,7 @@ def restore(
     start: str = "auto",
     allow_extrapolation: bool = False,
     mean_level: float | None = None,
+    antithetic: bool | None = None,
     callback: StepCallback | None = None,
 ) -> Restoration:
     """Draw posterior samples of x from one measurement y = A x + sigma_y n.
@@ -370,6 +376,14 @@ def restore(
             (`defaults.defaults_for`; chosen in docs/mean_level.md). A measurement start's mean is
             its exact E[x | y] whatever the level; particle mode's is the weighted cloud's, and a
             level set there is a ValueError.
+        antithetic: draw the samples in antithetic pairs: the second sample of each pair is made
+            from the first one's noise negated (`sampling.antithetic`). Every sample keeps the
+            sampler's law, while the pairs' sampling noise cancels in the mean (exactly so where
+            the sampler is affine in its noise, as on a Gaussian prior), and `result.std` reads
+            the pairs without bias (`antithetic.paired_std`). None: the model's default
+            (`defaults.defaults_for`; on for image models, docs/antithetic.md) where num_samples and
+            batch_size are even, independent samples otherwise. True needs them even, and is a
+            ValueError in particle mode.
         callback: `callback(step, noise_level, estimates)` after every network evaluation of the
             sampler: the grid step (0 = the first), its noise level ([0, 1] image units) and the
             run's guided means E[x | x_t, y] there, (rows, *x_shape) in y's units (clamped to [0, 1]
@@ -386,7 +400,7 @@ def restore(
     problem = check_problem([y], [operator], model, ["y"], ["operator"])
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                               cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                              proposal, start, allow_extrapolation, mean_level)
+                              proposal, start, allow_extrapolation, mean_level, antithetic)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     check_callback(callback, particles)
@@ -423,6 +437,7 @@ def restore_batch(
     start: str = "auto",
     allow_extrapolation: bool = False,
     mean_level: float | None = None,
+    antithetic: bool | None = None,
 ) -> list[Restoration]:
     """Posterior samples for several measurements at once: `num_samples` for each of them,
     drawn together in shared sampler runs (batched network calls).
@@ -458,7 +473,7 @@ def restore_batch(
             network call.
         steps, covariance, eta, solver, guidance_scale, device, progress, grid, cg_tol,
         cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, particles, ess_threshold, proposal, start,
-        allow_extrapolation, mean_level: as in `restore`.
+        allow_extrapolation, mean_level, antithetic: as in `restore`.
 
     Returns:
         One Restoration per measurement, in order: samples (num_samples, *x_shape), mean, std,
@@ -480,7 +495,8 @@ def restore_batch(
     groups = problem.noise_groups()
     settings = [check_settings(problem.subset(group), num_samples, steps, covariance, eta, solver, guidance_scale,
                                grid, cg_tol, cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size,
-                               particles, ess_threshold, proposal, start, allow_extrapolation, mean_level)
+                               particles, ess_threshold, proposal, start, allow_extrapolation, mean_level,
+                               antithetic)
                 for group in groups]
     generators = check_generators(generator, len(items))
     device = check_device(device)
@@ -525,7 +541,11 @@ def fit_in_memory(problem: Problem, settings: RestoreSettings, device: torch.dev
                        device, needs_vjp)
     if plan.batch_size == settings.batch_size:
         return settings
-    return dataclasses.replace(settings, batch_size=plan.batch_size, memory_limited=True)
+    batch_size, antithetic = plan.batch_size, settings.antithetic
+    if antithetic:
+        # pairs stay inside a run: an even batch, or independent samples where one row is all that fits
+        batch_size, antithetic = (batch_size - batch_size % 2, True) if batch_size > 1 else (batch_size, False)
+    return dataclasses.replace(settings, batch_size=batch_size, memory_limited=True, antithetic=antithetic)
 
 
 def warn_if_truncated(tally: CGTally, settings: RestoreSettings) -> None:
@@ -709,10 +729,11 @@ def as_measurement(y, image_model: bool, name: str = "y") -> Tensor:
 
 def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                    cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                   proposal, start="prior", allow_extrapolation=False, mean_level=None) -> RestoreSettings:
+                   proposal, start="prior", allow_extrapolation=False, mean_level=None,
+                   antithetic=None) -> RestoreSettings:
     """The frozen settings of a call (each dataclass checks its own fields once); steps,
-    covariance, the CG cap, the warm start, jacobian_s_max and mean_level left as None come from the
-    model's defaults. The sampler's noise levels are checked against the model's `sigma_range`
+    covariance, the CG cap, the warm start, jacobian_s_max, mean_level and antithetic left as None
+    come from the model's defaults. The sampler's noise levels are checked against the model's `sigma_range`
     (`check_noise_levels`)."""
     defaults = defaults_for(problem.model)
     start = resolve_start(problem, start, particles)
@@ -731,10 +752,31 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
         particles, ess_threshold, proposal, batch_size, sampler, guidance.covariance, problem.sigma_y,
         problem.measurements[0].numel())
     level, step = resolve_mean_level(problem, sampler, start, mean_level, particles)
-    return RestoreSettings(positive_int(num_samples, "num_samples"), sampler, guidance, batch_size, particle_settings,
+    num_samples = positive_int(num_samples, "num_samples")
+    pairs = resolve_antithetic(problem, antithetic, num_samples, batch_size, particles)
+    return RestoreSettings(num_samples, sampler, guidance, batch_size, particle_settings,
                            start, cap_unasked=covariance is not None and cg_max_iter is None,
                            sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None,
-                           network_dtype=", ".join(problem.model.network_dtypes()), mean_level=level, mean_step=step)
+                           network_dtype=", ".join(problem.model.network_dtypes()), mean_level=level, mean_step=step,
+                           antithetic=pairs)
+
+
+def resolve_antithetic(problem: Problem, antithetic, num_samples: int, batch_size: int | None, particles) -> bool:
+    """Whether the samples come in antithetic pairs (see `RestoreSettings`): the model's default
+    where None, if num_samples and batch_size are even (a run's pairs never straddle two runs or
+    two measurements) and not in particle mode; True where any of those fails is a ValueError."""
+    if antithetic is None:
+        return (defaults_for(problem.model).antithetic and particles is None and num_samples % 2 == 0
+                and (batch_size is None or batch_size % 2 == 0))
+    if not isinstance(antithetic, bool):
+        raise TypeError(f"antithetic must be True, False or None, got {antithetic!r}")
+    if antithetic and particles is not None:
+        raise ValueError("antithetic pairs do not apply in particle mode, whose resampling couples the particles "
+                         "anyway; leave antithetic None")
+    if antithetic and (num_samples % 2 or (batch_size is not None and batch_size % 2)):
+        raise ValueError(f"antithetic=True draws the samples in pairs: num_samples ({num_samples}) and batch_size "
+                         f"({batch_size}) must be even")
+    return antithetic
 
 
 def resolve_mean_level(problem: Problem, sampler: SamplerSettings, start: str, mean_level,
@@ -1008,12 +1050,13 @@ def segments_of_rows(first: int, last: int, num_samples: int) -> tuple[Segment, 
     return tuple(segments)
 
 
-def run_noise(segments: Sequence[Segment], generators: Generators) -> NoiseSource:
+def run_noise(segments: Sequence[Segment], generators: Generators, antithetic: bool = False) -> NoiseSource:
     """Where a run's noise comes from: each segment from its measurement's generator, or the
-    whole run from the one generator."""
+    whole run from the one generator; in antithetic pairs with `antithetic` (every segment then
+    has an even number of rows, so each pair lies within one measurement's samples)."""
     if isinstance(generators, tuple):
-        return NoiseSource(tuple((generators[segment.item], segment.rows) for segment in segments))
-    return NoiseSource(((generators, sum(segment.rows for segment in segments)),))
+        return NoiseSource(tuple((generators[segment.item], segment.rows) for segment in segments), antithetic)
+    return NoiseSource(((generators, sum(segment.rows for segment in segments)),), antithetic)
 
 
 def run_measurements(problem: Problem, segments: Sequence[Segment]) -> Tensor:
@@ -1049,7 +1092,7 @@ def sample_run(problem: Problem, settings: RestoreSettings, segments: Sequence[S
     measured by its own operator (stacked where the segments' operators differ)."""
     rows = sum(segment.rows for segment in segments)
     measurements = run_measurements(problem, segments)
-    noise = run_noise(segments, generators)
+    noise = run_noise(segments, generators, settings.antithetic)
     if settings.start == "measurement":
         # y = x_0 + sigma_y n is the forward process at ratio sigma_y (x_t* / alpha = y): unguided
         # from there, and the first step's D is the exact E[x | y] (mean_step 0).
@@ -1129,6 +1172,14 @@ def sample_particles(problem: Problem, settings: RestoreSettings, generators: Ge
 
 
 # -- 4. summarise -----------------------------------------------------------------------------
+def sample_std(samples: Tensor, antithetic: bool) -> Tensor:
+    """The posterior std per entry from the samples (n, *x_shape): read by pairs where they are
+    antithetic, the plain sample std otherwise (zeros for one sample)."""
+    if antithetic:
+        return paired_std(samples)
+    return samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
+
+
 def to_output(problem: Problem, x: Tensor) -> Tensor:
     """x in the caller's units: [0, 1] (clamped) for image models, the prior's own otherwise."""
     return from_model_range(x, problem.model.data_range).clamp(0, 1) if problem.image_model else x
@@ -1143,7 +1194,7 @@ def summarise(problem: Problem, draws: Draws, settings: RestoreSettings) -> Rest
     samples = to_output(problem, draws.samples)
     cloud = draws.cloud
     if cloud is None:
-        std = samples.std(dim=0) if samples.shape[0] > 1 else torch.zeros_like(samples[0])
+        std = sample_std(samples, settings.antithetic)
         mean = (samples if draws.step_means is None else to_output(problem, draws.step_means)).mean(dim=0)
         return Restoration(samples, mean, std, draws.nfe, draws.vjps, draws.seconds, settings,
                            cg_truncated=draws.cg_truncated)

@@ -81,26 +81,28 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
 
     def spy(y, operator, model, **options):
         seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"],
-                    jacobian_s_max=options["jacobian_s_max"], mean_level=options["mean_level"])
+                    jacobian_s_max=options["jacobian_s_max"], mean_level=options["mean_level"],
+                    antithetic=options["antithetic"])
         result = real_restore(y, operator, model, **options)
-        seen.update(samples=result.samples.dtype, level=result.settings.mean_level)
+        seen.update(samples=result.samples.dtype, level=result.settings.mean_level, pairs=result.settings.antithetic)
         return result
 
     monkeypatch.setattr(restore_module, "restore", spy)
     low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
     out = tmp_path / "out.png"
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
-                 "--dtype", "bfloat16", "--device", "cpu", "--jacobian-s-max", "2", "--mean-level", "0", "-o",
-                 str(out)]) == 0
+                 "--dtype", "bfloat16", "--device", "cpu", "--jacobian-s-max", "2", "--mean-level", "0",
+                 "--independent-samples", "-o", str(out)]) == 0
     assert seen == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "jacobian_s_max": 2.0,  # "2" parsed: exact
-                    "mean_level": 0.0, "samples": torch.float32, "level": 0.0}
+                    "mean_level": 0.0, "samples": torch.float32, "level": 0.0, "antithetic": False, "pairs": False}
     assert read_image(out).shape == (3, 8, 8)
-    assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
+    assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "2", "--model", str(pipeline_folder),
                  "-o", str(out), "--force"]) == 0
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert seen["dtype"] == torch.float32 and seen["device"] == expected  # auto, float32 by default
     assert seen["jacobian_s_max"] == IMAGE_DEFAULTS.jacobian_s_max
     assert seen["mean_level"] is None and seen["level"] == IMAGE_DEFAULTS.mean_level
+    assert seen["antithetic"] is None and seen["pairs"] == IMAGE_DEFAULTS.antithetic  # 2 samples: one pair
 
 
 def test_deblurring_with_a_named_kernel_and_a_kernel_file(tmp_path, pipeline_folder, capsys):

@@ -242,8 +242,9 @@ def error_ratios(model, problem, groups=GROUPS, steps=100, seed=1) -> dict[str, 
     0.02 (covariance error), measured over 8 seeds per family (3 seeds of 2000 samples averaged
     1.15 +- 0.13: about 1 seed triple in 8 broke 1.3).
     """
+    # independent samples (an image model's default pairs them): the floor is that of independent exact samples
     result = restore(problem.y, problem.operator, model, num_samples=groups * NUM_SAMPLES, steps=steps,
-                     covariance="tweedie", cg_max_iter=50, generator=torch.Generator().manual_seed(seed))
+                     covariance="tweedie", cg_max_iter=50, antithetic=False, generator=torch.Generator().manual_seed(seed))
     return grouped_floor_ratios(result.samples, problem.posterior, NUM_SAMPLES, problem.floor)
 
 

@@ -34,6 +34,11 @@ def test_folder_pipeline_and_restore_give_the_same_numbers(pipe, pipeline_folder
     result = restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4, generator=seeded())
     assert images.shape == (2, 3, 8, 8)
     assert torch.equal(images, result.samples)  # the pipeline calls restore: the same computation
+    assert result.settings.antithetic  # 2 samples of an image model: one antithetic pair, as the pipeline drew
+    independent = run(pipe, antithetic=False)
+    assert torch.equal(independent, restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4,
+                                            generator=seeded(), antithetic=False).samples)
+    assert not torch.equal(independent, images)
 
 
 def test_ladder_pieces_take_their_noise_levels_as_restore_does_with_the_ladder(pipe, pipeline_folder):

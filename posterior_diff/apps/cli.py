@@ -82,6 +82,9 @@ def _sampler_arguments(restore: argparse.ArgumentParser) -> None:
                          help="the output is the average over the samples of the guided means E[x | x_t, y] at the first "
                               "step at or below this noise level in [0, 1] units; 0: the samples' own mean (default "
                               f"{IMAGE_DEFAULTS.mean_level:g} for image models; docs/mean_level.md)")
+    restore.add_argument("--independent-samples", dest="antithetic", action="store_const", const=False,
+                         help="draw independent samples instead of antithetic pairs (the image models' default "
+                              "for an even --samples; docs/antithetic.md)")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
 
@@ -170,7 +173,7 @@ def _restore_file(args) -> int:
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                      cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, generator=generator, progress=True,
                      particles=args.particles, device=device, allow_extrapolation=args.allow_extrapolation,
-                     mean_level=args.mean_level)
+                     mean_level=args.mean_level, antithetic=args.antithetic)
     write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if result.settings.sigma_y_estimate is not None:

@@ -213,7 +213,7 @@ def run_settings(args) -> dict:
     return {"task": args.task, "sigma_y": TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y,
             "samples": args.samples, "steps": args.steps, "covariance": args.covariance,
             "cg_max_iter": args.cg_max_iter, "jacobian_s_max": args.jacobian_s_max, "particles": args.particles,
-            "mean_level": args.mean_level, "model": args.model or "embedded",
+            "mean_level": args.mean_level, "antithetic": args.antithetic, "model": args.model or "embedded",
             "dtype": args.dtype, "seed": args.seed, "mask": None if args.mask is None else str(args.mask)}
 
 
@@ -298,7 +298,8 @@ def restore_group(jobs: list[Job], model, args, device: torch.device) -> list[di
         return records
     options = dict(num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                    cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, particles=args.particles,
-                   device=device, allow_extrapolation=args.allow_extrapolation, mean_level=args.mean_level)
+                   device=device, allow_extrapolation=args.allow_extrapolation, mean_level=args.mean_level,
+                   antithetic=args.antithetic)
     try:
         results = restore_batch([y for _, _, y, _ in prepared], [A for _, _, _, A in prepared], model,
                                 generator=[torch.Generator().manual_seed(job.seed) for job, *_ in prepared], **options)

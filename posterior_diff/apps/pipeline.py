@@ -92,6 +92,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         batch_size: int | None = None,
         ladder_pieces: tuple = (),
         allow_extrapolation: bool = False,
+        antithetic: bool | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw `num_samples` posterior samples.
 
@@ -115,6 +116,8 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
                 (docs/theory.md, "A ladder of priors"). Empty: the UNet alone.
             allow_extrapolation: as in `restore()`: run even where a prior would be asked about a
                 noise level outside its `sigma_range`.
+            antithetic: as in `restore()`: None pairs the samples antithetically where
+                num_samples is even (each is still a posterior sample; False for independent ones).
 
         Returns:
             `ImagePipelineOutput(images=...)`, or `(images,)` when `return_dict` is False.
@@ -129,7 +132,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             covariance=covariance, eta=eta, solver=solver, guidance_scale=guidance_scale, generator=generator,
             device=self._execution_device, progress=lambda total: self.progress_bar(total=total),
             cg_max_iter=cg_max_iter, jacobian_s_max=jacobian_s_max, batch_size=batch_size,
-            allow_extrapolation=allow_extrapolation,
+            allow_extrapolation=allow_extrapolation, antithetic=antithetic,
         )
         self.maybe_free_model_hooks()
         images = result.samples

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from posterior_diff.checks import choice, number_in, positive_int
 from posterior_diff.denoisers import Denoiser, randn
+from posterior_diff.sampling.antithetic import paired_rows
 from posterior_diff.sampling.time_grids import GRIDS, time_grid
 
 SOLVERS = ("multistep", "euler", "heun", "pc", "euler_maruyama")
@@ -145,12 +146,18 @@ class NoiseSource:
     whatever other blocks share the batch (`restore_batch` relies on this for a list of
     generators). One block of all the rows is the plain single-generator draw.
 
+    With `antithetic`, each block draws ceil(n_k / 2) rows and gives them as pairs, the second
+    row of each pair the first one negated (`antithetic.paired_rows`): every row keeps the
+    standard normal law, and a pair's samples are coupled to cancel each other's sampling noise.
+
     Attributes:
         blocks: ((generator or None, rows), ...) in row order; None draws from torch's global
             generator. Drawn on each generator's own device (see `denoisers.randn`).
+        antithetic: whether rows 2i and 2i + 1 of each block are antithetic pairs.
     """
 
     blocks: tuple[tuple[torch.Generator | None, int], ...]
+    antithetic: bool = False
 
     @property
     def rows(self) -> int:
@@ -161,9 +168,15 @@ class NoiseSource:
         """Standard normal draws of `shape` = (rows, *x_shape), block by block, on `device`."""
         if shape[0] != self.rows:
             raise ValueError(f"the noise source draws {self.rows} rows, asked for shape {tuple(shape)}")
-        if len(self.blocks) == 1:
-            return randn(tuple(shape), self.blocks[0][0], device, dtype)
-        return torch.cat([randn((rows, *shape[1:]), generator, device, dtype) for generator, rows in self.blocks])
+        blocks = [self.block(generator, (rows, *shape[1:]), device, dtype) for generator, rows in self.blocks]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def block(self, generator: torch.Generator | None, shape: tuple[int, ...], device, dtype) -> Tensor:
+        """One block's draws of `shape` from `generator`: plain, or antithetic pairs."""
+        if not self.antithetic:
+            return randn(tuple(shape), generator, device, dtype)
+        rows = shape[0]
+        return paired_rows(randn(((rows + 1) // 2, *shape[1:]), generator, device, dtype), rows)
 
 
 def as_noise_source(generator: torch.Generator | NoiseSource | None, rows: int) -> NoiseSource:
