@@ -25,7 +25,8 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
    inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
    embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser, and deepinv's DiffPIR
-   and DPS with the same ladder at the same network evaluations per sample (see `peers`).
+   and DPS with the same ladder at the same network evaluations per sample (see `peers`), and DiffPIR
+   again at `PEER_STEPS_FACTOR` times the steps, about our seconds.
 3. **Calibration**: the fraction of pixels whose error |mean - x| lies within 2 posterior standard
    deviations (`metrics.coverage_within_two_std`, the restoration's own mean and std). For exact
    samples of a Gaussian posterior this fraction is known (`metrics.calibrated_coverage`): with n
@@ -69,6 +70,9 @@ SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4))
 # comparison alone would take hours on 2 cores)
 ACCURATE_CG = ("tweedie", 20, 50)
 CG_SIZE = 32
+# DiffPIR also at this many times our steps: a DiffPIR step takes one forward and no VJP, ours (tweedie,
+# CG cap 4) about 3 VJPs more, so at 3x the steps DiffPIR takes about our seconds (quality per second)
+PEER_STEPS_FACTOR = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -243,6 +247,9 @@ def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) 
                 entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
                     f"{key}|{method}|{settings['steps']}",
                     lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"]))
+            steps = PEER_STEPS_FACTOR * settings["steps"]
+            entries[f"deepinv DiffPIR (ladder), {steps} steps"] = cache.get(
+                f"{key}|diffpir|{steps}", lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
             for method, entry in entries.items():
                 table[task].setdefault(method, []).append(entry)
                 log_row("held-out", image, task, method, f"{entry['psnr']:.2f} dB", float(entry["seconds"]))

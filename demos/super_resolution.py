@@ -114,8 +114,9 @@ def timed_restore(label: str, model, low, operator, generator, args):
     start = time.perf_counter()
     result = restore(low, operator, model, num_samples=args.samples, steps=args.steps,
                      covariance=args.covariance, cg_max_iter=args.cg_max_iter, generator=generator, progress=True)
+    pairs = " (antithetic pairs)" if result.settings.antithetic else ""
     print(f"\n{label}: x4 super-resolution of a {args.size}x{args.size} crop, sigma_y = {args.sigma_y}; {args.samples} "
-          f"samples, {args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, "
+          f"samples{pairs}, {args.steps} steps, covariance {args.covariance!r}: {result.nfe} network evaluations, "
           f"{result.vjps} VJPs, network in {result.settings.network_dtype}, {time.perf_counter() - start:.0f} s\n")
     return result
 

@@ -133,3 +133,17 @@ def test_a_memory_limited_batch_keeps_its_pairs_whole(image_model, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda: int(1.5 * room))  # one row: no pair fits
     single = restore(small_image(), SuperResolution(2, sigma_y=0.05), image_model, **options)
     assert single.settings.batch_size == 1 and not single.settings.antithetic
+
+
+@pytest.mark.parametrize("batch_size", [None, 2, 4])
+def test_with_one_generator_for_a_batch_every_pair_lies_within_one_measurement(batch_size):
+    # the affine sampler of a Gaussian prior: an item's mean is its pairs' common average only where each
+    # pair holds two samples of that item, so it cannot depend on the seed however the runs cut the rows
+    prior, operator, y = gaussian_problem()
+    other = operator.measure(prior.sample(1, seeded(5)), seeded(6))[0]
+    settings = dict(num_samples=2, steps=4, covariance="isotropic", antithetic=True, batch_size=batch_size)
+    first, second = (restore_batch([other, y, other], operator, prior, generator=seeded(seed), **settings)
+                     for seed in (0, 1))
+    for a, b in zip(first, second):
+        assert not torch.allclose(a.samples, b.samples)
+        torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=1e-10)

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (data_size, deblur_cost, deblurring, denoising_start, gaussian_exactness,  # noqa: E402
+from benchmarks import (antithetic, data_size, deblur_cost, deblurring, denoising_start, gaussian_exactness,  # noqa: E402
                         image_restoration, jacobian_range, large_images, mean_level, network_precision, particle_mode,
                         pretrained_priors, run_benchmarks, speed, start_estimates, training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
@@ -580,3 +580,26 @@ def test_the_mean_level_quick_run_measures_every_level_from_one_run(tmp_path):
     assert len(tables) == 3 and "Chosen: **mean_level" in report
     models_and_tasks = [row[:2] for row in tables[0][1][:-len(mean_level.KINDS) - 1]]
     assert models_and_tasks == [[m, t] for m in ("ladder", "embedded") for t in mean_level.TASKS]
+
+
+def test_the_antithetic_choice_takes_pairs_only_where_their_mean_is_as_good():
+    def runs(*psnrs):
+        return [dict(psnr=p, coverage=0.8) for p in psnrs]
+
+    table = {("ladder", "sr4"): {"independent": runs(30.0, 31.0), "antithetic": runs(30.5, 31.5)},
+             ("ladder", "box"): {"independent": runs(28.0, 28.0), "antithetic": runs(27.7, 27.9)}}
+    assert antithetic.choose(table)  # +0.5 on SR, -0.2 on the box: +0.15 on average
+    table[("ladder", "box")]["antithetic"] = runs(27.0, 27.0)
+    assert not antithetic.choose(table)  # -1.0 on the box outweighs SR's +0.5
+    rows = antithetic.check_rows(table)
+    assert rows[0][:4] == ["ladder", "sr4", "30.00 → 30.50", "31.00 → 31.50"] and rows[0][4] == "+0.50"
+    assert rows[-1][0] == "mean" and rows[-1][4] == "-0.25"
+    assert antithetic.choice_rows(table)[-1] == ["mean", "", "29.25", "29.00", "-0.25"]
+
+
+@pytest.mark.slow
+def test_the_antithetic_quick_run_compares_both_ways_on_every_task(tmp_path):
+    report = ffdnet_quick_report(antithetic, tmp_path)
+    tables = markdown_tables(report)
+    assert len(tables) == 2 and "Chosen: **" in report
+    assert [row[:2] for row in tables[0][1][:-1]] == [[m, t] for m in ("ladder", "embedded") for t in antithetic.TASKS]
