@@ -4,9 +4,9 @@ A sampler run turns standard normal draws z (its start and every step's noise) i
 x = F(z). With antithetic pairs, rows 2i and 2i + 1 of a batch get z and -z. Each row is still
 drawn from exactly the sampler's distribution (z and -z have the same law), so every sample is as
 good a posterior sample as before; only the pairs are coupled. Where F is close to affine in z,
-F(z) + F(-z) cancels the part of x that varies with z to first order, so the samples' average has
-far less sampling noise than that of independent samples: its error is then that of the posterior
-mean itself. For an affine F (a Gaussian prior, whose guided sampler is affine in its noise) the
+F(z) + F(-z) cancels the part of x that varies with z to first order, so the samples' average
+carries only the higher-order part of the sampling noise that independent samples would leave in it.
+For an affine F (a Gaussian prior, whose guided sampler is affine in its noise) the
 pair's average is exactly the sampler's mean (docs/theory.md §5, "Antithetic pairs").
 
 The samples' spread must then be read with the pairing in mind: the plain std of n samples
