@@ -542,9 +542,10 @@ def fit_in_memory(problem: Problem, settings: RestoreSettings, device: torch.dev
     if plan.batch_size == settings.batch_size:
         return settings
     batch_size, antithetic = plan.batch_size, settings.antithetic
-    if antithetic:
-        # pairs stay inside a run: an even batch, or independent samples where one row is all that fits
-        batch_size, antithetic = (batch_size - batch_size % 2, True) if batch_size > 1 else (batch_size, False)
+    if antithetic and batch_size == 1:  # one row at a time: no pair fits in a run
+        antithetic = False
+    elif antithetic:
+        batch_size -= batch_size % 2  # a pair never straddles two runs
     return dataclasses.replace(settings, batch_size=batch_size, memory_limited=True, antithetic=antithetic)
 
 
@@ -765,15 +766,15 @@ def resolve_antithetic(problem: Problem, antithetic, num_samples: int, batch_siz
     """Whether the samples come in antithetic pairs (see `RestoreSettings`): the model's default
     where None, if num_samples and batch_size are even (a run's pairs never straddle two runs or
     two measurements) and not in particle mode; True where any of those fails is a ValueError."""
+    even = num_samples % 2 == 0 and (batch_size is None or batch_size % 2 == 0)
     if antithetic is None:
-        return (defaults_for(problem.model).antithetic and particles is None and num_samples % 2 == 0
-                and (batch_size is None or batch_size % 2 == 0))
+        return defaults_for(problem.model).antithetic and particles is None and even
     if not isinstance(antithetic, bool):
         raise TypeError(f"antithetic must be True, False or None, got {antithetic!r}")
     if antithetic and particles is not None:
         raise ValueError("antithetic pairs do not apply in particle mode, whose resampling couples the particles "
                          "anyway; leave antithetic None")
-    if antithetic and (num_samples % 2 or (batch_size is not None and batch_size % 2)):
+    if antithetic and not even:
         raise ValueError(f"antithetic=True draws the samples in pairs: num_samples ({num_samples}) and batch_size "
                          f"({batch_size}) must be even")
     return antithetic
