@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
-from conftest import tiny_unet
-from operators import MatrixOperator, SuperResolution
-from posterior_diff import GaussianPrior, denoiser_from_diffusers, memory, restore, restore_batch
+from operators import SuperResolution
+from posterior_diff import memory, restore, restore_batch
 from posterior_diff.memory import peak_bytes_per_row
 from posterior_diff.sampling.antithetic import paired_rows, paired_std
 from posterior_diff.sampling.samplers import NoiseSource
+from test_mean_estimates import matrix_problem
+from test_memory import image_model as tiny_image_model, measurement as small_image
 
 DOUBLE = torch.float64
 
@@ -18,21 +18,15 @@ def seeded(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def gaussian_problem(dimension=16, rows=8):
-    """N(0, I) in `dimension` entries seen through a random (rows, dimension) matrix, sigma_y 0.1."""
-    prior = GaussianPrior(torch.zeros(dimension, dtype=DOUBLE), torch.eye(dimension, dtype=DOUBLE))
-    operator = MatrixOperator(torch.randn(rows, dimension, generator=seeded(0), dtype=DOUBLE) / dimension**0.5, 0.1)
-    return prior, operator, operator.measure(prior.sample(1, seeded(1)), seeded(2))[0]
+def gaussian_problem():
+    """N(0, I) in 16 entries seen through a random (8, 16) matrix, sigma_y 0.1."""
+    return matrix_problem(dimension=16, rows=8)
 
 
 @pytest.fixture(scope="module")
 def image_model():
     """A tiny random UNet as an image model, whose defaults draw antithetic pairs."""
-    return denoiser_from_diffusers(tiny_unet().requires_grad_(False), DDPMScheduler(num_train_timesteps=1000))
-
-
-def small_image():
-    return torch.rand(3, 8, 8, generator=seeded(0))  # a 16x16 image at x2
+    return tiny_image_model()
 
 
 def test_rows_come_in_pairs_of_a_draw_and_its_negation():
