@@ -97,8 +97,8 @@ def check_rows(table: dict) -> list[list[str]]:
                      f"{mean_over(antithetic, 'psnr') - mean_over(independent, 'psnr'):+.2f}",
                      f"{mean_over(independent, 'coverage'):.3f} → {mean_over(antithetic, 'coverage'):.3f}"])
     gains = [mean_over(ways["antithetic"], "psnr") - mean_over(ways["independent"], "psnr") for ways in table.values()]
-    rows.append(["mean", "", *[""] * len(next(iter(table.values()))["independent"]), f"{statistics.fmean(gains):+.2f}",
-                 ""])
+    photographs = len(independent)
+    rows.append(["mean", "", *[""] * photographs, f"{statistics.fmean(gains):+.2f}", ""])
     return rows
 
 
