@@ -5,16 +5,18 @@ Run it as `python -m benchmarks.pretrained_priors` (`--quick` for a smoke run); 
 docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`).
 
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`, never the
-   held-out ones): first the switch level (the noise level below which FFDNet is asked) at the
+   held-out ones): first the switch level (the noise level below which FFDNet is asked; above its
+   trained 75/255 it is asked through contrast scaling, `models.contrast`, docs/contrast_scaling.md) at the
    image defaults, then, at that switch, the covariance and the number of steps. Each choice is
    the cheapest setting within `TIE_DB` of the best mean PSNR over SR x4,
    70% random inpainting and the box hole (denoising is not in the choice: `restore` starts it
    from the measurement, below every switch, so FFDNet alone serves it). Cheapest: for the switch the
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
    fewest network forwards plus two per VJP; wall seconds, also shown, are too noisy on a shared
-   2-core machine to rank near-equal settings. The choice was made before the estimate start
-   and the trajectory's mean existed (`start="estimate"`, docs/start_estimates.md; `mean_level`,
-   docs/mean_level.md), so its runs start from the prior and average the samples themselves. Beside it, on the first
+   2-core machine to rank near-equal settings. Every run takes restore's own start (`start="auto"`:
+   the biharmonic fill noised to 75/255 on random inpainting, docs/start_estimates.md), its own
+   mean (the guided means at `defaults.MEAN_LEVEL`, docs/mean_level.md) and its antithetic pairs
+   (docs/antithetic.md), as a user's run does. Beside it, on the first
    validation photograph (a 32x32 crop), what the Tweedie CG costs when it stops by its accuracy rule alone
    (`cg_tol`, `cg_noise_tol`; cap 50 as a safeguard) instead of at the image defaults' cap of 4.
 2. **The check, on the held-out photographs** (scikit-image's astronaut, camera, coffee and
@@ -52,6 +54,7 @@ from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
 from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
+from posterior_diff.models.contrast import ContrastScaling
 from posterior_diff.models.ladder import DEFAULT_SWITCH
 from posterior_diff.training.data import VALIDATION_FILES
 
@@ -62,7 +65,8 @@ from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedd
 
 CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
-SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX)
+# [0, 1] units; above FFDNet's 75/255 it is asked through contrast scaling (docs/contrast_scaling.md)
+SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX, 0.6, 1.0, 2.0, 5.0)
 # (covariance, steps, cg_max_iter): the image defaults first
 SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4))
 # the Tweedie CG stopped by its accuracy rule alone (the cap a safeguard): its cost, on one photograph
@@ -129,9 +133,8 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     cells = {}
     crop = "" if size is None else f"|{size}"
     for task in CHOICE_TASKS:
-        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}",
-                                 lambda truth=truth: restore_row(ladders[switch], truth, task, samples, start="prior",
-                                                                 mean_level=0.0, antithetic=False,
+        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}|{restore_defaults_tag()}",
+                                 lambda truth=truth: restore_row(ladders[switch], truth, task, samples,
                                                                  **sampler_settings(sampler)))
                        for image, truth in crops.items()]
         log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), task,
@@ -200,7 +203,10 @@ def unit_costs(ladder, size: int, samples: int, repeats: int = 3) -> list[list[s
             probe = x.clone().requires_grad_(True)
             torch.autograd.grad(piece(probe, t), probe, torch.ones_like(x))
             backward.append(time.perf_counter() - began)
-        rows.append([type(piece).__name__, f"[{low:.4g}, {high:.4g}]", f"{min(forward):.3f}", f"{min(backward):.3f}"])
+        name = type(piece).__name__
+        if isinstance(getattr(piece, "denoiser", None), ContrastScaling):
+            name = f"FFDNet, contrast-scaled above {piece.denoiser.top:.4g}"
+        rows.append([name, f"[{low:.4g}, {high:.4g}]", f"{min(forward):.3f}", f"{min(backward):.3f}"])
     return rows
 
 
@@ -225,8 +231,9 @@ def baseline_entry(measurement, truth: torch.Tensor) -> dict:
     return dict(name=name, psnr=psnr, ssim=ssim, seconds=time.perf_counter() - began)
 
 
-def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) -> dict:
-    """Every method on every (held-out photograph, check task): {task: {method: [run per image]}}."""
+def check(cache: ResultCache, args, ladder, switch: float, embedded, denoiser, settings: dict) -> dict:
+    """Every method on every (held-out photograph, check task): {task: {method: [run per image]}}; the
+    runs with the ladder are cached under its switch."""
     table = {task: {} for task in CHECK_TASKS}
     for image in args.held_out:
         truth = load_photograph(image, args.size, 2.0)
@@ -236,7 +243,7 @@ def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) 
             ours = restore_defaults_tag()
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
-                "ours, ladder": cache.get(f"{key}|ladder|{settings}|{ours}",
+                "ours, ladder": cache.get(f"{key}|ladder {switch:.6f}|{settings}|{ours}",
                                           lambda: restore_row(ladder, truth, task, args.samples, **settings)),
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
@@ -245,11 +252,11 @@ def check(cache: ResultCache, args, ladder, embedded, denoiser, settings: dict) 
             }
             for method in ("diffpir", "dps"):
                 entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
-                    f"{key}|{method}|{settings['steps']}",
+                    f"{key}|{method}|{settings['steps']}|ladder {switch:.6f}",
                     lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"]))
             steps = PEER_STEPS_FACTOR * settings["steps"]
             entries[f"deepinv DiffPIR (ladder), {steps} steps"] = cache.get(
-                f"{key}|diffpir|{steps}", lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
+                f"{key}|diffpir|{steps}|ladder {switch:.6f}", lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
             for method, entry in entries.items():
                 table[task].setdefault(method, []).append(entry)
                 log_row("held-out", image, task, method, f"{entry['psnr']:.2f} dB", float(entry["seconds"]))
@@ -284,15 +291,16 @@ def main(argv: list[str] | None = None) -> None:
     switch, sampler, switch_rows, sampler_rows, cg_rows = choose_settings(cache, args, ladders)
     settings = sampler_settings(sampler)
     ladder = ladders[switch] if switch in ladders else default_ladder(switch, model=embedded)
-    table = check(cache, args, ladder, embedded, denoiser, settings)
+    table = check(cache, args, ladder, switch, embedded, denoiser, settings)
     costs = unit_costs(ladder, args.size, args.samples)
     choice_header = ["setting", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean (dB)", "s", "truncated CG solves"]
     write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
         f"## 1. The choice: validation photographs\n\n{len(args.validation)} validation photographs, {args.size}x"
         f"{args.size} centre crops, {args.samples} samples, seconds per restoration on {args.threads} thread(s). "
-        f"The switch, at the image defaults ({sampler_label(args.samplers[0])}; {DEFAULT_SWITCH:g} was the "
-        "placeholder):\n\n" + markdown_table(choice_header, switch_rows)
-        + f"\n\nChosen: **switch {switch:.4g}**. What each piece's network costs, on a batch of {args.samples} "
+        f"The switch, at the image defaults ({sampler_label(args.samplers[0])}):\n\n"
+        + markdown_table(choice_header, switch_rows)
+        + f"\n\nChosen: **switch {switch:.4g}** (`default_ladder`'s switch, `ladder.DEFAULT_SWITCH` = "
+        f"{DEFAULT_SWITCH:.4g}). What each piece's network costs, on a batch of {args.samples} "
         f"{args.size}x{args.size} images (seconds, best of 3, measured at the end of the run):\n\n"
         + markdown_table(["piece", "levels ([0, 1] units)", "forward (s)", "forward + VJP (s)"], costs)
         + "\n\nThe sampler at that switch:\n\n"

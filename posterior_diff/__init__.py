@@ -11,6 +11,7 @@
 # submodule binds its name in the package, so a shim imported later would take it over.
 import posterior_diff.ladder as _old_ladder_path  # noqa: F401
 from posterior_diff.denoisers import Denoiser, ModuleDenoiser
+from posterior_diff.models.contrast import contrast_scaled
 from posterior_diff.models.deepinv_prior import DeepinvPrior, from_deepinv_denoiser
 from posterior_diff.models.ffdnet_prior import ffdnet
 from posterior_diff.models.ladder import Ladder, default_ladder, ladder
@@ -39,6 +40,7 @@ __all__ = [
     "DeepinvPrior",
     "from_deepinv_denoiser",
     "ffdnet",
+    "contrast_scaled",
     "ladder",
     "default_ladder",
     "Ladder",

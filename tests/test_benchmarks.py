@@ -18,9 +18,10 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (antithetic, data_size, deblur_cost, deblurring, denoising_start, gaussian_exactness,  # noqa: E402
-                        image_restoration, jacobian_range, large_images, mean_level, network_precision, particle_mode,
-                        pretrained_priors, run_benchmarks, speed, start_estimates, training_curve, warm_start)
+from benchmarks import (antithetic, contrast_scaling, data_size, deblur_cost, deblurring, denoising_start,  # noqa: E402
+                        gaussian_exactness, image_restoration, jacobian_range, large_images, mean_level,
+                        network_precision, particle_mode, pretrained_priors, run_benchmarks, speed, start_estimates,
+                        training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
 from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
@@ -162,6 +163,17 @@ def ffdnet_quick_report(module, tmp_path: Path) -> str:
     report = out.read_text()
     assert_numbers_are_finite(report)
     return report
+
+
+def test_the_contrast_scaling_quick_run_compares_both_denoisers_at_every_level(tmp_path):
+    (header, rows), = markdown_tables(ffdnet_quick_report(contrast_scaling, tmp_path))
+    assert [float(row[0]) for row in rows] == pytest.approx(contrast_scaling.LEVELS, rel=1e-3)
+    contrast = column(rows, 1)
+    # inside FFDNet's range it is asked unchanged (contrast 1); above it at top / level
+    assert all(c == 1 for c, level in zip(contrast, contrast_scaling.LEVELS) if level <= 75 / 255)
+    assert all(c == pytest.approx(75 / 255 / level, abs=5e-4)
+               for c, level in zip(contrast, contrast_scaling.LEVELS) if level > 75 / 255)
+    assert column(rows, 4) == pytest.approx([a - b for a, b in zip(column(rows, 2), column(rows, 3))], abs=0.011)
 
 
 @pytest.mark.slow

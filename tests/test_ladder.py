@@ -204,8 +204,10 @@ def test_default_ladder_restores_a_small_super_resolution(ffdnet_prior):
     assert asked  # FFDNet held the lowest levels
     with pytest.raises(ValueError, match="gap"):
         default_ladder(0.001)  # below the embedded model's lowest level
-    with pytest.raises(ValueError, match="never more"):
-        default_ladder(0.5)  # above FFDNet's 75/255
+    with pytest.raises(ValueError, match="switch.*below the upper model's top"):
+        default_ladder(prior.sigma_range[1])  # no level left to the embedded model
     from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 
-    assert prior.ranges[1][1] == DEFAULT_SWITCH == FFDNET_SIGMA_MAX  # FFDNet's whole range (the measured choice)
+    # the measured choice: FFDNet up to the switch, through contrast scaling above its trained range
+    assert prior.ranges[1][1] == DEFAULT_SWITCH > FFDNET_SIGMA_MAX
+    assert prior.pieces[1].denoiser.top == FFDNET_SIGMA_MAX

@@ -4,6 +4,7 @@
 - `formats`: one adapter per diffusers model family (DDPM, ADM, score-SDE VE, EDM) into a Denoiser.
 - `priors`: the analytic Gaussian and Gaussian-mixture priors, with closed-form posteriors.
 - `deepinv_prior`, `ffdnet_prior`: deepinv denoisers and FFDNet as Denoisers.
+- `contrast`: such a denoiser asked above its trained range, on the image at reduced contrast.
 - `ladder`: several Denoisers as one, each at the noise levels it was trained for.
 
 This room imports only the contracts below it (denoisers, schedules, images, checks) and

@@ -134,7 +134,8 @@ def ffdnet(channels: int = 3, weights: str | os.PathLike | None = None, *, sigma
     started from the prior at sigma_max = 75/255 does not hide the data. It serves where the
     start is a noisy image inside its range (denoising with `start="auto"`, sigma_y < 75/255),
     and it is meant to hold the low noise levels of a ladder, with a diffusion model above them
-    (`posterior_diff.ladder`, `default_ladder`). See docs/ffdnet.md.
+    (`posterior_diff.ladder`, `default_ladder`). Above 75/255 it can be asked through contrast
+    scaling (`contrast_scaled`), as `default_ladder` does. See docs/ffdnet.md.
 
     Args:
         channels: 3 (the RGB weights) or 1 (the grey weights).

