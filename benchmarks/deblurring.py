@@ -36,8 +36,8 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_phot
 from posterior_diff.evaluation.metrics import calibrated_coverage
 
 from .pretrained_priors import mean_over, peer_entry, restore_row
-from .reporting import (ResultCache, embedded_model, log_row, markdown_table, parse_photograph_run, photograph_run_parser,
-                        restore_defaults_tag, write_report)
+from .reporting import (ResultCache, cache_name, embedded_model, log_row, markdown_table, parse_photograph_run,
+                        photograph_run_parser, restore_defaults_tag, write_report)
 
 TASKS = ("deblur", "deblur-motion")
 CLASSICAL = ("unsupervised Wiener", "Richardson-Lucy")
@@ -75,11 +75,14 @@ def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
             ours = restore_defaults_tag()
             entries["ours, embedded model"] = cache.get(f"{key}|embedded|{ours}",
                                                         lambda: restore_row(embedded, truth, task, args.samples))
-            entries["ours, ladder"] = cache.get(f"{key}|ladder|{ours}", lambda: restore_row(ladder, truth, task, args.samples))
+            on_ladder = cache_name("ladder")  # the default ladder's runs, filed under its switch
+            entries["ours, ladder"] = cache.get(f"{key}|{on_ladder}|{ours}",
+                                                lambda: restore_row(ladder, truth, task, args.samples))
             entries["deepinv DPIR (FFDNet)"] = cache.get(f"{key}|dpir",
                                                          lambda: peer_entry("dpir", denoiser, measurement, truth, 1, 0))
             entries["deepinv DiffPIR (ladder)"] = cache.get(
-                f"{key}|diffpir|{steps}", lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
+                f"{key}|diffpir|{steps}|{on_ladder}",
+                lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
             for method, entry in entries.items():
                 table[task].setdefault(method, []).append(entry)
                 log_row(image, task, method, f"{entry['psnr']:.2f} dB", float(entry["seconds"]))

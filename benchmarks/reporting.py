@@ -111,6 +111,14 @@ def restore_defaults_tag() -> str:
     return f"mean {IMAGE_DEFAULTS.mean_level:g}" + (", antithetic" if IMAGE_DEFAULTS.antithetic else "")
 
 
+def cache_name(model_name: str) -> str:
+    """The name a run of `ladder_and_embedded`'s model is cached under: the ladder's names its switch
+    (`ladder.DEFAULT_SWITCH`), so that runs of an earlier default ladder are never taken for today's."""
+    from posterior_diff.models.ladder import DEFAULT_SWITCH
+
+    return f"ladder {DEFAULT_SWITCH:.6g}" if model_name == "ladder" else model_name
+
+
 def ladder_and_embedded() -> dict:
     """{"ladder": the default FFDNet ladder, "embedded": the embedded model}, its network in float32 in
     both (the photograph reports measure float32, so that their caches stay comparable)."""

@@ -37,8 +37,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import (TIE_DB, ResultCache, embedded_model, ladder_and_embedded, log_row, markdown_table,
-                        parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
+from .reporting import (TIE_DB, ResultCache, cache_name, embedded_model, ladder_and_embedded, log_row,
+                        markdown_table, parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
 
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
@@ -80,7 +80,7 @@ def measure_all(cache: ResultCache, models: dict, crops: dict, tasks, samples: i
     for model_name, model in models.items():
         for task in tasks:
             for level in starts_of(model_name):
-                runs = [cache.get(f"{part}|{model_name}|{task}|{level}|{image}",
+                runs = [cache.get(f"{part}|{cache_name(model_name)}|{task}|{level}|{image}",
                                   lambda truth=truth: run(model, truth, task, samples, level))
                         for image, truth in crops.items()]
                 table[(model_name, task, level)] = runs

@@ -101,10 +101,10 @@ IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, 
 
 
 # Where an "estimate" start (Come-Closer-Diffuse-Faster, `start_estimates`) begins, in [0, 1] image
-# units: FFDNet's top trained level 75/255, so that with the ladder the whole run is FFDNet's own. Chosen on
-# the validation photographs among 75/255, 0.6 and 1.0 (docs/start_estimates.md), with the ladder as it was
-# then (the embedded model above 75/255): on 70% random inpainting +0.81 dB over the prior start at 75/255,
-# +0.63 at 0.6, +0.31 at 1.0; it loses or ties on SR x4 and the box hole at every level.
+# units: FFDNet's top trained level 75/255, so that the whole run is FFDNet's own. Chosen on the validation
+# photographs among 75/255, 0.6 and 1.0 (docs/start_estimates.md), rechecked with the default ladder at switch
+# 2: on 70% random inpainting +0.79 dB over the prior start at 75/255 and at 0.6 (the cheaper wins the tie),
+# +0.41 at 1.0; SR x4 loses at every level, so `start="auto"` takes it for scattered missing pixels only.
 ESTIMATE_START_LEVEL = 75 / 255
 
 

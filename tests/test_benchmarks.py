@@ -24,7 +24,7 @@ from benchmarks import (antithetic, contrast_scaling, data_size, deblur_cost, de
                         training_curve, warm_start)
 from benchmarks.peers import SVDPhysics, decomposable_physics, run_peer  # noqa: E402
 from benchmarks import reporting  # noqa: E402
-from benchmarks.reporting import markdown_table, provenance, source_commit  # noqa: E402
+from benchmarks.reporting import cache_name, markdown_table, provenance, source_commit  # noqa: E402
 from operators import Denoising, MatrixOperator, SuperResolution  # noqa: E402
 from posterior_diff import COVARIANCES  # noqa: E402
 from posterior_diff.evaluation.problems import gaussian_image_problems  # noqa: E402
@@ -77,6 +77,16 @@ def assert_numbers_are_finite(report: str) -> dict[str, list[list[str]]]:
 
 def column(rows: list[list[str]], index: int) -> list[float]:
     return [float(row[index]) for row in rows]
+
+
+def test_runs_of_the_default_ladder_are_cached_under_its_switch(monkeypatch):
+    import posterior_diff.models.ladder as ladder_module
+
+    assert cache_name("embedded") == "embedded"
+    monkeypatch.setattr(ladder_module, "DEFAULT_SWITCH", 75 / 255)
+    before = cache_name("ladder")
+    monkeypatch.setattr(ladder_module, "DEFAULT_SWITCH", 2.0)
+    assert before == "ladder 0.294118" and cache_name("ladder") == "ladder 2"  # another ladder, another name
 
 
 def test_the_table_check_catches_what_it_should():

@@ -222,7 +222,7 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = N
     measurement on the validation photographs (`python -m benchmarks.pretrained_priors`,
     docs/pretrained_priors.md): of 0.1, 0.2, 75/255, 0.6, 1, 2 and 5 at the image defaults and restore's
     own start and mean, 2 had the best mean PSNR over SR x4, 70% random inpainting and a box hole
-    (35.45 dB against 35.26 at 75/255, FFDNet's trained range alone, and 35.30 at 5).
+    (35.44 dB against 35.26 at 75/255, FFDNet's trained range alone, and 35.30 at 5).
 
     Args:
         switch: the level, in [0, 1] image units, below which FFDNet is asked: above 75/255 through
