@@ -53,8 +53,8 @@ from posterior_diff import default_ladder, default_model, ffdnet, restore
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
-from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 from posterior_diff.models.contrast import ContrastScaling
+from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 from posterior_diff.models.ladder import DEFAULT_SWITCH
 from posterior_diff.training.data import VALIDATION_FILES
 
@@ -240,10 +240,10 @@ def check(cache: ResultCache, args, ladder, switch: float, embedded, denoiser, s
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"check|{task}|{image}"
-            ours = restore_defaults_tag()
+            ours, on_ladder = restore_defaults_tag(), f"ladder {switch:.6f}"
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
-                "ours, ladder": cache.get(f"{key}|ladder {switch:.6f}|{settings}|{ours}",
+                "ours, ladder": cache.get(f"{key}|{on_ladder}|{settings}|{ours}",
                                           lambda: restore_row(ladder, truth, task, args.samples, **settings)),
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
@@ -252,11 +252,12 @@ def check(cache: ResultCache, args, ladder, switch: float, embedded, denoiser, s
             }
             for method in ("diffpir", "dps"):
                 entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
-                    f"{key}|{method}|{settings['steps']}|ladder {switch:.6f}",
+                    f"{key}|{method}|{settings['steps']}|{on_ladder}",
                     lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"]))
             steps = PEER_STEPS_FACTOR * settings["steps"]
             entries[f"deepinv DiffPIR (ladder), {steps} steps"] = cache.get(
-                f"{key}|diffpir|{steps}|ladder {switch:.6f}", lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
+                f"{key}|diffpir|{steps}|{on_ladder}",
+                lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
             for method, entry in entries.items():
                 table[task].setdefault(method, []).append(entry)
                 log_row("held-out", image, task, method, f"{entry['psnr']:.2f} dB", float(entry["seconds"]))
