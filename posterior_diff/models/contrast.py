@@ -50,9 +50,7 @@ class ContrastScaling(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1)
-        above = sigma > self.top
-        if not bool(above.any()):
-            return self.network(x, sigma)
+        above = sigma > self.top  # no branch on it: that would sync a GPU with the host on every call
         contrast = torch.where(above, self.top / sigma, torch.ones_like(sigma))  # (B,) or (1,)
         scale, scaled_rows = (value.reshape(-1, *([1] * (x.dim() - 1))) for value in (contrast, above))
         # rows inside the trained range pass bit for bit: x = m + 1 (x - m) would round differently
