@@ -23,6 +23,7 @@ import time
 import torch
 
 from posterior_diff import GeometricVESchedule, default_model, ffdnet, ladder
+from posterior_diff.evaluation import psnr_ssim
 from posterior_diff.models.contrast import contrast_scaled
 from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 from posterior_diff.training.data import VALIDATION_FILES
@@ -45,8 +46,7 @@ def denoising_psnrs(model, truths: torch.Tensor, noise: torch.Tensor, level: flo
     time_at = model.schedule.time_for_sigma(torch.tensor(level, dtype=torch.float64))
     with torch.no_grad():
         estimate = model(truths + level * noise, float(time_at)).clamp(0, 1)
-    mse = ((estimate - truths) ** 2).mean(dim=(1, 2, 3))
-    return (-10 * torch.log10(mse)).tolist()
+    return [psnr_ssim(image, truth)[0] for image, truth in zip(estimate, truths)]
 
 
 def main(argv: list[str] | None = None) -> None:
