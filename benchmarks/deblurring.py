@@ -65,7 +65,7 @@ def classical_entries(measurement, truth: torch.Tensor) -> dict[str, dict]:
 def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
     """Every method on every (photograph, task): {task: {method: [entry per image]}}."""
     table = {task: {} for task in TASKS}
-    steps = IMAGE_DEFAULTS.steps
+    steps, on_ladder = IMAGE_DEFAULTS.steps, cache_name("ladder")  # the default ladder's runs, filed under its switch
     for image in args.images:
         truth = load_photograph(image, args.size, 2.0)
         for task in TASKS:
@@ -75,7 +75,6 @@ def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
             ours = restore_defaults_tag()
             entries["ours, embedded model"] = cache.get(f"{key}|embedded|{ours}",
                                                         lambda: restore_row(embedded, truth, task, args.samples))
-            on_ladder = cache_name("ladder")  # the default ladder's runs, filed under its switch
             entries["ours, ladder"] = cache.get(f"{key}|{on_ladder}|{ours}",
                                                 lambda: restore_row(ladder, truth, task, args.samples))
             entries["deepinv DPIR (FFDNet)"] = cache.get(f"{key}|dpir",

@@ -60,8 +60,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
 from .peers import run_dpir, run_peer
-from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row, markdown_table,
-                        photograph_cache, restore_defaults_tag, write_report)
+from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, ladder_cache_name, log_row,
+                        markdown_table, photograph_cache, restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
@@ -240,7 +240,7 @@ def check(cache: ResultCache, args, ladder, switch: float, embedded, denoiser, s
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"check|{task}|{image}"
-            ours, on_ladder = restore_defaults_tag(), f"ladder {switch:.6f}"
+            ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch)
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
                 "ours, ladder": cache.get(f"{key}|{on_ladder}|{settings}|{ours}",

@@ -111,12 +111,18 @@ def restore_defaults_tag() -> str:
     return f"mean {IMAGE_DEFAULTS.mean_level:g}" + (", antithetic" if IMAGE_DEFAULTS.antithetic else "")
 
 
+def ladder_cache_name(switch: float) -> str:
+    """The name runs of `default_ladder(switch)` are cached under: runs of another ladder are never
+    taken for this one's."""
+    return f"ladder {switch:.6g}"
+
+
 def cache_name(model_name: str) -> str:
     """The name a run of `ladder_and_embedded`'s model is cached under: the ladder's names its switch
-    (`ladder.DEFAULT_SWITCH`), so that runs of an earlier default ladder are never taken for today's."""
+    (`ladder.DEFAULT_SWITCH`, `ladder_cache_name`)."""
     from posterior_diff.models.ladder import DEFAULT_SWITCH
 
-    return f"ladder {DEFAULT_SWITCH:.6g}" if model_name == "ladder" else model_name
+    return ladder_cache_name(DEFAULT_SWITCH) if model_name == "ladder" else model_name
 
 
 def ladder_and_embedded() -> dict:
