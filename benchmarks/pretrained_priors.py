@@ -7,12 +7,14 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`, never the
    held-out ones): first the switch level (the noise level below which FFDNet is asked; above its
    trained 75/255 it is asked through contrast scaling, `models.contrast`, docs/contrast_scaling.md) at the
-   image defaults, then, at that switch, the covariance and the number of steps. Each choice is
+   image defaults, then, at that switch, the covariance and the number of steps, then, at both, how many
+   elements of the dihedral group each FFDNet call averages over (`models.equivariance`: none, FFDNet as
+   it is; 1, a different flip or turn at each level, free; 2, 4 or 8, that many calls). Each choice is
    the cheapest setting within `TIE_DB` of the best mean PSNR over SR x4,
    70% random inpainting and the box hole (denoising is not in the choice: `restore` starts it
    from the measurement, below every switch, so FFDNet alone serves it). Cheapest: for the switch the
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
-   fewest network forwards plus two per VJP; wall seconds, also shown, are too noisy on a shared
+   fewest network forwards plus two per VJP, for the elements the fewest; wall seconds, also shown, are too noisy on a shared
    2-core machine to rank near-equal settings. Every run takes restore's own start (`start="auto"`:
    the biharmonic fill noised to 75/255 on random inpainting, docs/start_estimates.md), its own
    mean (the guided means at `defaults.MEAN_LEVEL`, docs/mean_level.md) and its antithetic pairs
@@ -26,7 +28,8 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    docs/mean_level.md; on denoising the exact E[x | y]): PSNR / SSIM of the
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
    inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
-   embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser, and deepinv's DiffPIR
+   embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser (as it is, and averaged
+   over the chosen dihedral elements as ours is), and deepinv's DiffPIR
    and DPS with the same ladder at the same network evaluations per sample (see `peers`), and DiffPIR
    again at `PEER_STEPS_FACTOR` times the steps, about our seconds.
 3. **Calibration**: the fraction of pixels whose error |mean - x| lies within 2 posterior standard
@@ -54,8 +57,9 @@ from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
 from posterior_diff.models.contrast import ContrastScaling
+from posterior_diff.models.equivariance import DihedralAverage, dihedral_equivariant
 from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
-from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
@@ -69,6 +73,9 @@ CHECK_TASKS = ("denoise", "sr4", "random", "box")
 SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX, 0.6, 1.0, 2.0, 5.0)
 # (covariance, steps, cg_max_iter): the image defaults first
 SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4))
+# dihedral elements averaged per FFDNet call (`models.equivariance`), at the chosen switch and sampler;
+# None: FFDNet as it is. In order of cost: 1 costs what None does, each of 2, 4, 8 that many FFDNet calls
+ELEMENT_CHOICES = (None, 1, 2, 4, 8)
 # the Tweedie CG stopped by its accuracy rule alone (the cap a safeguard): its cost, on one photograph
 # at CG_SIZE x CG_SIZE (a smoke run at 32x32 took 34 times the capped run's seconds: at 128x128 the
 # comparison alone would take hours on 2 cores)
@@ -91,8 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.validation, args.held_out, args.samplers = VALIDATION_FILES, HELD_OUT_PHOTOGRAPHS, SAMPLERS
+    args.element_choices = ELEMENT_CHOICES
     if args.quick:
-        args.size, args.samples, args.switches = 32, 2, args.switches[:2]
+        args.size, args.samples, args.switches, args.element_choices = 32, 2, args.switches[:2], ELEMENT_CHOICES[::4]
         args.validation, args.held_out, args.samplers = VALIDATION_FILES[:1], HELD_OUT_PHOTOGRAPHS[:1], SAMPLERS[:2]
     args.cache = args.cache or args.out.with_suffix(".json")
     return args
@@ -126,18 +134,35 @@ def sampler_label(sampler: tuple[str, int, int]) -> str:
     return f"{covariance}, {steps} steps" + (f", CG cap {cg_max_iter}" if covariance == "tweedie" else "")
 
 
-def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: dict,
-          size: int | None = None) -> dict:
-    """Per choice task, the runs over the validation crops of one (switch, sampler); `size`: a crop
-    size other than the run's, named in the cache key."""
+class Ladders:
+    """`default_ladder(switch, elements_per_call=elements)` on the embedded model, each built once, when first asked."""
+
+    def __init__(self, embedded):
+        self.embedded, self.built = embedded, {}
+
+    def __call__(self, switch: float, elements: int | None = None):
+        if (switch, elements) not in self.built:
+            self.built[switch, elements] = default_ladder(switch, elements_per_call=elements, model=self.embedded)
+        return self.built[switch, elements]
+
+
+def elements_label(elements: int | None) -> str:
+    return "FFDNet as it is" if elements is None else f"{elements} dihedral element{'s' * (elements > 1)} per call"
+
+
+def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: Ladders,
+          size: int | None = None, elements: int | None = None) -> dict:
+    """Per choice task, the runs over the validation crops of one (switch, sampler, elements per FFDNet
+    call); `size`: a crop size other than the run's, named in the cache key."""
     cells = {}
     crop = "" if size is None else f"|{size}"
+    dihedral = "" if elements is None else f"|dihedral {elements}"
     for task in CHOICE_TASKS:
-        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}|{restore_defaults_tag()}",
-                                 lambda truth=truth: restore_row(ladders[switch], truth, task, samples,
+        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{dihedral}|{restore_defaults_tag()}",
+                                 lambda truth=truth: restore_row(ladders(switch, elements), truth, task, samples,
                                                                  **sampler_settings(sampler)))
                        for image, truth in crops.items()]
-        log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), task,
+        log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), elements_label(elements), task,
                 f"{mean_over(cells[task], 'psnr'):.2f} dB")
     return cells
 
@@ -157,8 +182,9 @@ def forward_equivalents(cells: dict) -> float:
     return statistics.fmean(run["nfe"] + 2 * run["vjps"] for task in CHOICE_TASKS for run in cells[task])
 
 
-def choose_settings(cache: ResultCache, args, ladders: dict) -> tuple[float, tuple, list[list[str]], list[list[str]]]:
-    """The switch (at the image defaults), then the sampler at that switch: each the cheapest within TIE_DB."""
+def choose_settings(cache: ResultCache, args, ladders: Ladders) -> tuple:
+    """The switch (at the image defaults), then the sampler at that switch, then the dihedral elements per
+    FFDNet call at both: each the cheapest within TIE_DB. Returns the three and their tables' rows."""
     crops = validation_crops(args.validation, args.size)
     default_sampler = args.samplers[0]
     switch_rows, switch_scores = [], {}
@@ -179,11 +205,29 @@ def choose_settings(cache: ResultCache, args, ladders: dict) -> tuple[float, tup
     first = validation_crops(args.validation[:1], min(CG_SIZE, args.size))
     cg_rows = [choice_row(sampler_label(each), score(cache, first, switch, each, args.samples, ladders, CG_SIZE))[0]
                for each in (args.samplers[0], ACCURATE_CG)]
-    return switch, sampler, switch_rows, sampler_rows, cg_rows
+    element_rows, element_scores = [], {}
+    for elements in args.element_choices:
+        row, psnr, _ = choice_row(elements_label(elements),
+                                  score(cache, crops, switch, sampler, args.samples, ladders, elements=elements))
+        element_rows.append(row)
+        element_scores[elements] = psnr
+    elements = cheapest_of_the_best(args.element_choices, lambda e: element_scores[e], lambda e: e or 0)
+    return switch, sampler, elements, dict(switch=switch_rows, sampler=sampler_rows, cg=cg_rows, elements=element_rows)
 
 
 def validation_names(args) -> list[str]:
     return [photograph_name(file) for file in args.validation]
+
+
+def piece_name(piece) -> str:
+    """A ladder piece's name for the cost table: its class, or FFDNet with the wrappers it is asked through."""
+    network, parts = getattr(piece, "denoiser", None), []
+    if isinstance(network, DihedralAverage):
+        parts.append(elements_label(network.elements_per_call))
+        network = network.network
+    if isinstance(network, ContrastScaling):
+        parts.insert(0, f"contrast-scaled above {network.top:.4g}")
+    return ", ".join(["FFDNet", *parts]) if parts else type(piece).__name__
 
 
 def unit_costs(ladder, size: int, samples: int, repeats: int = 3) -> list[list[str]]:
@@ -203,10 +247,7 @@ def unit_costs(ladder, size: int, samples: int, repeats: int = 3) -> list[list[s
             probe = x.clone().requires_grad_(True)
             torch.autograd.grad(piece(probe, t), probe, torch.ones_like(x))
             backward.append(time.perf_counter() - began)
-        name = type(piece).__name__
-        if isinstance(getattr(piece, "denoiser", None), ContrastScaling):
-            name = f"FFDNet, contrast-scaled above {piece.denoiser.top:.4g}"
-        rows.append([name, f"[{low:.4g}, {high:.4g}]", f"{min(forward):.3f}", f"{min(backward):.3f}"])
+        rows.append([piece_name(piece), f"[{low:.4g}, {high:.4g}]", f"{min(forward):.3f}", f"{min(backward):.3f}"])
     return rows
 
 
@@ -231,25 +272,32 @@ def baseline_entry(measurement, truth: torch.Tensor) -> dict:
     return dict(name=name, psnr=psnr, ssim=ssim, seconds=time.perf_counter() - began)
 
 
-def check(cache: ResultCache, args, ladder, switch: float, embedded, denoiser, settings: dict) -> dict:
+def check(cache: ResultCache, args, ladder, switch: float, elements: int | None, embedded, settings: dict) -> dict:
     """Every method on every (held-out photograph, check task): {task: {method: [run per image]}}; the
-    runs with the ladder are cached under its switch."""
+    runs with the ladder are cached under its switch and elements per FFDNet call. DPIR runs with FFDNet
+    as it is (the issue's anchor) and, where the ladder averages dihedral elements, with FFDNet averaged
+    alike: the same network as ours below 75/255."""
     table = {task: {} for task in CHECK_TASKS}
+    dpir_denoisers = {"deepinv DPIR (FFDNet)": ("dpir", ffdnet())}
+    if elements is not None:
+        dpir_denoisers[f"deepinv DPIR (FFDNet, {elements_label(elements)})"] = (
+            f"dpir|dihedral {elements}", dihedral_equivariant(ffdnet(), elements))
     for image in args.held_out:
         truth = load_photograph(image, args.size, 2.0)
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"check|{task}|{image}"
-            ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch)
+            ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch, elements)
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
                 "ours, ladder": cache.get(f"{key}|{on_ladder}|{settings}|{ours}",
                                           lambda: restore_row(ladder, truth, task, args.samples, **settings)),
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
-                "deepinv DPIR (FFDNet)": cache.get(f"{key}|dpir", lambda: peer_entry("dpir", denoiser, measurement, truth,
-                                                                                    1, 0)),
             }
+            for method, (name, denoiser) in dpir_denoisers.items():
+                entries[method] = cache.get(f"{key}|{name}", lambda denoiser=denoiser: peer_entry(
+                    "dpir", denoiser, measurement, truth, 1, 0))
             for method in ("diffpir", "dps"):
                 entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
                     f"{key}|{method}|{settings['steps']}|{on_ladder}",
@@ -282,33 +330,46 @@ def check_tables(table: dict, args) -> list[str]:
     return sections
 
 
+def choice_section(args, switch: float, sampler: tuple, elements: int | None, rows: dict, costs: list) -> str:
+    """Section 1 of the report: the switch, the sampler and the elements per FFDNet call, each chosen."""
+    header = ["setting", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean (dB)", "s", "truncated CG solves"]
+    crop = min(CG_SIZE, args.size)
+    return (
+        f"## 1. The choice: validation photographs\n\n{len(args.validation)} validation photographs, {args.size}x"
+        f"{args.size} centre crops, {args.samples} samples, seconds per restoration on {args.threads} thread(s). "
+        f"The switch, at the image defaults ({sampler_label(args.samplers[0])}) and FFDNet as it is:\n\n"
+        + markdown_table(header, rows["switch"])
+        + f"\n\nChosen: **switch {switch:.4g}** (`default_ladder`'s switch, `ladder.DEFAULT_SWITCH` = "
+        f"{DEFAULT_SWITCH:.4g}). What each piece's network costs, on a batch of {args.samples} "
+        f"{args.size}x{args.size} images (seconds, best of 3, measured at the end of the run, with the chosen "
+        "elements per FFDNet call):\n\n"
+        + markdown_table(["piece", "levels ([0, 1] units)", "forward (s)", "forward + VJP (s)"], costs)
+        + "\n\nThe sampler at that switch:\n\n"
+        + markdown_table(header, rows["sampler"]) + f"\n\nChosen: **{sampler_label(sampler)}**.\n\n"
+        f"The Tweedie CG stopped by its accuracy rule (cap 50, a safeguard) against the cap of 4, at switch "
+        f"{switch:.4g}, on a {crop}x{crop} crop of {next(iter(validation_names(args)))} alone:\n\n"
+        + markdown_table(header, rows["cg"])
+        + "\n\nFFDNet made equivariant to flips and quarter turns (`models.equivariance`): each call's estimate "
+        "averaged over that many elements of the dihedral group, at that switch and sampler (cheapest first):\n\n"
+        + markdown_table(header, rows["elements"])
+        + f"\n\nChosen: **{elements_label(elements)}** (`ladder.DEFAULT_ELEMENTS_PER_CALL` = "
+        f"{DEFAULT_ELEMENTS_PER_CALL}).")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    embedded, denoiser = default_model(torch.float32), ffdnet()
-    ladders = {switch: default_ladder(switch, model=embedded) for switch in args.switches}
+    embedded = default_model(torch.float32)
+    ladders = Ladders(embedded)
     cache = photograph_cache(args)
-    switch, sampler, switch_rows, sampler_rows, cg_rows = choose_settings(cache, args, ladders)
+    switch, sampler, elements, rows = choose_settings(cache, args, ladders)
     settings = sampler_settings(sampler)
-    ladder = ladders[switch] if switch in ladders else default_ladder(switch, model=embedded)
-    table = check(cache, args, ladder, switch, embedded, denoiser, settings)
+    ladder = ladders(switch, elements)
+    table = check(cache, args, ladder, switch, elements, embedded, settings)
     costs = unit_costs(ladder, args.size, args.samples)
-    choice_header = ["setting", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean (dB)", "s", "truncated CG solves"]
     write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
-        f"## 1. The choice: validation photographs\n\n{len(args.validation)} validation photographs, {args.size}x"
-        f"{args.size} centre crops, {args.samples} samples, seconds per restoration on {args.threads} thread(s). "
-        f"The switch, at the image defaults ({sampler_label(args.samplers[0])}):\n\n"
-        + markdown_table(choice_header, switch_rows)
-        + f"\n\nChosen: **switch {switch:.4g}** (`default_ladder`'s switch, `ladder.DEFAULT_SWITCH` = "
-        f"{DEFAULT_SWITCH:.4g}). What each piece's network costs, on a batch of {args.samples} "
-        f"{args.size}x{args.size} images (seconds, best of 3, measured at the end of the run):\n\n"
-        + markdown_table(["piece", "levels ([0, 1] units)", "forward (s)", "forward + VJP (s)"], costs)
-        + "\n\nThe sampler at that switch:\n\n"
-        + markdown_table(choice_header, sampler_rows) + f"\n\nChosen: **{sampler_label(sampler)}**.\n\n"
-        f"The Tweedie CG stopped by its accuracy rule (cap 50, a safeguard) against the cap of 4, at switch "
-        f"{switch:.4g}, on a {min(CG_SIZE, args.size)}x{min(CG_SIZE, args.size)} crop of "
-        f"{next(iter(validation_names(args)))} alone:\n\n" + markdown_table(choice_header, cg_rows),
+        choice_section(args, switch, sampler, elements, rows, costs),
         f"## 2. The check: held-out photographs\n\n{len(args.held_out)} held-out photographs, halved, {args.size}x"
         f"{args.size} centre crops, {args.samples} samples, the ladder at switch {switch:.4g} and "
         f"{sampler_label(sampler)}; the embedded model at the image defaults ({IMAGE_DEFAULTS.steps} steps, "

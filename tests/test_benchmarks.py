@@ -79,14 +79,19 @@ def column(rows: list[list[str]], index: int) -> list[float]:
     return [float(row[index]) for row in rows]
 
 
-def test_runs_of_the_default_ladder_are_cached_under_its_switch(monkeypatch):
+def test_runs_of_the_default_ladder_are_cached_under_its_switch_and_elements(monkeypatch):
     import posterior_diff.models.ladder as ladder_module
 
     assert cache_name("embedded") == "embedded"
     monkeypatch.setattr(ladder_module, "DEFAULT_SWITCH", 75 / 255)
-    before = cache_name("ladder")
+    monkeypatch.setattr(ladder_module, "DEFAULT_ELEMENTS_PER_CALL", None)
+    names = [cache_name("ladder")]
     monkeypatch.setattr(ladder_module, "DEFAULT_SWITCH", 2.0)
-    assert before == "ladder 0.294118" and cache_name("ladder") == "ladder 2"  # another ladder, another name
+    names.append(cache_name("ladder"))
+    monkeypatch.setattr(ladder_module, "DEFAULT_ELEMENTS_PER_CALL", 4)
+    names.append(cache_name("ladder"))
+    # another ladder, another name; FFDNet as it is keeps the names its runs were stored under
+    assert names == ["ladder 0.294118", "ladder 2", "ladder 2, dihedral 4"]
 
 
 def test_the_table_check_catches_what_it_should():
@@ -189,8 +194,10 @@ def test_the_contrast_scaling_quick_run_compares_both_denoisers_at_every_level(t
 @pytest.mark.slow
 def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
     report = ffdnet_quick_report(pretrained_priors, tmp_path)
-    # the switch, the unit costs, the sampler, the CG stop; then a table per task
-    assert "Chosen: **switch" in report and len(markdown_tables(report)) == 4 + len(pretrained_priors.CHECK_TASKS)
+    # the switch, the unit costs, the sampler, the CG stop, the dihedral elements; then a table per task
+    assert "Chosen: **switch" in report and len(markdown_tables(report)) == 5 + len(pretrained_priors.CHECK_TASKS)
+    elements = markdown_tables(report)[4][1]
+    assert [row[0] for row in elements] == ["FFDNet as it is", "8 dihedral elements per call"]
 
 
 def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path):

@@ -13,7 +13,7 @@ from posterior_diff import (DeepinvPrior, GaussianPrior, GeometricVESchedule, La
                             restore_batch)
 from posterior_diff.denoisers import schedule_sigma_range
 from posterior_diff.images import noise_to_model_units
-from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
 
 D = 4
 MEAN = torch.linspace(-0.5, 0.5, D, dtype=torch.float64)
@@ -208,6 +208,12 @@ def test_default_ladder_restores_a_small_super_resolution(ffdnet_prior):
         default_ladder(prior.sigma_range[1])  # no level left to the embedded model
     from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 
-    # the measured choice: FFDNet up to the switch, through contrast scaling above its trained range
+    # the measured choice: FFDNet up to the switch, through contrast scaling above its trained range, averaged
+    # over DEFAULT_ELEMENTS_PER_CALL flips and turns
     assert prior.ranges[1][1] == DEFAULT_SWITCH > FFDNET_SIGMA_MAX
-    assert prior.pieces[1].denoiser.top == FFDNET_SIGMA_MAX
+    equivariant = prior.pieces[1].denoiser
+    assert equivariant.elements_per_call == DEFAULT_ELEMENTS_PER_CALL and equivariant.network.top == FFDNET_SIGMA_MAX
+    plain = default_ladder(elements_per_call=None).pieces[1].denoiser
+    assert plain.top == FFDNET_SIGMA_MAX
+    with pytest.raises(ValueError, match="elements_per_call"):
+        default_ladder(elements_per_call=3)

