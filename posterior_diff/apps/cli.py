@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from posterior_diff.apps.command_options import (CLI_TASKS, DEBLUR_TASKS, NAMED_MODELS, UsageError, check_dtype,
-                                                 check_task, load_network, pick_device, sigma_y_option,
+                                                 check_task, ladder_elements, load_network, pick_device, sigma_y_option,
                                                  task_operator)
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
 from posterior_diff.tasks import TASKS
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,13 +90,17 @@ def _sampler_arguments(restore: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(restore: argparse.ArgumentParser) -> None:
-    """restore's prior and where it runs: model, ladder switch, extrapolation, device, dtype."""
+    """restore's prior and where it runs: model, ladder switch and elements, extrapolation, device, dtype."""
     restore.add_argument("--model", help="a diffusers model folder or hub id org/name, or a named prior: " +
                          ", ".join(f"{name} ({what})" for name, what in NAMED_MODELS.items()) +
                          " (default: the embedded model)")
     restore.add_argument("--ladder-switch", dest="ladder_switch", type=float, default=DEFAULT_SWITCH,
                          help="--model ladder: the noise level in [0, 1] units below which FFDNet is asked "
                               f"(default {DEFAULT_SWITCH:g}; docs/ffdnet.md)")
+    restore.add_argument("--ladder-elements", dest="ladder_elements", default=str(DEFAULT_ELEMENTS_PER_CALL).lower(),
+                         help="--model ladder: flips and quarter turns each FFDNet call averages over: 1, 2, 4 or 8 "
+                              "(that many times FFDNet's cost; 1 costs nothing extra), or none "
+                              f"(default {DEFAULT_ELEMENTS_PER_CALL}; docs/ffdnet.md)")
     restore.add_argument("--allow-extrapolation", dest="allow_extrapolation", action="store_true",
                          help="run even where the sampler would ask the model about noise levels outside its declared "
                               "sigma_range (refused by default)")
@@ -140,6 +144,7 @@ def _restore(args) -> int:
     from posterior_diff.apps.dataset import is_single_file, run_dataset, terminate_cleanly
 
     check_dtype(args.dtype)
+    args.ladder_elements = ladder_elements(args.ladder_elements)
     pick_device(args.device)  # both named wrongly: one line before any file is read
     check_task(args.task, args.mask, args.kernel)  # and the task, its mask and its kernel: before the model loads
     if not args.jacobian_s_max > 0:  # NaN too
@@ -165,7 +170,7 @@ def _restore_file(args) -> int:
             needs_folder(path.parent, f"the folder of {path}")
     device = pick_device(args.device)
     image = read_image(source)
-    model = load_network(args.model, args.dtype, args.ladder_switch)
+    model = load_network(args.model, args.dtype, args.ladder_switch, args.ladder_elements)
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
     operator = task_operator(args.task, args.sigma_y, image, args.mask, args.kernel)

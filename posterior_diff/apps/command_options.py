@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.models.equivariance import ELEMENTS_PER_CALL
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
 from posterior_diff.tasks import MEASURED_TASKS as CLI_TASKS
 from posterior_diff.tasks import TASKS
 
@@ -124,9 +125,23 @@ def check_dtype(name: str) -> None:
         raise UsageError(f"--dtype must be auto, {', '.join(NETWORK_DTYPES)}, got {name!r}")
 
 
-def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
+def ladder_elements(text: str) -> int | None:
+    """`--ladder-elements` as `default_ladder`'s elements_per_call: None for "none", else 1, 2, 4 or 8
+    (`models.equivariance.ELEMENTS_PER_CALL`); a UsageError otherwise (checked here, not by argparse, for a
+    one-line error)."""
+    if text == "none":
+        return None
+    if text not in {str(count) for count in ELEMENTS_PER_CALL}:
+        raise UsageError(f"--ladder-elements must be none or one of {', '.join(map(str, ELEMENTS_PER_CALL))}, "
+                         f"got {text!r}")
+    return int(text)
+
+
+def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH,
+                 elements: int | None = DEFAULT_ELEMENTS_PER_CALL):
     """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
-    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`).
+    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`, each FFDNet
+    call averaged over `elements` dihedral elements).
     `dtype` "auto": the embedded model in `default_network_dtype()` (bfloat16 on a CPU with native
     bfloat16), any other model in float32."""
     from posterior_diff.models.loading import default_model, load_model
@@ -137,5 +152,6 @@ def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH):
             return embedded
         from posterior_diff.models.ladder import default_ladder
 
-        return default_ladder(switch, model=embedded, channels=embedded.channels)  # FFDNet runs in float32
+        # FFDNet runs in float32
+        return default_ladder(switch, elements_per_call=elements, model=embedded, channels=embedded.channels)
     return load_model(model, torch_dtype=None if dtype in ("auto", "float32") else NETWORK_DTYPES[dtype])
