@@ -13,7 +13,8 @@ crops), each method's PSNR / SSIM:
   the smoothness itself) and Richardson-Lucy (30 iterations), both given the true kernel;
 - **ours**: the posterior mean of `restore` at the image defaults (4 samples), with the embedded
   model (`restore`'s default) and with the FFDNet ladder (`posterior_diff.default_ladder`);
-- **deepinv**: DPIR with the same FFDNet as its denoiser (its own 8 iterations) and DiffPIR with the
+- **deepinv**: DPIR with the same FFDNet as its denoiser (its own 8 iterations), as it is and averaged
+  over flips and turns as the ladder's is (`ladder.DEFAULT_ELEMENTS_PER_CALL`), and DiffPIR with the
   same ladder at our number of network evaluations per sample (`benchmarks.peers`).
 
 The target: ours at least the better classical estimate + 1 dB on every image, with the embedded
@@ -30,12 +31,13 @@ import time
 
 import torch
 
-from posterior_diff import default_ladder, default_model, ffdnet
+from posterior_diff import default_ladder, default_model
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL
 
-from .pretrained_priors import mean_over, peer_entry, restore_row
+from .pretrained_priors import dpir_denoisers, mean_over, peer_entry, restore_row
 from .reporting import (ResultCache, cache_name, embedded_model, log_row, markdown_table, parse_photograph_run,
                         photograph_run_parser, restore_defaults_tag, write_report)
 
@@ -62,8 +64,9 @@ def classical_entries(measurement, truth: torch.Tensor) -> dict[str, dict]:
     return entries
 
 
-def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
+def run_all(cache: ResultCache, args, embedded, ladder) -> dict:
     """Every method on every (photograph, task): {task: {method: [entry per image]}}."""
+    denoisers = dpir_denoisers(DEFAULT_ELEMENTS_PER_CALL)  # as it is, and averaged as the ladder's FFDNet
     table = {task: {} for task in TASKS}
     steps, on_ladder = IMAGE_DEFAULTS.steps, cache_name("ladder")  # the default ladder's runs, filed under its switch
     for image in args.images:
@@ -77,8 +80,9 @@ def run_all(cache: ResultCache, args, embedded, ladder, denoiser) -> dict:
                                                         lambda: restore_row(embedded, truth, task, args.samples))
             entries["ours, ladder"] = cache.get(f"{key}|{on_ladder}|{ours}",
                                                 lambda: restore_row(ladder, truth, task, args.samples))
-            entries["deepinv DPIR (FFDNet)"] = cache.get(f"{key}|dpir",
-                                                         lambda: peer_entry("dpir", denoiser, measurement, truth, 1, 0))
+            for method, (name, denoiser) in denoisers.items():
+                entries[method] = cache.get(f"{key}|{name}", lambda denoiser=denoiser: peer_entry(
+                    "dpir", denoiser, measurement, truth, 1, 0))
             entries["deepinv DiffPIR (ladder)"] = cache.get(
                 f"{key}|diffpir|{steps}|{on_ladder}",
                 lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))
@@ -116,11 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    embedded, denoiser = default_model(torch.float32), ffdnet()
+    embedded = default_model(torch.float32)
     ladder = default_ladder(model=embedded)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
                                          images=list(args.images), defaults=repr(IMAGE_DEFAULTS)))
-    table = run_all(cache, args, embedded, ladder, denoiser)
+    table = run_all(cache, args, embedded, ladder)
     intro = (f"{len(args.images)} held-out photographs, halved, {args.size}x{args.size} centre crops, "
              f"{args.samples} samples, the image defaults ({IMAGE_DEFAULTS.steps} steps, {IMAGE_DEFAULTS.covariance}, "
              f"CG cap {IMAGE_DEFAULTS.cg_max_iter}); seconds per restoration on {args.threads} thread(s). "

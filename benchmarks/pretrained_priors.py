@@ -272,16 +272,23 @@ def baseline_entry(measurement, truth: torch.Tensor) -> dict:
     return dict(name=name, psnr=psnr, ssim=ssim, seconds=time.perf_counter() - began)
 
 
+def dpir_denoisers(elements: int | None) -> dict:
+    """{method name: (cache name, FFDNet prior)} for DPIR: FFDNet as it is (issue 27's anchor) and, where
+    `elements` is not None, averaged over that many flips and turns per call as the ladder's FFDNet is."""
+    denoisers = {"deepinv DPIR (FFDNet)": ("dpir", ffdnet())}
+    if elements is not None:
+        denoisers[f"deepinv DPIR (FFDNet, {elements_label(elements)})"] = (
+            f"dpir|dihedral {elements}", dihedral_equivariant(ffdnet(), elements))
+    return denoisers
+
+
 def check(cache: ResultCache, args, ladder, switch: float, elements: int | None, embedded, settings: dict) -> dict:
     """Every method on every (held-out photograph, check task): {task: {method: [run per image]}}; the
     runs with the ladder are cached under its switch and elements per FFDNet call. DPIR runs with FFDNet
     as it is (the issue's anchor) and, where the ladder averages dihedral elements, with FFDNet averaged
     alike: the same network as ours below 75/255."""
     table = {task: {} for task in CHECK_TASKS}
-    dpir_denoisers = {"deepinv DPIR (FFDNet)": ("dpir", ffdnet())}
-    if elements is not None:
-        dpir_denoisers[f"deepinv DPIR (FFDNet, {elements_label(elements)})"] = (
-            f"dpir|dihedral {elements}", dihedral_equivariant(ffdnet(), elements))
+    denoisers = dpir_denoisers(elements)
     for image in args.held_out:
         truth = load_photograph(image, args.size, 2.0)
         for task in CHECK_TASKS:
@@ -295,7 +302,7 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
             }
-            for method, (name, denoiser) in dpir_denoisers.items():
+            for method, (name, denoiser) in denoisers.items():
                 entries[method] = cache.get(f"{key}|{name}", lambda denoiser=denoiser: peer_entry(
                     "dpir", denoiser, measurement, truth, 1, 0))
             for method in ("diffpir", "dps"):
