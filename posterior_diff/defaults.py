@@ -81,9 +81,9 @@ class SamplerDefaults:
 # below this noise level ([0, 1] units; `sampling.mean_estimates`). Chosen on the validation
 # photographs among 0 (the samples' own mean) and 0.01 to 0.3 (docs/mean_level.md,
 # `python -m benchmarks.mean_level`): the best mean PSNR over the ladder and the embedded model on
-# SR x4, 70% random inpainting, the box hole and Gaussian deblurring, +0.28 dB over the samples' mean
-# (+0.14 to +0.49 per model and task; the same level with the ladder's switch at 75/255 and at 2); on the
-# held-out photographs +0.02 to +0.13 dB per model and task, for no extra
+# SR x4, 70% random inpainting, the box hole and Gaussian deblurring, +0.26 dB over the samples' mean
+# (+0.10 to +0.38 per model and task; the same level with each ladder so far: the switch at 75/255, at 2, and
+# FFDNet averaged over flips and turns); on the held-out photographs +0.02 to +0.12 dB per model and task, for no extra
 # network evaluation. SR x4 and Gaussian deblurring alone would take 0.1 (+0.06 to +0.19 dB more on the
 # held-out photographs), but motion deblurring there loses up to 1.6 dB at 0.1, so one level serves all.
 # The analytic priors keep the samples' own mean, which their benchmarks measure.
