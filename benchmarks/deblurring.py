@@ -37,7 +37,7 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_phot
 from posterior_diff.evaluation.metrics import calibrated_coverage
 from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL
 
-from .pretrained_priors import dpir_denoisers, mean_over, peer_entry, restore_row
+from .pretrained_priors import dpir_denoisers, dpir_entries, mean_over, peer_entry, restore_row
 from .reporting import (ResultCache, cache_name, embedded_model, log_row, markdown_table, parse_photograph_run,
                         photograph_run_parser, restore_defaults_tag, write_report)
 
@@ -80,9 +80,7 @@ def run_all(cache: ResultCache, args, embedded, ladder) -> dict:
                                                         lambda: restore_row(embedded, truth, task, args.samples))
             entries["ours, ladder"] = cache.get(f"{key}|{on_ladder}|{ours}",
                                                 lambda: restore_row(ladder, truth, task, args.samples))
-            for method, (name, denoiser) in denoisers.items():
-                entries[method] = cache.get(f"{key}|{name}", lambda denoiser=denoiser: peer_entry(
-                    "dpir", denoiser, measurement, truth, 1, 0))
+            entries.update(dpir_entries(cache, key, denoisers, measurement, truth))
             entries["deepinv DiffPIR (ladder)"] = cache.get(
                 f"{key}|diffpir|{steps}|{on_ladder}",
                 lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps))

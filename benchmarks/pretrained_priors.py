@@ -274,12 +274,21 @@ def baseline_entry(measurement, truth: torch.Tensor) -> dict:
 
 def dpir_denoisers(elements: int | None) -> dict:
     """{method name: (cache name, FFDNet prior)} for DPIR: FFDNet as it is (issue 27's anchor) and, where
-    `elements` is not None, averaged over that many flips and turns per call as the ladder's FFDNet is."""
-    denoisers = {"deepinv DPIR (FFDNet)": ("dpir", ffdnet())}
+    `elements` is not None, averaged over that many flips and turns per call as the ladder's FFDNet is
+    (the same loaded network)."""
+    plain = ffdnet()
+    denoisers = {"deepinv DPIR (FFDNet)": ("dpir", plain)}
     if elements is not None:
         denoisers[f"deepinv DPIR (FFDNet, {elements_label(elements)})"] = (
-            f"dpir|dihedral {elements}", dihedral_equivariant(ffdnet(), elements))
+            f"dpir|dihedral {elements}", dihedral_equivariant(plain, elements))
     return denoisers
+
+
+def dpir_entries(cache: ResultCache, key: str, denoisers: dict, measurement, truth: torch.Tensor) -> dict:
+    """{method name: DPIR's entry} for each of `dpir_denoisers`' FFDNets, cached under `key`|its cache name."""
+    return {method: cache.get(f"{key}|{name}", lambda denoiser=denoiser: peer_entry("dpir", denoiser, measurement,
+                                                                                   truth, 1, 0))
+            for method, (name, denoiser) in denoisers.items()}
 
 
 def check(cache: ResultCache, args, ladder, switch: float, elements: int | None, embedded, settings: dict) -> dict:
@@ -301,10 +310,8 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
                                           lambda: restore_row(ladder, truth, task, args.samples, **settings)),
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
+                **dpir_entries(cache, key, denoisers, measurement, truth),
             }
-            for method, (name, denoiser) in denoisers.items():
-                entries[method] = cache.get(f"{key}|{name}", lambda denoiser=denoiser: peer_entry(
-                    "dpir", denoiser, measurement, truth, 1, 0))
             for method in ("diffpir", "dps"):
                 entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
                     f"{key}|{method}|{settings['steps']}|{on_ladder}",

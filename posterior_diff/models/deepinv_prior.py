@@ -110,6 +110,15 @@ class DeepinvPrior(Denoiser):
         """The declared noise levels (`sigma_range` argument), else the schedule's [sigma_min, sigma_max]."""
         return self.declared_sigma_range if self.declared_sigma_range is not None else super().sigma_range
 
+    def wrapping(self, network: nn.Module, schedule: GeometricVESchedule | None = None,
+                 sigma_range: tuple[float, float] | None = None) -> "DeepinvPrior":
+        """A DeepinvPrior on `network` (a module around this prior's `denoiser`) with this prior's channels,
+        x_shape and train/eval mode; its schedule and declared sigma_range unless given. How
+        `contrast_scaled` and `dihedral_equivariant` build theirs."""
+        wrapped = DeepinvPrior(network, self.schedule if schedule is None else schedule, self.channels, self.x_shape,
+                               self.declared_sigma_range if sigma_range is None else sigma_range)
+        return wrapped.train(self.training)
+
     def noise_level(self, t: Tensor, x_t: Tensor) -> Tensor:
         """deepinv's sigma at times t: sigma(t) in [0, 1] units, a (B,) tensor on x_t's device and dtype."""
         return self.schedule.sigma(t).to(device=x_t.device, dtype=x_t.dtype)
@@ -122,6 +131,15 @@ class DeepinvPrior(Denoiser):
             raise ValueError(f"the deepinv denoiser returned shape {tuple(denoised.shape)} for an input of shape "
                              f"{tuple(x_t.shape)}; it must return an image of the input's shape")
         return denoised.to(x_t.dtype)
+
+
+def check_deepinv_prior(prior, name: str = "prior") -> "DeepinvPrior":
+    """`prior` if it is a DeepinvPrior (a denoiser D(x, sigma) in [0, 1] units, e.g. `ffdnet()`); else a
+    TypeError naming `name`."""
+    if not isinstance(prior, DeepinvPrior):
+        raise TypeError(f"{name} must be a DeepinvPrior (a denoiser D(x, sigma) in [0, 1] units, e.g. ffdnet()), "
+                        f"got {type(prior).__name__}")
+    return prior
 
 
 def from_deepinv_denoiser(denoiser, channels: int | None = None, *, sigma_min: float = DEEPINV_SIGMA_MIN,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from posterior_diff.checks import choice, positive_int
-from posterior_diff.models.deepinv_prior import DeepinvPrior
+from posterior_diff.models.deepinv_prior import DeepinvPrior, check_deepinv_prior
 
 SQUARE_GROUP = tuple(range(8))  # element e: e % 4 quarter turns, then a left-right mirror where e >= 4
 SHAPE_KEEPING_GROUP = (0, 2, 4, 6)  # identity, half turn, the two mirrors: no swap of height and width
@@ -130,9 +130,4 @@ def dihedral_equivariant(prior: DeepinvPrior, elements_per_call: int = 1) -> Dee
         TypeError: prior is not a DeepinvPrior.
         ValueError: elements_per_call is not 1, 2, 4 or 8.
     """
-    if not isinstance(prior, DeepinvPrior):
-        raise TypeError(f"prior must be a DeepinvPrior (a denoiser D(x, sigma) in [0, 1] units, e.g. ffdnet()), "
-                        f"got {type(prior).__name__}")
-    equivariant = DeepinvPrior(DihedralAverage(prior.denoiser, elements_per_call), prior.schedule, prior.channels,
-                               prior.x_shape, sigma_range=prior.declared_sigma_range)
-    return equivariant.train(prior.training)
+    return check_deepinv_prior(prior).wrapping(DihedralAverage(prior.denoiser, elements_per_call))

@@ -46,7 +46,7 @@ COVER_TOLERANCE = 1e-9  # relative: a level on a range's end by round-off still 
 DEFAULT_SWITCH = 2.0
 # default_ladder's dihedral elements averaged per FFDNet call (`models.equivariance`; None: FFDNet as it is).
 # Chosen at that switch on the validation photographs among None, 1, 2, 4 and 8 (docs/pretrained_priors.md): the
-# mean PSNR over SR x4, random inpainting and a box hole rose from 35.45 dB (None) to 35.76 (4) and 35.77 (8), a tie
+# mean PSNR over SR x4, random inpainting and a box hole rose from 35.44 dB (None) to 35.76 (4) and 35.77 (8), a tie
 DEFAULT_ELEMENTS_PER_CALL: int | None = 4
 
 
@@ -230,7 +230,7 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, elements_per_call: int | N
 
     FFDNet is made equivariant to flips and quarter turns (`models.equivariance`): each call averages its
     estimate over `elements_per_call` elements of the dihedral group, which removes the part of its error
-    that depends on the image's orientation. Chosen the same way at that switch: 4 (35.76 dB, against 35.45
+    that depends on the image's orientation. Chosen the same way at that switch: 4 (35.76 dB, against 35.44
     for FFDNet as it is and 35.77 for all 8 at twice the FFDNet calls).
 
     Args:
