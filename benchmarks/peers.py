@@ -38,6 +38,8 @@ from operators import Denoising, Inpainting, LinearOperator
 from posterior_diff import Denoiser
 
 PEER_METHODS = ("dps", "pigdm", "mm", "mm-cg", "ddrm", "diffpir")
+# deepinv methods without a backward pass (0 VJPs); the others take one or more VJPs per step, not counted here
+JACOBIAN_FREE_METHODS = ("ddrm", "diffpir", "dpir")
 SIGMA_MAX = 80.0
 SIGMA_MIN = 1e-3
 MAX_DENSE_SVD = 4096  # unknowns up to which DDRM gets a dense SVD of A

@@ -28,10 +28,13 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    docs/mean_level.md; on denoising the exact E[x | y]): PSNR / SSIM of the
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
    inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
-   embedded model alone, deepinv's DPIR with the same FFDNet as its denoiser (as it is, and averaged
+   embedded model alone, our sampler with the projection step in place of the chosen covariance
+   (`covariance="projection"`: one forward per step and no VJP, DiffPIR's per-step cost),
+   deepinv's DPIR with the same FFDNet as its denoiser (as it is, and averaged
    over the chosen dihedral elements as ours is), and deepinv's DiffPIR
    and DPS with the same ladder at the same network evaluations per sample (see `peers`), and DiffPIR
-   again at `PEER_STEPS_FACTOR` times the steps, about our seconds.
+   again at `PEER_STEPS_FACTOR` times the steps, about our seconds. Then the cost per step on SR x4 of
+   our chosen sampler, our projection step and DiffPIR, timed in turn over 3 rounds (`step_costs`).
 3. **Calibration**: the fraction of pixels whose error |mean - x| lies within 2 posterior standard
    deviations (`metrics.coverage_within_two_std`, the restoration's own mean and std). For exact
    samples of a Gaussian posterior this fraction is known (`metrics.calibrated_coverage`): with n
@@ -63,7 +66,8 @@ from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWIT
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
-from .peers import run_dpir, run_peer
+from .peers import JACOBIAN_FREE_METHODS, run_dpir, run_peer
+from .speed import paired_ratio, speed_verdict
 from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, ladder_cache_name, log_row,
                         markdown_table, photograph_cache, restore_defaults_tag, write_report)
 
@@ -71,8 +75,9 @@ CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
 # [0, 1] units; above FFDNet's 75/255 it is asked through contrast scaling (docs/contrast_scaling.md)
 SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX, 0.6, 1.0, 2.0, 5.0)
-# (covariance, steps, cg_max_iter): the image defaults first
-SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4))
+# (covariance, steps, cg_max_iter): the image defaults first; the projection step (no VJP) at DiffPIR's
+# work per step, and at 3 times the steps (about the defaults' seconds)
+SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4), ("projection", 20, 4), ("projection", 60, 4))
 # dihedral elements averaged per FFDNet call (`models.equivariance`), at the chosen switch and sampler;
 # None: FFDNet as it is. In order of cost: 1 costs what None does, each of 2, 4, 8 that many FFDNet calls
 ELEMENT_CHOICES = (None, 1, 2, 4, 8)
@@ -84,6 +89,9 @@ CG_SIZE = 32
 # DiffPIR also at this many times our steps: a DiffPIR step takes one forward and no VJP, ours (tweedie,
 # CG cap 4) about 3 VJPs more, so at 3x the steps DiffPIR takes about our seconds (quality per second)
 PEER_STEPS_FACTOR = 3
+# The check's row of our sampler at DiffPIR's per-step cost: the same steps, the projection step.
+JACOBIAN_FREE = "ours, ladder, projection (one forward per step)"
+DIFFPIR = "deepinv DiffPIR (ladder)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -251,6 +259,31 @@ def unit_costs(ladder, size: int, samples: int, repeats: int = 3) -> list[list[s
     return rows
 
 
+def step_costs(ladder, settings: dict, args, repeats: int = 3) -> tuple[list[list[str]], list[str]]:
+    """Seconds per step on SR x4 (the first held-out photograph) of our chosen sampler, of our projection
+    step and of deepinv's DiffPIR, all on the ladder at the chosen steps, timed in turn over `repeats`
+    rounds (the machine drifts over minutes: each comparison is between runs of one round): table rows
+    (median seconds per step, the median per-round ratio to DiffPIR, VJPs per step) and
+    `speed.speed_verdict` lines against DiffPIR."""
+    truth = load_photograph(args.held_out[0], args.size, 2.0)
+    measurement = measure("sr4", truth, generator=torch.Generator().manual_seed(0))
+    steps = settings["steps"]
+    runs = {"ours, ladder": lambda: restore_row(ladder, truth, "sr4", args.samples, **settings),
+            JACOBIAN_FREE: lambda: restore_row(ladder, truth, "sr4", args.samples, **jacobian_free(settings)),
+            DIFFPIR: lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps)}
+    timed = {method: dict(rounds=[], vjps=0) for method in runs}
+    for _ in range(repeats):
+        for method, run in runs.items():
+            entry = run()
+            timed[method]["rounds"].append(entry["seconds"] / steps)
+            timed[method]["vjps"] = entry["vjps"]
+    theirs = timed[DIFFPIR]
+    rows = [[method, f"{statistics.median(t['rounds']):.3f}", f"{paired_ratio(t, theirs):.2f}", f"{t['vjps'] / steps:.1f}"]
+            for method, t in timed.items()]
+    verdicts = [f"- {method} against {DIFFPIR}: {speed_verdict(timed[method], theirs)}" for method in runs if method != DIFFPIR]
+    return rows, verdicts
+
+
 def peer_entry(method: str, model, measurement, truth: torch.Tensor, samples: int, steps: int) -> dict:
     """PSNR / SSIM of a deepinv method's mean, its coverage (with more than one distinct sample), NFE and seconds."""
     with warnings.catch_warnings():
@@ -262,7 +295,13 @@ def peer_entry(method: str, model, measurement, truth: torch.Tensor, samples: in
     psnr, ssim = psnr_ssim(run.samples.mean(0), truth)
     samples = run.samples
     spread = coverage_within_two_std(samples.mean(0), samples.std(0), truth) if samples.shape[0] > 1 else math.nan
-    return dict(psnr=psnr, ssim=ssim, coverage=spread, nfe=run.nfe, vjps=0, seconds=run.seconds)
+    return dict(psnr=psnr, ssim=ssim, coverage=spread, nfe=run.nfe, vjps=peer_vjps(method), seconds=run.seconds)
+
+
+def peer_vjps(method: str) -> float:
+    """A deepinv method's VJPs per restoration: 0 for the Jacobian-free ones, NaN (not counted) for the others.
+    Read at every use, not from a cached entry: caches written before the count stored 0 for DPS too."""
+    return 0 if method in JACOBIAN_FREE_METHODS else math.nan
 
 
 def baseline_entry(measurement, truth: torch.Tensor) -> dict:
@@ -270,6 +309,11 @@ def baseline_entry(measurement, truth: torch.Tensor) -> dict:
     name, estimate = next(iter(baselines(measurement).items()))
     psnr, ssim = psnr_ssim(estimate, truth)
     return dict(name=name, psnr=psnr, ssim=ssim, seconds=time.perf_counter() - began)
+
+
+def jacobian_free(settings: dict) -> dict:
+    """The chosen sampler's settings with the projection step in place of its covariance (no VJP)."""
+    return dict(settings, covariance="projection")
 
 
 def dpir_denoisers(elements: int | None) -> dict:
@@ -310,12 +354,17 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
                                           lambda: restore_row(ladder, truth, task, args.samples, **settings)),
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
+                # our Jacobian-free step (`covariance="projection"`): one forward per step and no VJP, DiffPIR's cost
+                JACOBIAN_FREE: cache.get(f"{key}|{on_ladder}|projection|{settings['steps']}|{ours}",
+                                         lambda: restore_row(ladder, truth, task, args.samples,
+                                                             **jacobian_free(settings))),
                 **dpir_entries(cache, key, denoisers, measurement, truth),
             }
-            for method in ("diffpir", "dps"):
-                entries[f"deepinv {method.upper() if method == 'dps' else 'DiffPIR'} (ladder)"] = cache.get(
+            for method, name in (("diffpir", DIFFPIR), ("dps", "deepinv DPS (ladder)")):
+                entries[name] = dict(cache.get(
                     f"{key}|{method}|{settings['steps']}|{on_ladder}",
-                    lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"]))
+                    lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"])),
+                    vjps=peer_vjps(method))
             steps = PEER_STEPS_FACTOR * settings["steps"]
             entries[f"deepinv DiffPIR (ladder), {steps} steps"] = cache.get(
                 f"{key}|diffpir|{steps}|{on_ladder}",
@@ -326,8 +375,15 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
     return table
 
 
+def vjps_cell(runs: list[dict]) -> str:
+    """The mean VJPs per restoration of a method's runs; empty for a baseline and where they were not counted."""
+    vjps = [run.get("vjps", math.nan) for run in runs]
+    return "" if any(math.isnan(v) for v in vjps) else f"{statistics.fmean(vjps):.0f}"
+
+
 def check_tables(table: dict, args) -> list[str]:
-    """Per task: a row per method with the PSNR on each photograph, the mean PSNR / SSIM, coverage and seconds."""
+    """Per task: a row per method with the PSNR on each photograph, the mean PSNR / SSIM, coverage, network
+    evaluations and VJPs per sample and restoration, and seconds."""
     sections = []
     for task in CHECK_TASKS:
         rows = []
@@ -337,9 +393,10 @@ def check_tables(table: dict, args) -> list[str]:
             rows.append([name, *(f"{run['psnr']:.2f}" for run in runs), f"{mean_over(runs, 'psnr'):.2f}",
                          f"{mean_over(runs, 'ssim'):.3f}",
                          "" if any(math.isnan(c) for c in covered) else f"{statistics.fmean(covered):.3f}",
-                         str(runs[0].get("nfe", "")), f"{mean_over(runs, 'seconds'):.1f}"])
+                         str(runs[0].get("nfe", "")), vjps_cell(runs),
+                         f"{mean_over(runs, 'seconds'):.1f}"])
         header = ["method", *(f"{image} (dB)" for image in args.held_out), "mean (dB)", "SSIM", "within 2 std", "NFE",
-                  "s"]
+                  "VJPs", "s"]
         sections.append(f"### {task}\n\n" + markdown_table(header, rows))
     return sections
 
@@ -382,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     ladder = ladders(switch, elements)
     table = check(cache, args, ladder, switch, elements, embedded, settings)
     costs = unit_costs(ladder, args.size, args.samples)
+    step_rows, step_verdicts = step_costs(ladder, settings, args, repeats=1 if args.quick else 3)
     write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
         choice_section(args, switch, sampler, elements, rows, costs),
         f"## 2. The check: held-out photographs\n\n{len(args.held_out)} held-out photographs, halved, {args.size}x"
@@ -389,8 +447,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{sampler_label(sampler)}; the embedded model at the image defaults ({IMAGE_DEFAULTS.steps} steps, "
         f"{IMAGE_DEFAULTS.covariance}). \"within 2 std\" is the calibration: exact Gaussian samples give "
         f"{calibrated_coverage(args.samples):.3f} at {args.samples} samples, {calibrated_coverage(args.samples, True):.3f} "
-        "where the mean is exact (ours on denoising). NFE: network evaluations per sample.",
+        "where the mean is exact (ours on denoising). NFE and VJPs: network evaluations and vector-Jacobian products "
+        "per restoration, each on the batch of its samples.",
         *check_tables(table, args),
+        f"### Cost per step\n\nSR x4 on {args.held_out[0]}, {args.samples} samples, {settings['steps']} steps, each "
+        f"method timed in turn, {1 if args.quick else 3} round(s) (median seconds per step; the ratio is the "
+        "median of each round's ratio to DiffPIR):\n\n"
+        + markdown_table(["method", "s / step", "x DiffPIR", "VJPs / step"], step_rows) + "\n\n" + "\n".join(step_verdicts),
     ], module="benchmarks.pretrained_priors", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
         details=[embedded_model(), "FFDNet: IPOL weights from the ffdnet package", f"{args.threads} thread(s)"])
 

@@ -103,9 +103,10 @@ IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, 
 
 # Where an "estimate" start (Come-Closer-Diffuse-Faster, `start_estimates`) begins, in [0, 1] image
 # units: FFDNet's top trained level 75/255, so that the whole run is FFDNet's own. Chosen on the validation
-# photographs among 75/255, 0.6 and 1.0 (docs/start_estimates.md), rechecked with the default ladder at switch
-# 2: on 70% random inpainting +0.79 dB over the prior start at 75/255 and at 0.6 (the cheaper wins the tie),
-# +0.41 at 1.0; SR x4 loses at every level, so `start="auto"` takes it for scattered missing pixels only.
+# photographs among 75/255, 0.6 and 1.0 (docs/start_estimates.md), rechecked with the default ladder (switch
+# 2, FFDNet averaged over 4 flips and turns per call): on 70% random inpainting +0.75 dB over the prior start
+# at 75/255 and at 0.6 (the cheaper wins the tie), +0.37 at 1.0; SR x4 loses at every level, so
+# `start="auto"` takes it for scattered missing pixels only.
 ESTIMATE_START_LEVEL = 75 / 255
 
 
