@@ -75,8 +75,8 @@ CHOICE_TASKS = ("sr4", "random", "box")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
 # [0, 1] units; above FFDNet's 75/255 it is asked through contrast scaling (docs/contrast_scaling.md)
 SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX, 0.6, 1.0, 2.0, 5.0)
-# (covariance, steps, cg_max_iter): the image defaults first; the projection step (no VJP) at DiffPIR's
-# work per step, and at 3 times the steps (about the defaults' seconds)
+# (covariance, steps, cg_max_iter): the image defaults first; the projection step (no VJP: DiffPIR's work per
+# step) at the same steps and at PEER_STEPS_FACTOR times them, as DiffPIR in the check
 SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4), ("projection", 20, 4), ("projection", 60, 4))
 # dihedral elements averaged per FFDNet call (`models.equivariance`), at the chosen switch and sampler;
 # None: FFDNet as it is. In order of cost: 1 costs what None does, each of 2, 4, 8 that many FFDNet calls
@@ -89,8 +89,9 @@ CG_SIZE = 32
 # DiffPIR also at this many times our steps: a DiffPIR step takes one forward and no VJP, ours (tweedie,
 # CG cap 4) about 3 VJPs more, so at 3x the steps DiffPIR takes about our seconds (quality per second)
 PEER_STEPS_FACTOR = 3
-# The check's row of our sampler at DiffPIR's per-step cost: the same steps, the projection step.
-JACOBIAN_FREE = "ours, ladder, projection (one forward per step)"
+# The check's rows: the ladder at the chosen settings, and the same with the projection step (DiffPIR's work per step)
+OURS = "ours, ladder"
+OURS_PROJECTION = "ours, ladder, projection (one forward per step)"
 DIFFPIR = "deepinv DiffPIR (ladder)"
 
 
@@ -268,8 +269,8 @@ def step_costs(ladder, settings: dict, args, repeats: int = 3) -> tuple[list[lis
     truth = load_photograph(args.held_out[0], args.size, 2.0)
     measurement = measure("sr4", truth, generator=torch.Generator().manual_seed(0))
     steps = settings["steps"]
-    runs = {"ours, ladder": lambda: restore_row(ladder, truth, "sr4", args.samples, **settings),
-            JACOBIAN_FREE: lambda: restore_row(ladder, truth, "sr4", args.samples, **jacobian_free(settings)),
+    runs = {OURS: lambda: restore_row(ladder, truth, "sr4", args.samples, **settings),
+            OURS_PROJECTION: lambda: restore_row(ladder, truth, "sr4", args.samples, **jacobian_free(settings)),
             DIFFPIR: lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps)}
     timed = {method: dict(rounds=[], vjps=0) for method in runs}
     for _ in range(repeats):
@@ -350,12 +351,12 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
             ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch, elements)
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
-                "ours, ladder": cache.get(f"{key}|{on_ladder}|{settings}|{ours}",
+                OURS: cache.get(f"{key}|{on_ladder}|{settings}|{ours}",
                                           lambda: restore_row(ladder, truth, task, args.samples, **settings)),
                 "ours, embedded model": cache.get(f"{key}|embedded|{ours}",
                                                   lambda: restore_row(embedded, truth, task, args.samples)),
                 # our Jacobian-free step (`covariance="projection"`): one forward per step and no VJP, DiffPIR's cost
-                JACOBIAN_FREE: cache.get(f"{key}|{on_ladder}|projection|{settings['steps']}|{ours}",
+                OURS_PROJECTION: cache.get(f"{key}|{on_ladder}|projection|{settings['steps']}|{ours}",
                                          lambda: restore_row(ladder, truth, task, args.samples,
                                                              **jacobian_free(settings))),
                 **dpir_entries(cache, key, denoisers, measurement, truth),
@@ -383,7 +384,7 @@ def vjps_cell(runs: list[dict]) -> str:
 
 def check_tables(table: dict, args) -> list[str]:
     """Per task: a row per method with the PSNR on each photograph, the mean PSNR / SSIM, coverage, network
-    evaluations and VJPs per sample and restoration, and seconds."""
+    evaluations and VJPs per restoration, and seconds."""
     sections = []
     for task in CHECK_TASKS:
         rows = []

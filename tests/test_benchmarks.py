@@ -202,15 +202,15 @@ def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
     assert [row[0] for row in elements] == ["FFDNet as it is", "8 dihedral elements per call"]
     for task, (header, rows) in zip(pretrained_priors.CHECK_TASKS, markdown_tables(report)[5:]):
         vjps = {row[0]: row[header.index("VJPs")] for row in rows}
-        # the projection step takes no VJP, DiffPIR's cost per step; the chosen covariance takes some, but
-        # on denoising, which starts from the measurement and needs no guidance
-        assert vjps[pretrained_priors.JACOBIAN_FREE] == "0"
-        assert (int(vjps["ours, ladder"]) > 0) == (task != "denoise")
+        # the projection step takes no VJP, DiffPIR's cost per step; the chosen covariance takes some on
+        # every task but denoising, which starts from the measurement and needs no guidance
+        assert vjps[pretrained_priors.OURS_PROJECTION] == "0"
+        assert (int(vjps[pretrained_priors.OURS]) > 0) == (task != "denoise")
         assert vjps["deepinv DPS (ladder)"] == ""  # not counted
     header, rows = markdown_tables(report)[-1]
     per_step = {row[0]: row for row in rows}
     assert per_step[pretrained_priors.DIFFPIR][2] == "1.00"  # its own ratio
-    assert per_step[pretrained_priors.JACOBIAN_FREE][3] == "0.0" and float(per_step["ours, ladder"][3]) > 0
+    assert per_step[pretrained_priors.OURS_PROJECTION][3] == "0.0" and float(per_step[pretrained_priors.OURS][3]) > 0
 
 
 def test_the_speed_quick_run_times_every_mode_against_the_bare_forward(tmp_path):
