@@ -91,9 +91,9 @@ MEAN_LEVEL = 0.03
 # Image models draw their samples in antithetic pairs (`sampling.antithetic`) where num_samples and the
 # batch size are even. Chosen on the validation photographs (docs/antithetic.md, `python -m
 # benchmarks.antithetic`): over the ladder and the embedded model on SR x4, 70% random inpainting, the box
-# hole, Gaussian and motion deblurring, +0.47 dB over independent samples at the same cost (+0.08 to +0.81
-# per model and task, with the ladder's switch at 2; +0.32 at 75/255); on the held-out photographs +0.28 to
-# +0.57 dB per model and task. The analytic priors keep independent samples, which their exactness benchmarks measure.
+# hole, Gaussian and motion deblurring, +0.44 dB over independent samples at the same cost (+0.08 to +0.67
+# per model and task, with today's ladder: switch 2, FFDNet averaged over 4 flips and turns; +0.47 with FFDNet
+# as it is, +0.32 at switch 75/255); on the held-out photographs +0.36 to +0.54 dB per model and task. The analytic priors keep independent samples, which their exactness benchmarks measure.
 ANTITHETIC = True
 EXACT_DEFAULTS = SamplerDefaults(steps=100, covariance="tweedie", cg_max_iter=50, warm_start=True,
                                  jacobian_s_max=math.inf)
