@@ -66,7 +66,7 @@ from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWIT
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
-from .peers import JACOBIAN_FREE_METHODS, run_dpir, run_peer
+from .peers import peer_vjps, run_dpir, run_peer
 from .speed import paired_ratio, speed_verdict
 from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, ladder_cache_name, log_row,
                         markdown_table, photograph_cache, restore_defaults_tag, write_report)
@@ -299,12 +299,6 @@ def peer_entry(method: str, model, measurement, truth: torch.Tensor, samples: in
     return dict(psnr=psnr, ssim=ssim, coverage=spread, nfe=run.nfe, vjps=peer_vjps(method), seconds=run.seconds)
 
 
-def peer_vjps(method: str) -> float:
-    """A deepinv method's VJPs per restoration: 0 for the Jacobian-free ones, NaN (not counted) for the others.
-    Read at every use, not from a cached entry: caches written before the count stored 0 for DPS too."""
-    return 0 if method in JACOBIAN_FREE_METHODS else math.nan
-
-
 def baseline_entry(measurement, truth: torch.Tensor) -> dict:
     began = time.perf_counter()
     name, estimate = next(iter(baselines(measurement).items()))
@@ -362,10 +356,9 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
                 **dpir_entries(cache, key, denoisers, measurement, truth),
             }
             for method, name in (("diffpir", DIFFPIR), ("dps", "deepinv DPS (ladder)")):
-                entries[name] = dict(cache.get(
+                entries[name] = cache.get(
                     f"{key}|{method}|{settings['steps']}|{on_ladder}",
-                    lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"])),
-                    vjps=peer_vjps(method))
+                    lambda method=method: peer_entry(method, ladder, measurement, truth, args.samples, settings["steps"]))
             steps = PEER_STEPS_FACTOR * settings["steps"]
             entries[f"deepinv DiffPIR (ladder), {steps} steps"] = cache.get(
                 f"{key}|diffpir|{steps}|{on_ladder}",

@@ -58,7 +58,7 @@ from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation.harness import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 
 from .images_vs_deepinv import ImageRow, ours_row, peer_row
-from .peers import JACOBIAN_FREE_METHODS, run_peer
+from .peers import peer_vjps, run_peer
 from .reporting import (TIE_DB, ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, log_row,
                         markdown_table, write_report)
 
@@ -176,7 +176,7 @@ def cost_rows(model: Denoiser, args: argparse.Namespace) -> list[dict]:
 def _peer_seconds(model: Denoiser, method: str, measurement, args: argparse.Namespace) -> tuple[float, float]:
     """(seconds, VJPs) of a deepinv method's run of --cost-steps steps: NaN seconds where it does not
     run (DDRM without an SVD of A); VJPs 0 for the Jacobian-free methods, NaN (not counted) for the others."""
-    vjps = 0 if method in JACOBIAN_FREE_METHODS else math.nan
+    vjps = peer_vjps(method)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -33,7 +33,9 @@ from posterior_diff.checks import choice, positive_int
 from posterior_diff.models.deepinv_prior import DeepinvPrior, check_deepinv_prior
 
 SQUARE_GROUP = tuple(range(8))  # element e: e % 4 quarter turns, then a left-right mirror where e >= 4
-SHAPE_KEEPING_GROUP = (0, 2, 4, 6)  # identity, half turn, the two mirrors: no swap of height and width
+# every other element: identity, half turn, the two mirrors (no swap of height and width). Both groups are
+# evenly spaced from 0 by construction, which `elements_at` relies on: the i-th member is i * 8 / |group|.
+SHAPE_KEEPING_GROUP = SQUARE_GROUP[::2]
 ELEMENTS_PER_CALL = (1, 2, 4, 8)  # divisors of the group's size, so the elements spread evenly
 ELEMENTS_PER_OCTAVE = 16  # levels a factor 2^(1/16) apart already get different elements
 
@@ -68,8 +70,7 @@ def elements_at(sigma: Tensor, group: tuple[int, ...], count: int) -> Tensor:
     around the group from there, p + j |group| / count. A torch op, not a host branch: no GPU sync."""
     first = torch.floor(ELEMENTS_PER_OCTAVE * torch.log2(sigma.clamp_min(1e-30))).long()
     spread = torch.arange(count, device=sigma.device).unsqueeze(1) * (len(group) // count)
-    # both groups are evenly spaced from 0 (the i-th member is i * 8 / |group|), so no lookup table has to
-    # be copied to the device on every call
+    # the i-th member by arithmetic (see SHAPE_KEEPING_GROUP): no lookup table copied to the device per call
     return (first.unsqueeze(0) + spread) % len(group) * (len(SQUARE_GROUP) // len(group))
 
 
