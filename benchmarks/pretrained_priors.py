@@ -272,12 +272,12 @@ def step_costs(ladder, settings: dict, args, repeats: int = 3) -> tuple[list[lis
     runs = {OURS: lambda: restore_row(ladder, truth, "sr4", args.samples, **settings),
             OURS_PROJECTION: lambda: restore_row(ladder, truth, "sr4", args.samples, **jacobian_free(settings)),
             DIFFPIR: lambda: peer_entry("diffpir", ladder, measurement, truth, args.samples, steps)}
-    timed = {method: dict(rounds=[], vjps=0) for method in runs}
+    timed = {method: dict(rounds=[]) for method in runs}
     for _ in range(repeats):
         for method, run in runs.items():
             entry = run()
             timed[method]["rounds"].append(entry["seconds"] / steps)
-            timed[method]["vjps"] = entry["vjps"]
+            timed[method]["vjps"] = entry["vjps"]  # the same every round
     theirs = timed[DIFFPIR]
     rows = [[method, f"{statistics.median(t['rounds']):.3f}", f"{paired_ratio(t, theirs):.2f}", f"{t['vjps'] / steps:.1f}"]
             for method, t in timed.items()]
@@ -433,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     ladder = ladders(switch, elements)
     table = check(cache, args, ladder, switch, elements, embedded, settings)
     costs = unit_costs(ladder, args.size, args.samples)
-    step_rows, step_verdicts = step_costs(ladder, settings, args, repeats=1 if args.quick else 3)
+    rounds = 1 if args.quick else 3
+    step_rows, step_verdicts = step_costs(ladder, settings, args, rounds)
     write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
         choice_section(args, switch, sampler, elements, rows, costs),
         f"## 2. The check: held-out photographs\n\n{len(args.held_out)} held-out photographs, halved, {args.size}x"
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         "per restoration, each on the batch of its samples.",
         *check_tables(table, args),
         f"### Cost per step\n\nSR x4 on {args.held_out[0]}, {args.samples} samples, {settings['steps']} steps, each "
-        f"method timed in turn, {1 if args.quick else 3} round(s) (median seconds per step; the ratio is the "
+        f"method timed in turn, {rounds} round(s) (median seconds per step; the ratio is the "
         "median of each round's ratio to DiffPIR):\n\n"
         + markdown_table(["method", "s / step", "x DiffPIR", "VJPs / step"], step_rows) + "\n\n" + "\n".join(step_verdicts),
     ], module="benchmarks.pretrained_priors", argv=args.argv, minutes=(time.perf_counter() - began) / 60,
