@@ -10,6 +10,7 @@ import argparse
 from dataclasses import replace
 import json
 import math
+import os
 from pathlib import Path
 import re
 
@@ -107,6 +108,8 @@ def test_every_report_carries_the_same_provenance_block():
     assert block.splitlines()[0] == "- command: `python -m benchmarks.example --quick`"
     for field in ("commit: ", "date: ", "versions: posterior-diff ", "machine: ", "model: tiny"):
         assert field in block
+    # the vector instructions torch runs on: seconds on AVX2 and AVX-512 machines differ by 3x
+    assert f", {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPU cores" in block
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", source_commit())
 
 
@@ -195,9 +198,18 @@ def test_the_contrast_scaling_quick_run_compares_both_denoisers_at_every_level(t
 @pytest.mark.slow
 def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
     report = ffdnet_quick_report(pretrained_priors, tmp_path)
-    # the switch, the unit costs, the sampler, the CG stop, the dihedral elements; then a table per task
-    # and the cost per step
-    assert "Chosen: **switch" in report and len(markdown_tables(report)) == 5 + len(pretrained_priors.CHECK_TASKS) + 1
+    # the switch, the unit costs, the sampler, the CG stop, the dihedral elements; then a table per task,
+    # one per task rerun with other sampler seeds, and the cost per step
+    tables = markdown_tables(report)
+    checked, seeded = len(pretrained_priors.CHECK_TASKS), len(pretrained_priors.SEED_TASKS)
+    assert "Chosen: **switch" in report and len(tables) == 5 + checked + seeded + 1
+    for task, (header, rows) in zip(pretrained_priors.SEED_TASKS, tables[5 + checked:-1]):
+        ours = {row[0]: row for row in tables[5 + pretrained_priors.CHECK_TASKS.index(task)][1]}[pretrained_priors.OURS]
+        by_seed = [[float(cell) for cell in row[1:]] for row in rows[:2]]  # the quick run's seeds 0 and 1
+        assert rows[0][1:] == ours[1:len(header)]  # seed 0 is the check's own run
+        assert by_seed[0] != by_seed[1]  # another seed draws other samples
+        averaged = [float(cell) for cell in rows[2][1:]]
+        assert averaged == pytest.approx([(a + b) / 2 for a, b in zip(*by_seed)], abs=0.011)  # 2-decimal rounding
     elements = markdown_tables(report)[4][1]
     assert [row[0] for row in elements] == ["FFDNet as it is", "8 dihedral elements per call"]
     for task, (header, rows) in zip(pretrained_priors.CHECK_TASKS, markdown_tables(report)[5:]):
