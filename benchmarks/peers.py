@@ -40,14 +40,14 @@ from posterior_diff import Denoiser
 PEER_METHODS = ("dps", "pigdm", "mm", "mm-cg", "ddrm", "diffpir")
 # deepinv methods without a backward pass (0 VJPs); the others take one or more VJPs per step, not counted here
 JACOBIAN_FREE_METHODS = ("ddrm", "diffpir", "dpir")
+SIGMA_MAX = 80.0
+SIGMA_MIN = 1e-3
+MAX_DENSE_SVD = 4096  # unknowns up to which DDRM gets a dense SVD of A
 
 
 def peer_vjps(method: str) -> float:
     """A deepinv method's VJPs per run: 0 for the Jacobian-free ones, NaN (not counted) for the others."""
     return 0 if method in JACOBIAN_FREE_METHODS else math.nan
-SIGMA_MAX = 80.0
-SIGMA_MIN = 1e-3
-MAX_DENSE_SVD = 4096  # unknowns up to which DDRM gets a dense SVD of A
 
 
 @dataclass

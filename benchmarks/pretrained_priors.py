@@ -33,8 +33,10 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    deepinv's DPIR with the same FFDNet as its denoiser (as it is, and averaged
    over the chosen dihedral elements as ours is), and deepinv's DiffPIR
    and DPS with the same ladder at the same network evaluations per sample (see `peers`), and DiffPIR
-   again at `PEER_STEPS_FACTOR` times the steps, about our seconds. Then the cost per step on SR x4 of
-   our chosen sampler, our projection step and DiffPIR, timed in turn over 3 rounds (`step_costs`).
+   again at `PEER_STEPS_FACTOR` times the steps, about our seconds. On SR x4 and random inpainting, whose
+   margins to issue 27's targets are within a seed's reach, ours again with sampler seeds 1 and 2 (`SEEDS`;
+   the measurement unchanged) and the seed mean's margins over the baseline and DPIR. Then the cost per step
+   on SR x4 of our chosen sampler, our projection step and DiffPIR, timed in turn over 3 rounds (`step_costs`).
 3. **Calibration**: the fraction of pixels whose error |mean - x| lies within 2 posterior standard
    deviations (`metrics.coverage_within_two_std`, the restoration's own mean and std). For exact
    samples of a Gaussian posterior this fraction is known (`metrics.calibrated_coverage`): with n
