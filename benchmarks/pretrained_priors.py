@@ -350,7 +350,7 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
         truth = load_photograph(image, args.size, 2.0)
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
-            key = f"check|{task}|{image}"
+            key = check_key(task, image)
             ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch, elements)
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
@@ -378,25 +378,35 @@ def check(cache: ResultCache, args, ladder, switch: float, elements: int | None,
     return table
 
 
+def check_key(task: str, image: str) -> str:
+    """The prefix of every cache key of the check's runs on `task` and the held-out photograph `image`."""
+    return f"check|{task}|{image}"
+
+
 def ours_key(task: str, image: str, on_ladder: str, settings: dict, seed: int = 0) -> str:
     """The cache key of our run on the ladder at the chosen settings, with the sampler's `seed` (0: the check's)."""
-    key = f"check|{task}|{image}|{on_ladder}|{settings}|{restore_defaults_tag()}"
+    key = f"{check_key(task, image)}|{on_ladder}|{settings}|{restore_defaults_tag()}"
     return key if seed == 0 else f"{key}|seed {seed}"
 
 
 def seed_runs(cache: ResultCache, args, ladder, on_ladder: str, settings: dict) -> dict:
     """Our runs on each of SEED_TASKS and held-out photograph with every sampler seed of `args.seeds`, the
     measurement always seed 0's (seed 0's run is the check's own): {task: [[run per seed] per image]}."""
-    table = {}
-    for task in SEED_TASKS:
-        for image in args.held_out:
-            truth = load_photograph(image, args.size, 2.0)
-            table.setdefault(task, []).append([
+    table = {task: [] for task in SEED_TASKS}
+    for image in args.held_out:
+        truth = load_photograph(image, args.size, 2.0)
+        for task in SEED_TASKS:
+            table[task].append([
                 cache.get(ours_key(task, image, on_ladder, settings, seed),
                           lambda seed=seed: restore_row(ladder, truth, task, args.samples, seed, **settings))
                 for seed in args.seeds])
             log_row("seeds", image, task, *(f"{run['psnr']:.2f} dB" for run in table[task][-1]))
     return table
+
+
+def psnr_row(name: str, psnrs: list[float]) -> list[str]:
+    """A table row: `name`, the PSNR on each photograph and their mean (dB, 2 decimals)."""
+    return [name, *(f"{p:.2f}" for p in psnrs), f"{statistics.fmean(psnrs):.2f}"]
 
 
 def seed_section(seeds: dict, table: dict, args) -> str:
@@ -408,11 +418,10 @@ def seed_section(seeds: dict, table: dict, args) -> str:
         averaged = [statistics.fmean(run["psnr"] for run in runs) for runs in per_image]
         baseline = [run["psnr"] for run in table[task]["baseline"]]
         anchor = [run["psnr"] for run in table[task][DPIR]]
-        rows = [[f"{OURS}, seed {seed}", *(f"{runs[i]['psnr']:.2f}" for runs in per_image),
-                 f"{statistics.fmean(runs[i]['psnr'] for runs in per_image):.2f}"] for i, seed in enumerate(args.seeds)]
-        rows.append([f"{OURS}, mean over the seeds", *(f"{p:.2f}" for p in averaged), f"{statistics.fmean(averaged):.2f}"])
-        for name, reference in ((f"baseline: {table[task]['baseline'][0]['name']}", baseline), (DPIR, anchor)):
-            rows.append([name, *(f"{p:.2f}" for p in reference), f"{statistics.fmean(reference):.2f}"])
+        rows = [psnr_row(f"{OURS}, seed {seed}", [runs[i]["psnr"] for runs in per_image])
+                for i, seed in enumerate(args.seeds)]
+        rows += [psnr_row(f"{OURS}, mean over the seeds", averaged),
+                 psnr_row(f"baseline: {table[task]['baseline'][0]['name']}", baseline), psnr_row(DPIR, anchor)]
         margins = [f"{statistics.fmean(averaged) - statistics.fmean(reference):+.2f} dB over {name} on average "
                    f"({min(a - r for a, r in zip(averaged, reference)):+.2f} on the worst photograph)"
                    for name, reference in (("the baseline", baseline), ("DPIR", anchor))]
