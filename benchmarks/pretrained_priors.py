@@ -62,9 +62,11 @@ from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage, coverage_within_two_std
 from posterior_diff.models.contrast import ContrastScaling
-from posterior_diff.models.equivariance import DihedralAverage, dihedral_equivariant
+from posterior_diff.models.ensemble import WeightedMean
+from posterior_diff.models.equivariance import DihedralAverage
 from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
-from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
+from posterior_diff.models.ladder import (DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH,
+                                          GREY_ELEMENTS_PER_CALL, ffdnet_mix)
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
@@ -83,6 +85,11 @@ SAMPLERS = (("tweedie", 20, 4), ("isotropic", 20, 4), ("tweedie", 50, 4), ("proj
 # dihedral elements averaged per FFDNet call (`models.equivariance`), at the chosen switch and sampler;
 # None: FFDNet as it is. In order of cost: 1 costs what None does, each of 2, 4, 8 that many FFDNet calls
 ELEMENT_CHOICES = (None, 1, 2, 4, 8)
+# FFDNet's grey network mixed into the RGB one channel by channel (`models.ensemble`), at the chosen switch, sampler
+# and elements: (elements per RGB call, grey share); (None, 0): the RGB network alone at the elements chosen above.
+# The share 0.3 at 2 elements (the grey network at 1) came from one-step denoising on the validation photographs
+# (docs/ffdnet.md); on a tie the RGB network alone is kept, the simpler prior
+GREY_CHOICES = ((None, 0.0), (2, 0.3))
 # the Tweedie CG stopped by its accuracy rule alone (the cap a safeguard): its cost, on one photograph
 # at CG_SIZE x CG_SIZE (a smoke run at 32x32 took 34 times the capped run's seconds: at 128x128 the
 # comparison alone would take hours on 2 cores)
@@ -115,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.validation, args.held_out, args.samplers = VALIDATION_FILES, HELD_OUT_PHOTOGRAPHS, SAMPLERS
-    args.element_choices, args.seeds = ELEMENT_CHOICES, SEEDS
+    args.element_choices, args.grey_choices, args.seeds = ELEMENT_CHOICES, GREY_CHOICES, SEEDS
     if args.quick:
         args.seeds = SEEDS[:2]
         args.size, args.samples, args.switches, args.element_choices = 32, 2, args.switches[:2], ELEMENT_CHOICES[::4]
@@ -153,34 +160,52 @@ def sampler_label(sampler: tuple[str, int, int]) -> str:
 
 
 class Ladders:
-    """`default_ladder(switch, elements_per_call=elements)` on the embedded model, each built once, when first asked."""
+    """`default_ladder(switch, elements_per_call=elements, grey_share=grey_share)` on the embedded model, each
+    built once, when first asked."""
 
     def __init__(self, embedded):
         self.embedded, self.built = embedded, {}
 
-    def __call__(self, switch: float, elements: int | None = None):
-        if (switch, elements) not in self.built:
-            self.built[switch, elements] = default_ladder(switch, elements_per_call=elements, model=self.embedded)
-        return self.built[switch, elements]
+    def __call__(self, switch: float, elements: int | None = None, grey_share: float = 0.0):
+        key = switch, elements, grey_share
+        if key not in self.built:
+            self.built[key] = default_ladder(switch, elements_per_call=elements, grey_share=grey_share,
+                                             model=self.embedded)
+        return self.built[key]
 
 
 def elements_label(elements: int | None) -> str:
     return "FFDNet as it is" if elements is None else f"{elements} dihedral element{'s' * (elements > 1)} per call"
 
 
+def grey_label(elements: int | None, grey_share: float) -> str:
+    """The FFDNet piece of a GREY_CHOICES entry, its elements resolved."""
+    if not grey_share:
+        return f"RGB network alone, {elements_label(elements)}"
+    grey_elements = None if elements is None else GREY_ELEMENTS_PER_CALL
+    return (f"{1 - grey_share:g} RGB ({count_label(elements)}) + {grey_share:g} grey per channel "
+            f"({count_label(grey_elements)})")
+
+
+def count_label(elements: int | None) -> str:
+    return "as it is" if elements is None else f"{elements} element{'s' * (elements > 1)}"
+
+
 def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: Ladders,
-          size: int | None = None, elements: int | None = None) -> dict:
-    """Per choice task, the runs over the validation crops of one (switch, sampler, elements per FFDNet
-    call); `size`: a crop size other than the run's, named in the cache key."""
+          size: int | None = None, elements: int | None = None, grey_share: float = 0.0) -> dict:
+    """Per choice task, the runs over the validation crops of one (switch, sampler, elements per RGB FFDNet
+    call, grey share); `size`: a crop size other than the run's, named in the cache key."""
     cells = {}
     crop = "" if size is None else f"|{size}"
     dihedral = "" if elements is None else f"|dihedral {elements}"
+    grey = f"|grey {grey_share:g}" if grey_share else ""
     for task in CHOICE_TASKS:
-        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{dihedral}|{restore_defaults_tag()}",
-                                 lambda truth=truth: restore_row(ladders(switch, elements), truth, task, samples,
-                                                                 **sampler_settings(sampler)))
+        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{dihedral}{grey}|"
+                                 f"{restore_defaults_tag()}",
+                                 lambda truth=truth: restore_row(ladders(switch, elements, grey_share), truth, task,
+                                                                 samples, **sampler_settings(sampler)))
                        for image, truth in crops.items()]
-        log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), elements_label(elements), task,
+        log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), grey_label(elements, grey_share), task,
                 f"{mean_over(cells[task], 'psnr'):.2f} dB")
     return cells
 
@@ -202,7 +227,9 @@ def forward_equivalents(cells: dict) -> float:
 
 def choose_settings(cache: ResultCache, args, ladders: Ladders) -> tuple:
     """The switch (at the image defaults), then the sampler at that switch, then the dihedral elements per
-    FFDNet call at both: each the cheapest within TIE_DB. Returns the three and their tables' rows."""
+    FFDNet call at both, then the grey network's share (GREY_CHOICES) at all three: each the cheapest within
+    TIE_DB. Returns the switch, the sampler, the FFDNet piece (elements per RGB call, grey share) and the
+    tables' rows (with "elements_alone", the elements chosen for the RGB network alone)."""
     crops = validation_crops(args.validation, args.size)
     default_sampler = args.samplers[0]
     switch_rows, switch_scores = [], {}
@@ -230,7 +257,17 @@ def choose_settings(cache: ResultCache, args, ladders: Ladders) -> tuple:
         element_rows.append(row)
         element_scores[elements] = psnr
     elements = cheapest_of_the_best(args.element_choices, lambda e: element_scores[e], lambda e: e or 0)
-    return switch, sampler, elements, dict(switch=switch_rows, sampler=sampler_rows, cg=cg_rows, elements=element_rows)
+    grey_rows, grey_scores = [], {}
+    candidates = [(elements if each is None else each, share) for each, share in args.grey_choices]
+    for each, share in candidates:
+        row, psnr, _ = choice_row(grey_label(each, share),
+                                  score(cache, crops, switch, sampler, args.samples, ladders, elements=each,
+                                        grey_share=share))
+        grey_rows.append(row)
+        grey_scores[each, share] = psnr
+    piece = cheapest_of_the_best(candidates, lambda c: grey_scores[c], lambda c: c[1] > 0)
+    return switch, sampler, piece, dict(switch=switch_rows, sampler=sampler_rows, cg=cg_rows, elements=element_rows,
+                                        grey=grey_rows, elements_alone=elements)
 
 
 def validation_names(args) -> list[str]:
@@ -239,13 +276,22 @@ def validation_names(args) -> list[str]:
 
 def piece_name(piece) -> str:
     """A ladder piece's name for the cost table: its class, or FFDNet with the wrappers it is asked through."""
-    network, parts = getattr(piece, "denoiser", None), []
+    network = getattr(piece, "denoiser", None)
+    if isinstance(network, WeightedMean):
+        rgb, grey = network.networks
+        return f"{network.weights[0]:g} x {network_name(rgb)} + {network.weights[1]:g} x per-channel grey {network_name(grey.network)}"
+    return network_name(network) if network is not None else type(piece).__name__
+
+
+def network_name(network) -> str:
+    """FFDNet with the wrappers (`DihedralAverage`, `ContrastScaling`) it is asked through."""
+    parts = []
     if isinstance(network, DihedralAverage):
         parts.append(elements_label(network.elements_per_call))
         network = network.network
     if isinstance(network, ContrastScaling):
         parts.insert(0, f"contrast-scaled above {network.top:.4g}")
-    return ", ".join(["FFDNet", *parts]) if parts else type(piece).__name__
+    return ", ".join(["FFDNet", *parts])
 
 
 def unit_costs(ladder, size: int, samples: int, repeats: int = 3) -> list[list[str]]:
@@ -320,15 +366,15 @@ def jacobian_free(settings: dict) -> dict:
     return dict(settings, covariance="projection")
 
 
-def dpir_denoisers(elements: int | None) -> dict:
+def dpir_denoisers(elements: int | None, grey_share: float) -> dict:
     """{method name: (cache name, FFDNet prior)} for DPIR: FFDNet as it is (issue 27's anchor) and, where
-    `elements` is not None, averaged over that many flips and turns per call as the ladder's FFDNet is
-    (the same loaded network)."""
-    plain = ffdnet()
-    denoisers = {DPIR: ("dpir", plain)}
-    if elements is not None:
-        denoisers[f"deepinv DPIR (FFDNet, {elements_label(elements)})"] = (
-            f"dpir|dihedral {elements}", dihedral_equivariant(plain, elements))
+    `elements` is not None or `grey_share` is above 0, the ladder's own FFDNet piece within 75/255: averaged
+    over that many flips and turns per call, and mixed with the grey network per channel."""
+    denoisers = {DPIR: ("dpir", ffdnet())}
+    if elements is not None or grey_share:
+        name = "dpir" + ("" if elements is None else f"|dihedral {elements}") + (f"|grey {grey_share:g}" if grey_share else "")
+        label = elements_label(elements) if not grey_share else grey_label(elements, grey_share)
+        denoisers[f"deepinv DPIR (FFDNet, {label})"] = (name, ffdnet_mix(FFDNET_SIGMA_MAX, elements, grey_share))
     return denoisers
 
 
@@ -339,19 +385,19 @@ def dpir_entries(cache: ResultCache, key: str, denoisers: dict, measurement, tru
             for method, (name, denoiser) in denoisers.items()}
 
 
-def check(cache: ResultCache, args, ladder, switch: float, elements: int | None, embedded, settings: dict) -> dict:
+def check(cache: ResultCache, args, ladder, switch: float, piece: tuple, embedded, settings: dict) -> dict:
     """Every method on every (held-out photograph, check task): {task: {method: [run per image]}}; the
-    runs with the ladder are cached under its switch and elements per FFDNet call. DPIR runs with FFDNet
-    as it is (the issue's anchor) and, where the ladder averages dihedral elements, with FFDNet averaged
-    alike: the same network as ours below 75/255."""
+    runs with the ladder are cached under its switch and FFDNet `piece` (elements per RGB call, grey share).
+    DPIR runs with FFDNet as it is (the issue's anchor) and with the ladder's FFDNet piece: the same
+    denoiser as ours below 75/255."""
     table = {task: {} for task in CHECK_TASKS}
-    denoisers = dpir_denoisers(elements)
+    denoisers = dpir_denoisers(*piece)
     for image in args.held_out:
         truth = load_photograph(image, args.size, 2.0)
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = check_key(task, image)
-            ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch, elements)
+            ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch, *piece)
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
                 OURS: cache.get(ours_key(task, image, on_ladder, settings),
@@ -459,8 +505,9 @@ def check_tables(table: dict, args) -> list[str]:
     return sections
 
 
-def choice_section(args, switch: float, sampler: tuple, elements: int | None, rows: dict, costs: list) -> str:
-    """Section 1 of the report: the switch, the sampler and the elements per FFDNet call, each chosen."""
+def choice_section(args, switch: float, sampler: tuple, piece: tuple, rows: dict, costs: list) -> str:
+    """Section 1 of the report: the switch, the sampler, the elements per FFDNet call and the grey share,
+    each chosen."""
     header = ["setting", *(f"{task} (dB)" for task in CHOICE_TASKS), "mean (dB)", "s", "truncated CG solves"]
     crop = min(CG_SIZE, args.size)
     return (
@@ -471,7 +518,7 @@ def choice_section(args, switch: float, sampler: tuple, elements: int | None, ro
         + f"\n\nChosen: **switch {switch:.4g}** (`default_ladder`'s switch, `ladder.DEFAULT_SWITCH` = "
         f"{DEFAULT_SWITCH:.4g}). What each piece's network costs, on a batch of {args.samples} "
         f"{args.size}x{args.size} images (seconds, best of 3, measured at the end of the run, with the chosen "
-        "elements per FFDNet call):\n\n"
+        "FFDNet piece):\n\n"
         + markdown_table(["piece", "levels ([0, 1] units)", "forward (s)", "forward + VJP (s)"], costs)
         + "\n\nThe sampler at that switch:\n\n"
         + markdown_table(header, rows["sampler"]) + f"\n\nChosen: **{sampler_label(sampler)}**.\n\n"
@@ -481,8 +528,12 @@ def choice_section(args, switch: float, sampler: tuple, elements: int | None, ro
         + "\n\nFFDNet made equivariant to flips and quarter turns (`models.equivariance`): each call's estimate "
         "averaged over that many elements of the dihedral group, at that switch and sampler (cheapest first):\n\n"
         + markdown_table(header, rows["elements"])
-        + f"\n\nChosen: **{elements_label(elements)}** (`ladder.DEFAULT_ELEMENTS_PER_CALL` = "
-        f"{DEFAULT_ELEMENTS_PER_CALL}).")
+        + f"\n\nChosen for the RGB network alone: **{elements_label(rows['elements_alone'])}**.\n\n"
+        "FFDNet's grey network asked channel by channel and mixed into the RGB one (`models.ensemble`), at that "
+        "switch and sampler; on a tie the RGB network alone:\n\n"
+        + markdown_table(header, rows["grey"])
+        + f"\n\nChosen: **{grey_label(*piece)}** (`ladder.DEFAULT_ELEMENTS_PER_CALL` = {DEFAULT_ELEMENTS_PER_CALL}, "
+        f"`DEFAULT_GREY_SHARE` = {DEFAULT_GREY_SHARE:g}).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -492,16 +543,16 @@ def main(argv: list[str] | None = None) -> None:
     embedded = default_model(torch.float32)
     ladders = Ladders(embedded)
     cache = photograph_cache(args)
-    switch, sampler, elements, rows = choose_settings(cache, args, ladders)
+    switch, sampler, piece, rows = choose_settings(cache, args, ladders)
     settings = sampler_settings(sampler)
-    ladder = ladders(switch, elements)
-    table = check(cache, args, ladder, switch, elements, embedded, settings)
-    seeds = seed_runs(cache, args, ladder, ladder_cache_name(switch, elements), settings)
+    ladder = ladders(switch, *piece)
+    table = check(cache, args, ladder, switch, piece, embedded, settings)
+    seeds = seed_runs(cache, args, ladder, ladder_cache_name(switch, *piece), settings)
     costs = unit_costs(ladder, args.size, args.samples)
     rounds = 1 if args.quick else 3
     step_rows, step_verdicts = step_costs(ladder, settings, args, rounds)
     write_report(args.out, "The FFDNet ladder on photographs", __doc__.split("\n\n", 1)[1], [
-        choice_section(args, switch, sampler, elements, rows, costs),
+        choice_section(args, switch, sampler, piece, rows, costs),
         f"## 2. The check: held-out photographs\n\n{len(args.held_out)} held-out photographs, halved, {args.size}x"
         f"{args.size} centre crops, {args.samples} samples, the ladder at switch {switch:.4g} and "
         f"{sampler_label(sampler)}; the embedded model at the image defaults ({IMAGE_DEFAULTS.steps} steps, "

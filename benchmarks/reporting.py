@@ -111,18 +111,23 @@ def restore_defaults_tag() -> str:
     return f"mean {IMAGE_DEFAULTS.mean_level:g}" + (", antithetic" if IMAGE_DEFAULTS.antithetic else "")
 
 
-def ladder_cache_name(switch: float, elements_per_call: int | None = None) -> str:
-    """The name runs of `default_ladder(switch, elements_per_call=...)` are cached under: runs of another
-    ladder are never taken for this one's (None, FFDNet as it is, keeps the name it had before)."""
-    return f"ladder {switch:.6g}" + ("" if elements_per_call is None else f", dihedral {elements_per_call}")
+def ladder_cache_name(switch: float, elements_per_call: int | None = None, grey_share: float = 0.0) -> str:
+    """The name runs of `default_ladder(switch, elements_per_call=..., grey_share=...)` are cached under: runs
+    of another ladder are never taken for this one's (None, FFDNet as it is, and no grey share keep the names
+    their runs had before)."""
+    return (f"ladder {switch:.6g}" + ("" if elements_per_call is None else f", dihedral {elements_per_call}")
+            + (f", grey {grey_share:g}" if grey_share else ""))
 
 
 def cache_name(model_name: str) -> str:
-    """The name a run of `ladder_and_embedded`'s model is cached under: the ladder's names its switch and
-    elements per FFDNet call (`ladder.DEFAULT_SWITCH`, `DEFAULT_ELEMENTS_PER_CALL`, `ladder_cache_name`)."""
-    from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
+    """The name a run of `ladder_and_embedded`'s model is cached under: the ladder's names its switch,
+    elements per FFDNet call and grey share (`ladder.DEFAULT_SWITCH`, `DEFAULT_ELEMENTS_PER_CALL`,
+    `DEFAULT_GREY_SHARE`, `ladder_cache_name`)."""
+    from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH
 
-    return ladder_cache_name(DEFAULT_SWITCH, DEFAULT_ELEMENTS_PER_CALL) if model_name == "ladder" else model_name
+    if model_name != "ladder":
+        return model_name
+    return ladder_cache_name(DEFAULT_SWITCH, DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE)
 
 
 def ladder_and_embedded() -> dict:

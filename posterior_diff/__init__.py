@@ -13,6 +13,7 @@ import posterior_diff.ladder as _old_ladder_path  # noqa: F401
 from posterior_diff.denoisers import Denoiser, ModuleDenoiser
 from posterior_diff.models.contrast import contrast_scaled
 from posterior_diff.models.deepinv_prior import DeepinvPrior, from_deepinv_denoiser
+from posterior_diff.models.ensemble import per_channel, weighted_mean
 from posterior_diff.models.equivariance import dihedral_equivariant
 from posterior_diff.models.ffdnet_prior import ffdnet
 from posterior_diff.models.ladder import Ladder, default_ladder, ladder
@@ -43,6 +44,8 @@ __all__ = [
     "ffdnet",
     "contrast_scaled",
     "dihedral_equivariant",
+    "per_channel",
+    "weighted_mean",
     "ladder",
     "default_ladder",
     "Ladder",

@@ -86,13 +86,16 @@ def test_runs_of_the_default_ladder_are_cached_under_its_switch_and_elements(mon
     assert cache_name("embedded") == "embedded"
     monkeypatch.setattr(ladder_module, "DEFAULT_SWITCH", 75 / 255)
     monkeypatch.setattr(ladder_module, "DEFAULT_ELEMENTS_PER_CALL", None)
+    monkeypatch.setattr(ladder_module, "DEFAULT_GREY_SHARE", 0.0)
     names = [cache_name("ladder")]
     monkeypatch.setattr(ladder_module, "DEFAULT_SWITCH", 2.0)
     names.append(cache_name("ladder"))
     monkeypatch.setattr(ladder_module, "DEFAULT_ELEMENTS_PER_CALL", 4)
     names.append(cache_name("ladder"))
-    # another ladder, another name; FFDNet as it is keeps the names its runs were stored under
-    assert names == ["ladder 0.294118", "ladder 2", "ladder 2, dihedral 4"]
+    monkeypatch.setattr(ladder_module, "DEFAULT_GREY_SHARE", 0.3)
+    names.append(cache_name("ladder"))
+    # another ladder, another name; FFDNet as it is and the RGB network alone keep the names their runs were stored under
+    assert names == ["ladder 0.294118", "ladder 2", "ladder 2, dihedral 4", "ladder 2, dihedral 4, grey 0.3"]
 
 
 def test_the_table_check_catches_what_it_should():

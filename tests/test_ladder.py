@@ -208,12 +208,12 @@ def test_default_ladder_restores_a_small_super_resolution(ffdnet_prior):
         default_ladder(prior.sigma_range[1])  # no level left to the embedded model
     from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 
-    # the measured choice: FFDNet up to the switch, through contrast scaling above its trained range, averaged
-    # over DEFAULT_ELEMENTS_PER_CALL flips and turns
+    # the measured choice: FFDNet up to the switch, through contrast scaling above its trained range, its RGB
+    # network averaged over DEFAULT_ELEMENTS_PER_CALL flips and turns (with the grey one mixed in: test_ensemble)
     assert prior.ranges[1][1] == DEFAULT_SWITCH > FFDNET_SIGMA_MAX
-    equivariant = prior.pieces[1].denoiser
+    equivariant = prior.pieces[1].denoiser.networks[0]
     assert equivariant.elements_per_call == DEFAULT_ELEMENTS_PER_CALL and equivariant.network.top == FFDNET_SIGMA_MAX
-    plain = default_ladder(elements_per_call=None).pieces[1].denoiser
+    plain = default_ladder(elements_per_call=None, grey_share=0).pieces[1].denoiser
     assert plain.top == FFDNET_SIGMA_MAX
     with pytest.raises(ValueError, match="elements_per_call"):
         default_ladder(elements_per_call=3)

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from posterior_diff.apps.command_options import (CLI_TASKS, DEBLUR_TASKS, NAMED_MODELS, UsageError, check_dtype,
-                                                 check_task, ladder_elements, load_network, pick_device, sigma_y_option,
-                                                 task_operator)
+                                                 check_grey_share, check_task, ladder_elements, load_network,
+                                                 pick_device, sigma_y_option, task_operator)
 from posterior_diff.defaults import IMAGE_DEFAULTS
-from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH
 from posterior_diff.tasks import TASKS
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +101,10 @@ def _model_arguments(restore: argparse.ArgumentParser) -> None:
                          help="--model ladder: flips and quarter turns each FFDNet call averages over: 1, 2, 4 or 8 "
                               "(that many times FFDNet's cost; 1 costs nothing extra), or none "
                               f"(default {DEFAULT_ELEMENTS_PER_CALL}; docs/ffdnet.md)")
+    restore.add_argument("--ladder-grey-share", dest="ladder_grey_share", type=float, default=DEFAULT_GREY_SHARE,
+                         help="--model ladder: the weight in [0, 1) of FFDNet's grey network, asked channel by channel "
+                              f"and mixed into the RGB one; 0: the RGB network alone (default {DEFAULT_GREY_SHARE:g}; "
+                              "docs/ffdnet.md)")
     restore.add_argument("--allow-extrapolation", dest="allow_extrapolation", action="store_true",
                          help="run even where the sampler would ask the model about noise levels outside its declared "
                               "sigma_range (refused by default)")
@@ -145,6 +149,7 @@ def _restore(args) -> int:
 
     check_dtype(args.dtype)
     args.ladder_elements = ladder_elements(args.ladder_elements)
+    check_grey_share(args.ladder_grey_share)
     pick_device(args.device)  # both named wrongly: one line before any file is read
     check_task(args.task, args.mask, args.kernel)  # and the task, its mask and its kernel: before the model loads
     if not args.jacobian_s_max > 0:  # NaN too
@@ -170,7 +175,7 @@ def _restore_file(args) -> int:
             needs_folder(path.parent, f"the folder of {path}")
     device = pick_device(args.device)
     image = read_image(source)
-    model = load_network(args.model, args.dtype, args.ladder_switch, args.ladder_elements)
+    model = load_network(args.model, args.dtype, args.ladder_switch, args.ladder_elements, args.ladder_grey_share)
     channels = image.shape[0]
     image = match_channels(image, model.channels)  # a grey file runs through a colour model and back
     operator = task_operator(args.task, args.sigma_y, image, args.mask, args.kernel)

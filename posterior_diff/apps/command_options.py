@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from posterior_diff.models.equivariance import ELEMENTS_PER_CALL
-from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_SWITCH
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH
 from posterior_diff.tasks import MEASURED_TASKS as CLI_TASKS
 from posterior_diff.tasks import TASKS
 
@@ -125,6 +125,12 @@ def check_dtype(name: str) -> None:
         raise UsageError(f"--dtype must be auto, {', '.join(NETWORK_DTYPES)}, got {name!r}")
 
 
+def check_grey_share(value: float) -> None:
+    """`--ladder-grey-share` lies in [0, 1) (`default_ladder`'s grey_share); a UsageError otherwise (NaN too)."""
+    if not 0 <= value < 1:
+        raise UsageError(f"--ladder-grey-share must lie in [0, 1), got {value:g}")
+
+
 def ladder_elements(text: str) -> int | None:
     """`--ladder-elements` as `default_ladder`'s elements_per_call: None for "none", else 1, 2, 4 or 8
     (`models.equivariance.ELEMENTS_PER_CALL`); a UsageError otherwise (checked here, not by argparse, for a
@@ -138,10 +144,11 @@ def ladder_elements(text: str) -> int | None:
 
 
 def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH,
-                 elements: int | None = DEFAULT_ELEMENTS_PER_CALL):
+                 elements: int | None = DEFAULT_ELEMENTS_PER_CALL, grey_share: float = DEFAULT_GREY_SHARE):
     """The prior `--model` and `--dtype` name: a loaded folder or hub id, the embedded model, or a
-    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`, each FFDNet
-    call averaged over `elements` dihedral elements).
+    named prior (NAMED_MODELS: the ladder of the embedded model and FFDNet below `switch`, each call of
+    FFDNet's RGB network averaged over `elements` dihedral elements, its grey network mixed in with
+    `grey_share` of the weight).
     `dtype` "auto": the embedded model in `default_network_dtype()` (bfloat16 on a CPU with native
     bfloat16), any other model in float32."""
     from posterior_diff.models.loading import default_model, load_model
@@ -153,5 +160,6 @@ def load_network(model: str | None, dtype: str, switch: float = DEFAULT_SWITCH,
         from posterior_diff.models.ladder import default_ladder
 
         # FFDNet runs in float32
-        return default_ladder(switch, elements_per_call=elements, model=embedded, channels=embedded.channels)
+        return default_ladder(switch, elements_per_call=elements, grey_share=grey_share, model=embedded,
+                              channels=embedded.channels)
     return load_model(model, torch_dtype=None if dtype in ("auto", "float32") else NETWORK_DTYPES[dtype])

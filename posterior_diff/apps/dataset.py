@@ -210,8 +210,9 @@ def check_options(args) -> None:
 
 def run_settings(args) -> dict:
     """The settings that decide the outputs' values (the manifest's record, compared on a rerun); the
-    ladder's switch and elements where --model ladder."""
-    ladder = {"ladder_switch": args.ladder_switch, "ladder_elements": args.ladder_elements} if args.model == "ladder" else {}
+    ladder's switch, elements and grey share where --model ladder."""
+    ladder = {"ladder_switch": args.ladder_switch, "ladder_elements": args.ladder_elements,
+              "ladder_grey_share": args.ladder_grey_share} if args.model == "ladder" else {}
     return {**ladder, "task": args.task, "sigma_y": TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y,
             "samples": args.samples, "steps": args.steps, "covariance": args.covariance,
             "cg_max_iter": args.cg_max_iter, "jacobian_s_max": args.jacobian_s_max, "particles": args.particles,
@@ -439,7 +440,9 @@ def run_dataset(args) -> int:
     check_manifest(args.output, settings, args.force)
     state, device = process_state(args)
     todo = [job for job in jobs if job.pending(args.force)]  # seen alike by every process: nothing is written yet
-    model = placed(load_network(args.model, args.dtype, args.ladder_switch, args.ladder_elements), device)  # moved once, not once per batch
+    # moved once, not once per batch
+    model = placed(load_network(args.model, args.dtype, args.ladder_switch, args.ladder_elements,
+                                args.ladder_grey_share), device)
     run = {"processes": state.num_processes, "device": device.type, "batch_size": args.batch_size,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if state.is_main_process:

