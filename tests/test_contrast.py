@@ -85,7 +85,7 @@ def test_the_default_ladder_above_ffdnets_range_asks_ffdnet_through_contrast_sca
     from posterior_diff import default_ladder
     from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 
-    prior = default_ladder(1.0, elements_per_call=None)  # contrast scaling alone
+    prior = default_ladder(1.0, elements_per_call=None, grey_share=0)  # contrast scaling alone
     lower = prior.pieces[1]
     assert prior.ranges[1] == (0.0, 1.0) and isinstance(lower.denoiser, ContrastScaling)
     assert lower.denoiser.top == FFDNET_SIGMA_MAX
