@@ -9,12 +9,15 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    trained 75/255 it is asked through contrast scaling, `models.contrast`, docs/contrast_scaling.md) at the
    image defaults, then, at that switch, the covariance and the number of steps, then, at both, how many
    elements of the dihedral group each FFDNet call averages over (`models.equivariance`: none, FFDNet as
-   it is; 1, a different flip or turn at each level, free; 2, 4 or 8, that many calls). Each choice is
-   the cheapest setting within `TIE_DB` of the best mean PSNR over SR x4,
-   70% random inpainting and the box hole (denoising is not in the choice: `restore` starts it
-   from the measurement, below every switch, so FFDNet alone serves it). Cheapest: for the switch the
+   it is; 1, a different flip or turn at each level, free; 2, 4 or 8, that many calls), then whether FFDNet's
+   grey network, asked channel by channel, is mixed into the RGB one (`models.ensemble`, `GREY_CHOICES`).
+   Each choice is the cheapest setting within `TIE_DB` of the best mean PSNR over SR x4,
+   70% random inpainting and the box hole (denoising is not in the first three choices: `restore` starts it
+   from the measurement, below every switch, so FFDNet alone serves it; it is in the last, which changes
+   FFDNet's piece). Cheapest: for the switch the
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
-   fewest network forwards plus two per VJP, for the elements the fewest; wall seconds, also shown, are too noisy on a shared
+   fewest network forwards plus two per VJP, for the elements the fewest, for the grey network none (the
+   simpler prior), then the fewest RGB elements; wall seconds, also shown, are too noisy on a shared
    2-core machine to rank near-equal settings. Every run takes restore's own start (`start="auto"`:
    the biharmonic fill noised to 75/255 on random inpainting, docs/start_estimates.md), its own
    mean (the guided means at `defaults.MEAN_LEVEL`, docs/mean_level.md) and its antithetic pairs
@@ -76,6 +79,8 @@ from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedd
                         markdown_table, photograph_cache, restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
+# the grey network's choice also scores denoising: unlike the switch, FFDNet's piece is what serves it
+GREY_CHOICE_TASKS = ("denoise", *CHOICE_TASKS)
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
 # [0, 1] units; above FFDNet's 75/255 it is asked through contrast scaling (docs/contrast_scaling.md)
 SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX, 0.6, 1.0, 2.0, 5.0)
@@ -193,14 +198,15 @@ def count_label(elements: int | None) -> str:
 
 
 def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: Ladders,
-          size: int | None = None, elements: int | None = None, grey_share: float = 0.0) -> dict:
-    """Per choice task, the runs over the validation crops of one (switch, sampler, elements per RGB FFDNet
+          size: int | None = None, elements: int | None = None, grey_share: float = 0.0,
+          tasks: tuple = CHOICE_TASKS) -> dict:
+    """Per task of `tasks`, the runs over the validation crops of one (switch, sampler, elements per RGB FFDNet
     call, grey share); `size`: a crop size other than the run's, named in the cache key."""
     cells = {}
     crop = "" if size is None else f"|{size}"
     dihedral = "" if elements is None else f"|dihedral {elements}"
     grey = f"|grey {grey_share:g}" if grey_share else ""
-    for task in CHOICE_TASKS:
+    for task in tasks:
         cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{dihedral}{grey}|"
                                  f"{restore_defaults_tag()}",
                                  lambda truth=truth: restore_row(ladders(switch, elements, grey_share), truth, task,
@@ -212,10 +218,10 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
 
 
 def choice_row(name: str, cells: dict) -> tuple[list[str], float, float]:
-    """A table row of one candidate, its mean PSNR over tasks and its mean seconds."""
-    psnrs = [mean_over(cells[task], "psnr") for task in CHOICE_TASKS]
-    seconds = statistics.fmean(mean_over(cells[task], "seconds") for task in CHOICE_TASKS)
-    truncated = sum(run["cg_truncated"] for task in CHOICE_TASKS for run in cells[task])
+    """A table row of one candidate, its mean PSNR over the tasks of `cells` and its mean seconds."""
+    psnrs = [mean_over(runs, "psnr") for runs in cells.values()]
+    seconds = statistics.fmean(mean_over(runs, "seconds") for runs in cells.values())
+    truncated = sum(run["cg_truncated"] for runs in cells.values() for run in runs)
     row = [name, *(f"{p:.2f}" for p in psnrs), f"{statistics.fmean(psnrs):.2f}", f"{seconds:.1f}", str(truncated)]
     return row, statistics.fmean(psnrs), seconds
 
@@ -263,7 +269,7 @@ def choose_settings(cache: ResultCache, args, ladders: Ladders) -> tuple:
     for each, share in candidates:
         row, psnr, _ = choice_row(grey_label(each, share),
                                   score(cache, crops, switch, sampler, args.samples, ladders, elements=each,
-                                        grey_share=share))
+                                        grey_share=share, tasks=GREY_CHOICE_TASKS))
         grey_rows.append(row)
         grey_scores[each, share] = psnr
     piece = cheapest_of_the_best(candidates, lambda c: grey_scores[c], lambda c: (c[1] > 0, c[0] or 0))
@@ -531,8 +537,8 @@ def choice_section(args, switch: float, sampler: tuple, piece: tuple, rows: dict
         + markdown_table(header, rows["elements"])
         + f"\n\nChosen for the RGB network alone: **{elements_label(rows['elements_alone'])}**.\n\n"
         "FFDNet's grey network asked channel by channel and mixed into the RGB one (`models.ensemble`), at that "
-        "switch and sampler; on a tie the RGB network alone:\n\n"
-        + markdown_table(header, rows["grey"])
+        "switch and sampler, scored on denoising too (FFDNet's piece serves it); on a tie the RGB network alone:\n\n"
+        + markdown_table(["setting", *(f"{task} (dB)" for task in GREY_CHOICE_TASKS), *header[-3:]], rows["grey"])
         + f"\n\nChosen: **{grey_label(*piece)}** (`ladder.DEFAULT_ELEMENTS_PER_CALL` = {DEFAULT_ELEMENTS_PER_CALL}, "
         f"`DEFAULT_GREY_SHARE` = {DEFAULT_GREY_SHARE:g}).")
 

@@ -47,12 +47,12 @@ DEFAULT_SWITCH = 2.0
 # default_ladder's dihedral elements averaged per call of FFDNet's RGB network (`models.equivariance`; None: FFDNet as
 # it is). Chosen at that switch on the validation photographs among None, 1, 2, 4 and 8 with the RGB network alone
 # (docs/pretrained_priors.md): the mean PSNR over SR x4, random inpainting and a box hole rose from 35.44 dB (None)
-# to 35.76 (4) and 35.77 (8), a tie. With the grey network mixed in (below), 2 of them, at less cost than 4 alone
+# to 35.76 (4) and 35.77 (8), a tie. With the grey network mixed in (below), 2 of them
 DEFAULT_ELEMENTS_PER_CALL: int | None = 2
 # default_ladder's share of FFDNet's grey network, asked channel by channel, in its FFDNet piece (`models.ensemble`):
 # 0.3 of the estimate, the RGB network the rest. Chosen at that switch and sampler on the validation photographs
-# against the RGB network alone at 4 elements (docs/pretrained_priors.md); the share and the elements came from
-# one-step denoising on the same photographs (docs/ffdnet.md)
+# (docs/pretrained_priors.md): 36.00 dB with the RGB network at 2 elements, against 35.85 at 1 and 35.76 for the
+# RGB network alone at 4; the share came from one-step denoising on the same photographs (docs/ffdnet.md)
 DEFAULT_GREY_SHARE = 0.3
 GREY_ELEMENTS_PER_CALL = 1  # the grey network's dihedral elements per call where the RGB network's are not None
 
