@@ -51,8 +51,8 @@ DEFAULT_SWITCH = 2.0
 DEFAULT_ELEMENTS_PER_CALL: int | None = 2
 # default_ladder's share of FFDNet's grey network, asked channel by channel, in its FFDNet piece (`models.ensemble`):
 # 0.3 of the estimate, the RGB network the rest. Chosen at that switch and sampler on the validation photographs
-# (docs/pretrained_priors.md): 36.00 dB with the RGB network at 2 elements, against 35.85 at 1 and 35.76 for the
-# RGB network alone at 4; the share came from one-step denoising on the same photographs (docs/ffdnet.md)
+# (docs/pretrained_priors.md), scored on denoising too: 36.31 dB with the RGB network at 2 elements, against 36.19
+# at 1 and 36.14 for the RGB network alone at 4; the share came from one-step denoising on the same photographs
 DEFAULT_GREY_SHARE = 0.3
 GREY_ELEMENTS_PER_CALL = 1  # the grey network's dihedral elements per call where the RGB network's are not None
 
