@@ -13,8 +13,8 @@ crops), each method's PSNR / SSIM:
   the smoothness itself) and Richardson-Lucy (30 iterations), both given the true kernel;
 - **ours**: the posterior mean of `restore` at the image defaults (4 samples), with the embedded
   model (`restore`'s default) and with the FFDNet ladder (`posterior_diff.default_ladder`);
-- **deepinv**: DPIR with the same FFDNet as its denoiser (its own 8 iterations), as it is and averaged
-  over flips and turns as the ladder's is (`ladder.DEFAULT_ELEMENTS_PER_CALL`), and DiffPIR with the
+- **deepinv**: DPIR with the same FFDNet as its denoiser (its own 8 iterations), as it is and as the
+  ladder's FFDNet piece (`ladder.DEFAULT_ELEMENTS_PER_CALL`, `DEFAULT_GREY_SHARE`), and DiffPIR with the
   same ladder at our number of network evaluations per sample (`benchmarks.peers`).
 
 The target: ours at least the better classical estimate + 1 dB on every image, with the embedded
@@ -35,7 +35,7 @@ from posterior_diff import default_ladder, default_model
 from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS, baselines, load_photograph, measure, psnr_ssim
 from posterior_diff.evaluation.metrics import calibrated_coverage
-from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL
+from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE
 
 from .pretrained_priors import dpir_denoisers, dpir_entries, mean_over, peer_entry, restore_row
 from .reporting import (ResultCache, cache_name, embedded_model, log_row, markdown_table, parse_photograph_run,
@@ -66,7 +66,7 @@ def classical_entries(measurement, truth: torch.Tensor) -> dict[str, dict]:
 
 def run_all(cache: ResultCache, args, embedded, ladder) -> dict:
     """Every method on every (photograph, task): {task: {method: [entry per image]}}."""
-    denoisers = dpir_denoisers(DEFAULT_ELEMENTS_PER_CALL)  # as it is, and averaged as the ladder's FFDNet
+    denoisers = dpir_denoisers(DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE)  # as it is, and the ladder's FFDNet piece
     table = {task: {} for task in TASKS}
     steps, on_ladder = IMAGE_DEFAULTS.steps, cache_name("ladder")  # the default ladder's runs, filed under its switch
     for image in args.images:

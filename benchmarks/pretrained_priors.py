@@ -197,6 +197,11 @@ def count_label(elements: int | None) -> str:
     return "as it is" if elements is None else f"{elements} element{'s' * (elements > 1)}"
 
 
+def piece_key(elements: int | None, grey_share: float) -> str:
+    """The part of a cache key that names FFDNet's piece: empty for FFDNet as it is, alone."""
+    return ("" if elements is None else f"|dihedral {elements}") + (f"|grey {grey_share:g}" if grey_share else "")
+
+
 def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, samples: int, ladders: Ladders,
           size: int | None = None, elements: int | None = None, grey_share: float = 0.0,
           tasks: tuple = CHOICE_TASKS) -> dict:
@@ -204,10 +209,8 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     call, grey share); `size`: a crop size other than the run's, named in the cache key."""
     cells = {}
     crop = "" if size is None else f"|{size}"
-    dihedral = "" if elements is None else f"|dihedral {elements}"
-    grey = f"|grey {grey_share:g}" if grey_share else ""
     for task in tasks:
-        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{dihedral}{grey}|"
+        cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{piece_key(elements, grey_share)}|"
                                  f"{restore_defaults_tag()}",
                                  lambda truth=truth: restore_row(ladders(switch, elements, grey_share), truth, task,
                                                                  samples, **sampler_settings(sampler)))
@@ -286,7 +289,8 @@ def piece_name(piece) -> str:
     network = getattr(piece, "denoiser", None)
     if isinstance(network, WeightedMean):
         rgb, grey = network.networks
-        return f"{network.weights[0]:g} x {network_name(rgb)} + {network.weights[1]:g} x per-channel grey {network_name(grey.network)}"
+        return (f"{network.weights[0]:g} x {network_name(rgb)} + {network.weights[1]:g} x per-channel grey "
+                f"{network_name(grey.network)}")
     return network_name(network) if network is not None else type(piece).__name__
 
 
@@ -379,9 +383,9 @@ def dpir_denoisers(elements: int | None, grey_share: float) -> dict:
     over that many flips and turns per call, and mixed with the grey network per channel."""
     denoisers = {DPIR: ("dpir", ffdnet())}
     if elements is not None or grey_share:
-        name = "dpir" + ("" if elements is None else f"|dihedral {elements}") + (f"|grey {grey_share:g}" if grey_share else "")
         label = elements_label(elements) if not grey_share else grey_label(elements, grey_share)
-        denoisers[f"deepinv DPIR (FFDNet, {label})"] = (name, ffdnet_mix(FFDNET_SIGMA_MAX, elements, grey_share))
+        denoisers[f"deepinv DPIR (FFDNet, {label})"] = ("dpir" + piece_key(elements, grey_share),
+                                                        ffdnet_mix(FFDNET_SIGMA_MAX, elements, grey_share))
     return denoisers
 
 

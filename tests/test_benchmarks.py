@@ -201,13 +201,13 @@ def test_the_contrast_scaling_quick_run_compares_both_denoisers_at_every_level(t
 @pytest.mark.slow
 def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
     report = ffdnet_quick_report(pretrained_priors, tmp_path)
-    # the switch, the unit costs, the sampler, the CG stop, the dihedral elements; then a table per task,
-    # one per task rerun with other sampler seeds, and the cost per step
-    tables = markdown_tables(report)
+    # the switch, the unit costs, the sampler, the CG stop, the dihedral elements, the grey network; then a table
+    # per task, one per task rerun with other sampler seeds, and the cost per step
+    tables, choices = markdown_tables(report), 6
     checked, seeded = len(pretrained_priors.CHECK_TASKS), len(pretrained_priors.SEED_TASKS)
-    assert "Chosen: **switch" in report and len(tables) == 5 + checked + seeded + 1
-    for task, (header, rows) in zip(pretrained_priors.SEED_TASKS, tables[5 + checked:-1]):
-        ours = {row[0]: row for row in tables[5 + pretrained_priors.CHECK_TASKS.index(task)][1]}[pretrained_priors.OURS]
+    assert "Chosen: **switch" in report and len(tables) == choices + checked + seeded + 1
+    for task, (header, rows) in zip(pretrained_priors.SEED_TASKS, tables[choices + checked:-1]):
+        ours = {row[0]: row for row in tables[choices + pretrained_priors.CHECK_TASKS.index(task)][1]}[pretrained_priors.OURS]
         by_seed = [[float(cell) for cell in row[1:]] for row in rows[:2]]  # the quick run's seeds 0 and 1
         assert rows[0][1:] == ours[1:len(header)]  # seed 0 is the check's own run
         # another seed draws other samples: on SR x4, 15 of 16 pixels unobserved, their mean moves by far more
@@ -215,9 +215,15 @@ def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
         assert task != "sr4" or by_seed[0] != by_seed[1]
         averaged = [float(cell) for cell in rows[2][1:]]
         assert averaged == pytest.approx([(a + b) / 2 for a, b in zip(*by_seed)], abs=0.011)  # 2-decimal rounding
-    elements = markdown_tables(report)[4][1]
+    elements = tables[4][1]
     assert [row[0] for row in elements] == ["FFDNet as it is", "8 dihedral elements per call"]
-    for task, (header, rows) in zip(pretrained_priors.CHECK_TASKS, markdown_tables(report)[5:]):
+    header, grey = tables[5]
+    # the grey network's choice is scored on denoising too, and starts from the RGB network alone at the chosen elements
+    assert header[1:6] == ["denoise (dB)", "sr4 (dB)", "random (dB)", "box (dB)", "mean (dB)"]
+    assert grey[0][0] == "RGB network alone, 8 dihedral elements per call" and len(grey) == 3
+    for row in grey:  # the mean over the four tasks, up to 2-decimal rounding
+        assert float(row[5]) == pytest.approx(sum(float(cell) for cell in row[1:5]) / 4, abs=0.006)
+    for task, (header, rows) in zip(pretrained_priors.CHECK_TASKS, tables[choices:]):
         vjps = {row[0]: row[header.index("VJPs")] for row in rows}
         # the projection step takes no VJP, DiffPIR's cost per step; the chosen covariance takes some on
         # every task but denoising, which starts from the measurement and needs no guidance

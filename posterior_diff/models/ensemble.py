@@ -54,7 +54,7 @@ class PerChannel(nn.Module):
 
 
 class WeightedMean(nn.Module):
-    """sum_k weights[k] networks[k](x, sigma): networks of the deepinv contract, weights summing to 1."""
+    """`sum_k weights[k] * networks[k](x, sigma)`: networks of the deepinv contract, weights summing to 1."""
 
     def __init__(self, networks: Sequence[nn.Module], weights: Sequence[float]):
         super().__init__()
