@@ -98,8 +98,8 @@ def _model_arguments(restore: argparse.ArgumentParser) -> None:
                          help="--model ladder: the noise level in [0, 1] units below which FFDNet is asked "
                               f"(default {DEFAULT_SWITCH:g}; docs/ffdnet.md)")
     restore.add_argument("--ladder-elements", dest="ladder_elements", default=str(DEFAULT_ELEMENTS_PER_CALL).lower(),
-                         help="--model ladder: flips and quarter turns each FFDNet call averages over: 1, 2, 4 or 8 "
-                              "(that many times FFDNet's cost; 1 costs nothing extra), or none "
+                         help="--model ladder: flips and quarter turns each call of FFDNet's RGB network averages "
+                              "over: 1, 2, 4 or 8 (that many times its cost; 1 costs nothing extra), or none "
                               f"(default {DEFAULT_ELEMENTS_PER_CALL}; docs/ffdnet.md)")
     restore.add_argument("--ladder-grey-share", dest="ladder_grey_share", type=float, default=DEFAULT_GREY_SHARE,
                          help="--model ladder: the weight in [0, 1) of FFDNet's grey network, asked channel by channel "
