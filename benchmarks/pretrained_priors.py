@@ -69,7 +69,7 @@ from posterior_diff.models.ensemble import WeightedMean
 from posterior_diff.models.equivariance import DihedralAverage
 from posterior_diff.models.ffdnet_prior import FFDNET_SIGMA_MAX
 from posterior_diff.models.ladder import (DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH,
-                                          GREY_ELEMENTS_PER_CALL, ffdnet_mix)
+                                          ffdnet_mix, grey_elements)
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import photograph_name, validation_crops
@@ -188,9 +188,8 @@ def grey_label(elements: int | None, grey_share: float) -> str:
     """The FFDNet piece of a GREY_CHOICES entry, its elements resolved."""
     if not grey_share:
         return f"RGB network alone, {elements_label(elements)}"
-    grey_elements = None if elements is None else GREY_ELEMENTS_PER_CALL
     return (f"{1 - grey_share:g} RGB ({count_label(elements)}) + {grey_share:g} grey per channel "
-            f"({count_label(grey_elements)})")
+            f"({count_label(grey_elements(elements))})")
 
 
 def count_label(elements: int | None) -> str:

@@ -18,8 +18,8 @@ independent, so their mean has a smaller squared error than either when they are
 the exact MMSE denoiser of the prior under which the channels are independent grey images. That prior is
 worse than a colour one, since it ignores how the channels move together, but its errors differ from a
 colour network's. FFDNet's published grey weights (`ffdnet(1)`) mixed into its RGB network this way
-denoise better than the RGB network averaged over twice as many flips and turns, at less cost
-(docs/ffdnet.md), which is how `default_ladder` uses them.
+denoise better than the RGB network averaged over twice as many flips and turns, at about the same
+seconds (docs/ffdnet.md), which is how `default_ladder` uses them.
 """
 
 from __future__ import annotations

@@ -288,9 +288,14 @@ def ffdnet_mix(switch: float, elements_per_call: int | None, grey_share: float, 
         return lower
     from posterior_diff.models.ensemble import per_channel, weighted_mean
 
-    grey_elements = None if elements_per_call is None else GREY_ELEMENTS_PER_CALL
-    grey = per_channel(ffdnet_piece(1, switch, grey_elements, grey_weights, download), channels)
+    grey = per_channel(ffdnet_piece(1, switch, grey_elements(elements_per_call), grey_weights, download), channels)
     return weighted_mean([lower, grey], [1.0 - grey_share, grey_share])
+
+
+def grey_elements(elements_per_call: int | None) -> int | None:
+    """The grey network's dihedral elements per call beside the RGB network's `elements_per_call`:
+    GREY_ELEMENTS_PER_CALL, or None (as it is) where the RGB network is asked as it is."""
+    return None if elements_per_call is None else GREY_ELEMENTS_PER_CALL
 
 
 def check_grey_share(grey_share: float | None, channels: int) -> float:
