@@ -14,7 +14,8 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    Each choice is the cheapest setting within `TIE_DB` of the best mean PSNR over SR x4,
    70% random inpainting and the box hole (denoising is not in the first three choices: `restore` starts it
    from the measurement, below every switch, so FFDNet alone serves it; it is in the last, which changes
-   FFDNet's piece). Cheapest: for the switch the
+   FFDNet's piece, and so are Gaussian and motion deblurring, after the deblurring report's rerun with the
+   mix showed motion blur 0.5 dB lower, a task no choice had scored). Cheapest: for the switch the
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
    fewest network forwards plus two per VJP, for the elements the fewest, for the grey network none (the
    simpler prior), then the fewest RGB elements; wall seconds, also shown, are too noisy on a shared
@@ -79,8 +80,10 @@ from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedd
                         markdown_table, photograph_cache, restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
-# the grey network's choice also scores denoising: unlike the switch, FFDNet's piece is what serves it
-GREY_CHOICE_TASKS = ("denoise", *CHOICE_TASKS)
+# the grey network's choice also scores denoising (unlike the switch, FFDNet's piece is what serves it) and
+# Gaussian and motion deblurring: the mix changes every level below the switch, where deblurring's detail is
+# made, and docs/deblurring.md's rerun with the mix lost 0.5 dB on motion blur, a task no choice had scored
+GREY_CHOICE_TASKS = ("denoise", *CHOICE_TASKS, "deblur", "deblur-motion")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
 # [0, 1] units; above FFDNet's 75/255 it is asked through contrast scaling (docs/contrast_scaling.md)
 SWITCHES = (0.1, 0.2, FFDNET_SIGMA_MAX, 0.6, 1.0, 2.0, 5.0)
@@ -540,7 +543,8 @@ def choice_section(args, switch: float, sampler: tuple, piece: tuple, rows: dict
         + markdown_table(header, rows["elements"])
         + f"\n\nChosen for the RGB network alone: **{elements_label(rows['elements_alone'])}**.\n\n"
         "FFDNet's grey network asked channel by channel and mixed into the RGB one (`models.ensemble`), at that "
-        "switch and sampler, scored on denoising too (FFDNet's piece serves it); on a tie the RGB network alone:\n\n"
+        "switch and sampler, scored on denoising (FFDNet's piece serves it) and Gaussian and motion deblurring too; on "
+        "a tie the RGB network alone:\n\n"
         + markdown_table(["setting", *(f"{task} (dB)" for task in GREY_CHOICE_TASKS), *header[-3:]], rows["grey"])
         + f"\n\nChosen: **{grey_label(*piece)}** (`ladder.DEFAULT_ELEMENTS_PER_CALL` = {DEFAULT_ELEMENTS_PER_CALL}, "
         f"`DEFAULT_GREY_SHARE` = {DEFAULT_GREY_SHARE:g}).")

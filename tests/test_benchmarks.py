@@ -218,11 +218,14 @@ def test_the_pretrained_priors_quick_run_chooses_and_checks(tmp_path):
     elements = tables[4][1]
     assert [row[0] for row in elements] == ["FFDNet as it is", "8 dihedral elements per call"]
     header, grey = tables[5]
-    # the grey network's choice is scored on denoising too, and starts from the RGB network alone at the chosen elements
-    assert header[1:6] == ["denoise (dB)", "sr4 (dB)", "random (dB)", "box (dB)", "mean (dB)"]
+    # the grey network's choice is scored on denoising and deblurring too, and starts from the RGB network alone at
+    # the chosen elements
+    tasks = len(pretrained_priors.GREY_CHOICE_TASKS)
+    assert header[1:tasks + 2] == ["denoise (dB)", "sr4 (dB)", "random (dB)", "box (dB)", "deblur (dB)",
+                                   "deblur-motion (dB)", "mean (dB)"]
     assert grey[0][0] == "RGB network alone, 8 dihedral elements per call" and len(grey) == 3
-    for row in grey:  # the mean over the four tasks: the mean and each task rounded to 2 decimals, 0.005 each
-        assert float(row[5]) == pytest.approx(sum(float(cell) for cell in row[1:5]) / 4, abs=0.011)
+    for row in grey:  # the mean over the tasks: the mean and each task rounded to 2 decimals, 0.005 each
+        assert float(row[tasks + 1]) == pytest.approx(sum(float(cell) for cell in row[1:tasks + 1]) / tasks, abs=0.011)
     for task, (header, rows) in zip(pretrained_priors.CHECK_TASKS, tables[choices:]):
         vjps = {row[0]: row[header.index("VJPs")] for row in rows}
         # the projection step takes no VJP, DiffPIR's cost per step; the chosen covariance takes some on
