@@ -80,9 +80,8 @@ from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedd
                         markdown_table, photograph_cache, restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
-# the grey network's choice also scores denoising (unlike the switch, FFDNet's piece is what serves it) and
-# Gaussian and motion deblurring: the mix changes every level below the switch, where deblurring's detail is
-# made, and docs/deblurring.md's rerun with the mix lost 0.5 dB on motion blur, a task no choice had scored
+# the grey network's choice also scores denoising, which FFDNet's piece alone serves, and both blurs, whose detail
+# is made at the levels below the switch that the mix changes (why they were added: the module docstring)
 GREY_CHOICE_TASKS = ("denoise", *CHOICE_TASKS, "deblur", "deblur-motion")
 CHECK_TASKS = ("denoise", "sr4", "random", "box")
 # [0, 1] units; above FFDNet's 75/255 it is asked through contrast scaling (docs/contrast_scaling.md)
