@@ -8,7 +8,9 @@ biharmonic fill of inpainting, bicubic upsampling for SR; `posterior_diff.start_
 to a level s_0, instead of from the prior at the schedule's top (Chung, Sim & Ye 2022,
 arXiv:2112.05146). Two parts, both at the image defaults (tweedie, 20 steps, CG cap 4), 4 samples,
 seed 0, 128 x 128 crops, the embedded model's network in float32 (as the other photograph reports),
-the samples' own mean (`mean_level=0`: the study was made before the trajectory's mean existed):
+restore's own mean (the guided means at `defaults.MEAN_LEVEL`, docs/mean_level.md) and its antithetic pairs
+(docs/antithetic.md), as a user's run has them (the first run of this study, before both existed, took the
+samples' own mean of independent samples):
 
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`): posterior-mean
    PSNR of the prior start and of the estimate start at s_0 in LEVELS ([0, 1] units), with the FFDNet
@@ -23,7 +25,6 @@ the samples' own mean (`mean_level=0`: the study was made before the trajectory'
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from unittest import mock
@@ -60,9 +61,9 @@ def run(model, truth: torch.Tensor, task: str, samples: int, level: float | None
     The level is the module constant `restore` reads, set for this call only: a setting under study,
     not a public argument."""
     if level is None:
-        return restore_row(model, truth, task, samples, start="prior", mean_level=0.0, antithetic=False)
+        return restore_row(model, truth, task, samples, start="prior")
     with mock.patch.object(restore_module, "ESTIMATE_START_LEVEL", level):
-        return restore_row(model, truth, task, samples, start="estimate", mean_level=0.0, antithetic=False)
+        return restore_row(model, truth, task, samples, start="estimate")
 
 
 def starts_of(model_name: str) -> tuple[float | None, ...]:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     models = ladder_and_embedded()
-    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0, antithetic=False)))
+    cache = photograph_cache(args, defaults=repr(IMAGE_DEFAULTS))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, TASKS, args.samples, "choice")
     held_out = held_out_crops(args.held_out, args.size)
