@@ -15,7 +15,8 @@ samples' own mean of independent samples):
 1. **The choice, on the validation photographs** (`training_data.VALIDATION_FILES`): posterior-mean
    PSNR of the prior start and of the estimate start at s_0 in LEVELS ([0, 1] units), with the FFDNet
    ladder on SR x4, 70% random inpainting and the 32 x 32 box hole, and with the embedded model
-   alone at FFDNet's top level (restore's `ESTIMATE_START_LEVEL`). The level is the one with the best
+   alone at every level on random inpainting (restore has one s_0 for every model) and at restore's
+   `ESTIMATE_START_LEVEL` on the others. The level is the one with the best
    mean gain on the tasks where the estimate start wins (by more than `reporting.TIE_DB`), and
    `start="auto"` takes the estimate start only on those tasks' kind of operator.
 2. **The check, on the held-out photographs** (astronaut, camera, coffee, chelsea, halved): the same
@@ -44,7 +45,8 @@ from .reporting import (TIE_DB, ResultCache, cache_name, embedded_model, ladder_
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
 TASKS = ("sr4", "random", "box")
-LEVELS = (ESTIMATE_START_LEVEL, 0.6, 1.0)
+# s_0 candidates ([0, 1] units): FFDNet's top trained level, and two above it (contrast-scaled FFDNet)
+LEVELS = (75 / 255, 0.6, 1.0)
 CHECK_TASKS = ("random",)
 
 
@@ -66,9 +68,11 @@ def run(model, truth: torch.Tensor, task: str, samples: int, level: float | None
         return restore_row(model, truth, task, samples, start="estimate")
 
 
-def starts_of(model_name: str) -> tuple[float | None, ...]:
-    """The starts each model is measured with: the ladder at every level, the embedded model at FFDNet's top."""
-    return (None, *LEVELS) if model_name == "ladder" else (None, ESTIMATE_START_LEVEL)
+def starts_of(model_name: str, task: str) -> tuple[float | None, ...]:
+    """The starts each model is measured with on `task`: the ladder at every level; the embedded model at every
+    level where "auto" takes the estimate start (CHECK_TASKS: s_0 is one constant for every model), else at
+    restore's own."""
+    return (None, *LEVELS) if model_name == "ladder" or task in CHECK_TASKS else (None, ESTIMATE_START_LEVEL)
 
 
 def start_label(level: float | None) -> str:
@@ -80,7 +84,7 @@ def measure_all(cache: ResultCache, models: dict, crops: dict, tasks, samples: i
     table = {}
     for model_name, model in models.items():
         for task in tasks:
-            for level in starts_of(model_name):
+            for level in starts_of(model_name, task):
                 runs = [cache.get(f"{part}|{cache_name(model_name)}|{task}|{level}|{image}",
                                   lambda truth=truth: run(model, truth, task, samples, level))
                         for image, truth in crops.items()]
