@@ -37,8 +37,8 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import (ResultCache, cache_name, ladder_and_embedded, log_row, markdown_table, parse_photograph_run,
-                        photograph_cache, photograph_run_parser, write_report)
+from .reporting import (ResultCache, cache_name, keyed_by_start_level, ladder_and_embedded, log_row, markdown_table,
+                        parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur", "deblur-motion")
 WAYS = {"independent": False, "antithetic": True}
@@ -57,7 +57,7 @@ def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, par
     for model_name, model in models.items():
         for task in TASKS:
             table[(model_name, task)] = {
-                way: [cache.get(f"{part}|{cache_name(model_name)}|{task}|{way}|{image}",
+                way: [cache.get(keyed_by_start_level(f"{part}|{cache_name(model_name)}|{task}|{way}|{image}", task),
                                 lambda truth=truth, pairs=pairs: restore_row(model, truth, task, samples,
                                                                              antithetic=pairs))
                       for image, truth in crops.items()]

@@ -75,7 +75,7 @@ def run_all(cache: ResultCache, args, embedded, ladder) -> dict:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = f"{task}|{image}"
             entries = dict(cache.get(f"{key}|classical", lambda: classical_entries(measurement, truth)))
-            ours = restore_defaults_tag()
+            ours = restore_defaults_tag(task)
             entries["ours, embedded model"] = cache.get(f"{key}|embedded|{ours}",
                                                         lambda: restore_row(embedded, truth, task, args.samples))
             entries["ours, ladder"] = cache.get(f"{key}|{on_ladder}|{ours}",

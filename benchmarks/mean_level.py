@@ -41,8 +41,8 @@ from posterior_diff.sampling.mean_estimates import step_at_level
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
-from .reporting import (ResultCache, cache_name, ladder_and_embedded, log_row, markdown_table, parse_photograph_run,
-                        photograph_cache, photograph_run_parser, write_report)
+from .reporting import (ResultCache, cache_name, keyed_by_start_level, ladder_and_embedded, log_row, markdown_table,
+                        parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur")
 # Shown apart in the tables: the masks and the blurring operators prefer different levels, but one
@@ -99,7 +99,8 @@ def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, par
     table = {}
     for model_name, model in models.items():
         for task in TASKS:
-            runs = [cache.get(f"{part}|{cache_name(model_name)}|{task}|{image}", lambda truth=truth: run(model, truth, task, samples))
+            runs = [cache.get(keyed_by_start_level(f"{part}|{cache_name(model_name)}|{task}|{image}", task),
+                              lambda truth=truth: run(model, truth, task, samples))
                     for image, truth in crops.items()]
             table[(model_name, task)] = runs
             log_row(part, model_name, task, *(f"{level:g}: {psnr_at(runs, level):.2f}" for level in LEVELS))

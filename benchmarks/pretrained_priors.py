@@ -212,7 +212,7 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     crop = "" if size is None else f"|{size}"
     for task in tasks:
         cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{piece_key(elements, grey_share)}|"
-                                 f"{restore_defaults_tag()}",
+                                 f"{restore_defaults_tag(task)}",
                                  lambda truth=truth: restore_row(ladders(switch, elements, grey_share), truth, task,
                                                                  samples, **sampler_settings(sampler)))
                        for image, truth in crops.items()]
@@ -409,7 +409,7 @@ def check(cache: ResultCache, args, ladder, switch: float, piece: tuple, embedde
         for task in CHECK_TASKS:
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
             key = check_key(task, image)
-            ours, on_ladder = restore_defaults_tag(), ladder_cache_name(switch, *piece)
+            ours, on_ladder = restore_defaults_tag(task), ladder_cache_name(switch, *piece)
             entries = {
                 "baseline": cache.get(f"{key}|baseline", lambda: baseline_entry(measurement, truth)),
                 OURS: cache.get(ours_key(task, image, on_ladder, settings),
@@ -443,7 +443,7 @@ def check_key(task: str, image: str) -> str:
 
 def ours_key(task: str, image: str, on_ladder: str, settings: dict, seed: int = 0) -> str:
     """The cache key of our run on the ladder at the chosen settings, with the sampler's `seed` (0: the check's)."""
-    key = f"{check_key(task, image)}|{on_ladder}|{settings}|{restore_defaults_tag()}"
+    key = f"{check_key(task, image)}|{on_ladder}|{settings}|{restore_defaults_tag(task)}"
     return key if seed == 0 else f"{key}|seed {seed}"
 
 

@@ -103,12 +103,35 @@ def embedded_model() -> str:
     return f"embedded model {digest}, {total_steps(DEFAULT_MODEL_DIR):,} training steps"
 
 
-def restore_defaults_tag() -> str:
-    """What a cached run of restore at its image defaults depends on beyond its settings: the
-    default mean_level and antithetic pairs (`defaults.IMAGE_DEFAULTS`), part of such runs' cache keys."""
+# The tasks restore's start="auto" begins from the classical estimate (`restore.resolve_start`: scattered
+# missing pixels), so that their runs at restore's defaults depend on `defaults.ESTIMATE_START_LEVEL`
+ESTIMATE_START_TASKS = ("random",)
+
+
+def start_level_tag(task: str) -> str:
+    """The estimate start's level s_0 where `task`'s runs at restore's defaults start there
+    (ESTIMATE_START_TASKS), as part of their cache keys; empty elsewhere, so other tasks' runs keep their keys."""
+    from posterior_diff.defaults import ESTIMATE_START_LEVEL
+
+    return f"s_0 {ESTIMATE_START_LEVEL:.4g}" if task in ESTIMATE_START_TASKS else ""
+
+
+def keyed_by_start_level(key: str, task: str) -> str:
+    """A cache `key` of a run on `task` at restore's own start, with the estimate start's level where it
+    applies (`start_level_tag`)."""
+    tag = start_level_tag(task)
+    return f"{key}|{tag}" if tag else key
+
+
+def restore_defaults_tag(task: str) -> str:
+    """What a cached run of restore at its image defaults on `task` depends on beyond its settings: the
+    default mean_level and antithetic pairs (`defaults.IMAGE_DEFAULTS`) and, where the task starts from the
+    classical estimate, its level (`start_level_tag`), part of such runs' cache keys."""
     from posterior_diff.defaults import IMAGE_DEFAULTS
 
-    return f"mean {IMAGE_DEFAULTS.mean_level:g}" + (", antithetic" if IMAGE_DEFAULTS.antithetic else "")
+    parts = [f"mean {IMAGE_DEFAULTS.mean_level:g}", "antithetic" if IMAGE_DEFAULTS.antithetic else "",
+             start_level_tag(task)]
+    return ", ".join(part for part in parts if part)
 
 
 def ladder_cache_name(switch: float, elements_per_call: int | None = None, grey_share: float = 0.0) -> str:

@@ -605,6 +605,30 @@ def test_the_precision_verdict_holds_within_the_seeds_noise_and_fails_on_a_real_
     assert rows[0][-2] == "0.60"  # the seconds ratio
 
 
+def test_the_runs_keyed_by_the_start_level_are_those_restore_starts_from_the_estimate():
+    from diffusers import DDPMScheduler
+
+    from conftest import tiny_unet
+    from posterior_diff.defaults import ESTIMATE_START_LEVEL
+    from posterior_diff.evaluation.harness import measure
+    from posterior_diff.models.formats import denoiser_from_diffusers
+    from posterior_diff.restore import Problem, resolve_start
+    from posterior_diff.tasks import TASKS
+
+    model = denoiser_from_diffusers(tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
+    truth = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))  # the reports' crop size
+    from_estimate = set()
+    for task in set(TASKS) - {"inpaint"}:  # "inpaint" takes a user's mask
+        measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
+        problem = Problem(model, (measurement.operator,), (measurement.y,), measurement.x_shape, image_model=True)
+        if resolve_start(problem, "auto", particles=None) == "estimate":
+            from_estimate.add(task)
+    assert from_estimate == set(reporting.ESTIMATE_START_TASKS)
+    level = f"s_0 {ESTIMATE_START_LEVEL:.4g}"
+    assert reporting.restore_defaults_tag("random").endswith(level) and level not in reporting.restore_defaults_tag("sr4")
+    assert reporting.keyed_by_start_level("k", "random") == f"k|{level}" and reporting.keyed_by_start_level("k", "box") == "k"
+
+
 def test_the_start_verdict_reads_the_gain_at_restores_level():
     level = start_estimates.ESTIMATE_START_LEVEL
     runs = lambda *psnrs: [dict(psnr=p) for p in psnrs]  # noqa: E731
