@@ -39,8 +39,9 @@ from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
 from .pretrained_priors import mean_over, restore_row
-from .reporting import (TIE_DB, ResultCache, cache_name, embedded_model, ladder_and_embedded, log_row,
-                        markdown_table, parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
+from .reporting import (TIE_DB, ResultCache, cache_name, cheapest_of_the_best, embedded_model, ladder_and_embedded,
+                        log_row, markdown_table, parse_photograph_run, photograph_cache, photograph_run_parser,
+                        write_report)
 
 # the module (`posterior_diff.restore` as an attribute is the function the package exports)
 restore_module = importlib.import_module("posterior_diff.restore")
@@ -127,6 +128,16 @@ def verdicts(table: dict, tasks) -> list[str]:
     return lines
 
 
+def chosen_level(table: dict) -> float:
+    """The level of LEVELS with the best gain over the prior start, averaged over the models measured at
+    every level on CHECK_TASKS (restore has one s_0 for every model); within TIE_DB of it, the lowest."""
+    def mean_gain(level: float) -> float:
+        return statistics.fmean(statistics.fmean(gains(table, model_name, task, level))
+                                for (model_name, task, measured) in table if task in CHECK_TASKS and measured == level)
+
+    return cheapest_of_the_best(LEVELS, mean_gain, LEVELS.index)
+
+
 def header(names: list[str]) -> list[str]:
     return ["model", "task", "start", *(f"{n} (dB)" for n in names), "mean (dB)", "gain (dB)", "within 2 std", "VJPs",
             "s"]
@@ -149,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     write_report(args.out, "Starting from a classical estimate", __doc__.split("\n\n", 1)[1], [
         f"## 1. The choice: validation photographs\n\n{intro}\n\n"
         + markdown_table(header(validation_names), rows_of(choice, validation_names))
-        + "\n\n" + "\n".join(verdicts(choice, TASKS)),
+        + "\n\n" + "\n".join(verdicts(choice, TASKS))
+        + f"\n\nChosen for random inpainting, the best mean gain over the models: **s_0 {chosen_level(choice):.3g}** "
+        f"(restore's `ESTIMATE_START_LEVEL`: {ESTIMATE_START_LEVEL:.3g}).",
         f"## 2. The check: held-out photographs\n\n{intro}\n\n"
         + markdown_table(header(list(held_out)), rows_of(check, list(held_out)))
         + "\n\n" + "\n".join(verdicts(check, CHECK_TASKS)),

@@ -641,6 +641,19 @@ def test_the_start_verdict_reads_the_gain_at_restores_level():
     assert "+0.02 dB" in lines[1] and "the prior start wins or ties" in lines[1]  # within TIE_DB
 
 
+def test_the_start_level_is_the_best_mean_gain_over_the_models_and_the_lowest_on_a_tie():
+    low, mid, high = start_estimates.LEVELS
+    runs = lambda *psnrs: [dict(psnr=p) for p in psnrs]  # noqa: E731
+    table = {("ladder", "random", None): runs(30.0), ("ladder", "random", low): runs(31.0),
+             ("ladder", "random", mid): runs(31.2), ("ladder", "random", high): runs(31.5),
+             ("embedded", "random", None): runs(30.0), ("embedded", "random", low): runs(30.3),
+             ("embedded", "random", mid): runs(30.3), ("embedded", "random", high): runs(29.0),
+             ("ladder", "sr4", None): runs(30.0), ("ladder", "sr4", high): runs(35.0)}  # not a task s_0 is for
+    assert start_estimates.chosen_level(table) == mid  # mean gain +0.75 against +0.65 (low) and +0.25 (high)
+    table[("ladder", "random", mid)] = runs(31.05)  # mid +0.675: low (+0.65) is within TIE_DB, and the lower wins
+    assert start_estimates.chosen_level(table) == low
+
+
 @pytest.mark.slow
 def test_the_start_estimates_quick_run_compares_the_starts(tmp_path):
     report = ffdnet_quick_report(start_estimates, tmp_path)
