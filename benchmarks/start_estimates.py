@@ -16,9 +16,9 @@ samples' own mean of independent samples):
    PSNR of the prior start and of the estimate start at s_0 in LEVELS ([0, 1] units), with the FFDNet
    ladder on SR x4, 70% random inpainting and the 32 x 32 box hole, and with the embedded model
    alone at every level on random inpainting (restore has one s_0 for every model) and at restore's
-   `ESTIMATE_START_LEVEL` on the others. The level is the one with the best
-   mean gain on the tasks where the estimate start wins (by more than `reporting.TIE_DB`), and
-   `start="auto"` takes the estimate start only on those tasks' kind of operator.
+   `ESTIMATE_START_LEVEL` on the others. The level is the one with the best gain on random inpainting,
+   averaged over the two models (`chosen_level`; within `reporting.TIE_DB` the lowest), and `start="auto"`
+   takes the estimate start only on the kind of operator where it wins (by more than TIE_DB).
 2. **The check, on the held-out photographs** (astronaut, camera, coffee, chelsea, halved): the same
    comparison on the tasks where "auto" takes the estimate start, at the chosen level.
 """

@@ -102,13 +102,13 @@ IMAGE_DEFAULTS = SamplerDefaults(steps=20, covariance="tweedie", cg_max_iter=4, 
 
 
 # Where an "estimate" start (Come-Closer-Diffuse-Faster, `start_estimates`) begins, in [0, 1] image units.
-# Chosen on the validation photographs among 75/255 (FFDNet's top trained level, so that the whole run is
-# FFDNet's), 0.6 and 1.0 (docs/start_estimates.md, `python -m benchmarks.start_estimates`, at the image
-# defaults: the default ladder, restore's own mean, antithetic pairs): on 70% random inpainting the ladder
-# gains +1.00 / +1.16 / +0.96 dB over the prior start and the embedded model +0.26 / +0.27 / +0.14, so 0.6
-# has the best mean gain over the two, 0.09 dB above 75/255 (more than the reports' TIE_DB). The levels
-# from 75/255 to 0.6 are FFDNet's through contrast scaling in the default ladder. SR x4 and the box hole
-# lose at every level, so `start="auto"` takes the estimate start for scattered missing pixels only.
+# Chosen on the validation photographs among 75/255 (FFDNet's top trained level), 0.6 and 1.0
+# (docs/start_estimates.md, `python -m benchmarks.start_estimates`, at the image defaults: the default
+# ladder, restore's own mean, antithetic pairs): on 70% random inpainting the ladder gains +1.00 / +1.16 /
+# +0.96 dB over the prior start and the embedded model +0.26 / +0.27 / +0.14, so 0.6 has the best mean
+# gain over the two, 0.09 dB above 75/255 (more than the reports' TIE_DB). The levels from 75/255 to 0.6
+# are FFDNet's through contrast scaling in the default ladder. SR x4 and the box hole lose at every level
+# with the ladder, so `start="auto"` takes the estimate start for scattered missing pixels only.
 ESTIMATE_START_LEVEL = 0.6
 
 
