@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from unittest import mock
-import importlib
 
 import torch
 
@@ -43,8 +41,6 @@ from .reporting import (TIE_DB, ResultCache, cache_name, cheapest_of_the_best, e
                         log_row, markdown_table, parse_photograph_run, photograph_cache, photograph_run_parser,
                         write_report)
 
-# the module (`posterior_diff.restore` as an attribute is the function the package exports)
-restore_module = importlib.import_module("posterior_diff.restore")
 TASKS = ("sr4", "random", "box")
 # s_0 candidates ([0, 1] units): FFDNet's top trained level, and two above it (contrast-scaled FFDNet)
 LEVELS = (75 / 255, 0.6, 1.0)
@@ -60,13 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(model, truth: torch.Tensor, task: str, samples: int, level: float | None) -> dict:
-    """One restore from the prior (`level` None) or from the estimate noised to `level` ([0, 1] units).
-    The level is the module constant `restore` reads, set for this call only: a setting under study,
-    not a public argument."""
+    """One restore from the prior (`level` None) or from the estimate noised to `level` ([0, 1] units)."""
     if level is None:
         return restore_row(model, truth, task, samples, start="prior")
-    with mock.patch.object(restore_module, "ESTIMATE_START_LEVEL", level):
-        return restore_row(model, truth, task, samples, start="estimate")
+    return restore_row(model, truth, task, samples, start="estimate", start_level=level)
 
 
 def starts_of(model_name: str, task: str) -> tuple[float | None, ...]:

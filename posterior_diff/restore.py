@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 from operators import LinearOperator, as_operator, stack_operators
 from operators.base import AUTO, check_sigma_y
 
-from posterior_diff.checks import choice, positive_int
+from posterior_diff.checks import choice, number_in, positive_int
 from posterior_diff.defaults import ESTIMATE_START_LEVEL, defaults_for
 from posterior_diff.denoisers import Denoiser
 from posterior_diff.images import (from_model_range, measurement_to_model_units, noise_from_model_units,
@@ -86,7 +87,9 @@ class RestoreSettings:
         particles: particle mode's settings, or None for the plain guided sampler.
         start: "prior", "measurement" or "estimate" (resolved from "auto"; see `restore`). A
             measurement start's noise ratio sigma_y (model units) is sampler.s_max, an estimate
-            start's `ESTIMATE_START_LEVEL` in model units.
+            start's `start_level` in model units.
+        start_level: an estimate start's noise level s_0 ([0, 1] image units; the caller's or
+            `ESTIMATE_START_LEVEL`), None for the other starts.
         memory_limited: batch_size was set by the memory check (`posterior_diff.memory`): the caller
             left it None, and all the rows at once would not fit in the CPU's memory.
         sigma_y: the measurement noise level used, in the units of y: the operator's, or the
@@ -116,6 +119,7 @@ class RestoreSettings:
     batch_size: int | None = None
     particles: ParticleSettings | None = None
     start: str = "prior"
+    start_level: float | None = None
     cap_unasked: bool = False
     memory_limited: bool = False
     sigma_y: float | None = None
@@ -291,6 +295,7 @@ def restore(
     ess_threshold: float = 0.5,
     proposal: str = "auto",
     start: str = "auto",
+    start_level: float | None = None,
     allow_extrapolation: bool = False,
     mean_level: float | None = None,
     antithetic: bool | None = None,
@@ -358,12 +363,16 @@ def restore(
             returns is the exact E[x | y] (see `Restoration.mean`). "estimate" (image models;
             inpainting, super-resolution and denoising): Come-Closer-Diffuse-Faster, the run starts
             from a classical estimate of x (biharmonic fill, bicubic; `start_estimates`) noised
-            to `ESTIMATE_START_LEVEL` ([0, 1] units), guided from there down. "auto" (default):
+            to `start_level`, guided from there down. "auto" (default):
             "measurement" where it applies (identity operator, sigma_y below the schedule's
             largest noise ratio, not particle mode); else "estimate" for an inpainting whose
             every hole pixel has an observed one within `start_estimates.SMALL_GAP` pixels
             (scattered missing pixels, where it measured better: docs/start_estimates.md);
             else "prior".
+        start_level: an estimate start's noise level s_0 ([0, 1] image units, > 0, below the
+            model's top): CCDF's t_0. None (default): `ESTIMATE_START_LEVEL` (0.6, chosen in
+            docs/start_estimates.md). Lower trusts the estimate more and runs fewer levels'
+            worth of the prior; a ValueError where the start is not "estimate".
         allow_extrapolation: run even where the sampler's grid of noise levels (from its start,
             the schedule's top or sigma_y, down to its last time) leaves the model's declared
             `sigma_range`, asking it about levels it was not trained on. False (default): such a
@@ -400,7 +409,7 @@ def restore(
     problem = check_problem([y], [operator], model, ["y"], ["operator"])
     settings = check_settings(problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                               cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
-                              proposal, start, allow_extrapolation, mean_level, antithetic)
+                              proposal, start, allow_extrapolation, mean_level, antithetic, start_level)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     check_callback(callback, particles)
@@ -435,6 +444,7 @@ def restore_batch(
     ess_threshold: float = 0.5,
     proposal: str = "auto",
     start: str = "auto",
+    start_level: float | None = None,
     allow_extrapolation: bool = False,
     mean_level: float | None = None,
     antithetic: bool | None = None,
@@ -473,7 +483,7 @@ def restore_batch(
             network call.
         steps, covariance, eta, solver, guidance_scale, device, progress, grid, cg_tol,
         cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, particles, ess_threshold, proposal, start,
-        allow_extrapolation, mean_level, antithetic: as in `restore`.
+        start_level, allow_extrapolation, mean_level, antithetic: as in `restore`.
 
     Returns:
         One Restoration per measurement, in order: samples (num_samples, *x_shape), mean, std,
@@ -496,7 +506,7 @@ def restore_batch(
     settings = [check_settings(problem.subset(group), num_samples, steps, covariance, eta, solver, guidance_scale,
                                grid, cg_tol, cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size,
                                particles, ess_threshold, proposal, start, allow_extrapolation, mean_level,
-                               antithetic)
+                               antithetic, start_level)
                 for group in groups]
     generators = check_generators(generator, len(items))
     device = check_device(device)
@@ -731,14 +741,16 @@ def as_measurement(y, image_model: bool, name: str = "y") -> Tensor:
 def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver, guidance_scale, grid, cg_tol,
                    cg_max_iter, cg_noise_tol, warm_start, jacobian_s_max, batch_size, particles, ess_threshold,
                    proposal, start="prior", allow_extrapolation=False, mean_level=None,
-                   antithetic=None) -> RestoreSettings:
+                   antithetic=None, start_level=None) -> RestoreSettings:
     """The frozen settings of a call (each dataclass checks its own fields once); steps,
     covariance, the CG cap, the warm start, jacobian_s_max, mean_level and antithetic left as None
     come from the model's defaults. The sampler's noise levels are checked against the model's `sigma_range`
     (`check_noise_levels`)."""
     defaults = defaults_for(problem.model)
-    start = resolve_start(problem, start, particles)
-    s_max = start_ratio(problem, start)
+    level_asked = None if start_level is None else number_in(start_level, "start_level", 0.0, math.inf, open_low=True)
+    start = resolve_start(problem, start, particles, ESTIMATE_START_LEVEL if level_asked is None else level_asked)
+    start_level = resolve_start_level(start, level_asked)
+    s_max = start_ratio(problem, start, start_level)
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
     if not isinstance(allow_extrapolation, bool):
         raise TypeError(f"allow_extrapolation must be True or False, got {allow_extrapolation!r}")
@@ -756,7 +768,7 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
     num_samples = positive_int(num_samples, "num_samples")
     pairs = resolve_antithetic(problem, antithetic, num_samples, batch_size, particles)
     return RestoreSettings(num_samples, sampler, guidance, batch_size, particle_settings,
-                           start, cap_unasked=covariance is not None and cg_max_iter is None,
+                           start, start_level, cap_unasked=covariance is not None and cg_max_iter is None,
                            sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None,
                            network_dtype=", ".join(problem.model.network_dtypes()), mean_level=level, mean_step=step,
                            antithetic=pairs)
@@ -809,13 +821,25 @@ def check_callback(callback, particles) -> None:
 START_CHOICES = ("auto", "prior", "measurement", "estimate")
 
 
-def start_ratio(problem: Problem, start: str) -> float | None:
+def resolve_start_level(start: str, level_asked: float | None) -> float | None:
+    """An estimate start's s_0 ([0, 1] units): the caller's, else `ESTIMATE_START_LEVEL`; None for
+    the other starts, where a level the caller set is a ValueError (it would be ignored)."""
+    if start != "estimate":
+        if level_asked is not None:
+            raise ValueError(f'start_level applies to an estimate start only, and this run starts from the {start} '
+                             '(start="auto" takes the estimate for scattered holes only); pass start="estimate" '
+                             'or leave start_level None')
+        return None
+    return ESTIMATE_START_LEVEL if level_asked is None else level_asked
+
+
+def start_ratio(problem: Problem, start: str, start_level: float | None) -> float | None:
     """The noise ratio (model units) the sampler's grid starts at: sigma_y for a measurement
-    start, ESTIMATE_START_LEVEL for an estimate start, None (the schedule's top) from the prior."""
+    start, `start_level` for an estimate start, None (the schedule's top) from the prior."""
     if start == "measurement":
         return measurement_ratio(problem)
     if start == "estimate":
-        return noise_to_model_units(ESTIMATE_START_LEVEL, problem.model.data_range)
+        return noise_to_model_units(start_level, problem.model.data_range)
     return None
 
 
@@ -880,12 +904,13 @@ def check_noise_levels(model: Denoiser, sampler: SamplerSettings) -> None:
                      "allow_extrapolation=True to run it outside its range anyway")
 
 
-def resolve_start(problem: Problem, start, particles) -> str:
+def resolve_start(problem: Problem, start, particles, start_level: float = ESTIMATE_START_LEVEL) -> str:
     """`start` checked and "auto" resolved to "measurement", "estimate" or "prior" (see `restore`);
-    a ValueError naming `start` where "measurement" or "estimate" is asked for and cannot apply."""
+    a ValueError naming `start` where "measurement" or "estimate" (at `start_level`, [0, 1]
+    units) is asked for and cannot apply."""
     choice(start, START_CHOICES, "start")
     unfit = {"measurement": measurement_start_reasons(problem, particles),
-             "estimate": estimate_start_reasons(problem, particles)}
+             "estimate": estimate_start_reasons(problem, particles, start_level)}
     if start == "auto":
         if not unfit["measurement"]:
             return "measurement"
@@ -912,13 +937,13 @@ def measurement_start_reasons(problem: Problem, particles) -> list[str]:
     return reasons
 
 
-def estimate_start_reasons(problem: Problem, particles) -> list[str]:
-    """Why an estimate start cannot apply to this problem (empty where it can)."""
+def estimate_start_reasons(problem: Problem, particles, start_level: float = ESTIMATE_START_LEVEL) -> list[str]:
+    """Why an estimate start at `start_level` ([0, 1] units) cannot apply to this problem (empty where it can)."""
     reasons = []
     if not problem.image_model:
         reasons.append("the classical estimates are for image models (a data range in [0, 1] units)")
-    elif noise_to_model_units(ESTIMATE_START_LEVEL, problem.model.data_range) >= top_ratio(problem.model):
-        reasons.append(f"its start level {ESTIMATE_START_LEVEL:.4g} is above the model's largest noise level")
+    elif noise_to_model_units(start_level, problem.model.data_range) >= top_ratio(problem.model):
+        reasons.append(f"its start level {start_level:.4g} (start_level) is above the model's largest noise level")
     unknown = sorted({type(operator).__name__ for operator in problem.operators if not has_estimate(operator)})
     if unknown:
         reasons.append(f"no classical estimate is known for {', '.join(unknown)} (only Inpainting, "

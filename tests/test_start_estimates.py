@@ -132,3 +132,44 @@ def test_an_estimate_start_that_cannot_apply_is_a_clear_error(model, case, messa
         extra = dict(particles=4)
     with pytest.raises(ValueError, match=message):
         restore(y, operator, prior, steps=3, start="estimate", **extra)
+
+
+def test_start_level_sets_the_estimate_starts_first_noise_level(model):
+    truth = smooth_image()
+    operator = SuperResolution(2, sigma_y=0.02)
+    y = operator.measure(truth[None], torch.Generator().manual_seed(0))[0]
+    options = dict(steps=3, num_samples=1, start="estimate", covariance="isotropic")
+    chosen = restore(y, operator, model, start_level=0.25, generator=torch.Generator().manual_seed(0), **options)
+    default = restore(y, operator, model, generator=torch.Generator().manual_seed(0), **options)
+    assert chosen.settings.start_level == 0.25 and default.settings.start_level == ESTIMATE_START_LEVEL
+    # the grid starts at s_0 in the model's [-1, 1] units: twice the [0, 1] level
+    assert chosen.settings.sampler.s_max == pytest.approx(2 * 0.25)
+    assert default.settings.sampler.s_max == pytest.approx(2 * ESTIMATE_START_LEVEL)
+    assert not torch.allclose(chosen.samples, default.samples, atol=1e-3)
+    batched = restore_batch([y], operator, model, start_level=0.25, generator=[torch.Generator().manual_seed(0)],
+                            **options)[0]
+    torch.testing.assert_close(batched.samples, chosen.samples, atol=1e-5, rtol=0)
+    prior = restore(y, operator, model, steps=3, num_samples=1, start="prior")
+    assert prior.settings.start_level is None
+
+
+@pytest.mark.parametrize("start_level, start, error, message", [
+    (0.0, "estimate", ValueError, r"start_level must be in \(0"),
+    (float("nan"), "estimate", ValueError, "start_level must be in"),
+    ("0.3", "estimate", None, None),  # a number as text is a number
+    (True, "estimate", TypeError, "start_level must be a number"),
+    (1e6, "estimate", ValueError, r"start level 1e\+06 \(start_level\) is above the model's largest noise level"),
+    (0.3, "prior", ValueError, "start_level applies to an estimate start only, and this run starts from the prior"),
+    (0.3, "auto", ValueError, "start_level applies to an estimate start only"),  # SR: auto starts from the prior
+])
+def test_a_bad_start_level_is_a_clear_error(model, start_level, start, error, message):
+    truth = smooth_image()
+    operator = SuperResolution(2, sigma_y=0.02)
+    y = operator.A(truth[None])[0]
+    call = lambda: restore(y, operator, model, steps=2, num_samples=1, start=start, start_level=start_level,
+                           covariance="isotropic")
+    if error is None:
+        assert call().settings.start_level == pytest.approx(0.3)
+        return
+    with pytest.raises(error, match=message):
+        call()
