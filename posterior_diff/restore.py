@@ -747,9 +747,10 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
     come from the model's defaults. The sampler's noise levels are checked against the model's `sigma_range`
     (`check_noise_levels`)."""
     defaults = defaults_for(problem.model)
-    level_asked = None if start_level is None else number_in(start_level, "start_level", 0.0, math.inf, open_low=True)
-    start = resolve_start(problem, start, particles, ESTIMATE_START_LEVEL if level_asked is None else level_asked)
-    start_level = resolve_start_level(start, level_asked)
+    level_asked = start_level is not None
+    level = number_in(start_level, "start_level", 0.0, math.inf, open_low=True) if level_asked else ESTIMATE_START_LEVEL
+    start = resolve_start(problem, start, particles, level)
+    start_level = resolve_start_level(start, level, level_asked)
     s_max = start_ratio(problem, start, start_level)
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
     if not isinstance(allow_extrapolation, bool):
@@ -821,16 +822,16 @@ def check_callback(callback, particles) -> None:
 START_CHOICES = ("auto", "prior", "measurement", "estimate")
 
 
-def resolve_start_level(start: str, level_asked: float | None) -> float | None:
-    """An estimate start's s_0 ([0, 1] units): the caller's, else `ESTIMATE_START_LEVEL`; None for
-    the other starts, where a level the caller set is a ValueError (it would be ignored)."""
+def resolve_start_level(start: str, level: float, level_asked: bool) -> float | None:
+    """An estimate start's s_0 ([0, 1] units): `level` (the caller's, else `ESTIMATE_START_LEVEL`);
+    None for the other starts, where a level the caller set is a ValueError (it would be ignored)."""
     if start != "estimate":
-        if level_asked is not None:
+        if level_asked:
             raise ValueError(f'start_level applies to an estimate start only, and this run starts from the {start} '
                              '(start="auto" takes the estimate for scattered holes only); pass start="estimate" '
                              'or leave start_level None')
         return None
-    return ESTIMATE_START_LEVEL if level_asked is None else level_asked
+    return level
 
 
 def start_ratio(problem: Problem, start: str, start_level: float | None) -> float | None:
