@@ -207,6 +207,12 @@ def test_existing_outputs_are_kept_unless_forced_and_settings_must_match(tmp_pat
     assert "other settings (seed 0 -> 3)" in capsys.readouterr().err and untouched(out / "a.png", mine)
     assert main([*common, "--seed", "3", "--force"]) == 0 and (out / "a.png").read_bytes() != mine[0]
     assert json.loads((out / MANIFEST).read_text())["settings"]["seed"] == 3
+    assert "start" not in json.loads((out / MANIFEST).read_text())["settings"]  # auto: as before the option
+    assert main([*common, "--seed", "3", "--start", "prior"]) == 2  # a start set, or unset again, is a change
+    assert "other settings (start None -> 'prior')" in capsys.readouterr().err
+    assert main([*common, "--seed", "3", "--start", "prior", "--force"]) == 0
+    assert main([*common, "--seed", "3"]) == 2
+    assert "other settings (start 'prior' -> None)" in capsys.readouterr().err
 
 
 def test_inpainting_a_folder_with_a_folder_of_masks(tmp_path, pipeline_folder):

@@ -31,8 +31,9 @@ import torch
 from posterior_diff.apps.command_options import (CLI_TASKS, DEBLUR_TASKS, NAMED_MODELS, UsageError, check_dtype,
                                                  check_grey_share, check_task, ladder_elements, load_network,
                                                  pick_device, sigma_y_option, task_operator)
-from posterior_diff.defaults import IMAGE_DEFAULTS
+from posterior_diff.defaults import ESTIMATE_START_LEVEL, IMAGE_DEFAULTS
 from posterior_diff.models.ladder import DEFAULT_ELEMENTS_PER_CALL, DEFAULT_GREY_SHARE, DEFAULT_SWITCH
+from posterior_diff.restore import START_CHOICES
 from posterior_diff.tasks import TASKS
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def _problem_arguments(restore: argparse.ArgumentParser) -> None:
 
 
 def _sampler_arguments(restore: argparse.ArgumentParser) -> None:
-    """restore's sampler: samples, steps, covariance and its solve, particles."""
+    """restore's sampler: samples, steps, covariance and its solve, particles, start."""
     restore.add_argument("--samples", type=int, default=4, help="posterior samples to average (default 4)")
     restore.add_argument("--steps", type=int, default=IMAGE_DEFAULTS.steps,
                          help=f"sampler steps (default {IMAGE_DEFAULTS.steps})")
@@ -87,6 +88,13 @@ def _sampler_arguments(restore: argparse.ArgumentParser) -> None:
                               "for an even --samples; docs/antithetic.md)")
     restore.add_argument("--particles", type=int, help="particle mode with this many particles (twisted SMC; "
                          "--samples draws are taken from the weighted cloud)")
+    restore.add_argument("--start", default="auto", choices=START_CHOICES,
+                         help="where the sampler starts: prior, measurement (denoising), estimate (a classical "
+                              "estimate noised to --start-level: Come-Closer-Diffuse-Faster) or auto (default: "
+                              "measurement for denoising, estimate for scattered holes, else prior; docs/usage.md)")
+    restore.add_argument("--start-level", dest="start_level", type=float,
+                         help=f"--start estimate: the noise level in [0, 1] units it starts at (default "
+                              f"{ESTIMATE_START_LEVEL:g}; docs/start_estimates.md)")
 
 
 def _model_arguments(restore: argparse.ArgumentParser) -> None:
@@ -183,7 +191,8 @@ def _restore_file(args) -> int:
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                      cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, generator=generator, progress=True,
                      particles=args.particles, device=device, allow_extrapolation=args.allow_extrapolation,
-                     mean_level=args.mean_level, antithetic=args.antithetic)
+                     mean_level=args.mean_level, antithetic=args.antithetic, start=args.start,
+                     start_level=args.start_level)
     write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if result.settings.sigma_y_estimate is not None:

@@ -210,10 +210,13 @@ def check_options(args) -> None:
 
 def run_settings(args) -> dict:
     """The settings that decide the outputs' values (the manifest's record, compared on a rerun); the
-    ladder's switch, elements and grey share where --model ladder."""
+    ladder's switch, elements and grey share where --model ladder; the start and its level where set."""
     ladder = {"ladder_switch": args.ladder_switch, "ladder_elements": args.ladder_elements,
               "ladder_grey_share": args.ladder_grey_share} if args.model == "ladder" else {}
-    return {**ladder, "task": args.task, "sigma_y": TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y,
+    # recorded where set, so that the manifests of runs made before these options still match
+    start = {key: value for key, value in (("start", args.start), ("start_level", args.start_level))
+             if value not in ("auto", None)}
+    return {**ladder, **start, "task": args.task, "sigma_y": TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y,
             "samples": args.samples, "steps": args.steps, "covariance": args.covariance,
             "cg_max_iter": args.cg_max_iter, "jacobian_s_max": args.jacobian_s_max, "particles": args.particles,
             "mean_level": args.mean_level, "antithetic": args.antithetic, "model": args.model or "embedded",
@@ -229,7 +232,10 @@ def check_manifest(folder: Path, settings: dict, force: bool) -> None:
         earlier = json.loads(path.read_text()).get("settings", {})
     except (OSError, ValueError, AttributeError):
         raise UsageError(f"{path} is not a manifest of posterior-diff; pass --force or choose another folder") from None
-    changed = [f"{key} {earlier.get(key)!r} -> {value!r}" for key, value in settings.items() if earlier.get(key) != value]
+    # over both runs' keys: a setting recorded only where set (the start) must not vanish unnoticed
+    keys = [*settings, *(key for key in earlier if key not in settings)]
+    changed = [f"{key} {earlier.get(key)!r} -> {settings.get(key)!r}" for key in keys
+               if earlier.get(key) != settings.get(key)]
     if changed:
         raise UsageError(f"{folder} holds the outputs of a run with other settings ({', '.join(changed)}); "
                          "pass --force to redo them, or choose another folder")
@@ -302,7 +308,7 @@ def restore_group(jobs: list[Job], model, args, device: torch.device) -> list[di
     options = dict(num_samples=args.samples, steps=args.steps, covariance=args.covariance,
                    cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, particles=args.particles,
                    device=device, allow_extrapolation=args.allow_extrapolation, mean_level=args.mean_level,
-                   antithetic=args.antithetic)
+                   antithetic=args.antithetic, start=args.start, start_level=args.start_level)
     try:
         results = restore_batch([y for _, _, y, _ in prepared], [A for _, _, _, A in prepared], model,
                                 generator=[torch.Generator().manual_seed(job.seed) for job, *_ in prepared], **options)
