@@ -39,6 +39,10 @@ def test_folder_pipeline_and_restore_give_the_same_numbers(pipe, pipeline_folder
     assert torch.equal(independent, restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4,
                                             generator=seeded(), antithetic=False).samples)
     assert not torch.equal(independent, images)
+    from_estimate = run(pipe, start="estimate", start_level=0.3)
+    assert torch.equal(from_estimate, restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4,
+                                              generator=seeded(), start="estimate", start_level=0.3).samples)
+    assert not torch.equal(from_estimate, images)
 
 
 def test_ladder_pieces_take_their_noise_levels_as_restore_does_with_the_ladder(pipe, pipeline_folder):

@@ -93,6 +93,8 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         ladder_pieces: tuple = (),
         allow_extrapolation: bool = False,
         antithetic: bool | None = None,
+        start: str = "auto",
+        start_level: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Draw `num_samples` posterior samples.
 
@@ -118,6 +120,9 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
                 noise level outside its `sigma_range`.
             antithetic: as in `restore()`: None pairs the samples antithetically where
                 num_samples is even (each is still a posterior sample; False for independent ones).
+            start, start_level: as in `restore()`: where the sampler starts ("auto": the measurement
+                for denoising, a classical estimate for scattered holes, else the prior) and an
+                estimate start's noise level in [0, 1] units.
 
         Returns:
             `ImagePipelineOutput(images=...)`, or `(images,)` when `return_dict` is False.
@@ -132,7 +137,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             covariance=covariance, eta=eta, solver=solver, guidance_scale=guidance_scale, generator=generator,
             device=self._execution_device, progress=lambda total: self.progress_bar(total=total),
             cg_max_iter=cg_max_iter, jacobian_s_max=jacobian_s_max, batch_size=batch_size,
-            allow_extrapolation=allow_extrapolation, antithetic=antithetic,
+            allow_extrapolation=allow_extrapolation, antithetic=antithetic, start=start, start_level=start_level,
         )
         self.maybe_free_model_hooks()
         images = result.samples
