@@ -216,7 +216,8 @@ def run_settings(args) -> dict:
     # recorded where set, so that the manifests of runs made before these options still match
     start = {key: value for key, value in (("start", args.start), ("start_level", args.start_level))
              if value not in ("auto", None)}
-    return {**ladder, **start, "task": args.task, "sigma_y": TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y,
+    sigma_y = TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y
+    return {**ladder, **start, "task": args.task, "sigma_y": sigma_y,
             "samples": args.samples, "steps": args.steps, "covariance": args.covariance,
             "cg_max_iter": args.cg_max_iter, "jacobian_s_max": args.jacobian_s_max, "particles": args.particles,
             "mean_level": args.mean_level, "antithetic": args.antithetic, "model": args.model or "embedded",
