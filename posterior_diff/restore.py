@@ -750,7 +750,7 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
     level_asked = start_level is not None
     level = number_in(start_level, "start_level", 0.0, math.inf, open_low=True) if level_asked else ESTIMATE_START_LEVEL
     start = resolve_start(problem, start, particles, level)
-    start_level = resolve_start_level(start, level, level_asked)
+    start_level = resolve_start_level(problem, particles, start, level, level_asked)
     s_max = start_ratio(problem, start, start_level)
     sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
     if not isinstance(allow_extrapolation, bool):
@@ -822,16 +822,19 @@ def check_callback(callback, particles) -> None:
 START_CHOICES = ("auto", "prior", "measurement", "estimate")
 
 
-def resolve_start_level(start: str, level: float, level_asked: bool) -> float | None:
+def resolve_start_level(problem: Problem, particles, start: str, level: float, level_asked: bool) -> float | None:
     """An estimate start's s_0 ([0, 1] units): `level` (the caller's, else `ESTIMATE_START_LEVEL`);
-    None for the other starts, where a level the caller set is a ValueError (it would be ignored)."""
-    if start != "estimate":
-        if level_asked:
-            raise ValueError(f'start_level applies to an estimate start only, and this run starts from the {start} '
-                             '(start="auto" takes the estimate for scattered holes only); pass start="estimate" '
-                             'or leave start_level None')
-        return None
-    return level
+    None for the other starts, where a level the caller set is a ValueError (it would be ignored)
+    that says why the estimate start does not apply."""
+    if start == "estimate":
+        return level
+    if level_asked:
+        reasons = estimate_start_reasons(problem, particles, level)
+        why = ("an estimate start cannot apply: " + "; ".join(reasons) if reasons
+               else 'start="auto" takes the estimate for scattered holes only; pass start="estimate"')
+        raise ValueError(f"start_level applies to an estimate start only, and this run starts from the {start} "
+                         f"({why}); or leave start_level None")
+    return None
 
 
 def start_ratio(problem: Problem, start: str, start_level: float | None) -> float | None:
@@ -905,7 +908,7 @@ def check_noise_levels(model: Denoiser, sampler: SamplerSettings) -> None:
                      "allow_extrapolation=True to run it outside its range anyway")
 
 
-def resolve_start(problem: Problem, start, particles, start_level: float = ESTIMATE_START_LEVEL) -> str:
+def resolve_start(problem: Problem, start, particles, start_level: float) -> str:
     """`start` checked and "auto" resolved to "measurement", "estimate" or "prior" (see `restore`);
     a ValueError naming `start` where "measurement" or "estimate" (at `start_level`, [0, 1]
     units) is asked for and cannot apply."""
@@ -938,7 +941,7 @@ def measurement_start_reasons(problem: Problem, particles) -> list[str]:
     return reasons
 
 
-def estimate_start_reasons(problem: Problem, particles, start_level: float = ESTIMATE_START_LEVEL) -> list[str]:
+def estimate_start_reasons(problem: Problem, particles, start_level: float) -> list[str]:
     """Why an estimate start at `start_level` ([0, 1] units) cannot apply to this problem (empty where it can)."""
     reasons = []
     if not problem.image_model:

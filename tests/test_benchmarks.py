@@ -621,7 +621,7 @@ def test_the_runs_keyed_by_the_start_level_are_those_restore_starts_from_the_est
     for task in set(TASKS) - {"inpaint"}:  # "inpaint" takes a user's mask
         measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
         problem = Problem(model, (measurement.operator,), (measurement.y,), measurement.x_shape, image_model=True)
-        if resolve_start(problem, "auto", particles=None) == "estimate":
+        if resolve_start(problem, "auto", None, ESTIMATE_START_LEVEL) == "estimate":
             from_estimate.add(task)
     assert from_estimate == set(reporting.ESTIMATE_START_TASKS)
     level = f"s_0 {ESTIMATE_START_LEVEL:.4g}"

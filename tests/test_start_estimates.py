@@ -161,10 +161,14 @@ def test_start_level_sets_the_estimate_starts_first_noise_level(model):
     (1e6, "estimate", ValueError, r"start level 1e\+06 \(start_level\) is above the model's largest noise level"),
     (0.3, "prior", ValueError, "start_level applies to an estimate start only, and this run starts from the prior"),
     (0.3, "auto", ValueError, "start_level applies to an estimate start only"),  # SR: auto starts from the prior
+    (1e6, "auto holes", ValueError, r"an estimate start cannot apply: its start level 1e\+06 \(start_level\) is above"),
 ])
 def test_a_bad_start_level_is_a_clear_error(model, start_level, start, error, message):
     truth = smooth_image()
     operator = SuperResolution(2, sigma_y=0.02)
+    if start == "auto holes":  # scattered holes, where auto would take the estimate but for the level
+        operator = Inpainting(random_mask(truth.shape, 0.7, generator=torch.Generator().manual_seed(0)), sigma_y=0.01)
+        start = "auto"
     y = operator.A(truth[None])[0]
     call = lambda: restore(y, operator, model, steps=2, num_samples=1, start=start, start_level=start_level,
                            covariance="isotropic")
