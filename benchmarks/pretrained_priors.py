@@ -19,16 +19,18 @@ docs/pretrained_priors.md. Interrupted, it picks up where it stopped (`--cache`)
    highest (FFDNet's forward costs less than the embedded model's, `unit_costs`), for the sampler the
    fewest network forwards plus two per VJP, for the elements the fewest, for the grey network none (the
    simpler prior), then the fewest RGB elements; wall seconds, also shown, are too noisy on a shared
-   2-core machine to rank near-equal settings. Every run takes restore's own start (`start="auto"`:
-   the biharmonic fill noised to 75/255 on random inpainting, docs/start_estimates.md), its own
-   mean (the guided means at `defaults.MEAN_LEVEL`, docs/mean_level.md) and its antithetic pairs
-   (docs/antithetic.md), as a user's run does. Beside it, on the first
+   2-core machine to rank near-equal settings. Every run takes restore's own start (`start="auto"`: the
+   biharmonic fill noised to `defaults.ESTIMATE_START_LEVEL` on random inpainting, docs/start_estimates.md),
+   its own mean (the guided means at `defaults.MEAN_LEVEL`, docs/mean_level.md) and its antithetic pairs
+   (docs/antithetic.md), as a user's run does, with the reverse SDE (eta = 1, `CHOICE_ETA`: the sampler's
+   eta was chosen after these, at their settings, docs/eta.md). Beside it, on the first
    validation photograph (a 32x32 crop), what the Tweedie CG costs when it stops by its accuracy rule alone
    (`cg_tol`, `cg_noise_tol`; cap 50 as a safeguard) instead of at the image defaults' cap of 4.
 2. **The check, on the held-out photographs** (scikit-image's astronaut, camera, coffee and
    chelsea, halved, 128x128 centre crops, 4 samples), at the chosen settings and restore's own start
    (`start="auto"`: from the measurement on denoising, from the biharmonic fill on random inpainting,
-   from the prior elsewhere) and restore's own mean (the guided means at `defaults.MEAN_LEVEL`,
+   from the prior elsewhere), its own eta (`defaults.IMAGE_DEFAULTS.eta`; 1 from the measurement) and its
+   own mean (the guided means at `defaults.MEAN_LEVEL`,
    docs/mean_level.md; on denoising the exact E[x | y]): PSNR / SSIM of the
    posterior mean on denoising (sigma_y 0.1), SR x4 (average pooling, sigma_y 0.025), 70% random
    inpainting and a 32x32 box hole (sigma_y 0.01), beside the task's classical baseline, the
@@ -80,6 +82,9 @@ from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedd
                         markdown_table, photograph_cache, restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
+# The choices were made with the reverse SDE, restore's eta before eta was chosen on these same photographs
+# at their settings (docs/eta.md); the check runs at today's defaults
+CHOICE_ETA = 1.0
 # the grey network's choice also scores denoising, which FFDNet's piece alone serves, and both blurs, whose detail
 # is made at the levels below the switch that the mix changes (why they were added: the module docstring)
 GREY_CHOICE_TASKS = ("denoise", *CHOICE_TASKS, "deblur", "deblur-motion")
@@ -212,9 +217,9 @@ def score(cache: ResultCache, crops: dict, switch: float, sampler: tuple, sample
     crop = "" if size is None else f"|{size}"
     for task in tasks:
         cells[task] = [cache.get(f"choice|{task}|{image}|{switch:.6f}|{sampler}{crop}{piece_key(elements, grey_share)}|"
-                                 f"{restore_defaults_tag(task)}",
+                                 f"{restore_defaults_tag(task, CHOICE_ETA)}",
                                  lambda truth=truth: restore_row(ladders(switch, elements, grey_share), truth, task,
-                                                                 samples, **sampler_settings(sampler)))
+                                                                 samples, eta=CHOICE_ETA, **sampler_settings(sampler)))
                        for image, truth in crops.items()]
         log_row("validation", f"switch {switch:.3f}", sampler_label(sampler), grey_label(elements, grey_share), task,
                 f"{mean_over(cells[task], 'psnr'):.2f} dB")

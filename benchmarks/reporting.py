@@ -106,6 +106,21 @@ def embedded_model() -> str:
 # The tasks restore's start="auto" begins from the classical estimate (`restore.resolve_start`: scattered
 # missing pixels), so that their runs at restore's defaults depend on `defaults.ESTIMATE_START_LEVEL`
 ESTIMATE_START_TASKS = ("random",)
+# The tasks it begins from the measurement (an identity operator), where restore keeps eta = 1 whatever the
+# default (`restore.resolve_eta`), so that their runs do not depend on `IMAGE_DEFAULTS.eta`
+MEASUREMENT_START_TASKS = ("denoise",)
+# The tasks whose operator leaves holes wider than `start_estimates.SMALL_GAP` (`has_large_gaps`: the box
+# hole), where restore's default eta is `IMAGE_DEFAULTS.large_hole_eta` (`restore.resolve_eta`)
+LARGE_HOLE_TASKS = ("box",)
+
+
+def default_eta(task: str) -> float:
+    """The eta restore samples `task` with at its image defaults (`restore.resolve_eta`)."""
+    from posterior_diff.defaults import IMAGE_DEFAULTS
+
+    if task in MEASUREMENT_START_TASKS:
+        return 1.0
+    return IMAGE_DEFAULTS.large_hole_eta if task in LARGE_HOLE_TASKS else IMAGE_DEFAULTS.eta
 
 
 def start_level_tag(task: str) -> str:
@@ -123,14 +138,17 @@ def keyed_by_start_level(key: str, task: str) -> str:
     return f"{key}|{tag}" if tag else key
 
 
-def restore_defaults_tag(task: str) -> str:
+def restore_defaults_tag(task: str, eta: float | None = None) -> str:
     """What a cached run of restore at its image defaults on `task` depends on beyond its settings: the
-    default mean_level and antithetic pairs (`defaults.IMAGE_DEFAULTS`) and, where the task starts from the
-    classical estimate, its level (`start_level_tag`), part of such runs' cache keys."""
+    default mean_level and antithetic pairs (`defaults.IMAGE_DEFAULTS`), where the task starts from the
+    classical estimate its level (`start_level_tag`), and the sampler's eta where it is not 1 (the eta of
+    every run before it was chosen, whose keys stay as they were); part of such runs' cache keys.
+    `eta`: the run's, where it sets one; None: restore's default for the task (`default_eta`)."""
     from posterior_diff.defaults import IMAGE_DEFAULTS
 
+    eta = default_eta(task) if eta is None else eta
     parts = [f"mean {IMAGE_DEFAULTS.mean_level:g}", "antithetic" if IMAGE_DEFAULTS.antithetic else "",
-             start_level_tag(task)]
+             start_level_tag(task), f"eta {eta:g}" if eta != 1 else ""]
     return ", ".join(part for part in parts if part)
 
 

@@ -52,7 +52,7 @@ from operators import LinearOperator, as_operator, stack_operators
 from operators.base import AUTO, check_sigma_y
 
 from posterior_diff.checks import choice, number_in, positive_int
-from posterior_diff.defaults import ESTIMATE_START_LEVEL, defaults_for
+from posterior_diff.defaults import ESTIMATE_START_LEVEL, SamplerDefaults, defaults_for
 from posterior_diff.denoisers import Denoiser
 from posterior_diff.images import (from_model_range, measurement_to_model_units, noise_from_model_units,
                                    noise_to_model_units, to_image_tensor, to_model_range)
@@ -67,7 +67,7 @@ from posterior_diff.sampling.mean_estimates import StepCallback, TrajectoryMeans
 from posterior_diff.sampling.particles import ParticleResult, ParticleSettings, check_particle_settings, particle_sample
 from posterior_diff.sampling.samplers import NoiseSource, SamplerSettings, run_sampler
 from posterior_diff.sampling.time_grids import time_grid
-from posterior_diff.start_estimates import classical_estimate, has_estimate, has_small_gaps
+from posterior_diff.start_estimates import classical_estimate, has_estimate, has_large_gaps, has_small_gaps
 
 # A checked generator argument: one generator (or None) for every measurement, or a tuple
 # with one per measurement.
@@ -278,7 +278,7 @@ def restore(
     num_samples: int = 1,
     steps: int | None = None,
     covariance: str | None = None,
-    eta: float = 1.0,
+    eta: float | None = None,
     solver: str = "multistep",
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
@@ -321,7 +321,11 @@ def restore(
             None: the model's default (`defaults.defaults_for`).
         covariance: V_t in the averaged likelihood: "zero", "isotropic", "diagonal", "tweedie",
             or the Jacobian-free "projection"; None: the model's default.
-        eta: noise level in [0, 1]; 1 = reverse SDE, 0 = probability-flow ODE.
+        eta: the sampler's noise (`sampling.samplers`): 1 = reverse SDE, 0 = probability-flow ODE,
+            above 1 more mixing toward each time's marginal (the same marginals; the exponential
+            solvers only). None: the model's default (`defaults.defaults_for`; for image models
+            `large_hole_eta` where the operator leaves holes wider than a few pixels, a box hole),
+            but 1 from the measurement and in particle mode, 0 for "heun", at most 1 for "euler_maruyama".
         solver: "multistep" (second order, default), "euler", "heun" (eta=0), "pc", "euler_maruyama".
         guidance_scale: multiplier on the likelihood gradient (1 = Bayes' rule).
         generator: torch.Generator for reproducible draws.
@@ -427,7 +431,7 @@ def restore_batch(
     num_samples: int = 1,
     steps: int | None = None,
     covariance: str | None = None,
-    eta: float = 1.0,
+    eta: float | None = None,
     solver: str = "multistep",
     guidance_scale: float = 1.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
@@ -752,7 +756,9 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
     start = resolve_start(problem, start, particles, level)
     start_level = resolve_start_level(problem, particles, start, level, level_asked)
     s_max = start_ratio(problem, start, start_level)
-    sampler = SamplerSettings(defaults.steps if steps is None else steps, eta, solver, grid, s_max=s_max)
+    sampler = SamplerSettings(defaults.steps if steps is None else steps,
+                              resolve_eta(problem, defaults, eta, solver, particles, start), solver, grid,
+                              s_max=s_max)
     if not isinstance(allow_extrapolation, bool):
         raise TypeError(f"allow_extrapolation must be True or False, got {allow_extrapolation!r}")
     if not allow_extrapolation:
@@ -773,6 +779,24 @@ def check_settings(problem: Problem, num_samples, steps, covariance, eta, solver
                            sigma_y=problem.sigma_y, sigma_y_estimate=problem.estimates[0] if problem.estimates else None,
                            network_dtype=", ".join(problem.model.network_dtypes()), mean_level=level, mean_step=step,
                            antithetic=pairs)
+
+
+def resolve_eta(problem: Problem, defaults: SamplerDefaults, eta, solver: str, particles, start: str) -> float:
+    """The sampler's eta: the caller's, else the model's default (`large_hole_eta` where an operator
+    leaves holes wider than SMALL_GAP, `has_large_gaps`), but 1 (the reverse SDE) from the measurement
+    (only the reverse SDE keeps the joint law that makes that start exact, theory.md) and in particle
+    mode (the eta its weights were measured with), 0 for "heun" (the ODE) and at most 1 for
+    "euler_maruyama" (whose explicit drift step overshoots above it). `problem` is one run's
+    measurements (restore_batch's noise group): large holes in any of them decide for the run."""
+    if eta is not None:
+        return eta
+    if solver == "heun":
+        return 0.0
+    if particles is not None or start == "measurement":
+        return 1.0
+    large_holes = any(has_large_gaps(operator, problem.x_shape) for operator in problem.operators)
+    default = defaults.large_hole_eta if large_holes else defaults.eta
+    return min(default, 1.0) if solver == "euler_maruyama" else default
 
 
 def resolve_antithetic(problem: Problem, antithetic, num_samples: int, batch_size: int | None, particles) -> bool:

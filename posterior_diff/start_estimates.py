@@ -83,6 +83,12 @@ def inpainting_mask(operator: LinearOperator) -> Tensor | None:
     return mask[0] if mask.dim() == 4 else mask  # deepinv keeps a batch dimension
 
 
+def has_large_gaps(operator: LinearOperator, x_shape: tuple[int, ...]) -> bool:
+    """Whether `operator` is an inpainting with a hole pixel farther than SMALL_GAP pixels from every
+    observed one (a box hole), whose inside only the prior can fill (restore's default eta differs there)."""
+    return inpainting_mask(operator) is not None and not has_small_gaps(operator, x_shape)
+
+
 def has_estimate(operator: LinearOperator) -> bool:
     """Whether `classical_estimate` knows this operator."""
     return inpainting_mask(operator) is not None or isinstance(operator, (SuperResolution, Denoising))

@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("deepinv")
 
-from benchmarks import (antithetic, contrast_scaling, data_size, deblur_cost, deblurring, denoising_start,  # noqa: E402
+from benchmarks import (antithetic, contrast_scaling, data_size, deblur_cost, deblurring, denoising_start, eta,  # noqa: E402
                         gaussian_exactness, image_restoration, jacobian_range, large_images, mean_level,
                         network_precision, particle_mode, pretrained_priors, run_benchmarks, speed, start_estimates,
                         training_curve, warm_start)
@@ -605,27 +605,36 @@ def test_the_precision_verdict_holds_within_the_seeds_noise_and_fails_on_a_real_
     assert rows[0][-2] == "0.60"  # the seconds ratio
 
 
-def test_the_runs_keyed_by_the_start_level_are_those_restore_starts_from_the_estimate():
+def test_the_runs_keyed_by_the_start_level_and_eta_are_those_restore_starts_and_samples_so():
     from diffusers import DDPMScheduler
 
     from conftest import tiny_unet
-    from posterior_diff.defaults import ESTIMATE_START_LEVEL
+    from posterior_diff.defaults import ESTIMATE_START_LEVEL, IMAGE_DEFAULTS
     from posterior_diff.evaluation.harness import measure
     from posterior_diff.models.formats import denoiser_from_diffusers
-    from posterior_diff.restore import Problem, resolve_start
+    from posterior_diff.restore import Problem, resolve_eta, resolve_start
+    from posterior_diff.start_estimates import has_large_gaps
     from posterior_diff.tasks import TASKS
 
     model = denoiser_from_diffusers(tiny_unet(), DDPMScheduler(num_train_timesteps=1000))
     truth = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0))  # the reports' crop size
-    from_estimate = set()
+    starts, large_holes = {}, set()
     for task in set(TASKS) - {"inpaint"}:  # "inpaint" takes a user's mask
         measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
         problem = Problem(model, (measurement.operator,), (measurement.y,), measurement.x_shape, image_model=True)
-        if resolve_start(problem, "auto", None, ESTIMATE_START_LEVEL) == "estimate":
-            from_estimate.add(task)
-    assert from_estimate == set(reporting.ESTIMATE_START_TASKS)
+        start = resolve_start(problem, "auto", None, ESTIMATE_START_LEVEL)
+        starts.setdefault(start, set()).add(task)
+        assert reporting.default_eta(task) == resolve_eta(problem, IMAGE_DEFAULTS, None, "multistep", None, start), task
+        if has_large_gaps(measurement.operator, truth.shape):
+            large_holes.add(task)
+    assert starts["estimate"] == set(reporting.ESTIMATE_START_TASKS)
+    assert starts["measurement"] == set(reporting.MEASUREMENT_START_TASKS)
+    assert large_holes == set(reporting.LARGE_HOLE_TASKS)
     level = f"s_0 {ESTIMATE_START_LEVEL:.4g}"
-    assert reporting.restore_defaults_tag("random").endswith(level) and level not in reporting.restore_defaults_tag("sr4")
+    assert level in reporting.restore_defaults_tag("random") and level not in reporting.restore_defaults_tag("sr4")
+    # eta: named where a run's is not 1 (the runs made before it was chosen keep their keys)
+    assert "eta" not in reporting.restore_defaults_tag("sr4", eta=1.0)
+    assert reporting.restore_defaults_tag("sr4", eta=2.0).endswith("eta 2")
     assert reporting.keyed_by_start_level("k", "random") == f"k|{level}" and reporting.keyed_by_start_level("k", "box") == "k"
 
 
@@ -704,9 +713,37 @@ def test_the_antithetic_choice_takes_pairs_only_where_their_mean_is_as_good():
     assert antithetic.choice_rows(table)[-1] == ["mean", "", "29.25", "29.00", "-0.25"]
 
 
+def test_the_eta_choice_is_the_simplest_rule_within_a_tie_of_the_best():
+    def runs(*psnrs):
+        return [dict(psnr=p, coverage=0.8, seconds=1.0) for p in psnrs]
+
+    table = {("ladder", "sr4"): {1.0: runs(30.0, 31.0), 2.0: runs(30.5, 31.5)},
+             ("ladder", "box"): {1.0: runs(28.0, 28.0), 2.0: runs(28.02, 28.02)}}
+    assert eta.choose(table) == "2"  # +0.25 on average; keeping 1 for the box ties with it: the simpler rule
+    table[("ladder", "box")][2.0] = runs(27.0, 27.0)
+    assert eta.choose(table) == "2, 1 for large holes"  # 2 loses the box's 1 dB, the rule keeps it
+    assert [row[1] for row in eta.rule_rows(table)] == ["29.25", "29.00", "29.50"]
+    table[("ladder", "sr4")][2.0] = runs(30.0, 31.04)
+    assert eta.choose(table) == "1"  # +0.01 where 2 applies: a tie, the reverse SDE
+    rows = eta.check_rows(table, 1.0, 2.0)
+    assert rows[0][:5] == ["ladder", "sr4", "30.00 → 30.00", "31.00 → 31.04", "+0.02"]
+    assert rows[-1][0] == "mean" and rows[-1][4] == "-0.49"
+    assert eta.choice_rows(table)[1] == ["ladder", "box", "28.00", "27.00"]
+
+
 @pytest.mark.slow
 def test_the_antithetic_quick_run_compares_both_ways_on_every_task(tmp_path):
     report = ffdnet_quick_report(antithetic, tmp_path)
     tables = markdown_tables(report)
     assert len(tables) == 2 and "Chosen: **" in report
     assert [row[:2] for row in tables[0][1][:-1]] == [[m, t] for m in ("ladder", "embedded") for t in antithetic.TASKS]
+
+
+@pytest.mark.slow
+def test_the_eta_quick_run_compares_every_candidate_on_every_task(tmp_path):
+    report = ffdnet_quick_report(eta, tmp_path)
+    tables = markdown_tables(report)
+    assert len(tables) == 4 and any(f"Chosen: **{rule}**" in report for rule in eta.RULES)
+    assert [row[:2] for row in tables[0][1]] == [[m, t] for m in ("ladder", "embedded") for t in eta.TASKS]
+    assert [row[0] for row in tables[1][1]] == list(eta.RULES)
+    assert [row[0] for row in tables[3][1]] == [f"{value:g}" for value in eta.SWEEP]

@@ -86,10 +86,11 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
     def spy(y, operator, model, **options):
         seen.update(dtype=next(model.module.parameters()).dtype, device=options["device"],
                     jacobian_s_max=options["jacobian_s_max"], mean_level=options["mean_level"],
-                    antithetic=options["antithetic"], start=options["start"], start_level=options["start_level"])
+                    antithetic=options["antithetic"], start=options["start"], start_level=options["start_level"],
+                    eta=options["eta"])
         result = real_restore(y, operator, model, **options)
         seen.update(samples=result.samples.dtype, level=result.settings.mean_level, pairs=result.settings.antithetic,
-                    s_0=result.settings.start_level)
+                    s_0=result.settings.start_level, sampler_eta=result.settings.sampler.eta)
         return result
 
     monkeypatch.setattr(restore_module, "restore", spy)
@@ -97,10 +98,11 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
     out = tmp_path / "out.png"
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "1", "--model", str(pipeline_folder),
                  "--dtype", "bfloat16", "--device", "cpu", "--jacobian-s-max", "2", "--mean-level", "0",
-                 "--independent-samples", "--start", "estimate", "--start-level", "0.25", "-o", str(out)]) == 0
+                 "--independent-samples", "--start", "estimate", "--start-level", "0.25", "--eta", "1.5",
+                 "-o", str(out)]) == 0
     assert seen == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "jacobian_s_max": 2.0,  # "2" parsed: exact
                     "mean_level": 0.0, "samples": torch.float32, "level": 0.0, "antithetic": False, "pairs": False,
-                    "start": "estimate", "start_level": 0.25, "s_0": 0.25}
+                    "start": "estimate", "start_level": 0.25, "s_0": 0.25, "eta": 1.5, "sampler_eta": 1.5}
     assert read_image(out).shape == (3, 8, 8)
     assert main(["restore", str(low), "--task", "sr2", "--steps", "2", "--samples", "2", "--model", str(pipeline_folder),
                  "-o", str(out), "--force"]) == 0
@@ -110,6 +112,7 @@ def test_device_and_network_dtype_reach_restore(tmp_path, pipeline_folder, monke
     assert seen["mean_level"] is None and seen["level"] == IMAGE_DEFAULTS.mean_level
     assert seen["antithetic"] is None and seen["pairs"] == IMAGE_DEFAULTS.antithetic  # 2 samples: one pair
     assert seen["start"] == "auto" and seen["start_level"] is None and seen["s_0"] is None  # SR: auto is the prior
+    assert seen["eta"] is None and seen["sampler_eta"] == IMAGE_DEFAULTS.eta
 
 
 def test_deblurring_with_a_named_kernel_and_a_kernel_file(tmp_path, pipeline_folder, capsys):

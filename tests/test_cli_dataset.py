@@ -14,6 +14,7 @@ import torch
 from posterior_diff.apps.cli import main
 from posterior_diff.models.ladder import DEFAULT_GREY_SHARE, DEFAULT_SWITCH
 from posterior_diff.apps.dataset import MANIFEST, image_seed
+from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.evaluation.harness import psnr_ssim
 from posterior_diff.images import read_image, write_image
 
@@ -213,6 +214,15 @@ def test_existing_outputs_are_kept_unless_forced_and_settings_must_match(tmp_pat
     assert main([*common, "--seed", "3", "--start", "prior", "--force"]) == 0
     assert main([*common, "--seed", "3"]) == 2
     assert "other settings (start 'prior' -> None)" in capsys.readouterr().err
+    # eta left to the default records the default's rule, so that a rerun after it changed is refused
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["settings"]["eta"].startswith(f"default: {IMAGE_DEFAULTS.eta:g}")
+    same = [*common, "--seed", "3", "--start", "prior"]
+    assert main([*same, "--eta", "1.5"]) == 2 and "other settings (eta 'default: " in capsys.readouterr().err
+    del manifest["settings"]["eta"]  # a manifest written before eta was recorded: its runs sampled at eta 1
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert main(same) == 2 and "other settings (eta 1.0 -> 'default: " in capsys.readouterr().err
+    assert main([*same, "--eta", "1"]) == 0  # the same sampler as then: resumed
 
 
 def test_inpainting_a_folder_with_a_folder_of_masks(tmp_path, pipeline_folder):

@@ -43,6 +43,10 @@ def test_folder_pipeline_and_restore_give_the_same_numbers(pipe, pipeline_folder
     assert torch.equal(from_estimate, restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4,
                                               generator=seeded(), start="estimate", start_level=0.3).samples)
     assert not torch.equal(from_estimate, images)
+    more_mixing = run(pipe, eta=3.0)
+    assert torch.equal(more_mixing, restore(MEASUREMENT, OPERATOR, str(pipeline_folder), num_samples=2, steps=4,
+                                            generator=seeded(), eta=3.0).samples)
+    assert not torch.equal(more_mixing, images)
 
 
 def test_ladder_pieces_take_their_noise_levels_as_restore_does_with_the_ladder(pipe, pipeline_folder):

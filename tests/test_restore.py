@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from operators import Denoising, Inpainting, MatrixOperator, SuperResolution
+from operators import Denoising, Inpainting, MatrixOperator, SuperResolution, box_mask
 from posterior_diff import GaussianPrior, NonFiniteSampleError, restore
 from posterior_diff.evaluation.metrics import exact_sample_floor, gaussian_errors
 from posterior_diff.evaluation.problems import gaussian_image_problems
@@ -201,7 +201,8 @@ def counting_copy(prior: GaussianPrior) -> CountingPrior:
         (dict(covariance="full"), ValueError, "covariance"),
         (dict(solver="rk45"), ValueError, "solver"),
         (dict(eta=-0.1), ValueError, "eta"),
-        (dict(solver="heun"), ValueError, "eta=0"),
+        (dict(solver="heun", eta=1.0), ValueError, "eta=0"),
+        (dict(solver="euler_maruyama", eta=2.0), ValueError, "euler_maruyama"),
         (dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
         (dict(model="/nonexistent/model"), ValueError, "model must be"),
         (dict(model=torch.nn.Identity()), TypeError, "Denoiser"),
@@ -300,3 +301,33 @@ def test_a_cuda_device_this_machine_lacks_is_refused_before_any_work(problems):
     with pytest.raises(ValueError, match="device must be a torch device"):
         restore(problem.y, problem.operator, prior, steps=3, device="gpu")
     assert CountingPrior.calls == 0
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(), "image default"),
+    (dict(eta=0.5), 0.5),  # the caller's, as given
+    (dict(operator=Denoising(0.1)), 1.0),  # from the measurement: only the reverse SDE is exact there
+    (dict(particles=2), 1.0),  # particle mode: the eta its weights were measured with
+    (dict(solver="heun"), 0.0),  # the ODE
+    (dict(solver="euler_maruyama"), "at most 1"),
+    (dict(operator=Inpainting(box_mask((3, 24, 24), 4, 4, 16, 16), 0.01)), "large holes"),  # 8 pixels deep
+    (dict(operator=Inpainting(box_mask((3, 24, 24), 4, 4, 8, 8), 0.01)), "image default"),  # 4: a small gap
+])
+def test_eta_left_to_the_defaults_follows_the_model_the_start_the_holes_and_the_solver(pipeline_folder, options,
+                                                                                         expected):
+    from posterior_diff.defaults import IMAGE_DEFAULTS
+
+    operator = options.pop("operator", SuperResolution(2, 0.05))
+    shape = {Denoising: (3, 8, 8), Inpainting: (3, 24, 24)}.get(type(operator), (3, 4, 4))
+    result = restore(torch.rand(shape), operator, str(pipeline_folder), num_samples=2, steps=3,
+                     generator=torch.Generator().manual_seed(0), **options)
+    expected = {"image default": IMAGE_DEFAULTS.eta, "at most 1": min(IMAGE_DEFAULTS.eta, 1.0),
+                "large holes": IMAGE_DEFAULTS.large_hole_eta}.get(expected, expected)
+    assert result.settings.sampler.eta == expected
+
+
+def test_analytic_priors_keep_the_reverse_sde(problems):
+    problem = problems["super-resolution"]
+    result = restore(problem.y, problem.operator, problem.prior, num_samples=2, steps=5,
+                     generator=torch.Generator().manual_seed(0))
+    assert result.settings.sampler.eta == 1.0

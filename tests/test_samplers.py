@@ -25,8 +25,9 @@ def mixture(schedule=None):
         (RectifiedFlow(), "multistep", 0.0),
         (VPSchedule(), "heun", 0.0),
         (VPSchedule(), "pc", 1.0),
+        (VPSchedule(), "multistep", 2.0),
     ],
-    ids=["vp-sde", "vp-ode", "ve-eta0.5", "rf-ode", "heun", "pc"],
+    ids=["vp-sde", "vp-ode", "ve-eta0.5", "rf-ode", "heun", "pc", "vp-eta2"],
 )
 def test_unconditional_sampling_reproduces_a_mixture_prior(schedule, solver, eta):
     """Sliced Wasserstein to exact draws is as small as between two sets of exact draws."""
@@ -61,7 +62,8 @@ def test_a_too_coarse_sampler_is_detected_by_the_same_measure():
     assert sliced_wasserstein(drawn, exact, generator=torch.Generator().manual_seed(3)) > 3 * exact_distance_bound(3000)
 
 
-@pytest.mark.parametrize("solver, eta", [("multistep", 1.0), ("euler", 0.5), ("heun", 0.0), ("pc", 1.0), ("euler_maruyama", 1.0)])
+@pytest.mark.parametrize("solver, eta", [("multistep", 1.0), ("euler", 0.5), ("heun", 0.0), ("pc", 1.0), ("euler_maruyama", 1.0),
+                                         ("multistep", 3.0)])
 def test_every_solver_gets_the_variance_of_a_gaussian_right(solver, eta):
     prior = GaussianPrior(torch.tensor([0.5, -1.0], dtype=DOUBLE), torch.diag(torch.tensor([1.0, 0.04], dtype=DOUBLE)))
     drawn, _ = sample(prior, (20000, 2), steps=200, eta=eta, solver=solver, generator=torch.Generator().manual_seed(0))
@@ -93,7 +95,10 @@ def test_non_finite_values_stop_the_sampler_naming_the_step():
         sample(prior, (3, 2), steps=10, eta=0.0, solver="euler")
 
 
-@pytest.mark.parametrize("kwargs, message", [(dict(eta=1.5), "eta"), (dict(solver="rk4"), "solver"), (dict(solver="heun", eta=1.0), "eta=0"), (dict(steps=0), "steps")])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eta=-0.5), "eta"), (dict(eta=float("inf")), "eta must be finite"), (dict(eta=float("nan")), "eta"),
+    (dict(eta=1.5, solver="euler_maruyama"), r"euler_maruyama.*eta in \[0, 1\]"), (dict(solver="rk4"), "solver"),
+    (dict(solver="heun", eta=1.0), "eta=0"), (dict(steps=0), "steps")])
 def test_bad_sampler_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample(mixture(), (2, 2), **kwargs)

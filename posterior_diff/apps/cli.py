@@ -79,6 +79,11 @@ def _sampler_arguments(restore: argparse.ArgumentParser) -> None:
                          help="noise ratio sigma/alpha above which the guidance takes no backward pass (the projection "
                               f"step), inf for the network's Jacobian at every step (default {IMAGE_DEFAULTS.jacobian_s_max:g}; "
                               "docs/jacobian_range.md)")
+    restore.add_argument("--eta", type=float,
+                         help="the sampler's noise: 1 the reverse SDE, above 1 more mixing toward each noise level's "
+                              f"marginal (default {IMAGE_DEFAULTS.eta:g}; {IMAGE_DEFAULTS.large_hole_eta:g} where the "
+                              "mask leaves holes wider than a few pixels, 1 from the measurement for denoising; "
+                              "docs/eta.md)")
     restore.add_argument("--mean-level", dest="mean_level", type=float,
                          help="the output is the average over the samples of the guided means E[x | x_t, y] at the first "
                               "step at or below this noise level in [0, 1] units; 0: the samples' own mean (default "
@@ -189,10 +194,10 @@ def _restore_file(args) -> int:
     operator = task_operator(args.task, args.sigma_y, image, args.mask, args.kernel)
     generator = torch.Generator().manual_seed(image_seed(args.seed, source.name))
     result = restore(image, operator, model, num_samples=args.samples, steps=args.steps, covariance=args.covariance,
-                     cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, generator=generator, progress=True,
-                     particles=args.particles, device=device, allow_extrapolation=args.allow_extrapolation,
-                     mean_level=args.mean_level, antithetic=args.antithetic, start=args.start,
-                     start_level=args.start_level)
+                     cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, eta=args.eta,
+                     generator=generator, progress=True, particles=args.particles, device=device,
+                     allow_extrapolation=args.allow_extrapolation, mean_level=args.mean_level,
+                     antithetic=args.antithetic, start=args.start, start_level=args.start_level)
     write_image_atomic(match_channels(result.mean, channels), args.output)
     message = f"wrote {args.output} ({result.nfe} network evaluations, {result.seconds:.1f} s)"
     if result.settings.sigma_y_estimate is not None:

@@ -44,6 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from posterior_diff.apps.command_options import UsageError, check_task, load_network, pick_device, task_operator
+from posterior_diff.defaults import IMAGE_DEFAULTS
 from posterior_diff.files import TEMPORARY, atomic_write, write_text_atomic
 from posterior_diff.images import IMAGE_SUFFIXES, match_channels, read_image, write_image
 from posterior_diff.restore import placed, restore_batch
@@ -208,16 +209,24 @@ def check_options(args) -> None:
         needs_folder(args.reference, "--reference")
 
 
+# What a setting missing from a manifest written before it was recorded had been: every such run sampled
+# with eta 1, so that a rerun at --eta 1 matches it and one at a default that has changed since does not
+BEFORE_RECORDED = {"eta": 1.0}
+
+
 def run_settings(args) -> dict:
     """The settings that decide the outputs' values (the manifest's record, compared on a rerun); the
-    ladder's switch, elements and grey share where --model ladder; the start and its level where set."""
+    ladder's switch, elements and grey share where --model ladder; the start and its level where set;
+    eta as set, or the image defaults' rule (so that a rerun after the default changed is refused)."""
     ladder = {"ladder_switch": args.ladder_switch, "ladder_elements": args.ladder_elements,
               "ladder_grey_share": args.ladder_grey_share} if args.model == "ladder" else {}
     # recorded where set, so that the manifests of runs made before these options still match
     start = {key: value for key, value in (("start", args.start), ("start_level", args.start_level))
              if value not in ("auto", None)}
+    eta = args.eta if args.eta is not None else (f"default: {IMAGE_DEFAULTS.eta:g}, {IMAGE_DEFAULTS.large_hole_eta:g} "
+                                                 "for large holes, 1 from the measurement")
     sigma_y = TASKS[args.task].sigma_y if args.sigma_y is None else args.sigma_y
-    return {**ladder, **start, "task": args.task, "sigma_y": sigma_y,
+    return {**ladder, **start, "eta": eta, "task": args.task, "sigma_y": sigma_y,
             "samples": args.samples, "steps": args.steps, "covariance": args.covariance,
             "cg_max_iter": args.cg_max_iter, "jacobian_s_max": args.jacobian_s_max, "particles": args.particles,
             "mean_level": args.mean_level, "antithetic": args.antithetic, "model": args.model or "embedded",
@@ -234,6 +243,7 @@ def check_manifest(folder: Path, settings: dict, force: bool) -> None:
     except (OSError, ValueError, AttributeError):
         raise UsageError(f"{path} is not a manifest of posterior-diff; pass --force or choose another folder") from None
     # over both runs' keys: a setting recorded only where set (the start) must not vanish unnoticed
+    earlier = {**BEFORE_RECORDED, **earlier}
     keys = [*settings, *(key for key in earlier if key not in settings)]
     changed = [f"{key} {earlier.get(key)!r} -> {settings.get(key)!r}" for key in keys
                if earlier.get(key) != settings.get(key)]
@@ -307,9 +317,9 @@ def restore_group(jobs: list[Job], model, args, device: torch.device) -> list[di
     if not prepared:
         return records
     options = dict(num_samples=args.samples, steps=args.steps, covariance=args.covariance,
-                   cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, particles=args.particles,
-                   device=device, allow_extrapolation=args.allow_extrapolation, mean_level=args.mean_level,
-                   antithetic=args.antithetic, start=args.start, start_level=args.start_level)
+                   cg_max_iter=args.cg_max_iter, jacobian_s_max=args.jacobian_s_max, eta=args.eta,
+                   particles=args.particles, device=device, allow_extrapolation=args.allow_extrapolation,
+                   mean_level=args.mean_level, antithetic=args.antithetic, start=args.start, start_level=args.start_level)
     try:
         results = restore_batch([y for _, _, y, _ in prepared], [A for _, _, _, A in prepared], model,
                                 generator=[torch.Generator().manual_seed(job.seed) for job, *_ in prepared], **options)

@@ -79,7 +79,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
         num_inference_steps: int | None = None,
         num_samples: int = 1,
         covariance: str | None = None,
-        eta: float = 1.0,
+        eta: float | None = None,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
@@ -104,7 +104,7 @@ class PosteriorSamplingPipeline(DiffusionPipeline):
             operator: an `operators.LinearOperator` (or a deepinv physics, once adapted) with
                 sigma_y in [0, 1] units.
             num_inference_steps: sampler steps (network evaluations per sample for the default solver);
-                None: `defaults.IMAGE_DEFAULTS`, as for covariance, cg_max_iter and jacobian_s_max.
+                None: `defaults.IMAGE_DEFAULTS`, as for covariance, eta, cg_max_iter and jacobian_s_max.
             num_samples: how many posterior samples to return.
             covariance, eta, guidance_scale, solver, cg_max_iter, jacobian_s_max, batch_size: as in `restore()`.
             generator: a torch.Generator for reproducible draws.

@@ -1,11 +1,13 @@
 r"""Reverse-time samplers for the eta-family of docs/theory.md §3, driven by a Denoiser.
 
-For a noise level h = eta * g, eta in [0, 1],
+For a noise level h = eta * g, eta >= 0,
 
     dx = [f x - 1/2 (1 + eta^2) g^2 score(x, t)] dt + eta g dw_bar,     t from 1 down to 0,
 
 runs the forward marginals backwards: eta = 1 is the reverse SDE, eta = 0 the
-probability-flow ODE. With score = -(x - alpha D) / sigma^2 the drift is linear in x once D
+probability-flow ODE, and eta above 1 adds a Langevin pull toward each time's marginal (the
+same marginals; with an approximate posterior score it corrects what earlier steps carried
+forward, docs/eta.md). With score = -(x - alpha D) / sigma^2 the drift is linear in x once D
 is frozen, which the exponential solvers integrate exactly over a step. Writing
 s = sigma / alpha, rho = s_next / s and eps_hat = (x - alpha D) / sigma, one such step is
 
@@ -59,9 +61,13 @@ class NonFiniteSampleError(FloatingPointError):
 
 
 def check_eta(eta: float) -> float:
-    """eta (1 = reverse SDE, 0 = probability-flow ODE) as a float in [0, 1]; a TypeError or
-    ValueError naming `eta` otherwise. Which solvers take which eta is `SamplerSettings`' check."""
-    return number_in(eta, "eta", 0.0, 1.0)
+    """eta (1 = reverse SDE, 0 = probability-flow ODE, above 1 more mixing) as a finite float >= 0;
+    a TypeError or ValueError naming `eta` otherwise. Which solvers take which eta is
+    `SamplerSettings`' check."""
+    eta = number_in(eta, "eta", 0.0)
+    if math.isinf(eta):
+        raise ValueError("eta must be finite (a large eta, e.g. 10, already draws each step's noise afresh), got inf")
+    return eta
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class SamplerSettings:
 
     Attributes:
         steps: number of grid times (network evaluations for the one-evaluation solvers).
-        eta: noise level in [0, 1]: 1 = reverse SDE, 0 = probability-flow ODE.
+        eta: noise level >= 0: 1 = reverse SDE, 0 = probability-flow ODE, above 1 more mixing
+            (not with "euler_maruyama", whose explicit drift step overshoots).
         solver: one of SOLVERS (see the module docstring).
         grid: "log-snr", "uniform" or "karras" (see time_grids).
         s_min: noise ratio sigma / alpha at the last grid time.
@@ -95,6 +102,11 @@ class SamplerSettings:
         object.__setattr__(self, "eta", check_eta(self.eta))
         if self.solver == "heun" and self.eta != 0:
             raise ValueError(f'solver="heun" integrates the probability-flow ODE and needs eta=0, got eta={self.eta}')
+        if self.solver == "euler_maruyama" and self.eta > 1:
+            # its explicit drift step grows with (1 + eta^2) / 2 and overshoots; the exponential
+            # solvers integrate that linear drift exactly for any eta
+            raise ValueError(f'solver="euler_maruyama" takes eta in [0, 1], got eta={self.eta}; eta above 1 needs '
+                             f'an exponential solver ("multistep", "euler" or "pc")')
         number_in(self.s_min, "s_min", 0.0, open_low=True)
         number_in(self.snr, "snr", 0.0, open_low=True)
         if self.s_max is not None and not number_in(self.s_max, "s_max", 0.0, open_low=True) > self.s_min:
