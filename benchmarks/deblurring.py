@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     embedded = default_model(torch.float32)
     ladder = default_ladder(model=embedded)
     # our runs' keys name the sampler's eta (`restore_defaults_tag`), so the default's does not void the cache
+    defaults = dataclasses.replace(IMAGE_DEFAULTS, eta=1.0, large_hole_eta=1.0)
     cache = ResultCache(args.cache, dict(size=args.size, samples=args.samples, model=embedded_model(),
-                                         images=list(args.images), defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, eta=1.0,
-                                                                                                     large_hole_eta=1.0))))
+                                         images=list(args.images), defaults=repr(defaults)))
     table = run_all(cache, args, embedded, ladder)
     intro = (f"{len(args.images)} held-out photographs, halved, {args.size}x{args.size} centre crops, "
              f"{args.samples} samples, the image defaults ({IMAGE_DEFAULTS.steps} steps, {IMAGE_DEFAULTS.covariance}, "

@@ -4,8 +4,8 @@ Run it as `python -m benchmarks.eta` (`--quick` for a smoke run); it needs the `
 ladder) and writes docs/eta.md. Interrupted, it picks up where it stopped.
 
 The samplers integrate the family dx = [f x - (1 + eta^2) / 2 g^2 score] dt + eta g dw_bar, whose
-members all have the forward process's marginals (docs/theory.md, "The sampler's noise eta"). eta = 1
-is the reverse SDE; above it each step keeps less of the current noise estimate and draws more
+members all have the forward process's marginals (docs/theory.md §3, "The sampler's noise eta above
+1"). eta = 1 is the reverse SDE; above it each step keeps less of the current noise estimate and draws more
 afresh (the exponential step keeps (s' / s)^(eta^2) of it), a Langevin pull toward each time's
 marginal. With the exact score every eta samples the same law; with the averaged likelihood's
 Gaussian approximation the pull corrects the errors that earlier steps carried forward. Every eta

@@ -102,7 +102,8 @@ def restore_row(model, truth: torch.Tensor, task: str, covariance: str, s_max: f
     """PSNR of the posterior mean, VJPs and seconds of one guided restore (from the prior)."""
     measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
     result = restore(measurement.y, measurement.operator, model, num_samples=samples, steps=steps, covariance=covariance,
-                     jacobian_s_max=s_max, start="prior", antithetic=False, generator=torch.Generator().manual_seed(0))
+                     jacobian_s_max=s_max, start="prior", antithetic=False, eta=1.0,
+                     generator=torch.Generator().manual_seed(0))
     return dict(psnr=psnr_ssim(result.mean, truth)[0], vjps=result.vjps, seconds=result.seconds)
 
 

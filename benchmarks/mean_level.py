@@ -77,7 +77,7 @@ def run(model, truth: torch.Tensor, task: str, samples: int) -> dict:
     measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
     means = StepMeans()
     result = restore(measurement.y, measurement.operator, model, num_samples=samples, mean_level=0.0,
-                     antithetic=False, generator=torch.Generator().manual_seed(0), callback=means)
+                     antithetic=False, eta=1.0, generator=torch.Generator().manual_seed(0), callback=means)
 
     def scores(mean: torch.Tensor) -> dict:
         return dict(psnr=psnr_ssim(mean, truth)[0], coverage=coverage_within_two_std(mean, result.std, truth))
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     models = ladder_and_embedded()
     # every run takes mean_level 0 and measures every step: the default level does not change them
-    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0, antithetic=False)))
+    cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, mean_level=0.0, antithetic=False,
+                                                                             eta=1.0, large_hole_eta=1.0)))
     crops = validation_crops(args.validation, args.size)
     choice = measure_all(cache, models, crops, args.samples, "choice")
     chosen = choose(choice)

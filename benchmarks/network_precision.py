@@ -74,7 +74,7 @@ def run_all(cache: ResultCache, args, models: dict) -> dict:
                     cell.setdefault(dtype, []).extend(
                         cache.get(f"{row}|{covariance}|{dtype}|{image}{suffix}",
                                   lambda truth=truth, model=model: restore_row(model, truth, task, args.samples, seed,
-                                                                               antithetic=False, **settings))
+                                                                               antithetic=False, eta=1.0, **settings))
                         for image, truth in crops.items())
                     log_row(row, covariance or "-", dtype, f"seed {seed}", f"{mean_over(cell[dtype], 'psnr'):.2f} dB",
                             mean_over(cell[dtype], "seconds"))

@@ -183,7 +183,7 @@ def restore_psnr(model, truth: torch.Tensor, task: str, sigma_y: float, auto: bo
     measured = measure(task, truth, sigma_y=sigma_y, generator=torch.Generator().manual_seed(0))
     operator = measured.operator.with_sigma_y("auto") if auto else measured.operator
     try:
-        result = restore(measured.y, operator, model, num_samples=args.samples, steps=args.steps, antithetic=False,
+        result = restore(measured.y, operator, model, num_samples=args.samples, steps=args.steps, antithetic=False, eta=1.0,
                          generator=torch.Generator().manual_seed(0))
     except ValueError as error:  # the estimate refused (a y too small in --quick)
         return dict(psnr=None, sigma_y=None, seconds=None, refused=str(error))

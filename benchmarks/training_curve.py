@@ -220,7 +220,7 @@ def validation_psnr(model: Model, truths: list[torch.Tensor], args: argparse.Nam
         for index, truth in enumerate(truths):
             measurement = measure(task, truth, generator=torch.Generator().manual_seed(index))
             result = restore(measurement.y, measurement.operator, denoiser, num_samples=args.samples, steps=args.steps,
-                             covariance="isotropic", jacobian_s_max=math.inf, antithetic=False,
+                             covariance="isotropic", jacobian_s_max=math.inf, antithetic=False, eta=1.0,
                              generator=torch.Generator().manual_seed(index))
             values.append(psnr_ssim(result.samples.mean(0), truth)[0])
         scores[task] = statistics.fmean(values)

@@ -66,7 +66,7 @@ def restore_row(model, truth: torch.Tensor, task: str, steps: int, warm: bool, s
     """PSNR of the posterior mean, VJPs and seconds of one restore."""
     measurement = measure(task, truth, generator=torch.Generator().manual_seed(0))
     result = restore(measurement.y, measurement.operator, model, num_samples=samples, steps=steps,
-                     covariance="tweedie", warm_start=warm, start="prior", antithetic=False,
+                     covariance="tweedie", warm_start=warm, start="prior", antithetic=False, eta=1.0,
                      generator=torch.Generator().manual_seed(0))
     return dict(psnr=psnr_ssim(result.mean, truth)[0], vjps=result.vjps, seconds=result.seconds)
 
