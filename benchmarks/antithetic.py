@@ -36,12 +36,12 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
-from .pretrained_priors import mean_over, restore_row
-from .reporting import (ResultCache, cache_name, keyed_by_start_level, ladder_and_embedded, log_row, markdown_table,
-                        parse_photograph_run, photograph_cache, photograph_run_parser, write_report)
+from .pretrained_priors import mean_over, measure_ways
+from .reporting import (ladder_and_embedded, markdown_table, parse_photograph_run, photograph_cache,
+                        photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box", "deblur", "deblur-motion")
-WAYS = {"independent": False, "antithetic": True}
+WAYS = {"independent": dict(antithetic=False), "antithetic": dict(antithetic=True)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,22 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     count = 1 if args.quick else None
     args.validation, args.held_out = VALIDATION_FILES[:count], HELD_OUT_PHOTOGRAPHS[:count]
     return args
-
-
-def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, part: str) -> dict:
-    """{(model, task): {way: [restore_row per photograph]}}."""
-    table = {}
-    for model_name, model in models.items():
-        for task in TASKS:
-            table[(model_name, task)] = {
-                way: [cache.get(keyed_by_start_level(f"{part}|{cache_name(model_name)}|{task}|{way}|{image}", task),
-                                lambda truth=truth, pairs=pairs: restore_row(model, truth, task, samples,
-                                                                             antithetic=pairs))
-                      for image, truth in crops.items()]
-                for way, pairs in WAYS.items()}
-            log_row(part, model_name, task, *(f"{way} {mean_over(runs, 'psnr'):.2f} dB"
-                                              for way, runs in table[(model_name, task)].items()))
-    return table
 
 
 def overall_mean(table: dict, way: str) -> float:
@@ -109,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     models = ladder_and_embedded()
     # every run names its way: the default pairing does not change them
     cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, antithetic=False)))
-    choice = measure_all(cache, models, validation_crops(args.validation, args.size), args.samples, "choice")
+    choice = measure_ways(cache, models, validation_crops(args.validation, args.size), TASKS, args.samples, "choice",
+                          WAYS)
     held_out = held_out_crops(args.held_out, args.size)
-    check = measure_all(cache, models, held_out, args.samples, "check")
+    check = measure_ways(cache, models, held_out, TASKS, args.samples, "check", WAYS)
     intro = (f"{args.size}x{args.size} centre crops, {args.samples} samples, seed 0, the image defaults and "
              "restore's own start and mean; PSNR (dB) of the posterior mean.")
     write_report(args.out, "Antithetic pairs of samples", __doc__.split("\n\n", 1)[1], [

@@ -41,10 +41,9 @@ from posterior_diff.evaluation import HELD_OUT_PHOTOGRAPHS
 from posterior_diff.training.data import VALIDATION_FILES
 
 from .jacobian_range import held_out_crops, validation_crops
-from .pretrained_priors import mean_over, restore_row
-from .reporting import (LARGE_HOLE_TASKS, TIE_DB, ResultCache, cache_name, keyed_by_start_level, ladder_and_embedded,
-                        log_row, markdown_table, parse_photograph_run, photograph_cache, photograph_run_parser,
-                        write_report)
+from .pretrained_priors import mean_over, measure_ways
+from .reporting import (LARGE_HOLE_TASKS, TIE_DB, ladder_and_embedded, markdown_table, parse_photograph_run,
+                        photograph_cache, photograph_run_parser, write_report)
 
 TASKS = ("sr4", "random", "box")
 ETAS = (1.0, 2.0)  # the reverse SDE and the probe's level (SR x4 levels off from 2: section 3)
@@ -60,24 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(cache: ResultCache, model_name: str, model, task: str, eta: float, crops: dict, samples: int,
-            part: str) -> list[dict]:
-    """restore_row per photograph of `crops` at this eta (the rest at restore's defaults)."""
-    return [cache.get(keyed_by_start_level(f"{part}|{cache_name(model_name)}|{task}|eta {eta:g}|{image}", task),
-                      lambda truth=truth: restore_row(model, truth, task, samples, eta=eta))
-            for image, truth in crops.items()]
+def eta_label(eta: float) -> str:
+    """The name a run at `eta` is cached and logged under."""
+    return f"eta {eta:g}"
 
 
-def measure_all(cache: ResultCache, models: dict, crops: dict, samples: int, part: str, etas) -> dict:
-    """{(model, task): {eta: [restore_row per photograph]}}."""
-    table = {}
-    for model_name, model in models.items():
-        for task in TASKS:
-            table[(model_name, task)] = {eta: measure(cache, model_name, model, task, eta, crops, samples, part)
-                                         for eta in etas}
-            log_row(part, model_name, task, *(f"eta {eta:g} {mean_over(runs, 'psnr'):.2f} dB"
-                                              for eta, runs in table[(model_name, task)].items()))
-    return table
+def ways(etas) -> dict:
+    """{eta: restore's keyword arguments} for `measure_ways`."""
+    return {eta: dict(eta=eta) for eta in etas}
 
 
 def rule_eta(rule: str, task: str) -> float:
@@ -133,12 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     # every run names its eta: the default eta does not change them
     cache = photograph_cache(args, defaults=repr(dataclasses.replace(IMAGE_DEFAULTS, eta=1.0, large_hole_eta=1.0)))
     validation = validation_crops(args.validation, args.size)
-    choice = measure_all(cache, models, validation, args.samples, "choice", ETAS)
+    choice = measure_ways(cache, models, validation, TASKS, args.samples, "choice", ways(ETAS), eta_label)
     chosen = choose(choice)
     held_out = held_out_crops(args.held_out, args.size)
-    check = measure_all(cache, {"ladder": models["ladder"]}, held_out, args.samples, "check", ETAS)
-    sweep = {eta: measure(cache, "ladder", models["ladder"], "sr4", eta, validation, args.samples, "choice")
-             for eta in SWEEP}
+    ladder = {"ladder": models["ladder"]}
+    check = measure_ways(cache, ladder, held_out, TASKS, args.samples, "check", ways(ETAS), eta_label)
+    sweep = measure_ways(cache, ladder, validation, ("sr4",), args.samples, "choice", ways(SWEEP),
+                         eta_label)[("ladder", "sr4")]
     intro = (f"{args.size}x{args.size} centre crops, {args.samples} samples, seed 0, the image defaults otherwise "
              "and restore's own start, mean and antithetic pairs; PSNR (dB) of the posterior mean.")
     rule_gain = statistics.fmean(mean_over(by_eta[rule_eta(chosen, task)], "psnr") - mean_over(by_eta[1.0], "psnr")

@@ -78,8 +78,9 @@ from posterior_diff.training.data import VALIDATION_FILES
 from .jacobian_range import photograph_name, validation_crops
 from .peers import peer_vjps, run_dpir, run_peer
 from .speed import paired_ratio, speed_verdict
-from .reporting import (ResultCache, cheapest_of_the_best, comma_numbers, embedded_model, ladder_cache_name, log_row,
-                        markdown_table, photograph_cache, restore_defaults_tag, write_report)
+from .reporting import (ResultCache, cache_name, cheapest_of_the_best, comma_numbers, embedded_model,
+                        keyed_by_start_level, ladder_cache_name, log_row, markdown_table, photograph_cache,
+                        restore_defaults_tag, write_report)
 
 CHOICE_TASKS = ("sr4", "random", "box")
 # The choices were made with the reverse SDE, restore's eta before eta was chosen on these same photographs
@@ -156,6 +157,25 @@ def restore_row(model, truth: torch.Tensor, task: str, samples: int, seed: int =
     return dict(psnr=psnr, ssim=ssim, coverage=coverage_within_two_std(result.mean, result.std, truth), nfe=result.nfe,
                 vjps=result.vjps,
                 cg_truncated=result.cg_truncated, seconds=result.seconds)
+
+
+def measure_ways(cache: ResultCache, models: dict, crops: dict, tasks, samples: int, part: str, ways: dict,
+                 label=str) -> dict:
+    """Each of `ways` ({way: restore's keyword arguments}) on every (model, task) at restore's own start:
+    {(model, task): {way: [restore_row per photograph of `crops`]}}, cached under `part`, the model's cache
+    name, the task, `label(way)`, the photograph and the estimate start's level where it applies."""
+    table = {}
+    for model_name, model in models.items():
+        for task in tasks:
+            table[(model_name, task)] = {
+                way: [cache.get(keyed_by_start_level(f"{part}|{cache_name(model_name)}|{task}|{label(way)}|{image}",
+                                                     task),
+                                lambda truth=truth, options=options: restore_row(model, truth, task, samples, **options))
+                      for image, truth in crops.items()]
+                for way, options in ways.items()}
+            log_row(part, model_name, task, *(f"{label(way)} {mean_over(runs, 'psnr'):.2f} dB"
+                                              for way, runs in table[(model_name, task)].items()))
+    return table
 
 
 def mean_over(runs: list[dict], field: str) -> float:
